@@ -1,0 +1,427 @@
+//! Typed configuration: one TOML file, unknown keys rejected, every field documented.
+//!
+//! Every section has named defaults so an empty file (or no file at all) is the
+//! embedded single-machine default: SMTP on 127.0.0.1:2525, data under
+//! `./postern-data`, local spool plus an object-store copy in a local directory,
+//! health on 127.0.0.1:9325, loopback trusted, nothing else relayed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The whole relay configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name this relay uses in its greeting, EHLO reply and `Received:` header.
+    /// Default: the machine's host name.
+    pub hostname: String,
+    /// Directory holding the spool, the local object store and the admin socket.
+    pub data_dir: PathBuf,
+    /// SMTP listeners. Default: one plain listener on 127.0.0.1:2525.
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Protocol limits (RFC 5321 §4.5.3) and timeouts.
+    pub limits: LimitsConfig,
+    /// Who may relay through this server.
+    pub policy: PolicyConfig,
+    /// Where copies go and how many must confirm before 250.
+    pub spool: SpoolConfig,
+    /// The object-store copy.
+    pub object_store: ObjectStoreConfig,
+    /// Health endpoints.
+    pub http: HttpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: default_hostname(),
+            data_dir: PathBuf::from("./postern-data"),
+            listeners: vec![ListenerConfig::default()],
+            limits: LimitsConfig::default(),
+            policy: PolicyConfig::default(),
+            spool: SpoolConfig::default(),
+            object_store: ObjectStoreConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// One SMTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// Name used in logs and in the envelope (`listener`).
+    pub name: String,
+    /// Address and port to bind.
+    pub address: SocketAddr,
+    /// PEM certificate chain; STARTTLS is offered when this and `tls_key` are set.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            name: "smtp".into(),
+            address: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// Limits from RFC 5321 §4.5.3 and connection limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message accepted, in octets, as counted on the wire after our
+    /// `Received:` header is left out. Advertised in EHLO's SIZE.
+    pub max_message_size: u64,
+    /// Most recipients in one transaction (RFC 5321 asks for at least 100).
+    pub max_recipients: usize,
+    /// Longest text line in message data, CRLF included (RFC 5321: 1000).
+    pub max_line_length: usize,
+    /// Protocol errors tolerated in one session before it is closed.
+    pub max_errors: u32,
+    /// Concurrent connections over all listeners.
+    pub max_connections: usize,
+    /// Concurrent connections from one client IP address.
+    pub max_connections_per_ip: usize,
+    /// How long to wait for the next command (RFC 5321 §4.5.3.2.7: 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// How long to wait for each block of message data (RFC 5321 §4.5.3.2.5: 3 minutes).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Pause before the greeting; a client that talks first is refused (554).
+    /// Zero only refuses bytes already waiting when the greeting is sent.
+    #[serde(with = "humantime_serde")]
+    pub greet_pause: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 1000,
+            max_line_length: 1000,
+            max_errors: 10,
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            greet_pause: Duration::ZERO,
+        }
+    }
+}
+
+/// Relay policy: recipients are accepted only for `relay_domains`, or from
+/// `trusted_networks`; everything else gets 554 5.7.1 (no open relay).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Domains we accept mail for from anyone (compared case-insensitively).
+    pub relay_domains: Vec<String>,
+    /// Client networks allowed to relay to any domain. Default: loopback only.
+    pub trusted_networks: Vec<IpNet>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            relay_domains: Vec::new(),
+            trusted_networks: vec![
+                "127.0.0.0/8".parse().expect("valid network"),
+                "::1/128".parse().expect("valid network"),
+            ],
+        }
+    }
+}
+
+/// A kind of durable copy the quorum writer can make.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyKind {
+    /// The fsync'd local-disk spool under `data_dir/spool`.
+    Local,
+    /// The object store (`[object_store]`).
+    ObjectStore,
+}
+
+/// The ack policy: which copies are written and how many must confirm before 250.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Copies written for every message, in parallel.
+    pub copies: Vec<CopyKind>,
+    /// How many of `copies` must confirm (fsync'd) before the client gets 250.
+    pub required: usize,
+    /// How long end-of-data may wait for the quorum before answering 451 4.3.0.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Free space the spool disk must keep beyond a message before it is taken
+    /// (452 4.3.1 otherwise).
+    pub reserve_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            copies: vec![CopyKind::Local, CopyKind::ObjectStore],
+            required: 2,
+            deadline: Duration::from_secs(30),
+            reserve_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The object-store backend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum ObjectStoreConfig {
+    /// A directory on a local filesystem (the single-machine default).
+    Local {
+        /// Directory; default `data_dir/objects`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    /// An S3-compatible service.
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix under which messages are stored.
+        #[serde(default)]
+        prefix: String,
+        /// Endpoint URL (for MinIO, moto, Ceph…); AWS when absent.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// Region; default `us-east-1`.
+        #[serde(default = "default_region")]
+        region: String,
+        /// Access key id; taken from `AWS_ACCESS_KEY_ID` when absent.
+        #[serde(default)]
+        access_key_id: Option<String>,
+        /// Secret key; taken from `AWS_SECRET_ACCESS_KEY` when absent.
+        #[serde(default)]
+        secret_access_key: Option<String>,
+        /// Allow a plain-HTTP endpoint (test servers).
+        #[serde(default)]
+        allow_http: bool,
+    },
+}
+
+impl Default for ObjectStoreConfig {
+    fn default() -> Self {
+        ObjectStoreConfig::Local { path: None }
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+/// The HTTP endpoint for `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to bind.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9325)),
+        }
+    }
+}
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The values are individually valid but make no sense together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|err| match err {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: err.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that span fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return invalid(format!("hostname {:?} is not a host name", self.hostname));
+        }
+        if self.listeners.is_empty() {
+            return invalid("at least one [[listener]] is needed".into());
+        }
+        for listener in &self.listeners {
+            if listener.tls_cert.is_some() != listener.tls_key.is_some() {
+                return invalid(format!(
+                    "listener {:?}: tls_cert and tls_key must be set together",
+                    listener.name
+                ));
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_line_length < 80 {
+            return invalid(format!(
+                "limits.max_line_length = {} is below 80",
+                limits.max_line_length
+            ));
+        }
+        if limits.max_recipients < 1 {
+            return invalid("limits.max_recipients must be at least 1".into());
+        }
+        if limits.max_message_size < 1024 {
+            return invalid("limits.max_message_size must be at least 1024".into());
+        }
+        if limits.max_connections_per_ip == 0 || limits.max_connections == 0 {
+            return invalid("limits.max_connections and max_connections_per_ip must be at least 1".into());
+        }
+        let spool = &self.spool;
+        if spool.copies.is_empty() {
+            return invalid("spool.copies must name at least one copy".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for copy in &spool.copies {
+            if !seen.insert(copy) {
+                return invalid(format!("spool.copies names {copy:?} twice"));
+            }
+        }
+        if spool.required == 0 || spool.required > spool.copies.len() {
+            return invalid(format!(
+                "spool.required = {} must be between 1 and the {} copies in spool.copies",
+                spool.required,
+                spool.copies.len()
+            ));
+        }
+        if spool.deadline.is_zero() {
+            return invalid("spool.deadline must be positive".into());
+        }
+        for domain in &self.policy.relay_domains {
+            if domain.is_empty() || domain.len() > 255 || domain.contains(['@', ' ']) {
+                return invalid(format!("policy.relay_domains: {domain:?} is not a domain"));
+            }
+        }
+        if let ObjectStoreConfig::S3 { bucket, .. } = &self.object_store {
+            if bucket.is_empty() {
+                return invalid("object_store.bucket must not be empty".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The local spool directory.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+
+    /// The local object-store directory when `object_store.kind = "local"`.
+    pub fn local_object_dir(&self) -> PathBuf {
+        match &self.object_store {
+            ObjectStoreConfig::Local { path: Some(path) } => path.clone(),
+            _ => self.data_dir.join("objects"),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(name) = std::str::from_utf8(&buf[..end]) {
+            if !name.is_empty() {
+                return name.to_owned();
+            }
+        }
+    }
+    "localhost".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.listeners[0].address.to_string(), "127.0.0.1:2525");
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:9325");
+        assert_eq!(config.spool.required, 2);
+        assert_eq!(config.local_object_dir(), PathBuf::from("./postern-data/objects"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse("[limits]\nmax_mesage_size = 10\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("max_mesage_size"), "{text}");
+    }
+
+    #[test]
+    fn quorum_larger_than_copies_is_invalid() {
+        let err = Config::parse("[spool]\ncopies = [\"local\"]\nrequired = 2\n").unwrap_err();
+        assert!(err.to_string().contains("spool.required = 2"), "{err}");
+    }
+
+    #[test]
+    fn s3_store_and_durations_parse() {
+        let config = Config::parse(
+            "[object_store]\nkind = \"s3\"\nbucket = \"mail\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n\
+             [spool]\ndeadline = \"5s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.spool.deadline, Duration::from_secs(5));
+        assert!(matches!(config.object_store, ObjectStoreConfig::S3 { ref bucket, .. } if bucket == "mail"));
+    }
+}

@@ -1,0 +1,5 @@
+//! Postern: an SMTP relay that answers 250 only after a durable quorum of copies.
+
+pub mod config;
+pub mod smtp;
+pub mod spool;

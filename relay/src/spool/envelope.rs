@@ -1,0 +1,62 @@
+//! The `<id>.env` record: the envelope of one message as versioned JSON.
+//!
+//! The `.env` file is immutable once written; its appearance commits the
+//! message. Mutable delivery state lives elsewhere (DESIGN.md §2.5).
+
+use serde::{Deserialize, Serialize};
+
+use crate::smtp::params::{MailParams, Mailbox, RcptParams};
+
+/// The version written by this build; readers refuse newer major versions.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// Everything known about a message except its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Format version (`ENVELOPE_VERSION`).
+    pub version: u32,
+    /// Spool id, equal to the file stem.
+    pub id: String,
+    /// Reverse path; `None` is the null path `<>`.
+    pub reverse_path: Option<Mailbox>,
+    /// MAIL FROM parameters.
+    pub mail_params: MailParams,
+    /// Recipients in RCPT order.
+    pub recipients: Vec<Recipient>,
+    /// Where the message came from.
+    pub client: ClientInfo,
+    /// Listener name.
+    pub listener: String,
+    /// Arrival time, RFC 3339 UTC.
+    pub received_at: String,
+    /// Length of `<id>.eml` in octets.
+    pub data_len: u64,
+    /// SHA-256 of `<id>.eml`, lower-case hex.
+    pub data_sha256: String,
+}
+
+/// One recipient and its DSN parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    /// The forward path.
+    pub address: Mailbox,
+    /// RCPT parameters (NOTIFY, ORCPT).
+    pub params: RcptParams,
+}
+
+/// Facts about the SMTP client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// Peer address (`ip:port`), or `unix` for a Unix socket.
+    pub addr: String,
+    /// EHLO/HELO argument.
+    pub helo: String,
+    /// Whether EHLO (not HELO) was used.
+    pub esmtp: bool,
+    /// TLS protocol and cipher when the session was encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    /// Authenticated identity, when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+}
