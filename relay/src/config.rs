@@ -111,7 +111,7 @@ impl Default for LimitsConfig {
             max_message_size: 50 * 1024 * 1024,
             max_recipients: 1000,
             max_line_length: 1000,
-            max_errors: 10,
+            max_errors: 20,
             max_connections: 1000,
             max_connections_per_ip: 50,
             command_timeout: Duration::from_secs(300),

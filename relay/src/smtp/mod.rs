@@ -2,3 +2,10 @@
 //! machine and the DATA/BDAT decoders. Bytes in, events and replies out.
 
 pub mod params;
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod session;
+
+pub use reply::Reply;
+pub use session::{Event, Session, SessionConfig, Verdict};
