@@ -72,8 +72,11 @@ impl Harness {
                 Event::MessageEnd => {
                     self.committed.push(std::mem::take(&mut self.current));
                     let id = format!("TEST{}", self.committed.len());
-                    self.session
-                        .decide(Verdict::Reply(Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))));
+                    self.session.decide(Verdict::Reply(Reply::new(
+                        250,
+                        "2.0.0",
+                        format!("Ok: queued as {id}"),
+                    )));
                 }
                 Event::MessageAborted => self.current.clear(),
                 Event::StartTls => self.session.tls_started(),
@@ -127,7 +130,9 @@ fn run_transcript(path: &Path) -> Result<(), String> {
             if harness.is_some() {
                 return Err(format!("{at}: CONFIG must come first"));
             }
-            let (key, value) = setting.split_once('=').ok_or(format!("{at}: CONFIG key=value"))?;
+            let (key, value) = setting
+                .split_once('=')
+                .ok_or(format!("{at}: CONFIG key=value"))?;
             match key.trim() {
                 "max_recipients" => config.max_recipients = value.trim().parse().unwrap(),
                 "max_message_size" => config.max_message_size = value.trim().parse().unwrap(),
@@ -146,7 +151,10 @@ fn run_transcript(path: &Path) -> Result<(), String> {
             current: Vec::new(),
             committed: Vec::new(),
         });
-        if let Some(input) = line.strip_prefix("C: ").or(if line == "C:" { Some("") } else { None }) {
+        if let Some(input) = line
+            .strip_prefix("C: ")
+            .or(if line == "C:" { Some("") } else { None })
+        {
             pending_input.extend(unescape(input));
             pending_input.extend_from_slice(b"\r\n");
             continue;
@@ -155,14 +163,22 @@ fn run_transcript(path: &Path) -> Result<(), String> {
             pending_input.extend(unescape(input));
             continue;
         }
-        if let Some(message_line) = line.strip_prefix("| ").or(if line == "|" { Some("") } else { None }) {
+        if let Some(message_line) =
+            line.strip_prefix("| ")
+                .or(if line == "|" { Some("") } else { None })
+        {
             let message = expected_message.get_or_insert_with(Vec::new);
             message.extend(unescape(message_line));
             message.extend_from_slice(b"\r\n");
-            let next_is_message = lines.peek().is_some_and(|(_, l)| l.starts_with("| ") || *l == "|");
+            let next_is_message = lines
+                .peek()
+                .is_some_and(|(_, l)| l.starts_with("| ") || *l == "|");
             if !next_is_message {
                 let expected = expected_message.take().unwrap();
-                let last = harness.committed.last().ok_or(format!("{at}: no message committed"))?;
+                let last = harness
+                    .committed
+                    .last()
+                    .ok_or(format!("{at}: no message committed"))?;
                 if *last != expected {
                     return Err(format!(
                         "{at}: committed message differs\n  got:  {:?}\n  want: {:?}",
@@ -192,9 +208,15 @@ fn run_transcript(path: &Path) -> Result<(), String> {
                 return Err(format!("{at}: expected the server to close the connection"));
             }
         } else if let Some(count) = line.strip_prefix("COMMITTED ") {
-            let count: usize = count.trim().parse().map_err(|_| format!("{at}: COMMITTED n"))?;
+            let count: usize = count
+                .trim()
+                .parse()
+                .map_err(|_| format!("{at}: COMMITTED n"))?;
             if harness.committed.len() != count {
-                return Err(format!("{at}: {} messages committed, expected {count}", harness.committed.len()));
+                return Err(format!(
+                    "{at}: {} messages committed, expected {count}",
+                    harness.committed.len()
+                ));
             }
         } else {
             return Err(format!("{at}: unknown directive {line:?}"));
@@ -206,7 +228,10 @@ fn run_transcript(path: &Path) -> Result<(), String> {
         }
         harness.pump();
         if let Some(extra) = harness.output.front() {
-            return Err(format!("{}: unexpected reply at end: {extra:?}", path.display()));
+            return Err(format!(
+                "{}: unexpected reply at end: {extra:?}",
+                path.display()
+            ));
         }
     }
     Ok(())
@@ -221,7 +246,20 @@ fn transcripts() {
         .filter(|path| path.extension().is_some_and(|ext| ext == "txt"))
         .collect();
     files.sort();
-    assert!(files.len() >= 10, "expected the transcript files in {}", dir.display());
-    let failures: Vec<String> = files.iter().filter_map(|file| run_transcript(file).err()).collect();
-    assert!(failures.is_empty(), "{} of {} transcripts failed:\n{}", failures.len(), files.len(), failures.join("\n"));
+    assert!(
+        files.len() >= 10,
+        "expected the transcript files in {}",
+        dir.display()
+    );
+    let failures: Vec<String> = files
+        .iter()
+        .filter_map(|file| run_transcript(file).err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} transcripts failed:\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n")
+    );
 }

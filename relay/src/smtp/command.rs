@@ -68,7 +68,8 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     if line.contains(&0) {
         return Err(CommandError::Syntax("NUL octet in command"));
     }
-    let text = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("command is not UTF-8"))?;
+    let text =
+        std::str::from_utf8(line).map_err(|_| CommandError::Syntax("command is not UTF-8"))?;
     let (verb, args) = match text.find(' ') {
         Some(at) => (&text[..at], &text[at + 1..]),
         None => (text, ""),
@@ -94,7 +95,9 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "EHLO" | "HELO" => {
             let domain = args.trim();
             if domain.is_empty() || domain.contains(' ') {
-                return Err(CommandError::Syntax("EHLO/HELO need one domain or address literal"));
+                return Err(CommandError::Syntax(
+                    "EHLO/HELO need one domain or address literal",
+                ));
             }
             Ok(if verb == "EHLO" {
                 Command::Ehlo(domain.to_owned())
@@ -102,7 +105,9 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
                 Command::Helo(domain.to_owned())
             })
         }
-        "MAIL" => strip_keyword(args, "FROM:").map(|rest| Command::Mail(rest.trim_end().to_owned())),
+        "MAIL" => {
+            strip_keyword(args, "FROM:").map(|rest| Command::Mail(rest.trim_end().to_owned()))
+        }
         "RCPT" => strip_keyword(args, "TO:").map(|rest| Command::Rcpt(rest.trim_end().to_owned())),
         "DATA" => no_args(Command::Data),
         "BDAT" => parse_bdat(args),
@@ -119,9 +124,13 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
 }
 
 fn strip_keyword<'a>(args: &'a str, keyword: &str) -> Result<&'a str, CommandError> {
-    let head = args.get(..keyword.len()).ok_or(CommandError::Syntax("expected FROM:<address> or TO:<address>"))?;
+    let head = args.get(..keyword.len()).ok_or(CommandError::Syntax(
+        "expected FROM:<address> or TO:<address>",
+    ))?;
     if !head.eq_ignore_ascii_case(keyword) {
-        return Err(CommandError::Syntax("expected FROM:<address> or TO:<address>"));
+        return Err(CommandError::Syntax(
+            "expected FROM:<address> or TO:<address>",
+        ));
     }
     // Tolerate the common `MAIL FROM: <a@b>` with a space, as Postfix does.
     Ok(args[keyword.len()..].trim_start_matches(' '))
@@ -129,11 +138,15 @@ fn strip_keyword<'a>(args: &'a str, keyword: &str) -> Result<&'a str, CommandErr
 
 fn parse_bdat(args: &str) -> Result<Command, CommandError> {
     let mut words = args.split(' ').filter(|w| !w.is_empty());
-    let size = words.next().ok_or(CommandError::Syntax("BDAT needs a chunk size"))?;
+    let size = words
+        .next()
+        .ok_or(CommandError::Syntax("BDAT needs a chunk size"))?;
     if size.len() > 19 || !size.bytes().all(|b| b.is_ascii_digit()) {
         return Err(CommandError::Syntax("BDAT chunk size must be a number"));
     }
-    let size = size.parse().map_err(|_| CommandError::Syntax("BDAT chunk size must be a number"))?;
+    let size = size
+        .parse()
+        .map_err(|_| CommandError::Syntax("BDAT chunk size must be a number"))?;
     let last = match words.next() {
         None => false,
         Some(word) if word.eq_ignore_ascii_case("LAST") => true,
@@ -151,10 +164,22 @@ mod tests {
 
     #[test]
     fn verbs_are_case_insensitive() {
-        assert_eq!(parse(b"ehlo x.example"), Ok(Command::Ehlo("x.example".into())));
-        assert_eq!(parse(b"mail from:<a@b> SIZE=1"), Ok(Command::Mail("<a@b> SIZE=1".into())));
+        assert_eq!(
+            parse(b"ehlo x.example"),
+            Ok(Command::Ehlo("x.example".into()))
+        );
+        assert_eq!(
+            parse(b"mail from:<a@b> SIZE=1"),
+            Ok(Command::Mail("<a@b> SIZE=1".into()))
+        );
         assert_eq!(parse(b"RCPT TO: <a@b>"), Ok(Command::Rcpt("<a@b>".into())));
-        assert_eq!(parse(b"BDAT 10 last"), Ok(Command::Bdat { size: 10, last: true }));
+        assert_eq!(
+            parse(b"BDAT 10 last"),
+            Ok(Command::Bdat {
+                size: 10,
+                last: true
+            })
+        );
     }
 
     #[test]

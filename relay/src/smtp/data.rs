@@ -234,7 +234,11 @@ mod tests {
             input.extend_from_slice(b"MAIL FROM:<e@vil>\r\nDATA\r\nsmuggled\r\n.\r\n");
             let (out, used, decoder) = decode_all(&input);
             assert!(decoder.is_finished(), "{fake_end:?}");
-            assert_eq!(used, input.len(), "{fake_end:?}: the real end is the last line");
+            assert_eq!(
+                used,
+                input.len(),
+                "{fake_end:?}: the real end is the last line"
+            );
             assert!(decoder.error().is_some(), "{fake_end:?}");
             assert!(!out.windows(8).any(|w| w == b"smuggled"), "{fake_end:?}");
         }

@@ -1,9 +1,9 @@
 //! SMTP protocol without I/O: command parser, replies, the server session state
 //! machine and the DATA/BDAT decoders. Bytes in, events and replies out.
 
-pub mod params;
 pub mod command;
 pub mod data;
+pub mod params;
 pub mod reply;
 pub mod session;
 

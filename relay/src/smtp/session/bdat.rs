@@ -65,9 +65,7 @@ impl Session {
 
     pub(super) fn read_bdat(&mut self) -> bool {
         let State::Bdat {
-            remaining,
-            decoder,
-            ..
+            remaining, decoder, ..
         } = &mut self.state
         else {
             return false;
@@ -76,7 +74,9 @@ impl Session {
             if self.input.is_empty() {
                 return false;
             }
-            let take = usize::try_from(*remaining).unwrap_or(usize::MAX).min(self.input.len());
+            let take = usize::try_from(*remaining)
+                .unwrap_or(usize::MAX)
+                .min(self.input.len());
             if let Some(decoder) = decoder {
                 self.transaction.bdat_octets += take as u64;
                 let mut out = Vec::new();
@@ -119,7 +119,11 @@ impl Session {
             (Some(decoder), None) => {
                 let received = self.transaction.bdat_octets;
                 self.transaction.bdat = Some(decoder);
-                self.reply(Reply::new(250, "2.0.0", format!("{received} octets received")));
+                self.reply(Reply::new(
+                    250,
+                    "2.0.0",
+                    format!("{received} octets received"),
+                ));
             }
             (None, None) => {}
         }

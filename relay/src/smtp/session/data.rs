@@ -94,16 +94,26 @@ impl Session {
                 ));
                 self.close();
             }
-            DataError::Nul => self.error(Reply::new(550, "5.6.0", "Message refused: NUL octet in message data")),
+            DataError::Nul => self.error(Reply::new(
+                550,
+                "5.6.0",
+                "Message refused: NUL octet in message data",
+            )),
             DataError::LineTooLong => self.error(Reply::new(
                 550,
                 "5.6.0",
-                format!("Message refused: a line is longer than {} octets", self.config.max_line_length),
+                format!(
+                    "Message refused: a line is longer than {} octets",
+                    self.config.max_line_length
+                ),
             )),
             DataError::TooBig => self.reply(Reply::new(
                 552,
                 "5.3.4",
-                format!("Message size exceeds the limit of {} octets", self.config.max_message_size),
+                format!(
+                    "Message size exceeds the limit of {} octets",
+                    self.config.max_message_size
+                ),
             )),
         }
     }

@@ -18,11 +18,17 @@ impl Session {
         if !self.esmtp && params != MailParams::default() {
             return self.error(Reply::new(555, "5.5.4", "MAIL parameters need EHLO"));
         }
-        if params.size.is_some_and(|size| size > self.config.max_message_size) {
+        if params
+            .size
+            .is_some_and(|size| size > self.config.max_message_size)
+        {
             return self.error(Reply::new(
                 552,
                 "5.3.4",
-                format!("Message size exceeds the limit of {} octets", self.config.max_message_size),
+                format!(
+                    "Message size exceeds the limit of {} octets",
+                    self.config.max_message_size
+                ),
             ));
         }
         self.pause(
@@ -34,7 +40,12 @@ impl Session {
         );
     }
 
-    pub(super) fn mail_decided(&mut self, path: Option<Mailbox>, params: MailParams, verdict: Verdict) {
+    pub(super) fn mail_decided(
+        &mut self,
+        path: Option<Mailbox>,
+        params: MailParams,
+        verdict: Verdict,
+    ) {
         match verdict {
             Verdict::Accept => {
                 self.transaction.mail = Some((path, params));
@@ -48,11 +59,19 @@ impl Session {
     pub(super) fn param_error(&mut self, err: ParamError) {
         let reply = match err {
             ParamError::BadPath => Reply::new(501, "5.1.7", "Syntax error in mailbox address"),
-            ParamError::LocalPartTooLong => Reply::new(501, "5.1.3", "Local part longer than 64 octets"),
+            ParamError::LocalPartTooLong => {
+                Reply::new(501, "5.1.3", "Local part longer than 64 octets")
+            }
             ParamError::DomainTooLong => Reply::new(501, "5.1.3", "Domain longer than 255 octets"),
-            ParamError::NeedsSmtpUtf8 => Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
-            ParamError::Unknown(name) => Reply::new(555, "5.5.4", format!("Unsupported parameter {name}")),
-            ParamError::BadValue(name) => Reply::new(501, "5.5.4", format!("Invalid value for parameter {name}")),
+            ParamError::NeedsSmtpUtf8 => {
+                Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+            }
+            ParamError::Unknown(name) => {
+                Reply::new(555, "5.5.4", format!("Unsupported parameter {name}"))
+            }
+            ParamError::BadValue(name) => {
+                Reply::new(501, "5.5.4", format!("Invalid value for parameter {name}"))
+            }
         };
         self.error(reply);
     }

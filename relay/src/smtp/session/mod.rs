@@ -181,12 +181,19 @@ impl Session {
             return;
         }
         if !self.input.is_empty() {
-            self.reply(Reply::new(554, "5.5.0", "Protocol error: client sent data before the greeting"));
+            self.reply(Reply::new(
+                554,
+                "5.5.0",
+                "Protocol error: client sent data before the greeting",
+            ));
             self.close();
             return;
         }
         self.state = State::Command;
-        self.reply(Reply::plain(220, vec![format!("{} ESMTP Postern", self.config.hostname)]));
+        self.reply(Reply::plain(
+            220,
+            vec![format!("{} ESMTP Postern", self.config.hostname)],
+        ));
     }
 
     /// Appends octets read from the client.
@@ -324,9 +331,15 @@ impl Session {
         }
         match command::parse(body) {
             Ok(command) => self.dispatch(command),
-            Err(CommandError::Unrecognized) => self.error(Reply::new(500, "5.5.2", "Command unrecognized")),
-            Err(CommandError::TooLong) => self.error(Reply::new(500, "5.5.6", "Command line too long")),
-            Err(CommandError::Syntax(why)) => self.error(Reply::new(501, "5.5.4", format!("Syntax error: {why}"))),
+            Err(CommandError::Unrecognized) => {
+                self.error(Reply::new(500, "5.5.2", "Command unrecognized"))
+            }
+            Err(CommandError::TooLong) => {
+                self.error(Reply::new(500, "5.5.6", "Command line too long"))
+            }
+            Err(CommandError::Syntax(why)) => {
+                self.error(Reply::new(501, "5.5.4", format!("Syntax error: {why}")))
+            }
         }
         true
     }
@@ -352,11 +365,19 @@ impl Session {
             Command::Rset => self.rset(),
             Command::Noop => self.reply(Reply::new(250, "2.0.0", "Ok")),
             Command::Quit => self.quit(),
-            Command::Vrfy => self.reply(Reply::new(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")),
+            Command::Vrfy => self.reply(Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
             Command::Expn => self.error(Reply::new(502, "5.5.1", "EXPN not available")),
             Command::Help => self.help(),
             Command::StartTls => self.starttls(),
-            Command::Auth => self.error(Reply::new(502, "5.5.1", "AUTH not available on this listener")),
+            Command::Auth => self.error(Reply::new(
+                502,
+                "5.5.1",
+                "AUTH not available on this listener",
+            )),
         }
     }
 
@@ -389,7 +410,11 @@ impl Session {
         self.reply(reply);
         self.errors += 1;
         if self.errors >= self.config.max_errors {
-            self.reply(Reply::new(421, "4.7.0", "Too many errors, closing connection"));
+            self.reply(Reply::new(
+                421,
+                "4.7.0",
+                "Too many errors, closing connection",
+            ));
             self.close();
         }
     }

@@ -42,7 +42,11 @@ impl Session {
             return self.error(Reply::new(503, "5.5.1", "Send EHLO first"));
         }
         if self.transaction.has_mail() {
-            return self.error(Reply::new(503, "5.5.1", "STARTTLS not allowed during a transaction"));
+            return self.error(Reply::new(
+                503,
+                "5.5.1",
+                "STARTTLS not allowed during a transaction",
+            ));
         }
         self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
         // Whatever the client pipelined after STARTTLS is plaintext it must not
