@@ -58,8 +58,10 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     );
     let mut listeners = Vec::new();
     for listener_config in &config.listeners {
-        let listener = Listener::new(&config, listener_config, spool.clone(), connections.clone())
-            .map_err(|err| anyhow::anyhow!("listener {}: {err}", listener_config.name))?;
+        let mut listener =
+            Listener::new(&config, listener_config, spool.clone(), connections.clone())
+                .map_err(|err| anyhow::anyhow!("listener {}: {err}", listener_config.name))?;
+        listener.draining = shutdown.clone();
         let socket = TcpListener::bind(listener_config.address)
             .await
             .with_context(|| {

@@ -320,3 +320,43 @@ async fn starttls_discards_pipelined_plaintext_and_records_tls() {
     let eml = std::fs::read_to_string(dir.path().join("spool").join(format!("{id}.eml"))).unwrap();
     assert!(eml.contains("with ESMTPS id"), "{eml}");
 }
+
+#[tokio::test]
+async fn draining_closes_idle_sessions_and_lets_transactions_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let mut listener = Listener::new(
+        &config,
+        &config.listeners[0],
+        spool,
+        ConnectionLimiter::new(10, 10),
+    )
+    .unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    listener.draining = drain_rx;
+    let listener = Arc::new(listener);
+
+    let mut idle = connect(Arc::clone(&listener), "127.0.0.1:1");
+    let mut busy = connect(Arc::clone(&listener), "127.0.0.1:2");
+    idle.expect("220").await;
+    busy.expect("220").await;
+    idle.send("EHLO idle.example\r\n").await;
+    idle.expect("250 ").await;
+    busy.send("EHLO busy.example\r\nMAIL FROM:<a@example.org>\r\n")
+        .await;
+    busy.expect("250 ").await;
+    busy.expect("250 2.1.0").await;
+
+    drain_tx.send(true).unwrap();
+    idle.expect("421 4.3.2").await;
+    assert!(idle.closed().await);
+
+    busy.send("RCPT TO:<b@example.net>\r\nDATA\r\n").await;
+    busy.expect("250 2.1.5").await;
+    busy.expect("354").await;
+    busy.send("Subject: in flight\r\n\r\nx\r\n.\r\n").await;
+    busy.expect("250 2.0.0").await;
+    busy.expect("421 4.3.2").await;
+    assert_eq!(committed(dir.path()).len(), 1);
+}
