@@ -64,7 +64,12 @@ pub fn is_out_of_space(err: &io::Error) -> bool {
 
 /// Creates `<id>.eml`, refusing to reuse an existing name.
 pub fn create_eml(path: &Path) -> io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).open(path)
+    // Readable too: the object copy reads the data back through this handle.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 /// The open `.eml` of a message being received, its unwritten tail and the
