@@ -93,6 +93,11 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
             "drain grace period over; closing the remaining sessions"
         );
     }
+    // Copies still being written after their 250 (the ones beyond the quorum)
+    // finish before we exit.
+    if tokio::time::timeout(DRAIN_GRACE, spool.drain()).await.is_err() {
+        tracing::warn!("background copies still running at exit; repair will re-create them");
+    }
     let _ = http_task.await;
     info!("stopped");
     Ok(())
