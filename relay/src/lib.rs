@@ -1,6 +1,7 @@
 //! Postern: an SMTP relay that answers 250 only after a durable quorum of copies.
 
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod inbound;
 pub mod server;

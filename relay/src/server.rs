@@ -95,7 +95,10 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     }
     // Copies still being written after their 250 (the ones beyond the quorum)
     // finish before we exit.
-    if tokio::time::timeout(DRAIN_GRACE, spool.drain()).await.is_err() {
+    if tokio::time::timeout(DRAIN_GRACE, spool.drain())
+        .await
+        .is_err()
+    {
         tracing::warn!("background copies still running at exit; repair will re-create them");
     }
     let _ = http_task.await;

@@ -1,0 +1,3 @@
+//! Outbound delivery: routes, MX lookup, the SMTP/LMTP client and DSNs.
+
+pub mod route;
