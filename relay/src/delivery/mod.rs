@@ -1,3 +1,4 @@
 //! Outbound delivery: routes, MX lookup, the SMTP/LMTP client and DSNs.
 
+pub mod client;
 pub mod route;
