@@ -1,4 +1,5 @@
 //! Outbound delivery: routes, MX lookup, the SMTP/LMTP client and DSNs.
 
 pub mod client;
+pub mod dsn;
 pub mod route;
