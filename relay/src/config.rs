@@ -262,6 +262,8 @@ pub struct DeliveryConfig {
     pub relayhost: Option<String>,
     /// Name we give in EHLO/LHLO; default: `hostname`.
     pub helo_name: Option<String>,
+    /// Port used for hosts found by MX lookup (25; tests change it).
+    pub mx_port: u16,
     /// Deliveries in progress over all destinations.
     pub max_concurrency: usize,
     /// Deliveries in progress to one destination (next hop or MX domain).
@@ -303,6 +305,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             relayhost: None,
             helo_name: None,
+            mx_port: 25,
             max_concurrency: 100,
             max_per_destination: 10,
             max_messages_per_connection: 100,

@@ -92,7 +92,7 @@ impl ClientError {
 }
 
 /// Where to connect.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A TCP address, with the host name for TLS and logs.
     Tcp {

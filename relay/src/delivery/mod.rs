@@ -2,4 +2,5 @@
 
 pub mod client;
 pub mod dsn;
+pub mod mx;
 pub mod route;
