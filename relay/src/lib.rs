@@ -4,6 +4,7 @@ pub mod config;
 pub mod delivery;
 pub mod http;
 pub mod inbound;
+pub mod metrics;
 pub mod queue;
 pub mod server;
 pub mod smtp;

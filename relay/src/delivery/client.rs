@@ -92,7 +92,7 @@ impl ClientError {
 }
 
 /// Where to connect.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     /// A TCP address, with the host name for TLS and logs.
     Tcp {

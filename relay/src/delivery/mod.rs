@@ -2,5 +2,7 @@
 
 pub mod client;
 pub mod dsn;
+pub mod engine;
 pub mod mx;
 pub mod route;
+pub mod tls;
