@@ -479,6 +479,11 @@ impl Smtp {
         self.stream.write_all(bytes).unwrap();
     }
 
+    /// Sends, reporting a connection the peer already closed instead of panicking.
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
     /// Reads one (possibly multi-line) reply; panics on EOF or timeout.
     pub fn reply(&mut self) -> Reply {
         match self.try_reply() {
