@@ -14,12 +14,18 @@ fn help_names_every_command() {
     let (ok, output) = run(Command::new(postern_bin()).arg("--help"));
     assert!(ok, "postern --help failed:\n{output}");
     for word in ["serve", "config"] {
-        assert!(output.contains(word), "--help does not mention `{word}`:\n{output}");
+        assert!(
+            output.contains(word),
+            "--help does not mention `{word}`:\n{output}"
+        );
     }
     let (ok, output) = run(Command::new(postern_bin()).args(["serve", "--help"]));
     assert!(ok, "postern serve --help failed:\n{output}");
     for flag in ["--config", "--listen", "--data-dir", "--http"] {
-        assert!(output.contains(flag), "serve --help does not mention `{flag}`:\n{output}");
+        assert!(
+            output.contains(flag),
+            "serve --help does not mention `{flag}`:\n{output}"
+        );
     }
 }
 
@@ -31,18 +37,38 @@ fn config_check_accepts_a_good_file_and_names_what_is_wrong() {
         "good.toml",
         b"[[listener]]\naddress = \"127.0.0.1:2600\"\n[spool]\ncopies = [\"local\"]\nrequired = 1\ndeadline = \"5s\"\n",
     );
-    let (ok, output) = run(Command::new(postern_bin()).args(["config", "check"]).arg(&good));
+    let (ok, output) = run(Command::new(postern_bin())
+        .args(["config", "check"])
+        .arg(&good));
     assert!(ok, "a valid config was refused:\n{output}");
 
-    let unknown = write_file(dir.path(), "unknown.toml", b"[limits]\nmax_mesage_size = 1000000\n");
-    let (ok, output) = run(Command::new(postern_bin()).args(["config", "check"]).arg(&unknown));
+    let unknown = write_file(
+        dir.path(),
+        "unknown.toml",
+        b"[limits]\nmax_mesage_size = 1000000\n",
+    );
+    let (ok, output) = run(Command::new(postern_bin())
+        .args(["config", "check"])
+        .arg(&unknown));
     assert!(!ok, "a misspelt key was accepted:\n{output}");
-    assert!(output.contains("max_mesage_size"), "the error does not name the key:\n{output}");
+    assert!(
+        output.contains("max_mesage_size"),
+        "the error does not name the key:\n{output}"
+    );
 
-    let quorum = write_file(dir.path(), "quorum.toml", b"[spool]\ncopies = [\"local\"]\nrequired = 2\n");
-    let (ok, output) = run(Command::new(postern_bin()).args(["config", "check"]).arg(&quorum));
+    let quorum = write_file(
+        dir.path(),
+        "quorum.toml",
+        b"[spool]\ncopies = [\"local\"]\nrequired = 2\n",
+    );
+    let (ok, output) = run(Command::new(postern_bin())
+        .args(["config", "check"])
+        .arg(&quorum));
     assert!(!ok, "an impossible quorum was accepted:\n{output}");
-    assert!(output.contains("required"), "the error does not name the field:\n{output}");
+    assert!(
+        output.contains("required"),
+        "the error does not name the field:\n{output}"
+    );
 }
 
 struct Killed(Child);
@@ -93,7 +119,11 @@ fn serve_with_flags_only_runs_the_embedded_default() {
     assert_eq!(reply.code, 250, "{reply}\n{}", log());
     let id = reply.queued_id();
     // The embedded default: the local spool and a local-directory object store.
-    assert!(data_dir.join("spool").join(format!("{id}.env")).is_file(), "{:?}", files_under(&data_dir));
+    assert!(
+        data_dir.join("spool").join(format!("{id}.env")).is_file(),
+        "{:?}",
+        files_under(&data_dir)
+    );
     let objects = files_under(&data_dir.join("objects"));
     assert!(
         objects.iter().any(|f| f.ends_with(&format!("{id}.eml"))),

@@ -93,25 +93,51 @@ fn swaks_delivers_plain_8bit_and_smtputf8() {
     for sample in samples() {
         // swaks appends CRLF.CRLF to the data and sends no CRLF of its own when
         // the data lacks a final one, so the file holds the data minus its last CRLF.
-        let file = write_file(work.path(), sample.name, sample.data.strip_suffix(b"\r\n").unwrap());
+        let file = write_file(
+            work.path(),
+            sample.name,
+            sample.data.strip_suffix(b"\r\n").unwrap(),
+        );
         // swaks (2020) has no option for MAIL parameters; it sends
         // `MAIL FROM:<$from>`, so the parameters ride in the address and the
         // trailing `<` becomes part of an ENVID (xtext allows `<` and `>`).
         let from = if sample.mail_params.is_empty() {
             sample.from.to_owned()
         } else {
-            format!("{}> {} ENVID=swaks<", sample.from, sample.mail_params.join(" "))
+            format!(
+                "{}> {} ENVID=swaks<",
+                sample.from,
+                sample.mail_params.join(" ")
+            )
         };
         let server = relay.smtp.to_string();
         let (ok, output) = run(Command::new(&swaks)
-            .args(["--server", &server, "--helo", "swaks.test", "--from", &from, "--to", sample.to])
+            .args([
+                "--server",
+                &server,
+                "--helo",
+                "swaks.test",
+                "--from",
+                &from,
+                "--to",
+                sample.to,
+            ])
             .arg("--data")
             .arg(format!("@{}", file.display())));
-        assert!(ok, "swaks failed for the {} message:\n{output}", sample.name);
-        let id = queued_id(&output).unwrap_or_else(|| panic!("no `queued as` in swaks output:\n{output}"));
+        assert!(
+            ok,
+            "swaks failed for the {} message:\n{output}",
+            sample.name
+        );
+        let id = queued_id(&output)
+            .unwrap_or_else(|| panic!("no `queued as` in swaks output:\n{output}"));
         relay.assert_spooled(&id, &sample.data);
         let env = relay.env(&id).to_string();
-        assert!(env.contains(sample.to.split('@').next().unwrap()), "{} .env: {env}", sample.name);
+        assert!(
+            env.contains(sample.to.split('@').next().unwrap()),
+            "{} .env: {env}",
+            sample.name
+        );
     }
 }
 
@@ -139,11 +165,23 @@ fn python_smtplib_delivers_plain_8bit_and_smtputf8() {
     for sample in samples() {
         let file = write_file(work.path(), sample.name, &sample.data);
         let (ok, output) = run(Command::new(&python)
-            .args(["-c", SMTPLIB_CLIENT, "127.0.0.1", &relay.smtp.port().to_string(), sample.from, sample.to])
+            .args([
+                "-c",
+                SMTPLIB_CLIENT,
+                "127.0.0.1",
+                &relay.smtp.port().to_string(),
+                sample.from,
+                sample.to,
+            ])
             .arg(&file)
             .args(sample.mail_params));
-        assert!(ok, "smtplib failed for the {} message:\n{output}", sample.name);
-        let id = queued_id(&output).unwrap_or_else(|| panic!("no `queued as` in smtplib output:\n{output}"));
+        assert!(
+            ok,
+            "smtplib failed for the {} message:\n{output}",
+            sample.name
+        );
+        let id = queued_id(&output)
+            .unwrap_or_else(|| panic!("no `queued as` in smtplib output:\n{output}"));
         relay.assert_spooled(&id, &sample.data);
     }
 }
@@ -175,27 +213,52 @@ fn postfix_relays_through_postern_as_its_relayhost() {
     // Postfix adds its own Received: header (and may add missing headers such
     // as Date:); our header lines and the body arrive unchanged.
     let text = String::from_utf8_lossy(rest);
-    assert!(rest.starts_with(b"Received: "), "no Postfix Received: header:\n{text}");
+    assert!(
+        rest.starts_with(b"Received: "),
+        "no Postfix Received: header:\n{text}"
+    );
     let split = find(&body, b"\r\n\r\n").unwrap() + 2;
-    assert!(rest.ends_with(&body[split..]), "body changed on the way:\n{text}");
-    for header in body[..split].split(|&b| b == b'\n').filter(|h| !h.is_empty()) {
-        assert!(contains(rest, header), "header {:?} lost:\n{text}", String::from_utf8_lossy(header));
+    assert!(
+        rest.ends_with(&body[split..]),
+        "body changed on the way:\n{text}"
+    );
+    for header in body[..split]
+        .split(|&b| b == b'\n')
+        .filter(|h| !h.is_empty())
+    {
+        assert!(
+            contains(rest, header),
+            "header {:?} lost:\n{text}",
+            String::from_utf8_lossy(header)
+        );
     }
     let env = relay.env(id).to_string();
-    assert!(env.contains("sender") && env.contains("rcpt"), "envelope: {env}");
+    assert!(
+        env.contains("sender") && env.contains("rcpt"),
+        "envelope: {env}"
+    );
     let log = postfix.maillog();
     assert!(
-        log.contains(&format!("relay=127.0.0.1[127.0.0.1]:{}", relay.smtp.port())) && log.contains("status=sent"),
+        log.contains(&format!("relay=127.0.0.1[127.0.0.1]:{}", relay.smtp.port()))
+            && log.contains("status=sent"),
         "postfix did not log the delivery to postern:\n{log}"
     );
-    assert!(log.contains(&format!("queued as {id}")), "postfix log lacks postern's reply:\n{log}");
+    assert!(
+        log.contains(&format!("queued as {id}")),
+        "postfix log lacks postern's reply:\n{log}"
+    );
 }
 
 /// The Exim binary that e2e/install-deps unpacked (Exim and Postfix conflict as packages).
 fn exim_binary() -> PathBuf {
-    let root = std::env::var_os("POSTERN_E2E_TOOLS").map_or_else(|| PathBuf::from("/opt/postern-e2e"), PathBuf::from);
+    let root = std::env::var_os("POSTERN_E2E_TOOLS")
+        .map_or_else(|| PathBuf::from("/opt/postern-e2e"), PathBuf::from);
     let exim = root.join("exim/usr/sbin/exim4");
-    assert!(exim.is_file(), "{} not found: {INSTALL_HINT}", exim.display());
+    assert!(
+        exim.is_file(),
+        "{} not found: {INSTALL_HINT}",
+        exim.display()
+    );
     exim
 }
 
@@ -203,12 +266,21 @@ fn exim_binary() -> PathBuf {
 fn exim_sends_with_bdat_when_chunking_is_offered() {
     let exim = exim_binary();
     let relay = Relay::start_default();
-    let work = tempfile::Builder::new().prefix("exim-e2e-").tempdir().unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("exim-e2e-")
+        .tempdir()
+        .unwrap();
     // Exim insists on a root-owned config that nobody else can write, and runs
     // its deliveries as its compiled-in user, which must own spool and log.
     fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let uid = Command::new("id").args(["-u", "Debian-exim"]).output().unwrap();
-    assert!(uid.status.success(), "user Debian-exim missing: {INSTALL_HINT}");
+    let uid = Command::new("id")
+        .args(["-u", "Debian-exim"])
+        .output()
+        .unwrap();
+    assert!(
+        uid.status.success(),
+        "user Debian-exim missing: {INSTALL_HINT}"
+    );
     let uid: u32 = String::from_utf8_lossy(&uid.stdout).trim().parse().unwrap();
     for dir in ["spool", "log"] {
         fs::create_dir(work.path().join(dir)).unwrap();
@@ -238,7 +310,9 @@ fn exim_sends_with_bdat_when_chunking_is_offered() {
     // Large enough that the body does not fit in one write.
     let mut message = crlf("From: sender@example.org\nTo: rcpt@example.net\nSubject: exim bdat\n\ntoken exim-bdat-31f0\n");
     for i in 0..2000 {
-        message.extend_from_slice(format!("line {i:05} of a message that goes over BDAT in chunks\r\n").as_bytes());
+        message.extend_from_slice(
+            format!("line {i:05} of a message that goes over BDAT in chunks\r\n").as_bytes(),
+        );
     }
     message.extend_from_slice(b".a dot line that BDAT must not stuff\r\n");
     let message_path = write_file(work.path(), "message", &message);
@@ -247,16 +321,41 @@ fn exim_sends_with_bdat_when_chunking_is_offered() {
     let output = Command::new(&exim)
         .arg("-C")
         .arg(&config_path)
-        .args(["-odf", "-i", "-d+transport", "-f", "sender@example.org", "rcpt@example.net"])
+        .args([
+            "-odf",
+            "-i",
+            "-d+transport",
+            "-f",
+            "sender@example.org",
+            "rcpt@example.net",
+        ])
         .stdin(fs::File::open(&message_path).unwrap())
         .output()
         .unwrap();
     let debug = String::from_utf8_lossy(&output.stderr);
     let mainlog = fs::read_to_string(work.path().join("log/mainlog")).unwrap_or_default();
-    let context = || format!("exim mainlog:\n{mainlog}\nexim SMTP dialogue:\n{}", smtp_lines(&debug));
-    assert!(output.status.success(), "exim failed ({}); {}", output.status, context());
-    assert!(mainlog.contains("Completed"), "exim did not complete the delivery; {}", context());
-    assert!(debug.contains("SMTP>> BDAT"), "exim did not use BDAT; {}", context());
+    let context = || {
+        format!(
+            "exim mainlog:\n{mainlog}\nexim SMTP dialogue:\n{}",
+            smtp_lines(&debug)
+        )
+    };
+    assert!(
+        output.status.success(),
+        "exim failed ({}); {}",
+        output.status,
+        context()
+    );
+    assert!(
+        mainlog.contains("Completed"),
+        "exim did not complete the delivery; {}",
+        context()
+    );
+    assert!(
+        debug.contains("SMTP>> BDAT"),
+        "exim did not use BDAT; {}",
+        context()
+    );
 
     let ids = relay.wait_committed(1, Duration::from_secs(10));
     let id = ids.iter().next().unwrap();
@@ -269,7 +368,11 @@ fn exim_sends_with_bdat_when_chunking_is_offered() {
         "body changed on the way:\n{}",
         String::from_utf8_lossy(&rest[..rest.len().min(2000)])
     );
-    assert!(mainlog.contains(&format!("queued as {id}")), "exim log lacks postern's reply; {}", context());
+    assert!(
+        mainlog.contains(&format!("queued as {id}")),
+        "exim log lacks postern's reply; {}",
+        context()
+    );
 }
 
 fn smtp_lines(debug: &str) -> String {

@@ -17,7 +17,9 @@ fn message(subject: &str, body_lines: usize) -> Vec<u8> {
         "From: Sender <sender@example.org>\nTo: Rcpt <rcpt@example.net>\nSubject: {subject}\n\n"
     ));
     for i in 0..body_lines {
-        data.extend_from_slice(format!("{subject} line {i:06} .......................................\r\n").as_bytes());
+        data.extend_from_slice(
+            format!("{subject} line {i:06} .......................................\r\n").as_bytes(),
+        );
     }
     data.extend_from_slice(b".leading dot\r\nend\r\n");
     data
@@ -39,7 +41,11 @@ fn strays(relay: &Relay) -> Vec<String> {
     let mut out = Vec::new();
     for dir in [relay.spool_dir(), relay.objects_dir()] {
         for file in files_under(&dir) {
-            let name = Path::new(&file).file_name().unwrap().to_string_lossy().into_owned();
+            let name = Path::new(&file)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             if !committed.iter().any(|id| name.starts_with(id.as_str())) {
                 out.push(dir.join(file).display().to_string());
             }
@@ -97,7 +103,10 @@ fn smuggling_vectors_never_commit_a_second_message() {
         let (replies, new) = smuggle(&relay, vector);
         let shown = String::from_utf8_lossy(vector).escape_debug().to_string();
         let replies_text: Vec<String> = replies.iter().map(ToString::to_string).collect();
-        let queued = replies.iter().filter(|r| r.text().contains("queued as")).count();
+        let queued = replies
+            .iter()
+            .filter(|r| r.text().contains("queued as"))
+            .count();
         let smuggled = new.iter().any(|id| {
             let env = relay.env(id).to_string();
             env.contains("victim") || env.contains("smuggler")
@@ -112,16 +121,26 @@ fn smuggling_vectors_never_commit_a_second_message() {
         for id in &new {
             let eml = relay.eml(id);
             if !contains(&eml, b"smuggled body") {
-                failures.push(format!("vector \"{shown}\": {id} was cut short at the smuggled dot"));
+                failures.push(format!(
+                    "vector \"{shown}\": {id} was cut short at the smuggled dot"
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "smuggling succeeded:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "smuggling succeeded:\n{}",
+        failures.join("\n")
+    );
 
     // Control: a real <CRLF>.<CRLF> does end the data, and the counting above
     // would have seen a second message.
     let (replies, new) = smuggle(&relay, b"\r\n.\r\n");
-    assert_eq!(new.len(), 2, "control case: a genuine end of data and a pipelined second message; replies {replies:?}");
+    assert_eq!(
+        new.len(),
+        2,
+        "control case: a genuine end of data and a pipelined second message; replies {replies:?}"
+    );
 }
 
 // ---------------------------------------------------------------- kill -9
@@ -144,7 +163,10 @@ fn kill9_right_after_250_loses_nothing() {
     relay.restart();
     let committed = relay.committed();
     for (id, data) in &sent {
-        assert!(committed.contains(id), "{id} got a 250 but is gone after kill -9; have {committed:?}");
+        assert!(
+            committed.contains(id),
+            "{id} got a 250 but is gone after kill -9; have {committed:?}"
+        );
         relay.assert_spooled(id, data);
         // The object-store copy (a local directory here) holds the same bytes.
         let objects = files_under(&relay.objects_dir());
@@ -153,7 +175,10 @@ fn kill9_right_after_250_loses_nothing() {
             .find(|f| f.ends_with(&format!("{id}.eml")))
             .unwrap_or_else(|| panic!("no object-store copy of {id}.eml in {objects:?}"));
         let copy = std::fs::read(relay.objects_dir().join(key)).unwrap();
-        assert!(copy == relay.eml(id), "object-store copy of {id} differs from the spool copy");
+        assert!(
+            copy == relay.eml(id),
+            "object-store copy of {id} differs from the spool copy"
+        );
     }
     // Still accepting after the restart.
     assert_eq!(send(&relay, &message("after restart", 3)).code, 250);
@@ -174,7 +199,9 @@ fn kill9_during_data_leaves_nothing_of_that_transaction() {
     smtp.send(&dot_stuff(&partial));
     // Give the relay time to stream part of it to disk; no final dot.
     let baseline = files_under(&relay.data_dir).len();
-    wait_for(Duration::from_secs(3), || (files_under(&relay.data_dir).len() > baseline).then_some(()));
+    wait_for(Duration::from_secs(3), || {
+        (files_under(&relay.data_dir).len() > baseline).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(300));
     let during = files_under(&relay.data_dir);
     relay.kill9();
@@ -230,9 +257,13 @@ fn s3_quorum_gets_both_copies_and_451_when_s3_is_down() {
             .find(|k| k.ends_with(&format!("{id}{suffix}")))
             .unwrap_or_else(|| panic!("no {id}{suffix} in bucket {BUCKET}: {keys:?}"));
         if suffix == ".eml" {
-            let (status, body) = http_request(moto.addr, "GET", &format!("/{BUCKET}/{key}"), &[], b"").unwrap();
+            let (status, body) =
+                http_request(moto.addr, "GET", &format!("/{BUCKET}/{key}"), &[], b"").unwrap();
             assert_eq!(status, 200);
-            assert!(body == relay.eml(&id), "S3 copy of {id}.eml differs from the spool copy");
+            assert!(
+                body == relay.eml(&id),
+                "S3 copy of {id}.eml differs from the spool copy"
+            );
         }
     }
 
@@ -250,12 +281,25 @@ fn s3_quorum_gets_both_copies_and_451_when_s3_is_down() {
     smtp.send(b".\r\n");
     let reply = smtp.reply();
     let took = start.elapsed();
-    assert_eq!(reply.code, 451, "with S3 down and 2 of 2 copies required: {reply}");
+    assert_eq!(
+        reply.code, 451,
+        "with S3 down and 2 of 2 copies required: {reply}"
+    );
     assert!(reply.text().contains("4.3.0"), "{reply}");
-    assert!(took < Duration::from_secs(3 + 2), "451 took {took:?}, the deadline is 3 s");
-    assert_eq!(relay.committed(), before, "a message that got 451 was committed");
+    assert!(
+        took < Duration::from_secs(3 + 2),
+        "451 took {took:?}, the deadline is 3 s"
+    );
+    assert_eq!(
+        relay.committed(),
+        before,
+        "a message that got 451 was committed"
+    );
     let strays = strays(&relay);
-    assert!(strays.is_empty(), "the 451'd message left files behind: {strays:?}");
+    assert!(
+        strays.is_empty(),
+        "the 451'd message left files behind: {strays:?}"
+    );
     // The session goes on after a 451.
     smtp.expect("RSET", 250);
 }
@@ -272,7 +316,11 @@ fn s3_down_a_policy_needing_only_local_still_accepts() {
         let start = Instant::now();
         let reply = send(relay, &data);
         assert_eq!(reply.code, 250, "{reply}");
-        assert!(start.elapsed() < Duration::from_secs(3 + 2), "took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(3 + 2),
+            "took {:?}",
+            start.elapsed()
+        );
         relay.assert_spooled(&reply.queued_id(), &data);
     }
 }
@@ -287,25 +335,51 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::Builder::new().prefix("postern-tmpfs-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("postern-tmpfs-")
+            .tempdir()
+            .unwrap();
         let path = dir.path().join("mnt");
         std::fs::create_dir(&path).unwrap();
         let (ok, output) = run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(&path));
-        assert!(ok, "cannot mount a tmpfs (the full-disk test runs as root, as CI does): {output}");
+        assert!(
+            ok,
+            "cannot mount a tmpfs (the full-disk test runs as root, as CI does): {output}"
+        );
         Tmpfs { path, _dir: dir }
     }
 
     fn available(&self) -> u64 {
-        let output = Command::new("df").args(["--output=avail", "-B1"]).arg(&self.path).output().unwrap();
-        String::from_utf8_lossy(&output.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+        let output = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        if !Command::new("umount").arg(&self.path).status().is_ok_and(|s| s.success()) {
+        if !Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
             let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         }
     }
@@ -339,23 +413,36 @@ fn full_spool_disk_gives_452_and_loses_nothing() {
     }
     let refusal = refusal.unwrap_or_else(|| panic!("the 8 MiB disk never filled up"));
     assert!(refusal.text().contains("4.3.1"), "{refusal}");
-    assert!(accepted.len() >= 3, "only {} messages fit before 452", accepted.len());
+    assert!(
+        accepted.len() >= 3,
+        "only {} messages fit before 452",
+        accepted.len()
+    );
     let strays_now = strays(&relay);
-    assert!(strays_now.is_empty(), "the refused message left files: {strays_now:?}");
+    assert!(
+        strays_now.is_empty(),
+        "the refused message left files: {strays_now:?}"
+    );
 
     // A declared SIZE beyond the free space is refused before any data is sent.
     let too_big = disk.available() + 1024 * 1024;
     let mut smtp = relay.connect();
     smtp.ehlo();
     let reply = smtp.cmd(&format!("MAIL FROM:<sender@example.org> SIZE={too_big}"));
-    assert_eq!(reply.code, 452, "MAIL FROM with SIZE={too_big} on a full disk: {reply}");
+    assert_eq!(
+        reply.code, 452,
+        "MAIL FROM with SIZE={too_big} on a full disk: {reply}"
+    );
     drop(smtp);
 
     relay.kill9();
     relay.restart();
     let committed = relay.committed();
     for (id, data) in &accepted {
-        assert!(committed.contains(id), "{id} got a 250 but is gone; have {committed:?}");
+        assert!(
+            committed.contains(id),
+            "{id} got a 250 but is gone; have {committed:?}"
+        );
         relay.assert_spooled(id, data);
     }
     relay.kill9();

@@ -24,11 +24,15 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 /// The hint every missing-tool failure carries.
-pub const INSTALL_HINT: &str = "run `bash e2e/install-deps` (as root) to install the e2e test tools";
+pub const INSTALL_HINT: &str =
+    "run `bash e2e/install-deps` (as root) to install the e2e test tools";
 
 /// The repository root (the workspace).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// Finds an executable on PATH or in the sbin directories; fails the test with
@@ -64,7 +68,11 @@ pub fn require_python_module(module: &str) {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.
@@ -100,7 +108,9 @@ pub fn strip_received(eml: &[u8]) -> &[u8] {
     );
     let mut pos = 0;
     loop {
-        let end = find(&eml[pos..], b"\r\n").map(|i| pos + i + 2).expect("unterminated Received: header");
+        let end = find(&eml[pos..], b"\r\n")
+            .map(|i| pos + i + 2)
+            .expect("unterminated Received: header");
         match eml.get(end) {
             Some(b' ' | b'\t') => pos = end,
             _ => return &eml[end..],
@@ -119,10 +129,14 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// Every regular file under `dir`, as paths relative to it, sorted.
 pub fn files_under(dir: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(entries) = fs::read_dir(dir) else { return };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 walk(root, &path, out);
             } else {
@@ -202,8 +216,14 @@ impl Relay {
 
     /// Writes the config, starts the binary and waits until `/readyz` says 200.
     pub fn start(config: RelayConfig) -> Relay {
-        let work = tempfile::Builder::new().prefix("postern-e2e-").tempdir().unwrap();
-        let data_dir = config.data_dir.clone().unwrap_or_else(|| work.path().join("data"));
+        let work = tempfile::Builder::new()
+            .prefix("postern-e2e-")
+            .tempdir()
+            .unwrap();
+        let data_dir = config
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| work.path().join("data"));
         let smtp = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = work.path().join("postern.toml");
@@ -228,13 +248,25 @@ impl Relay {
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
-        writeln!(&log, "==== postern serve --config {}", self.config_path.display()).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        writeln!(
+            &log,
+            "==== postern serve --config {}",
+            self.config_path.display()
+        )
+        .unwrap();
         let child = Command::new(postern_bin())
             .arg("serve")
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -250,13 +282,23 @@ impl Relay {
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
-                panic!("postern exited with {status} before it was ready; log:\n{}", self.log());
+                panic!(
+                    "postern exited with {status} before it was ready; log:\n{}",
+                    self.log()
+                );
             }
-            if matches!(http_request(self.http, "GET", "/readyz", &[], b""), Ok((200, _))) {
+            if matches!(
+                http_request(self.http, "GET", "/readyz", &[], b""),
+                Ok((200, _))
+            ) {
                 return;
             }
             if start.elapsed() > Duration::from_secs(30) {
-                panic!("postern not ready on http://{}/readyz after 30 s; log:\n{}", self.http, self.log());
+                panic!(
+                    "postern not ready on http://{}/readyz after 30 s; log:\n{}",
+                    self.http,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -311,7 +353,12 @@ impl Relay {
         };
         entries
             .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".env").map(str::to_owned))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".env")
+                    .map(str::to_owned)
+            })
             .collect()
     }
 
@@ -322,8 +369,10 @@ impl Relay {
 
     pub fn env(&self, id: &str) -> serde_json::Value {
         let path = self.spool_dir().join(format!("{id}.env"));
-        let text = fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+        let text =
+            fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        serde_json::from_slice(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
     }
 
     /// Checks that message `id` is committed, its `.env` matches its `.eml`,
@@ -342,8 +391,16 @@ impl Relay {
         }
         let env = self.env(id);
         assert_eq!(env["id"], id, "{id}.env names another id: {env}");
-        assert_eq!(env["data_len"], eml.len() as u64, "{id}.env data_len: {env}");
-        assert_eq!(env["data_sha256"], sha256_hex(&eml), "{id}.env data_sha256: {env}");
+        assert_eq!(
+            env["data_len"],
+            eml.len() as u64,
+            "{id}.env data_len: {env}"
+        );
+        assert_eq!(
+            env["data_sha256"],
+            sha256_hex(&eml),
+            "{id}.env data_sha256: {env}"
+        );
     }
 
     /// Waits until at least `n` messages are committed; returns them.
@@ -369,7 +426,11 @@ impl Drop for Relay {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(80)..];
-            eprintln!("---- postern log ({}), last {} lines:", self.log_path.display(), tail.len());
+            eprintln!(
+                "---- postern log ({}), last {} lines:",
+                self.log_path.display(),
+                tail.len()
+            );
             for line in tail {
                 eprintln!("{line}");
             }
@@ -377,7 +438,12 @@ impl Drop for Relay {
     }
 }
 
-fn render_config(config: &RelayConfig, data_dir: &Path, smtp: SocketAddr, http: SocketAddr) -> String {
+fn render_config(
+    config: &RelayConfig,
+    data_dir: &Path,
+    smtp: SocketAddr,
+    http: SocketAddr,
+) -> String {
     let mut out = format!(
         "hostname = \"postern.test\"\ndata_dir = {data_dir:?}\n\n[[listener]]\nname = \"smtp\"\naddress = \"{smtp}\"\n\n[http]\nlisten = \"{http}\"\n\n"
     );
@@ -399,9 +465,9 @@ fn render_config(config: &RelayConfig, data_dir: &Path, smtp: SocketAddr, http: 
         ObjectStore::Local => out += "kind = \"local\"\n",
         ObjectStore::S3 { endpoint, bucket } => {
             out += &format!(
-                "kind = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nallow_http = true\n\
+            "kind = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nallow_http = true\n\
                  access_key_id = \"testing\"\nsecret_access_key = \"testing\"\n"
-            )
+        )
         }
     }
     out
@@ -440,7 +506,10 @@ impl fmt::Display for Reply {
 /// The id after the last `queued as ` in `text`.
 pub fn queued_id(text: &str) -> Option<String> {
     let (_, rest) = text.rsplit_once("queued as ")?;
-    let id: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect();
+    let id: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect();
     (!id.is_empty()).then_some(id)
 }
 
@@ -463,7 +532,9 @@ impl Smtp {
     /// Connects without reading the greeting.
     pub fn connect_raw(addr: SocketAddr) -> Smtp {
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
         Smtp {
             reader: BufReader::new(stream.try_clone().unwrap()),
@@ -503,12 +574,20 @@ impl Smtp {
                 return if lines.is_empty() {
                     Ok(None)
                 } else {
-                    Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "EOF inside a reply"))
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "EOF inside a reply",
+                    ))
                 };
             }
-            let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
+            let line = String::from_utf8_lossy(&line)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned();
             if line.len() < 3 || !line.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply line {line:?}")));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("bad reply line {line:?}"),
+                ));
             }
             let code: u16 = line[..3].parse().unwrap();
             let last = line.as_bytes().get(3) != Some(&b'-');
@@ -612,7 +691,8 @@ pub fn http_request(
     stream.write_all(body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
-    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     let head_end = find(&response, b"\r\n\r\n").ok_or_else(|| invalid("no end of headers"))?;
     let head = String::from_utf8_lossy(&response[..head_end]).into_owned();
     let status: u16 = head
@@ -621,7 +701,10 @@ pub fn http_request(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| invalid("bad status line"))?;
     let mut body = response[head_end + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = dechunk(&body).ok_or_else(|| invalid("bad chunked body"))?;
     }
     Ok((status, body))
@@ -656,7 +739,10 @@ impl Moto {
     pub fn start() -> Moto {
         let bin = require_tool("moto_server");
         require_python_module("moto.server");
-        let work = tempfile::Builder::new().prefix("moto-e2e-").tempdir().unwrap();
+        let work = tempfile::Builder::new()
+            .prefix("moto-e2e-")
+            .tempdir()
+            .unwrap();
         let port = free_port();
         let log_path = work.path().join("moto.log");
         let log = fs::File::create(&log_path).unwrap();
@@ -679,7 +765,12 @@ impl Moto {
             }
             http_request(moto.addr, "GET", "/", &[], b"").ok()
         });
-        assert!(ready.is_some(), "moto_server not answering on {}:\n{}", moto.addr, moto.log());
+        assert!(
+            ready.is_some(),
+            "moto_server not answering on {}:\n{}",
+            moto.addr,
+            moto.log()
+        );
         moto
     }
 
@@ -692,13 +783,26 @@ impl Moto {
     }
 
     pub fn create_bucket(&self, bucket: &str) {
-        let (status, body) = http_request(self.addr, "PUT", &format!("/{bucket}"), &[], b"").unwrap();
-        assert_eq!(status, 200, "create bucket: {}", String::from_utf8_lossy(&body));
+        let (status, body) =
+            http_request(self.addr, "PUT", &format!("/{bucket}"), &[], b"").unwrap();
+        assert_eq!(
+            status,
+            200,
+            "create bucket: {}",
+            String::from_utf8_lossy(&body)
+        );
     }
 
     /// Object keys in `bucket` (ListObjectsV2 over plain HTTP).
     pub fn list(&self, bucket: &str) -> Vec<String> {
-        let (status, body) = http_request(self.addr, "GET", &format!("/{bucket}?list-type=2"), &[], b"").unwrap();
+        let (status, body) = http_request(
+            self.addr,
+            "GET",
+            &format!("/{bucket}?list-type=2"),
+            &[],
+            b"",
+        )
+        .unwrap();
         let body = String::from_utf8_lossy(&body);
         assert_eq!(status, 200, "list bucket: {body}");
         body.split("<Key>")
@@ -735,7 +839,10 @@ impl Postfix {
     /// Starts Postfix with extra `main.cf` lines (e.g. a relayhost).
     pub fn start(main_cf: &[String]) -> Postfix {
         require_tool("postfix");
-        let dir = tempfile::Builder::new().prefix("postfix-e2e-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("postfix-e2e-")
+            .tempdir()
+            .unwrap();
         let port = free_port();
         let script = repo_root().join("e2e/postfix-instance");
         let output = Command::new("bash")
