@@ -111,7 +111,7 @@ impl Default for LimitsConfig {
             max_message_size: 50 * 1024 * 1024,
             max_recipients: 1000,
             max_line_length: 1000,
-            max_errors: 10,
+            max_errors: 20,
             max_connections: 1000,
             max_connections_per_ip: 50,
             command_timeout: Duration::from_secs(300),
@@ -324,7 +324,9 @@ impl Config {
             return invalid("limits.max_message_size must be at least 1024".into());
         }
         if limits.max_connections_per_ip == 0 || limits.max_connections == 0 {
-            return invalid("limits.max_connections and max_connections_per_ip must be at least 1".into());
+            return invalid(
+                "limits.max_connections and max_connections_per_ip must be at least 1".into(),
+            );
         }
         let spool = &self.spool;
         if spool.copies.is_empty() {
@@ -398,7 +400,10 @@ mod tests {
         assert_eq!(config.listeners[0].address.to_string(), "127.0.0.1:2525");
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:9325");
         assert_eq!(config.spool.required, 2);
-        assert_eq!(config.local_object_dir(), PathBuf::from("./postern-data/objects"));
+        assert_eq!(
+            config.local_object_dir(),
+            PathBuf::from("./postern-data/objects")
+        );
     }
 
     #[test]
@@ -422,6 +427,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.spool.deadline, Duration::from_secs(5));
-        assert!(matches!(config.object_store, ObjectStoreConfig::S3 { ref bucket, .. } if bucket == "mail"));
+        assert!(
+            matches!(config.object_store, ObjectStoreConfig::S3 { ref bucket, .. } if bucket == "mail")
+        );
     }
 }

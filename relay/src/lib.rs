@@ -1,5 +1,8 @@
 //! Postern: an SMTP relay that answers 250 only after a durable quorum of copies.
 
 pub mod config;
+pub mod http;
+pub mod inbound;
+pub mod server;
 pub mod smtp;
 pub mod spool;

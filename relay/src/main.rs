@@ -1,1 +1,130 @@
-fn main() {}
+//! The `postern` command: `serve` runs the relay, `config check` validates a file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use postern::config::Config;
+
+/// Postern: an SMTP relay that answers 250 only after a durable quorum of copies.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay. Without --config: SMTP on 127.0.0.1:2525, data under
+    /// ./postern-data (local spool plus a local-directory object store),
+    /// health on 127.0.0.1:9325, loopback trusted to relay.
+    Serve {
+        /// TOML configuration file (see README); flags below override it.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address of the SMTP listener (replaces the first [[listener]]'s address).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<SocketAddr>,
+        /// Directory for the spool and the local object store.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address of the health endpoint (/healthz, /readyz).
+        #[arg(long, value_name = "ADDR:PORT")]
+        http: Option<SocketAddr>,
+    },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a configuration file and say exactly what is wrong with it.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            http,
+        } => {
+            init_logging();
+            let mut config = match config {
+                Some(path) => match Config::load(&path) {
+                    Ok(config) => config,
+                    Err(err) => {
+                        eprintln!("{err}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => Config::default(),
+            };
+            if let Some(listen) = listen {
+                config.listeners[0].address = listen;
+            }
+            if let Some(data_dir) = data_dir {
+                config.data_dir = data_dir;
+            }
+            if let Some(http) = http {
+                config.http.listen = http;
+            }
+            if let Err(err) = config.validate() {
+                eprintln!("{err}");
+                return ExitCode::FAILURE;
+            }
+            // One process-wide rustls provider: object_store's S3 client and our
+            // STARTTLS must agree, or rustls panics choosing between two.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(postern::server::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    eprintln!("postern: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}

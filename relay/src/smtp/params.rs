@@ -137,7 +137,10 @@ pub fn parse_mail(args: &str) -> Result<(Option<Mailbox>, MailParams), ParamErro
         match key.as_str() {
             "SIZE" => {
                 let value = value.ok_or_else(|| ParamError::BadValue(key.clone()))?;
-                if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
+                if value.is_empty()
+                    || value.len() > 20
+                    || !value.bytes().all(|b| b.is_ascii_digit())
+                {
                     return Err(ParamError::BadValue(key));
                 }
                 params.size = Some(value.parse().map_err(|_| ParamError::BadValue(key))?);
@@ -164,7 +167,8 @@ pub fn parse_mail(args: &str) -> Result<(Option<Mailbox>, MailParams), ParamErro
             }
             "ENVID" => {
                 let value = value.ok_or_else(|| ParamError::BadValue(key.clone()))?;
-                let decoded = decode_xtext(&value).ok_or_else(|| ParamError::BadValue(key.clone()))?;
+                let decoded =
+                    decode_xtext(&value).ok_or_else(|| ParamError::BadValue(key.clone()))?;
                 if decoded.is_empty() || decoded.len() > 100 {
                     return Err(ParamError::BadValue(key));
                 }
@@ -225,11 +229,19 @@ pub fn parse_rcpt(args: &str, smtputf8: bool) -> Result<(Mailbox, RcptParams), P
             }
             "ORCPT" => {
                 let value = value.ok_or_else(|| ParamError::BadValue(key.clone()))?;
-                let (addr_type, addr) = value.split_once(';').ok_or_else(|| ParamError::BadValue(key.clone()))?;
-                if addr_type.is_empty() || addr.is_empty() || !addr_type.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                let (addr_type, addr) = value
+                    .split_once(';')
+                    .ok_or_else(|| ParamError::BadValue(key.clone()))?;
+                if addr_type.is_empty()
+                    || addr.is_empty()
+                    || !addr_type
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
                     return Err(ParamError::BadValue(key));
                 }
-                let decoded = decode_xtext(addr).ok_or_else(|| ParamError::BadValue(key.clone()))?;
+                let decoded =
+                    decode_xtext(addr).ok_or_else(|| ParamError::BadValue(key.clone()))?;
                 if decoded.len() > 500 {
                     return Err(ParamError::BadValue(key));
                 }
@@ -271,11 +283,16 @@ fn split_path(args: &str) -> Result<(Option<String>, &str), ParamError> {
     }
     let end = end.ok_or(ParamError::BadPath)?;
     if end + 1 > MAX_PATH {
-        return Err(if args[1..end].rsplit_once('@').is_some_and(|(l, _)| l.len() > MAX_LOCAL_PART) {
-            ParamError::LocalPartTooLong
-        } else {
-            ParamError::DomainTooLong
-        });
+        return Err(
+            if args[1..end]
+                .rsplit_once('@')
+                .is_some_and(|(l, _)| l.len() > MAX_LOCAL_PART)
+            {
+                ParamError::LocalPartTooLong
+            } else {
+                ParamError::DomainTooLong
+            },
+        );
     }
     let mut inner = &args[1..end];
     let rest = &args[end + 1..];
@@ -341,11 +358,8 @@ fn valid_local_part(local: &str) -> bool {
         let mut chars = body.chars();
         while let Some(c) = chars.next() {
             match c {
-                '\\' => {
-                    if !chars.next().is_some_and(|n| (' '..='~').contains(&n)) {
-                        return false;
-                    }
-                }
+                '\\' if !chars.next().is_some_and(|n| (' '..='~').contains(&n)) => return false,
+                '\\' => {}
                 '"' => return false,
                 c if c.is_control() => return false,
                 _ => {}
@@ -357,7 +371,9 @@ fn valid_local_part(local: &str) -> bool {
     local.split('.').all(|atom| {
         !atom.is_empty()
             && atom.chars().all(|c| {
-                c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || (!c.is_ascii() && !c.is_control())
+                c.is_ascii_alphanumeric()
+                    || "!#$%&'*+-/=?^_`{|}~".contains(c)
+                    || (!c.is_ascii() && !c.is_control())
             })
     })
 }
@@ -377,7 +393,9 @@ fn valid_domain(domain: &str) -> bool {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && !c.is_control()))
+            && label.chars().all(|c| {
+                c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && !c.is_control())
+            })
     })
 }
 
@@ -390,7 +408,10 @@ pub fn decode_xtext(text: &str) -> Option<String> {
         let byte = bytes[index];
         if byte == b'+' {
             let hex = text.get(index + 1..index + 3)?;
-            if !hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+            if !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+            {
                 return None;
             }
             out.push(u8::from_str_radix(hex, 16).ok()?);
@@ -425,7 +446,8 @@ mod tests {
     #[test]
     fn mail_with_every_parameter() {
         let (mailbox, params) =
-            parse_mail("<a@example.org> SIZE=1000 BODY=8BITMIME RET=HDRS ENVID=QQ+2B1 SMTPUTF8").unwrap();
+            parse_mail("<a@example.org> SIZE=1000 BODY=8BITMIME RET=HDRS ENVID=QQ+2B1 SMTPUTF8")
+                .unwrap();
         assert_eq!(mailbox.unwrap().address(), "a@example.org");
         assert_eq!(params.size, Some(1000));
         assert_eq!(params.body, Some(Body::EightBitMime));
@@ -443,26 +465,54 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(parse_mail("<a@b> FOO=1").unwrap_err(), ParamError::Unknown("FOO".into()));
-        assert_eq!(parse_mail("<a@b> SIZE=x").unwrap_err(), ParamError::BadValue("SIZE".into()));
-        assert_eq!(parse_mail("<a@b> SIZE=1 SIZE=2").unwrap_err(), ParamError::BadValue("SIZE".into()));
+        assert_eq!(
+            parse_mail("<a@b> FOO=1").unwrap_err(),
+            ParamError::Unknown("FOO".into())
+        );
+        assert_eq!(
+            parse_mail("<a@b> SIZE=x").unwrap_err(),
+            ParamError::BadValue("SIZE".into())
+        );
+        assert_eq!(
+            parse_mail("<a@b> SIZE=1 SIZE=2").unwrap_err(),
+            ParamError::BadValue("SIZE".into())
+        );
         assert_eq!(parse_mail("a@b").unwrap_err(), ParamError::BadPath);
         assert_eq!(parse_mail("<ü@b>").unwrap_err(), ParamError::NeedsSmtpUtf8);
         assert!(parse_mail("<ü@b> SMTPUTF8").is_ok());
         let long_local = format!("<{}@b>", "x".repeat(65));
-        assert_eq!(parse_mail(&long_local).unwrap_err(), ParamError::LocalPartTooLong);
+        assert_eq!(
+            parse_mail(&long_local).unwrap_err(),
+            ParamError::LocalPartTooLong
+        );
         let long_domain = format!("<a@{}>", ["abcdefghij"; 26].join("."));
-        assert_eq!(parse_mail(&long_domain).unwrap_err(), ParamError::DomainTooLong);
-        assert_eq!(parse_rcpt("<a@b> NOTIFY=NEVER,SUCCESS", false).unwrap_err(), ParamError::BadValue("NOTIFY".into()));
-        assert_eq!(parse_rcpt("<a..b@c>", false).unwrap_err(), ParamError::BadPath);
+        assert_eq!(
+            parse_mail(&long_domain).unwrap_err(),
+            ParamError::DomainTooLong
+        );
+        assert_eq!(
+            parse_rcpt("<a@b> NOTIFY=NEVER,SUCCESS", false).unwrap_err(),
+            ParamError::BadValue("NOTIFY".into())
+        );
+        assert_eq!(
+            parse_rcpt("<a..b@c>", false).unwrap_err(),
+            ParamError::BadPath
+        );
     }
 
     #[test]
     fn rcpt_dsn_parameters() {
-        let (_, params) = parse_rcpt("<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40example.org", false).unwrap();
+        let (_, params) = parse_rcpt(
+            "<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40example.org",
+            false,
+        )
+        .unwrap();
         assert_eq!(params.notify, Some(vec![Notify::Success, Notify::Failure]));
         assert_eq!(params.orcpt.as_deref(), Some("rfc822;b@example.org"));
-        assert_eq!(parse_rcpt("<Postmaster>", false).unwrap().0.local, "Postmaster");
+        assert_eq!(
+            parse_rcpt("<Postmaster>", false).unwrap().0.local,
+            "Postmaster"
+        );
     }
 
     #[test]

@@ -1,0 +1,112 @@
+//! `postern serve`: opens the spool, binds the listeners and the health
+//! endpoint, and runs until SIGTERM or SIGINT, then drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::Config;
+use crate::http::{self, Readiness};
+use crate::inbound::limits::ConnectionLimiter;
+use crate::inbound::{self, Listener};
+use crate::spool::Spool;
+
+/// How long in-flight sessions may run on after a shutdown signal.
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs the relay until a shutdown signal.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = shutdown_tx.send(true);
+    });
+    run_until(config, shutdown_rx).await
+}
+
+/// Runs the relay until `shutdown` turns true.
+pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let (spool, recovered) = Spool::open(&config)
+        .await
+        .context("cannot open the spool")?;
+    info!(
+        messages = recovered.messages.len(),
+        removed = recovered.removed,
+        quarantined = recovered.quarantined,
+        "spool recovered"
+    );
+
+    let readiness = Readiness::default();
+    let http_socket = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot bind the health endpoint {}", config.http.listen))?;
+    let http_task = tokio::spawn(http::serve(
+        http_socket,
+        readiness.clone(),
+        signalled(shutdown.clone()),
+    ));
+
+    let connections = ConnectionLimiter::new(
+        config.limits.max_connections,
+        config.limits.max_connections_per_ip,
+    );
+    let mut listeners = Vec::new();
+    for listener_config in &config.listeners {
+        let listener = Listener::new(&config, listener_config, spool.clone(), connections.clone())
+            .map_err(|err| anyhow::anyhow!("listener {}: {err}", listener_config.name))?;
+        let socket = TcpListener::bind(listener_config.address)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot bind listener {} on {}",
+                    listener_config.name, listener_config.address
+                )
+            })?;
+        info!(listener = %listener_config.name, address = %socket.local_addr()?, tls = listener.tls.is_some(), "listening");
+        listeners.push(tokio::spawn(inbound::serve(
+            Arc::new(listener),
+            socket,
+            signalled(shutdown.clone()),
+        )));
+    }
+    readiness.set(true);
+    info!(hostname = %config.hostname, data_dir = %config.data_dir.display(), "postern ready");
+
+    signalled(shutdown.clone()).await;
+    readiness.set(false);
+    info!(
+        open = connections.open(),
+        "shutting down: not accepting, waiting for sessions in progress"
+    );
+    let drained = tokio::time::timeout(DRAIN_GRACE, futures::future::join_all(listeners)).await;
+    if drained.is_err() {
+        info!(
+            open = connections.open(),
+            "drain grace period over; closing the remaining sessions"
+        );
+    }
+    let _ = http_task.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Resolves once the watch value is true.
+async fn signalled(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
