@@ -34,6 +34,14 @@ pub struct Config {
     pub object_store: ObjectStoreConfig,
     /// Health endpoints.
     pub http: HttpConfig,
+    /// Outbound delivery: scheduler, retries, timeouts.
+    pub delivery: DeliveryConfig,
+    /// DNS for MX lookups.
+    pub dns: DnsConfig,
+    /// Static routes: domains to next hops; everything else goes by MX
+    /// (or to `delivery.relayhost`).
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
 }
 
 impl Default for Config {
@@ -47,6 +55,9 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             object_store: ObjectStoreConfig::default(),
             http: HttpConfig::default(),
+            delivery: DeliveryConfig::default(),
+            dns: DnsConfig::default(),
+            routes: Vec::new(),
         }
     }
 }
@@ -242,6 +253,135 @@ impl Default for HttpConfig {
     }
 }
 
+/// Outbound delivery settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Send everything without a matching route to this next hop
+    /// (`host:port`, `[host]:port`, or `unix:/path`), like Postfix's relayhost.
+    pub relayhost: Option<String>,
+    /// Name we give in EHLO/LHLO; default: `hostname`.
+    pub helo_name: Option<String>,
+    /// Port used for hosts found by MX lookup (25; tests change it).
+    pub mx_port: u16,
+    /// Deliveries in progress over all destinations.
+    pub max_concurrency: usize,
+    /// Deliveries in progress to one destination (next hop or MX domain).
+    pub max_per_destination: usize,
+    /// Messages sent over one connection before it is closed.
+    pub max_messages_per_connection: usize,
+    /// How long an idle connection is kept for the next message.
+    #[serde(with = "humantime_serde")]
+    pub idle_connection_timeout: Duration,
+    /// TCP connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Waiting for the greeting, EHLO, MAIL and RCPT replies (RFC 5321 §4.5.3.2: 5 min).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Waiting for the reply to DATA (RFC 5321 §4.5.3.2.3: 2 min).
+    #[serde(with = "humantime_serde")]
+    pub data_init_timeout: Duration,
+    /// Writing each block of message data (RFC 5321 §4.5.3.2.5: 3 min).
+    #[serde(with = "humantime_serde")]
+    pub data_block_timeout: Duration,
+    /// Waiting for the reply after the end of data (RFC 5321 §4.5.3.2.6: 10 min).
+    #[serde(with = "humantime_serde")]
+    pub data_end_timeout: Duration,
+    /// Delays between attempts; the last one repeats until `max_age`.
+    #[serde(with = "humantime_serde_vec")]
+    pub retry_schedule: Vec<Duration>,
+    /// A message still undelivered after this long bounces.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Send a delay warning DSN once a message has waited this long (off when absent).
+    #[serde(default, with = "humantime_serde")]
+    pub delay_warning: Option<Duration>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        DeliveryConfig {
+            relayhost: None,
+            helo_name: None,
+            mx_port: 25,
+            max_concurrency: 100,
+            max_per_destination: 10,
+            max_messages_per_connection: 100,
+            idle_connection_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: minutes(5),
+            data_init_timeout: minutes(2),
+            data_block_timeout: minutes(3),
+            data_end_timeout: minutes(10),
+            retry_schedule: vec![
+                minutes(1),
+                minutes(5),
+                minutes(15),
+                minutes(30),
+                minutes(60),
+                minutes(120),
+                minutes(240),
+            ],
+            max_age: Duration::from_secs(5 * 24 * 3600),
+            delay_warning: None,
+        }
+    }
+}
+
+/// DNS resolver settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers (`ip:port`), queried over UDP and TCP; the system's
+    /// `/etc/resolv.conf` when empty.
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// Protocol spoken to a next hop.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// ESMTP (RFC 5321).
+    #[default]
+    Smtp,
+    /// LMTP (RFC 2033): one reply per recipient after the data.
+    Lmtp,
+}
+
+/// TLS towards a next hop.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, without certificate verification.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed and the certificate must verify, or the delivery defers.
+    Required,
+}
+
+/// A static route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Recipient domains this route serves; `.example.org` matches subdomains.
+    pub domains: Vec<String>,
+    /// `host:port`, `[host]:port` (no MX lookup either way) or `unix:/path`.
+    pub next_hop: String,
+    /// SMTP or LMTP.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// STARTTLS policy.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// File holding `username:password` for AUTH PLAIN (only over TLS).
+    #[serde(default)]
+    pub auth_file: Option<PathBuf>,
+}
+
 /// What is wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -353,6 +493,27 @@ impl Config {
                 return invalid(format!("policy.relay_domains: {domain:?} is not a domain"));
             }
         }
+        let delivery = &self.delivery;
+        if delivery.retry_schedule.is_empty() || delivery.retry_schedule.iter().any(|d| d.is_zero())
+        {
+            return invalid("delivery.retry_schedule needs at least one positive delay".into());
+        }
+        if delivery.max_concurrency == 0 || delivery.max_per_destination == 0 {
+            return invalid(
+                "delivery.max_concurrency and max_per_destination must be at least 1".into(),
+            );
+        }
+        if let Some(relayhost) = &delivery.relayhost {
+            crate::delivery::route::NextHop::parse(relayhost)
+                .map_err(|err| ConfigError::Invalid(format!("delivery.relayhost: {err}")))?;
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            if route.domains.is_empty() {
+                return invalid(format!("route {index}: domains must not be empty"));
+            }
+            crate::delivery::route::NextHop::parse(&route.next_hop)
+                .map_err(|err| ConfigError::Invalid(format!("route {index}: next_hop: {err}")))?;
+        }
         if let ObjectStoreConfig::S3 { bucket, .. } = &self.object_store {
             if bucket.is_empty() {
                 return invalid("object_store.bucket must not be empty".into());
@@ -372,6 +533,31 @@ impl Config {
             ObjectStoreConfig::Local { path: Some(path) } => path.clone(),
             _ => self.data_dir.join("objects"),
         }
+    }
+}
+
+/// Serde helpers for a list of human-readable durations.
+mod humantime_serde_vec {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &[Duration], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            value
+                .iter()
+                .map(|d| humantime::format_duration(*d).to_string()),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Duration>, D::Error> {
+        let texts = Vec::<String>::deserialize(deserializer)?;
+        texts
+            .iter()
+            .map(|text| humantime::parse_duration(text).map_err(serde::de::Error::custom))
+            .collect()
     }
 }
 

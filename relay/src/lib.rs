@@ -1,8 +1,11 @@
 //! Postern: an SMTP relay that answers 250 only after a durable quorum of copies.
 
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod inbound;
+pub mod metrics;
+pub mod queue;
 pub mod server;
 pub mod smtp;
 pub mod spool;

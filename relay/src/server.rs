@@ -58,8 +58,10 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     );
     let mut listeners = Vec::new();
     for listener_config in &config.listeners {
-        let listener = Listener::new(&config, listener_config, spool.clone(), connections.clone())
-            .map_err(|err| anyhow::anyhow!("listener {}: {err}", listener_config.name))?;
+        let mut listener =
+            Listener::new(&config, listener_config, spool.clone(), connections.clone())
+                .map_err(|err| anyhow::anyhow!("listener {}: {err}", listener_config.name))?;
+        listener.draining = shutdown.clone();
         let socket = TcpListener::bind(listener_config.address)
             .await
             .with_context(|| {
@@ -90,6 +92,14 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
             open = connections.open(),
             "drain grace period over; closing the remaining sessions"
         );
+    }
+    // Copies still being written after their 250 (the ones beyond the quorum)
+    // finish before we exit.
+    if tokio::time::timeout(DRAIN_GRACE, spool.drain())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background copies still running at exit; repair will re-create them");
     }
     let _ = http_task.await;
     info!("stopped");

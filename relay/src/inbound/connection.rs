@@ -78,16 +78,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             } else {
                 self.listener.limits.command_timeout
             };
-            match tokio::time::timeout(timeout, self.stream.read(&mut buf)).await {
-                Ok(Ok(0)) => return Ok(()),
-                Ok(Ok(n)) => self.session.feed(&buf[..n]),
-                Ok(Err(err)) => return Err(err),
-                Err(_) => {
-                    info!(client = %self.client_label(), "timeout after {timeout:?}");
+            // A draining relay lets a transaction in progress finish, but
+            // closes sessions that are between transactions.
+            let mut draining = self.listener.draining.clone();
+            let drain = async move {
+                if draining.wait_for(|drain| *drain).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let in_transaction = self.session.in_message() || self.session.transaction().has_mail();
+            tokio::select! {
+                read = tokio::time::timeout(timeout, self.stream.read(&mut buf)) => match read {
+                    Ok(Ok(0)) => return Ok(()),
+                    Ok(Ok(n)) => self.session.feed(&buf[..n]),
+                    Ok(Err(err)) => return Err(err),
+                    Err(_) => {
+                        info!(client = %self.client_label(), "timeout after {timeout:?}");
+                        self.session.abort(Reply::new(
+                            421,
+                            "4.4.2",
+                            format!("{} Timeout, closing connection", self.hostname()),
+                        ));
+                    }
+                },
+                () = drain, if !in_transaction => {
                     self.session.abort(Reply::new(
                         421,
-                        "4.4.2",
-                        format!("{} Timeout, closing connection", self.hostname()),
+                        "4.3.2",
+                        format!("{} Service shutting down, try again later", self.hostname()),
                     ));
                 }
             }

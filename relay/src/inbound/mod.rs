@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
@@ -37,6 +37,8 @@ pub struct Listener {
     pub tls: Option<TlsAcceptor>,
     /// Connection counts shared by all listeners.
     pub connections: ConnectionLimiter,
+    /// Turns true when the relay drains: idle sessions are closed with 421.
+    pub draining: watch::Receiver<bool>,
 }
 
 impl Listener {
@@ -66,6 +68,7 @@ impl Listener {
             spool,
             tls,
             connections,
+            draining: watch::channel(false).1,
         })
     }
 }

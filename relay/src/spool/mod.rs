@@ -1,14 +1,38 @@
 //! The spool: message ids, wire-format `.eml` files, `.env` envelopes, the
 //! local spool, the object-store copy, the quorum writer and recovery on start.
 //!
-//! INTERFACE STUB — being implemented; signatures are the contract.
+//! On disk, under `data_dir`:
+//!
+//! ```text
+//! spool/<id>.eml          message bytes, exactly as they go on the wire
+//! spool/<id>.env          envelope JSON; its presence commits the message
+//! spool/<id>.env.tmp      only while committing
+//! spool/.lock             held (flock) by the relay that owns the spool
+//! quarantine/             damaged records found by recovery, kept for a human
+//! objects/messages/<id>.{eml,env}   the local-directory object store (default)
+//! ```
+//!
+//! In S3 the object copy is `<prefix>/messages/<id>.eml` and `.env`;
+//! `<prefix>/staging/` briefly holds large messages during upload.
 
 pub mod envelope;
+pub mod fsync;
+pub mod id;
+pub mod local;
+pub mod object;
+pub mod quorum;
+pub mod recovery;
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, CopyKind};
 use envelope::Envelope;
+use fsync::{remove_if_present, DirSync};
+use local::{LocalCopy, Writer};
+use object::{ObjectCopy, Part};
+use quorum::{Background, CopyJob, CopyTarget, Policy};
 
 /// Why the spool could not take or commit a message; each maps to one SMTP reply.
 #[derive(Debug, thiserror::Error)]
@@ -60,46 +84,411 @@ pub struct Recovered {
 
 /// Handle to the spool; cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Spool {}
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    quarantine_dir: PathBuf,
+    reserve_bytes: u64,
+    policy: Policy,
+    ids: id::IdGenerator,
+    /// Every copy of the ack policy, in `spool.copies` order.
+    copies: Vec<Arc<dyn CopyTarget>>,
+    /// Whether the local `.eml` is a copy (else only staging for the others).
+    keep_local: bool,
+    object: Option<Arc<ObjectCopy>>,
+    background: Background,
+    /// Held for the life of the spool so two relays never share it.
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for dyn CopyTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.kind())
+    }
+}
 
 impl Spool {
     /// Opens (creating) the spool described by `config`, runs recovery.
-    pub async fn open(_config: &Config) -> Result<(Spool, Recovered), SpoolError> {
-        unimplemented!()
+    pub async fn open(config: &Config) -> Result<(Spool, Recovered), SpoolError> {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Spool::open_blocking(&config))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    fn open_blocking(config: &Config) -> Result<(Spool, Recovered), SpoolError> {
+        let dir = config.spool_dir();
+        let quarantine_dir = config.data_dir.join("quarantine");
+        std::fs::create_dir_all(&dir)?;
+        let lock = lock_spool(&dir)?;
+        let recovered = recovery::recover(&dir, &quarantine_dir)?;
+        if recovered.removed > 0 || recovered.quarantined > 0 {
+            tracing::info!(
+                committed = recovered.messages.len(),
+                removed = recovered.removed,
+                quarantined = recovered.quarantined,
+                "spool recovered"
+            );
+        }
+
+        let sync = DirSync::new(dir.clone());
+        let object = if config.spool.copies.contains(&CopyKind::ObjectStore) {
+            Some(Arc::new(ObjectCopy::from_config(config)?))
+        } else {
+            None
+        };
+        let copies = config
+            .spool
+            .copies
+            .iter()
+            .map(|kind| match kind {
+                CopyKind::Local => {
+                    Arc::new(LocalCopy::new(Arc::clone(&sync))) as Arc<dyn CopyTarget>
+                }
+                CopyKind::ObjectStore => {
+                    Arc::clone(object.as_ref().expect("built above")) as Arc<dyn CopyTarget>
+                }
+            })
+            .collect();
+        let inner = Inner {
+            dir,
+            quarantine_dir,
+            reserve_bytes: config.spool.reserve_bytes,
+            policy: Policy {
+                required: config.spool.required,
+                deadline: config.spool.deadline,
+            },
+            ids: id::IdGenerator::new(),
+            copies,
+            keep_local: config.spool.copies.contains(&CopyKind::Local),
+            object,
+            background: Background::default(),
+            _lock: lock,
+        };
+        Ok((
+            Spool {
+                inner: Arc::new(inner),
+            },
+            recovered,
+        ))
     }
 
     /// Checks that a message of `size` octets fits on the spool disk.
-    pub fn check_room(&self, _size: u64) -> Result<(), SpoolError> {
-        unimplemented!()
+    pub fn check_room(&self, size: u64) -> Result<(), SpoolError> {
+        let available = local::available_bytes(&self.inner.dir)?;
+        let needed = size.saturating_add(self.inner.reserve_bytes);
+        if available < needed {
+            return Err(SpoolError::NoRoom { needed, available });
+        }
+        Ok(())
     }
 
     /// Starts receiving a message: assigns its id and opens its `.eml`.
     pub async fn begin(&self) -> Result<Incoming, SpoolError> {
-        unimplemented!()
+        let id = self.inner.ids.next_id();
+        let path = local::eml_path(&self.inner.dir, &id);
+        let spool = self.clone();
+        let (path, file) = tokio::task::spawn_blocking(move || -> Result<_, SpoolError> {
+            spool.check_room(0)?;
+            let file = local::create_eml(&path)?;
+            Ok((path, file))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(Incoming {
+            spool: self.clone(),
+            id,
+            path,
+            writer: Some(Writer::new(file)),
+            unchecked: 0,
+            armed: true,
+        })
     }
+
+    /// The spool directory (`data_dir/spool`).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.inner.dir
+    }
+
+    /// Where damaged records go (`data_dir/quarantine`).
+    pub fn quarantine_dir(&self) -> &std::path::Path {
+        &self.inner.quarantine_dir
+    }
+
+    /// The local `.eml` of message `id`.
+    pub fn message_path(&self, id: &str) -> PathBuf {
+        local::eml_path(&self.inner.dir, id)
+    }
+
+    /// The local `.env` of message `id`.
+    pub fn envelope_path(&self, id: &str) -> PathBuf {
+        local::env_path(&self.inner.dir, id)
+    }
+
+    /// The envelopes of the locally committed messages, oldest first.
+    /// Unreadable records are skipped with a warning (recovery quarantines them).
+    pub async fn committed(&self) -> Result<Vec<Envelope>, SpoolError> {
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<Envelope>, SpoolError> {
+            let mut found = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+                    continue;
+                };
+                match std::fs::read(entry.path())
+                    .map(|text| serde_json::from_slice::<Envelope>(&text))
+                {
+                    Ok(Ok(envelope)) => found.push(envelope),
+                    Ok(Err(err)) => tracing::warn!(id = %stem, error = %err, "unreadable envelope"),
+                    // Removed between listing and reading: no longer committed.
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            found.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(found)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// The object store holding the object copies, when the policy has one.
+    pub fn object_store(&self) -> Option<Arc<dyn object_store::ObjectStore>> {
+        let object = self.inner.object.as_ref()?;
+        match object.store() {
+            Ok(store) => Some(store),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot open the object store for reading");
+                None
+            }
+        }
+    }
+
+    /// The object key of message `id`'s data (`envelope = false`) or envelope.
+    pub fn object_key(&self, id: &str, envelope: bool) -> Option<object_store::path::Path> {
+        let part = if envelope { Part::Envelope } else { Part::Data };
+        Some(self.inner.object.as_ref()?.key(id, part))
+    }
+
+    /// Waits until the copies still running after their commits answered, and
+    /// the clean-ups after lost quorums, have finished.
+    pub async fn drain(&self) {
+        self.inner.background.idle().await;
+    }
+}
+
+/// Takes an exclusive, non-blocking flock on `<dir>/.lock`.
+fn lock_spool(dir: &std::path::Path) -> Result<std::fs::File, SpoolError> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(SpoolError::Io(std::io::Error::new(
+            err.kind(),
+            format!("spool {} is in use by another relay: {err}", dir.display()),
+        )));
+    }
+    Ok(file)
 }
 
 /// A message being received; dropped without `commit`, it leaves nothing behind.
 #[derive(Debug)]
-pub struct Incoming {}
+pub struct Incoming {
+    spool: Spool,
+    id: String,
+    path: PathBuf,
+    /// `None` once a write failed (or was cancelled mid-flush).
+    writer: Option<Writer>,
+    /// Octets written since the last free-space check.
+    unchecked: u64,
+    /// Whether dropping this removes the `.eml`.
+    armed: bool,
+}
 
 impl Incoming {
     /// The spool id assigned to this message.
     pub fn id(&self) -> &str {
-        unimplemented!()
+        &self.id
     }
 
     /// Appends wire-format bytes.
-    pub async fn write(&mut self, _data: &[u8]) -> Result<(), SpoolError> {
-        unimplemented!()
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let writer = self.writer.as_mut().ok_or_else(broken)?;
+            let take = writer.room().min(rest.len());
+            writer.push(&rest[..take]);
+            rest = &rest[take..];
+            self.unchecked += take as u64;
+            if writer.room() == 0 {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer out on a blocking thread, checking free space every
+    /// `SPACE_CHECK_INTERVAL` octets.
+    async fn flush(&mut self) -> Result<(), SpoolError> {
+        let mut writer = self.writer.take().ok_or_else(broken)?;
+        let check = self.unchecked >= local::SPACE_CHECK_INTERVAL;
+        if check {
+            self.unchecked = 0;
+        }
+        let dir = self.spool.inner.dir.clone();
+        let reserve = self.spool.inner.reserve_bytes;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let result = writer
+                .flush_blocking()
+                .map_err(|err| no_room_or_io(err, &dir, writer.written(), reserve));
+            let result = result.and_then(|()| {
+                if !check {
+                    return Ok(());
+                }
+                let available = local::available_bytes(&dir)?;
+                if available < reserve {
+                    return Err(SpoolError::NoRoom {
+                        needed: writer.written().saturating_add(reserve),
+                        available: available.saturating_add(writer.written()),
+                    });
+                }
+                Ok(())
+            });
+            (writer, result)
+        })
+        .await;
+        match outcome {
+            Ok((writer, Ok(()))) => {
+                self.writer = Some(writer);
+                Ok(())
+            }
+            Ok((_, Err(err))) => {
+                self.discard();
+                Err(err)
+            }
+            Err(join) => {
+                self.discard();
+                Err(std::io::Error::other(join).into())
+            }
+        }
+    }
+
+    /// Removes the partial `.eml` now, to give the space back at once.
+    fn discard(&mut self) {
+        self.writer = None;
+        if self.armed {
+            self.armed = false;
+            if let Err(err) = remove_if_present(&self.path) {
+                tracing::warn!(id = %self.id, error = %err, "cannot remove a discarded message");
+            }
+        }
     }
 
     /// Writes every copy the policy names and returns once the quorum confirmed;
     /// fills `id`, `data_len` and `data_sha256` of `envelope`.
-    pub async fn commit(self, _envelope: Envelope) -> Result<Committed, SpoolError> {
-        unimplemented!()
+    pub async fn commit(mut self, mut envelope: Envelope) -> Result<Committed, SpoolError> {
+        let writer = self.writer.take().ok_or_else(broken)?;
+        let dir = self.spool.inner.dir.clone();
+        let reserve = self.spool.inner.reserve_bytes;
+        let finished = tokio::task::spawn_blocking(move || {
+            let len = writer.written();
+            writer
+                .finish_blocking()
+                .map_err(|err| no_room_or_io(err, &dir, len, reserve))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .map_err(SpoolError::from)
+        .and_then(|r| r);
+        let (file, data_len, data_sha256) = match finished {
+            Ok(done) => done,
+            Err(err) => {
+                self.discard();
+                return Err(err);
+            }
+        };
+        envelope.id = self.id.clone();
+        envelope.data_len = data_len;
+        envelope.data_sha256 = data_sha256;
+        let mut json = serde_json::to_vec_pretty(&envelope).map_err(std::io::Error::other)?;
+        json.push(b'\n');
+
+        // From here on the quorum writer owns the file: it removes it when the
+        // commit fails, or when it was only staging.
+        self.armed = false;
+        let job = Arc::new(CopyJob {
+            id: self.id.clone(),
+            eml_path: self.path.clone(),
+            eml_file: Arc::new(file),
+            data_len,
+            envelope_json: json.into(),
+        });
+        let inner = Arc::clone(&self.spool.inner);
+        let finally: Option<Box<dyn FnOnce() + Send>> = if inner.keep_local {
+            None
+        } else {
+            let path = self.path.clone();
+            let id = self.id.clone();
+            Some(Box::new(move || {
+                if let Err(err) = remove_if_present(&path) {
+                    tracing::warn!(%id, error = %err, "cannot remove a staging file");
+                }
+            }))
+        };
+        // Its own task, so a client that vanishes mid-commit cannot cut the
+        // quorum writer off between writing copies and taking them back.
+        let task = inner.background.spawn({
+            let inner = Arc::clone(&inner);
+            async move {
+                quorum::commit(&inner.copies, job, inner.policy, &inner.background, finally).await
+            }
+        });
+        task.await.map_err(std::io::Error::other)?
     }
 
     /// Discards the message.
-    pub async fn abort(self) {}
+    pub async fn abort(mut self) {
+        self.discard();
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+fn broken() -> SpoolError {
+    SpoolError::Io(std::io::Error::other(
+        "the message was discarded after an earlier error",
+    ))
+}
+
+/// Turns ENOSPC/EDQUOT into `NoRoom`, anything else into `Io`.
+fn no_room_or_io(
+    err: std::io::Error,
+    dir: &std::path::Path,
+    written: u64,
+    reserve: u64,
+) -> SpoolError {
+    if local::is_out_of_space(&err) {
+        SpoolError::NoRoom {
+            needed: written.saturating_add(reserve),
+            available: local::available_bytes(dir).unwrap_or(0),
+        }
+    } else {
+        SpoolError::Io(err)
+    }
 }

@@ -1,0 +1,167 @@
+//! Prometheus metrics: counters, gauges and histograms rendered as text for
+//! `/metrics`. Plain atomics; no global registry (passed in as `Arc<Metrics>`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A latency histogram with fixed buckets (seconds).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
+    }
+}
+
+const ACK_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const DELIVERY_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0];
+
+/// Queue figures sampled when metrics are scraped.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueGauges {
+    /// Messages in the queue.
+    pub depth: u64,
+    /// Age of the oldest message, seconds.
+    pub oldest_age_seconds: f64,
+}
+
+/// The relay's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Messages accepted (250 after the quorum).
+    pub accepted: AtomicU64,
+    /// Transactions refused (policy, protocol, quorum, space).
+    pub refused: AtomicU64,
+    /// Recipients delivered.
+    pub delivered: AtomicU64,
+    /// Recipient delivery attempts deferred.
+    pub deferred: AtomicU64,
+    /// Recipients bounced (failed for good).
+    pub bounced: AtomicU64,
+    /// End-of-data to reply.
+    pub ack_latency: Histogram,
+    /// Accept to final outcome, per recipient.
+    pub delivery_latency: Histogram,
+    gauges: Mutex<QueueGauges>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            bounced: AtomicU64::new(0),
+            ack_latency: Histogram::new(ACK_BUCKETS),
+            delivery_latency: Histogram::new(DELIVERY_BUCKETS),
+            gauges: Mutex::new(QueueGauges::default()),
+        }
+    }
+}
+
+impl Metrics {
+    /// Adds one to a counter.
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Updates the queue gauges.
+    pub fn set_queue(&self, gauges: QueueGauges) {
+        *self.gauges.lock().expect("gauges lock") = gauges;
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, help, counter) in [
+            ("postern_messages_accepted_total", "Messages accepted with 250 after the quorum.", &self.accepted),
+            ("postern_transactions_refused_total", "SMTP transactions refused.", &self.refused),
+            ("postern_recipients_delivered_total", "Recipients delivered to the next hop.", &self.delivered),
+            ("postern_recipients_deferred_total", "Recipient delivery attempts deferred.", &self.deferred),
+            ("postern_recipients_bounced_total", "Recipients that failed for good.", &self.bounced),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let gauges = *self.gauges.lock().expect("gauges lock");
+        let _ = writeln!(
+            out,
+            "# HELP postern_queue_depth Messages in the queue.\n# TYPE postern_queue_depth gauge\npostern_queue_depth {}",
+            gauges.depth
+        );
+        let _ = writeln!(
+            out,
+            "# HELP postern_queue_oldest_age_seconds Age of the oldest queued message.\n# TYPE postern_queue_oldest_age_seconds gauge\npostern_queue_oldest_age_seconds {}",
+            gauges.oldest_age_seconds
+        );
+        self.ack_latency.render(
+            "postern_ack_latency_seconds",
+            "Time from end of data to the reply.",
+            &mut out,
+        );
+        self.delivery_latency.render(
+            "postern_delivery_latency_seconds",
+            "Time from acceptance to the final outcome of a recipient.",
+            &mut out,
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let metrics = Metrics::default();
+        Metrics::count(&metrics.accepted);
+        metrics.ack_latency.observe(Duration::from_millis(3));
+        metrics.ack_latency.observe(Duration::from_millis(30));
+        let text = metrics.render();
+        assert!(text.contains("postern_messages_accepted_total 1\n"));
+        assert!(text.contains("postern_ack_latency_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("postern_ack_latency_seconds_bucket{le=\"0.05\"} 2\n"));
+        assert!(text.contains("postern_ack_latency_seconds_count 2\n"));
+    }
+}

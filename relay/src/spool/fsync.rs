@@ -1,0 +1,156 @@
+//! Durability helpers: group-committed directory fsyncs and the blocking
+//! file operations every copy uses to make a new name durable.
+//!
+//! A rename or link is durable only once its directory is fsync'd. One
+//! directory fsync persists every entry changed before it started, so
+//! concurrent commits share them: the first caller starts a round, callers
+//! arriving while it runs join the next round, and each round's result is
+//! handed to all of its members.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+/// The outcome of one fsync round, shared by its members.
+type RoundResult = Option<Result<(), (io::ErrorKind, String)>>;
+
+/// Group-commits fsyncs of one directory.
+#[derive(Debug)]
+pub struct DirSync {
+    dir: PathBuf,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The round that collects callers until the running one finishes.
+    next: Option<watch::Sender<RoundResult>>,
+    /// Whether a round is being driven.
+    running: bool,
+}
+
+impl DirSync {
+    /// A group committer for `dir`.
+    pub fn new(dir: PathBuf) -> Arc<DirSync> {
+        Arc::new(DirSync {
+            dir,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// The directory this committer syncs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Returns once an fsync of the directory that started after this call
+    /// has completed, so every entry changed before the call is durable.
+    pub async fn sync(self: &Arc<Self>) -> io::Result<()> {
+        let (mut rx, lead) = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let round = state.next.get_or_insert_with(|| watch::channel(None).0);
+            let rx = round.subscribe();
+            if state.running {
+                (rx, None)
+            } else {
+                state.running = true;
+                (rx, state.next.take())
+            }
+        };
+        if let Some(round) = lead {
+            // Driven by its own task so a cancelled caller cannot strand the
+            // other members of the round.
+            tokio::spawn(Arc::clone(self).drive(round));
+        }
+        let result = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| io::Error::other("directory sync task ended without a result"))?;
+        match result.as_ref() {
+            Some(Ok(())) => Ok(()),
+            Some(Err((kind, message))) => Err(io::Error::new(*kind, message.clone())),
+            None => Err(io::Error::other("directory sync ended without a result")),
+        }
+    }
+
+    async fn drive(self: Arc<Self>, mut round: watch::Sender<RoundResult>) {
+        loop {
+            let dir = self.dir.clone();
+            let result = tokio::task::spawn_blocking(move || sync_dir(&dir))
+                .await
+                .unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
+            round.send_replace(Some(result.map_err(|e| (e.kind(), e.to_string()))));
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            match state.next.take() {
+                Some(next) => round = next,
+                None => {
+                    state.running = false;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// fsyncs a directory so the names created, renamed or removed in it persist.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Removes a file; one that is already gone is not an error.
+pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `bytes` to `tmp`, fsyncs it and renames it to `path`; the caller
+/// syncs the directory.
+pub fn write_durable_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_syncs_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = DirSync::new(dir.path().to_owned());
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let sync = Arc::clone(&sync);
+                tokio::spawn(async move { sync.sync().await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert!(!sync.state.lock().unwrap().running);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_reaches_its_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = DirSync::new(dir.path().join("missing"));
+        let err = sync.sync().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        // The committer is usable again once the directory exists.
+        std::fs::create_dir(dir.path().join("missing")).unwrap();
+        sync.sync().await.unwrap();
+    }
+}

@@ -1,0 +1,237 @@
+//! The local spool: streams a message into `<id>.eml` through a bounded
+//! buffer, watches disk space while doing so, and commits the local copy by
+//! writing `<id>.env` (temp file, fsync, rename, group-committed directory
+//! fsync).
+//!
+//! Layout under `data_dir/spool/`: `<id>.eml` (wire-format bytes), `<id>.env`
+//! (the envelope; its presence commits the message) and, only during a
+//! commit, `<id>.env.tmp`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
+
+use super::fsync::{remove_if_present, write_durable_rename, DirSync};
+use super::quorum::{CopyError, CopyJob, CopyTarget};
+use crate::config::CopyKind;
+
+/// Bytes a message may hold in memory before they go to disk.
+pub const BUFFER_CAP: usize = 128 * 1024;
+
+/// How many bytes may be written between two free-space checks.
+pub const SPACE_CHECK_INTERVAL: u64 = 1024 * 1024;
+
+/// `<dir>/<id>.eml`.
+pub fn eml_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.eml"))
+}
+
+/// `<dir>/<id>.env`.
+pub fn env_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.env"))
+}
+
+/// `<dir>/<id>.env.tmp`.
+pub fn env_tmp_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.env.tmp"))
+}
+
+/// Octets of the filesystem holding `dir` that an unprivileged writer may use.
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stat` is a valid out-pointer.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field widths differ between targets
+    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+/// Whether an I/O error means the disk (or our quota) is full.
+pub fn is_out_of_space(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Creates `<id>.eml`, refusing to reuse an existing name.
+pub fn create_eml(path: &Path) -> io::Result<File> {
+    // Readable too: the object copy reads the data back through this handle.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
+/// The open `.eml` of a message being received, its unwritten tail and the
+/// running digest. Moved into blocking tasks whole, so the runtime never
+/// blocks on the disk.
+#[derive(Debug)]
+pub struct Writer {
+    file: File,
+    buf: Vec<u8>,
+    hasher: Sha256,
+    /// Octets accepted so far (buffered included).
+    len: u64,
+}
+
+impl Writer {
+    /// Wraps a freshly created `.eml`.
+    pub fn new(file: File) -> Writer {
+        Writer {
+            file,
+            buf: Vec::with_capacity(BUFFER_CAP),
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// Octets accepted so far.
+    pub fn written(&self) -> u64 {
+        self.len
+    }
+
+    /// Room left in the buffer.
+    pub fn room(&self) -> usize {
+        BUFFER_CAP.saturating_sub(self.buf.len())
+    }
+
+    /// Buffers `data`, which must fit in `room()`.
+    pub fn push(&mut self, data: &[u8]) {
+        debug_assert!(data.len() <= self.room());
+        self.buf.extend_from_slice(data);
+        self.len += data.len() as u64;
+    }
+
+    /// Blocking: hashes and writes the buffered bytes.
+    pub fn flush_blocking(&mut self) -> io::Result<()> {
+        self.hasher.update(&self.buf);
+        self.file.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Blocking: writes the tail and returns the file, length and hex digest.
+    pub fn finish_blocking(mut self) -> io::Result<(File, u64, String)> {
+        self.flush_blocking()?;
+        let digest = hex::encode(self.hasher.finalize());
+        Ok((self.file, self.len, digest))
+    }
+}
+
+/// The local-disk copy: the `.eml` already written by the receiver plus a
+/// durable `.env`.
+#[derive(Debug)]
+pub struct LocalCopy {
+    dir: PathBuf,
+    sync: Arc<DirSync>,
+}
+
+impl LocalCopy {
+    /// The copy in the spool directory `sync.dir()`.
+    pub fn new(sync: Arc<DirSync>) -> LocalCopy {
+        LocalCopy {
+            dir: sync.dir().to_owned(),
+            sync,
+        }
+    }
+}
+
+impl CopyTarget for LocalCopy {
+    fn kind(&self) -> CopyKind {
+        CopyKind::Local
+    }
+
+    fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
+        Box::pin(async move {
+            let dir = self.dir.clone();
+            let job2 = Arc::clone(&job);
+            tokio::task::spawn_blocking(move || -> io::Result<()> {
+                job2.eml_file.sync_data()?;
+                write_durable_rename(
+                    &env_tmp_path(&dir, &job2.id),
+                    &env_path(&dir, &job2.id),
+                    &job2.envelope_json,
+                )
+            })
+            .await??;
+            // Both names (`.eml`, created earlier, and the renamed `.env`)
+            // become durable with this one directory fsync; journaling
+            // filesystems persist the earlier create no later than the rename.
+            self.sync.sync().await?;
+            Ok(())
+        })
+    }
+
+    fn remove(self: Arc<Self>, id: String) -> BoxFuture<'static, Result<(), CopyError>> {
+        Box::pin(async move {
+            let dir = self.dir.clone();
+            let id2 = id.clone();
+            tokio::task::spawn_blocking(move || {
+                remove_if_present(&env_tmp_path(&dir, &id2))?;
+                remove_if_present(&env_path(&dir, &id2))
+            })
+            .await??;
+            // The `.env` must be gone for good before the client hears 451.
+            self.sync.sync().await?;
+            let dir = self.dir.clone();
+            tokio::task::spawn_blocking(move || remove_if_present(&eml_path(&dir, &id))).await??;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_hashes_and_counts_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.eml");
+        let mut writer = Writer::new(create_eml(&path).unwrap());
+        let data = vec![b'x'; BUFFER_CAP * 2 + 17];
+        for chunk in data.chunks(BUFFER_CAP / 3) {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                if writer.room() == 0 {
+                    writer.flush_blocking().unwrap();
+                }
+                let take = writer.room().min(rest.len());
+                writer.push(&rest[..take]);
+                rest = &rest[take..];
+            }
+        }
+        let (_, len, digest) = writer.finish_blocking().unwrap();
+        assert_eq!(len, data.len() as u64);
+        assert_eq!(digest, hex::encode(Sha256::digest(&data)));
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn create_eml_never_reuses_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.eml");
+        create_eml(&path).unwrap();
+        assert_eq!(
+            create_eml(&path).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn available_bytes_reads_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(available_bytes(dir.path()).unwrap() > 0);
+        assert!(available_bytes(&dir.path().join("missing")).is_err());
+    }
+}

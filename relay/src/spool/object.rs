@@ -1,0 +1,384 @@
+//! The object-store copy: `<prefix>/messages/<id>.eml`, then `<id>.env`, both
+//! created only if absent, in S3 (the `object_store` crate) or in a local
+//! directory (our own backend, because `object_store`'s LocalFileSystem does
+//! not fsync).
+//!
+//! The bytes are read from the local `.eml` after the data ended. Memory stays
+//! bounded: S3 uploads draw on a shared byte budget, messages above
+//! [`SINGLE_PUT_MAX`] go up in parts, and the directory backend copies
+//! file-to-file in the kernel.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3CopyIfNotExists};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+use tokio::sync::Semaphore;
+
+use super::fsync::{remove_if_present, DirSync};
+use super::quorum::{CopyError, CopyJob, CopyTarget};
+use crate::config::{Config, CopyKind, ObjectStoreConfig};
+
+/// Largest message uploaded with one PUT; larger ones go up in parts.
+pub const SINGLE_PUT_MAX: u64 = 8 * 1024 * 1024;
+
+/// Size of each part of a multipart upload (S3 wants at least 5 MiB).
+pub const PART_SIZE: u64 = 8 * 1024 * 1024;
+
+/// Message bytes all S3 uploads together may hold in memory, in KiB.
+const MEMORY_BUDGET_KIB: u32 = 64 * 1024;
+
+/// Which part of a message an object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// `<id>.eml`.
+    Data,
+    /// `<id>.env`.
+    Envelope,
+}
+
+impl Part {
+    fn extension(self) -> &'static str {
+        match self {
+            Part::Data => "eml",
+            Part::Envelope => "env",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Backend {
+    S3 {
+        store: Arc<AmazonS3>,
+        prefix: ObjectPath,
+    },
+    Dir {
+        root: PathBuf,
+        sync: Arc<DirSync>,
+    },
+}
+
+/// The object-store copy of messages.
+#[derive(Debug)]
+pub struct ObjectCopy {
+    backend: Backend,
+    budget: Semaphore,
+}
+
+impl ObjectCopy {
+    /// Builds the copy `config.object_store` describes; creates the directory
+    /// of the local backend. Requests are retried for at most `spool.deadline`.
+    pub fn from_config(config: &Config) -> io::Result<ObjectCopy> {
+        let backend = match &config.object_store {
+            ObjectStoreConfig::Local { .. } => {
+                let root = config.local_object_dir();
+                let messages = root.join("messages");
+                std::fs::create_dir_all(&messages)?;
+                Backend::Dir {
+                    root,
+                    sync: DirSync::new(messages),
+                }
+            }
+            ObjectStoreConfig::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                region,
+                access_key_id,
+                secret_access_key,
+                allow_http,
+            } => {
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_region(region)
+                    .with_allow_http(*allow_http)
+                    .with_copy_if_not_exists(S3CopyIfNotExists::Multipart)
+                    .with_retry(RetryConfig {
+                        retry_timeout: config.spool.deadline,
+                        ..RetryConfig::default()
+                    })
+                    .with_client_options(
+                        ClientOptions::new()
+                            .with_allow_http(*allow_http)
+                            .with_connect_timeout(
+                                Duration::from_secs(5).min(config.spool.deadline),
+                            ),
+                    );
+                if let Some(endpoint) = endpoint {
+                    // Test servers and most S3-compatible stores are not
+                    // reachable through bucket subdomains.
+                    builder = builder
+                        .with_endpoint(endpoint)
+                        .with_virtual_hosted_style_request(false);
+                }
+                if let Some(key) = access_key_id {
+                    builder = builder.with_access_key_id(key);
+                }
+                if let Some(secret) = secret_access_key {
+                    builder = builder.with_secret_access_key(secret);
+                }
+                let store = builder.build().map_err(io::Error::other)?;
+                Backend::S3 {
+                    store: Arc::new(store),
+                    prefix: ObjectPath::from(prefix.as_str()),
+                }
+            }
+        };
+        Ok(ObjectCopy {
+            backend,
+            budget: Semaphore::new(MEMORY_BUDGET_KIB as usize),
+        })
+    }
+
+    /// The key of one part of message `id`, relative to the store.
+    pub fn key(&self, id: &str, part: Part) -> ObjectPath {
+        let name = format!("{id}.{}", part.extension());
+        match &self.backend {
+            Backend::S3 { prefix, .. } => prefix.clone().join("messages").join(name.as_str()),
+            Backend::Dir { .. } => ObjectPath::from("messages").join(name.as_str()),
+        }
+    }
+
+    /// The store, for readers (the delivery engine, repair, tests). The local
+    /// backend is served by `object_store`'s LocalFileSystem over the same
+    /// directory.
+    pub fn store(&self) -> io::Result<Arc<dyn ObjectStore>> {
+        match &self.backend {
+            Backend::S3 { store, .. } => Ok(Arc::clone(store) as Arc<dyn ObjectStore>),
+            Backend::Dir { root, .. } => Ok(Arc::new(
+                object_store::local::LocalFileSystem::new_with_prefix(root)
+                    .map_err(io::Error::other)?,
+            )),
+        }
+    }
+
+    fn staging_key(prefix: &ObjectPath, id: &str) -> ObjectPath {
+        prefix
+            .clone()
+            .join("staging")
+            .join(format!("{id}.eml").as_str())
+    }
+
+    async fn write_s3(
+        &self,
+        store: &AmazonS3,
+        prefix: &ObjectPath,
+        job: &CopyJob,
+    ) -> Result<(), CopyError> {
+        let data_key = self.key(&job.id, Part::Data);
+        if job.data_len <= SINGLE_PUT_MAX {
+            let _permit = self.reserve(job.data_len).await;
+            let bytes = read_at(&job.eml_file, 0, job.data_len).await?;
+            put_create(store, &data_key, bytes.into()).await?;
+        } else {
+            // Multipart uploads cannot be conditional, so the parts go to a
+            // staging key and a conditional copy creates the real one.
+            let staging = Self::staging_key(prefix, &job.id);
+            let result = self.upload_parts(store, &staging, job).await;
+            let result = match result {
+                Ok(()) => store
+                    .copy_if_not_exists(&staging, &data_key)
+                    .await
+                    .map_err(CopyError::from),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = store.delete(&staging).await {
+                tracing::warn!(id = %job.id, error = %err, "cannot delete a staging object");
+            }
+            result?;
+        }
+        put_create(
+            store,
+            &self.key(&job.id, Part::Envelope),
+            job.envelope_json.clone().into(),
+        )
+        .await
+    }
+
+    async fn upload_parts(
+        &self,
+        store: &AmazonS3,
+        key: &ObjectPath,
+        job: &CopyJob,
+    ) -> Result<(), CopyError> {
+        let mut upload = store.put_multipart(key).await?;
+        let mut offset = 0;
+        let result = async {
+            while offset < job.data_len {
+                let len = PART_SIZE.min(job.data_len - offset);
+                let _permit = self.reserve(len).await;
+                let bytes = read_at(&job.eml_file, offset, len).await?;
+                upload.put_part(PutPayload::from(bytes)).await?;
+                offset += len;
+            }
+            upload.complete().await?;
+            Ok::<(), CopyError>(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = upload.abort().await;
+        }
+        result
+    }
+
+    async fn reserve(&self, len: u64) -> tokio::sync::SemaphorePermit<'_> {
+        let kib = len.div_ceil(1024).clamp(1, u64::from(MEMORY_BUDGET_KIB)) as u32;
+        self.budget
+            .acquire_many(kib)
+            .await
+            .expect("the upload budget is never closed")
+    }
+
+    async fn remove_s3(store: &AmazonS3, keys: [ObjectPath; 3]) -> Result<(), CopyError> {
+        for key in keys {
+            match store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn put_create(
+    store: &AmazonS3,
+    key: &ObjectPath,
+    payload: PutPayload,
+) -> Result<(), CopyError> {
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    store.put_opts(key, payload, opts).await?;
+    Ok(())
+}
+
+/// Reads `len` bytes at `offset` of `file` on a blocking thread.
+async fn read_at(file: &Arc<File>, offset: u64, len: u64) -> io::Result<Bytes> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Blocking: creates `dir/name` with the bytes `fill` writes, durably and only
+/// if absent (write a temp file, fsync, hard-link it into place).
+fn create_durable(
+    dir: &std::path::Path,
+    name: &str,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), CopyError> {
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        fill(&mut file)?;
+        file.sync_data()?;
+        let target = dir.join(name);
+        match std::fs::hard_link(&tmp, &target) {
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                Err(CopyError::AlreadyExists {
+                    key: target.display().to_string(),
+                })
+            }
+            other => Ok(other?),
+        }
+    })();
+    let cleanup = remove_if_present(&tmp);
+    result?;
+    Ok(cleanup?)
+}
+
+impl CopyTarget for ObjectCopy {
+    fn kind(&self) -> CopyKind {
+        CopyKind::ObjectStore
+    }
+
+    fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
+        Box::pin(async move {
+            match &self.backend {
+                Backend::S3 { store, prefix } => self.write_s3(store, prefix, &job).await,
+                Backend::Dir { sync, .. } => {
+                    let dir = sync.dir().to_owned();
+                    let job2 = Arc::clone(&job);
+                    tokio::task::spawn_blocking(move || {
+                        create_durable(&dir, &format!("{}.eml", job2.id), |file| {
+                            // Opened afresh for a private offset; copy() moves
+                            // the bytes in the kernel (copy_file_range).
+                            let mut source = File::open(&job2.eml_path)?;
+                            let copied = io::copy(&mut source, file)?;
+                            if copied != job2.data_len {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    format!(
+                                        "{} has {copied} octets, expected {}",
+                                        job2.eml_path.display(),
+                                        job2.data_len
+                                    ),
+                                ));
+                            }
+                            Ok(())
+                        })
+                    })
+                    .await??;
+                    sync.sync().await?;
+                    let dir = sync.dir().to_owned();
+                    let job2 = Arc::clone(&job);
+                    tokio::task::spawn_blocking(move || {
+                        create_durable(&dir, &format!("{}.env", job2.id), |file| {
+                            io::Write::write_all(file, &job2.envelope_json)
+                        })
+                    })
+                    .await??;
+                    sync.sync().await?;
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn remove(self: Arc<Self>, id: String) -> BoxFuture<'static, Result<(), CopyError>> {
+        Box::pin(async move {
+            match &self.backend {
+                Backend::S3 { store, prefix } => {
+                    let keys = [
+                        self.key(&id, Part::Envelope),
+                        self.key(&id, Part::Data),
+                        Self::staging_key(prefix, &id),
+                    ];
+                    Self::remove_s3(store, keys).await
+                }
+                Backend::Dir { sync, .. } => {
+                    let dir = sync.dir().to_owned();
+                    let id2 = id.clone();
+                    tokio::task::spawn_blocking(move || {
+                        remove_if_present(&dir.join(format!("{id2}.env")))
+                    })
+                    .await??;
+                    sync.sync().await?;
+                    let dir = sync.dir().to_owned();
+                    tokio::task::spawn_blocking(move || {
+                        remove_if_present(&dir.join(format!("{id}.eml")))
+                    })
+                    .await??;
+                    Ok(())
+                }
+            }
+        })
+    }
+}

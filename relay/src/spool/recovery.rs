@@ -1,0 +1,391 @@
+//! Recovery on start: decides, file by file, what a crash left in the local
+//! spool. A `.env` whose `.eml` is whole is a committed message; damaged
+//! records go to quarantine (never deleted, never a crash loop); uncommitted
+//! leftovers (`.eml` without `.env`, `.env.tmp`) are removed.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::envelope::{Envelope, ENVELOPE_VERSION};
+use super::fsync::{remove_if_present, sync_dir};
+use super::id;
+use super::local::{eml_path, env_path};
+use super::Recovered;
+
+/// Why a committed record cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Damage {
+    /// The file name is not `<id>.env`.
+    #[error("the file name is not a spool id")]
+    BadName,
+    /// The `.env` could not be read.
+    #[error("cannot read the envelope: {0}")]
+    Unreadable(io::Error),
+    /// The `.env` is not a valid envelope.
+    #[error("the envelope is not valid JSON of a known shape: {0}")]
+    Malformed(serde_json::Error),
+    /// The `.env` was written by a newer version.
+    #[error("envelope version {0} is newer than {ENVELOPE_VERSION}")]
+    TooNew(u32),
+    /// The `.env` names another message.
+    #[error("the envelope names id {0}")]
+    WrongId(String),
+    /// The `.eml` is missing.
+    #[error("the data file is missing")]
+    NoData,
+    /// The `.eml` could not be read.
+    #[error("cannot read the data file: {0}")]
+    DataUnreadable(io::Error),
+    /// The `.eml` has the wrong length.
+    #[error("the data file has {actual} octets, the envelope says {expected}")]
+    Length {
+        /// `data_len` of the envelope.
+        expected: u64,
+        /// Length on disk.
+        actual: u64,
+    },
+    /// The `.eml` has the wrong digest.
+    #[error("the data file's SHA-256 is {actual}, the envelope says {expected}")]
+    Digest {
+        /// `data_sha256` of the envelope.
+        expected: String,
+        /// Digest of the file.
+        actual: String,
+    },
+}
+
+/// Blocking: scans `spool_dir`, quarantines into `quarantine_dir`, removes
+/// leftovers and returns the committed messages, oldest first.
+pub fn recover(spool_dir: &Path, quarantine_dir: &Path) -> io::Result<Recovered> {
+    std::fs::create_dir_all(spool_dir)?;
+    std::fs::create_dir_all(quarantine_dir)?;
+
+    let mut envs = BTreeSet::new();
+    let mut emls = BTreeSet::new();
+    let mut recovered = Recovered::default();
+    for entry in std::fs::read_dir(spool_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            tracing::warn!(file = ?entry.path(), "ignoring a file with a non-UTF-8 name in the spool");
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        if name.ends_with(".env.tmp") {
+            // A commit that never reached its rename.
+            remove_if_present(&entry.path())?;
+            recovered.removed += 1;
+        } else if let Some(stem) = name.strip_suffix(".env") {
+            envs.insert(stem.to_owned());
+        } else if let Some(stem) = name.strip_suffix(".eml") {
+            emls.insert(stem.to_owned());
+        } else {
+            tracing::warn!(file = %name, "ignoring an unknown file in the spool");
+        }
+    }
+
+    for stem in &envs {
+        match check(spool_dir, stem) {
+            Ok(envelope) => recovered.messages.push(envelope),
+            Err(damage) => {
+                tracing::error!(id = %stem, reason = %damage, "quarantining a damaged spool record");
+                quarantine(spool_dir, quarantine_dir, stem)?;
+                recovered.quarantined += 1;
+            }
+        }
+    }
+    for stem in emls.difference(&envs) {
+        // Data whose envelope never committed: the client got no 250.
+        remove_if_present(&eml_path(spool_dir, stem))?;
+        recovered.removed += 1;
+    }
+    if recovered.removed > 0 || recovered.quarantined > 0 {
+        sync_dir(spool_dir)?;
+        sync_dir(quarantine_dir)?;
+    }
+    recovered.messages.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(recovered)
+}
+
+/// Reads and verifies one committed record.
+pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
+    if !id::is_valid(stem) {
+        return Err(Damage::BadName);
+    }
+    let text = std::fs::read(env_path(spool_dir, stem)).map_err(Damage::Unreadable)?;
+    let envelope: Envelope = match serde_json::from_slice(&text) {
+        Ok(envelope) => envelope,
+        Err(err) => {
+            // A newer writer may have changed the shape; say so when we can.
+            let version = serde_json::from_slice::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
+            return Err(match version {
+                Some(v) if v > u64::from(ENVELOPE_VERSION) => Damage::TooNew(v as u32),
+                _ => Damage::Malformed(err),
+            });
+        }
+    };
+    if envelope.version > ENVELOPE_VERSION {
+        return Err(Damage::TooNew(envelope.version));
+    }
+    if envelope.id != stem {
+        return Err(Damage::WrongId(envelope.id));
+    }
+    let mut file = match File::open(eml_path(spool_dir, stem)) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Damage::NoData),
+        Err(err) => return Err(Damage::DataUnreadable(err)),
+    };
+    let actual = file.metadata().map_err(Damage::DataUnreadable)?.len();
+    if actual != envelope.data_len {
+        return Err(Damage::Length {
+            expected: envelope.data_len,
+            actual,
+        });
+    }
+    let digest = sha256_of(&mut file).map_err(Damage::DataUnreadable)?;
+    if !digest.eq_ignore_ascii_case(&envelope.data_sha256) {
+        return Err(Damage::Digest {
+            expected: envelope.data_sha256,
+            actual: digest,
+        });
+    }
+    Ok(envelope)
+}
+
+fn sha256_of(file: &mut File) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Moves `<stem>.env` and `<stem>.eml` (those present) into quarantine,
+/// never replacing an earlier quarantined file.
+fn quarantine(spool_dir: &Path, quarantine_dir: &Path, stem: &str) -> io::Result<()> {
+    for from in [env_path(spool_dir, stem), eml_path(spool_dir, stem)] {
+        if !from.exists() {
+            continue;
+        }
+        let name = from.file_name().map(PathBuf::from).unwrap_or_default();
+        let mut to = quarantine_dir.join(&name);
+        let mut n = 1;
+        while to.exists() {
+            to = quarantine_dir.join(format!("{}.{n}", name.display()));
+            n += 1;
+        }
+        std::fs::rename(&from, &to)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::envelope::ClientInfo;
+    use crate::spool::id::IdGenerator;
+
+    struct Dirs {
+        _root: tempfile::TempDir,
+        spool: PathBuf,
+        quarantine: PathBuf,
+    }
+
+    fn dirs() -> Dirs {
+        let root = tempfile::tempdir().unwrap();
+        let spool = root.path().join("spool");
+        let quarantine = root.path().join("quarantine");
+        std::fs::create_dir_all(&spool).unwrap();
+        Dirs {
+            _root: root,
+            spool,
+            quarantine,
+        }
+    }
+
+    fn envelope(id: &str, data: &[u8]) -> Envelope {
+        Envelope {
+            version: ENVELOPE_VERSION,
+            id: id.into(),
+            reverse_path: None,
+            mail_params: Default::default(),
+            recipients: Vec::new(),
+            client: ClientInfo {
+                addr: "127.0.0.1:1".into(),
+                helo: "test".into(),
+                esmtp: true,
+                tls: None,
+                auth: None,
+            },
+            listener: "smtp".into(),
+            received_at: "2026-01-01T00:00:00Z".into(),
+            data_len: data.len() as u64,
+            data_sha256: hex::encode(Sha256::digest(data)),
+        }
+    }
+
+    /// Writes a committed message and returns its id.
+    fn committed(dirs: &Dirs, ids: &IdGenerator, data: &[u8]) -> String {
+        let id = ids.next_id();
+        std::fs::write(eml_path(&dirs.spool, &id), data).unwrap();
+        std::fs::write(
+            env_path(&dirs.spool, &id),
+            serde_json::to_vec(&envelope(&id, data)).unwrap(),
+        )
+        .unwrap();
+        id
+    }
+
+    fn quarantined(dirs: &Dirs) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&dirs.quarantine)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn spool_files(dirs: &Dirs) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&dirs.spool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn whole_messages_are_returned_oldest_first() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let a = committed(&dirs, &ids, b"first\r\n");
+        let b = committed(&dirs, &ids, b"second\r\n");
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        let got: Vec<&str> = found.messages.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(got, vec![a.as_str(), b.as_str()]);
+        assert_eq!((found.removed, found.quarantined), (0, 0));
+    }
+
+    #[test]
+    fn uncommitted_leftovers_are_removed() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let kept = committed(&dirs, &ids, b"kept\r\n");
+        let orphan = ids.next_id();
+        std::fs::write(eml_path(&dirs.spool, &orphan), b"half a mess").unwrap();
+        std::fs::write(dirs.spool.join(format!("{orphan}.env.tmp")), b"{\"ver").unwrap();
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(found.removed, 2);
+        assert_eq!(found.messages.len(), 1);
+        assert_eq!(
+            spool_files(&dirs),
+            vec![format!("{kept}.eml"), format!("{kept}.env")]
+        );
+    }
+
+    /// Damages one committed message with `damage` and checks it lands in
+    /// quarantine while its neighbour survives.
+    fn quarantines(damage: impl FnOnce(&Path, &str)) {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let good = committed(&dirs, &ids, b"good\r\n");
+        let bad = committed(&dirs, &ids, b"bad message\r\n");
+        damage(&dirs.spool, &bad);
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(found.quarantined, 1);
+        assert_eq!(found.messages.len(), 1);
+        assert_eq!(found.messages[0].id, good);
+        assert!(
+            quarantined(&dirs).contains(&format!("{bad}.env")),
+            "{:?}",
+            quarantined(&dirs)
+        );
+        assert!(!spool_files(&dirs).iter().any(|f| f.starts_with(&bad)));
+    }
+
+    #[test]
+    fn a_truncated_data_file_is_quarantined() {
+        quarantines(|dir, id| std::fs::write(eml_path(dir, id), b"bad").unwrap());
+    }
+
+    #[test]
+    fn a_corrupted_data_file_is_quarantined() {
+        quarantines(|dir, id| std::fs::write(eml_path(dir, id), b"BAD message\r\n").unwrap());
+    }
+
+    #[test]
+    fn a_missing_data_file_is_quarantined() {
+        quarantines(|dir, id| std::fs::remove_file(eml_path(dir, id)).unwrap());
+    }
+
+    #[test]
+    fn a_garbled_envelope_is_quarantined() {
+        quarantines(|dir, id| {
+            std::fs::write(env_path(dir, id), b"{\"version\": 1, \"id\":").unwrap()
+        });
+    }
+
+    #[test]
+    fn an_empty_envelope_is_quarantined() {
+        quarantines(|dir, id| std::fs::write(env_path(dir, id), b"").unwrap());
+    }
+
+    #[test]
+    fn a_newer_envelope_version_is_quarantined() {
+        quarantines(|dir, id| {
+            std::fs::write(
+                env_path(dir, id),
+                format!("{{\"version\": 9, \"id\": \"{id}\", \"new\": []}}"),
+            )
+            .unwrap()
+        });
+    }
+
+    #[test]
+    fn an_envelope_naming_another_id_is_quarantined() {
+        quarantines(|dir, id| {
+            let text = std::fs::read_to_string(env_path(dir, id)).unwrap();
+            std::fs::write(
+                env_path(dir, id),
+                text.replace(id, &IdGenerator::new().next_id()),
+            )
+            .unwrap();
+        });
+    }
+
+    #[test]
+    fn a_badly_named_envelope_is_quarantined_and_never_escapes_the_spool() {
+        let dirs = dirs();
+        std::fs::write(dirs.spool.join("not-an-id.env"), b"{}").unwrap();
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(found.quarantined, 1);
+        assert_eq!(quarantined(&dirs), vec!["not-an-id.env"]);
+    }
+
+    #[test]
+    fn quarantine_keeps_earlier_evidence() {
+        let dirs = dirs();
+        std::fs::create_dir_all(&dirs.quarantine).unwrap();
+        std::fs::write(dirs.quarantine.join("x.env"), b"old").unwrap();
+        std::fs::write(dirs.spool.join("x.env"), b"new").unwrap();
+        recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(quarantined(&dirs), vec!["x.env", "x.env.1"]);
+        assert_eq!(
+            std::fs::read(dirs.quarantine.join("x.env")).unwrap(),
+            b"old"
+        );
+    }
+}

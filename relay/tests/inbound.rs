@@ -1,0 +1,365 @@
+//! The inbound driver over an in-memory stream with the real spool on a temp
+//! directory: what reaches the disk, relay policy, STARTTLS, limits, timeouts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern::config::{Config, CopyKind, ObjectStoreConfig};
+use postern::inbound::connection;
+use postern::inbound::limits::ConnectionLimiter;
+use postern::inbound::Listener;
+use postern::spool::envelope::Envelope;
+use postern::spool::Spool;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+
+fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.hostname = "mx.test".into();
+    config.data_dir = data_dir.to_owned();
+    config.object_store = ObjectStoreConfig::Local { path: None };
+    config.spool.copies = vec![CopyKind::Local, CopyKind::ObjectStore];
+    config.spool.required = 2;
+    config.spool.reserve_bytes = 0;
+    config.policy.relay_domains = vec!["relay.example".into()];
+    config
+}
+
+async fn listener(config: &Config) -> Arc<Listener> {
+    let (spool, _) = Spool::open(config).await.expect("spool opens");
+    let limiter = ConnectionLimiter::new(10, 10);
+    Arc::new(Listener::new(config, &config.listeners[0], spool, limiter).expect("listener"))
+}
+
+/// A client end that reads whole replies.
+struct Client<S> {
+    reader: BufReader<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn send(&mut self, text: &str) {
+        self.reader
+            .get_mut()
+            .write_all(text.as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// Reads one (possibly multi-line) reply and returns its lines.
+    async fn reply(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+                .await
+                .expect("reply within 10 s")
+                .unwrap();
+            assert!(n > 0, "connection closed; replies so far {lines:?}");
+            let line = line.trim_end_matches("\r\n").to_owned();
+            let more = line.as_bytes().get(3) == Some(&b'-');
+            lines.push(line);
+            if !more {
+                return lines;
+            }
+        }
+    }
+
+    async fn expect(&mut self, code: &str) -> String {
+        let reply = self.reply().await;
+        let last = reply.last().unwrap().clone();
+        assert!(last.starts_with(code), "expected {code}, got {reply:?}");
+        last
+    }
+
+    async fn closed(&mut self) -> bool {
+        let mut line = String::new();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+fn connect(listener: Arc<Listener>, peer: &str) -> Client<tokio::io::DuplexStream> {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let peer: SocketAddr = peer.parse().unwrap();
+    tokio::spawn(async move { connection::handle(&listener, server, Some(peer)).await });
+    Client {
+        reader: BufReader::new(client),
+    }
+}
+
+fn committed(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "env"))
+        .collect();
+    found.sort();
+    found
+}
+
+fn queued_id(reply: &str) -> String {
+    reply.rsplit(' ').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let mut client = connect(listener(&config).await, "127.0.0.1:40000");
+    client.expect("220 mx.test").await;
+    client.send("EHLO client.example\r\n").await;
+    client.expect("250 ").await;
+    client
+        .send("MAIL FROM:<a@example.org> RET=HDRS\r\nRCPT TO:<b@example.net> NOTIFY=FAILURE\r\nDATA\r\n")
+        .await;
+    client.expect("250 2.1.0").await;
+    client.expect("250 2.1.5").await;
+    client.expect("354").await;
+    let body = "Subject: test\r\n\r\n..dot\r\nline two\r\n";
+    client.send(&format!("{body}.\r\n")).await;
+    let reply = client.expect("250 2.0.0 Ok: queued as ").await;
+    let id = queued_id(&reply);
+
+    let eml = std::fs::read(dir.path().join("spool").join(format!("{id}.eml"))).unwrap();
+    let text = String::from_utf8(eml.clone()).unwrap();
+    assert!(
+        text.starts_with("Received: from client.example ([127.0.0.1])\r\n\tby mx.test (Postern)"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("with ESMTP id {id}")));
+    let unstuffed = "Subject: test\r\n\r\n.dot\r\nline two\r\n";
+    assert!(text.ends_with(unstuffed), "{text}");
+
+    let env: Envelope = serde_json::from_slice(
+        &std::fs::read(dir.path().join("spool").join(format!("{id}.env"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(env.id, id);
+    assert_eq!(env.data_len, eml.len() as u64);
+    assert_eq!(env.recipients[0].address.address(), "b@example.net");
+    assert_eq!(env.reverse_path.unwrap().address(), "a@example.org");
+    assert_eq!(env.client.helo, "client.example");
+
+    // The object-store copy holds the same bytes.
+    let objects = walk(&config.local_object_dir());
+    let object_eml = objects
+        .iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy() == format!("{id}.eml"))
+        .expect("object copy of the .eml");
+    assert_eq!(std::fs::read(object_eml).unwrap(), eml);
+    assert!(objects
+        .iter()
+        .any(|p| p.file_name().unwrap().to_string_lossy() == format!("{id}.env")));
+    client.send("QUIT\r\n").await;
+    client.expect("221").await;
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn strangers_may_send_only_to_relay_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let mut client = connect(listener(&config).await, "192.0.2.9:40000");
+    client.expect("220").await;
+    client
+        .send("EHLO stranger.example\r\nMAIL FROM:<s@stranger.example>\r\n")
+        .await;
+    client.expect("250 ").await;
+    client.expect("250 2.1.0").await;
+    client.send("RCPT TO:<victim@elsewhere.example>\r\n").await;
+    let refusal = client.expect("554 5.7.1").await;
+    assert!(refusal.contains("Relay access denied"));
+    client
+        .send("RCPT TO:<user@relay.example>\r\nDATA\r\n")
+        .await;
+    client.expect("250 2.1.5").await;
+    client.expect("354").await;
+    client.send("Subject: ok\r\n\r\nhi\r\n.\r\n").await;
+    client.expect("250 2.0.0").await;
+    assert_eq!(committed(dir.path()).len(), 1);
+}
+
+#[tokio::test]
+async fn no_room_on_the_spool_disk_gives_452_at_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.spool.reserve_bytes = u64::MAX / 4;
+    let mut client = connect(listener(&config).await, "127.0.0.1:40000");
+    client.expect("220").await;
+    client
+        .send("EHLO c.example\r\nMAIL FROM:<a@example.org> SIZE=1000\r\n")
+        .await;
+    client.expect("250 ").await;
+    client.expect("452 4.3.1").await;
+    assert!(committed(dir.path()).is_empty());
+}
+
+#[tokio::test]
+async fn idle_client_times_out_with_421() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.limits.command_timeout = Duration::from_millis(200);
+    let mut client = connect(listener(&config).await, "127.0.0.1:40000");
+    client.expect("220").await;
+    client.expect("421 4.4.2").await;
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn client_disconnecting_mid_data_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let listener = listener(&config).await;
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let task = tokio::spawn({
+        let listener = Arc::clone(&listener);
+        async move { connection::handle(&listener, server, Some("127.0.0.1:1".parse().unwrap())).await }
+    });
+    let mut client = Client {
+        reader: BufReader::new(client),
+    };
+    client.expect("220").await;
+    client
+        .send("HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+        .await;
+    client.expect("250").await;
+    client.expect("250").await;
+    client.expect("250").await;
+    client.send("DATA\r\n").await;
+    client.expect("354").await;
+    client.send("Subject: half\r\n\r\nsome data").await;
+    drop(client);
+    task.await.unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| {
+            let name = name.to_string_lossy();
+            name.ends_with(".eml") || name.contains(".env")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn starttls_discards_pipelined_plaintext_and_records_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    let cert = rcgen::generate_simple_self_signed(vec!["mx.test".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    config.listeners[0].tls_cert = Some(cert_path);
+    config.listeners[0].tls_key = Some(key_path);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let (client_io, server) = tokio::io::duplex(1 << 20);
+    let listener = listener(&config).await;
+    tokio::spawn(async move {
+        connection::handle(&listener, server, Some("127.0.0.1:2".parse().unwrap())).await
+    });
+    let mut plain = Client {
+        reader: BufReader::new(client_io),
+    };
+    plain.expect("220").await;
+    plain.send("EHLO c.example\r\n").await;
+    let ehlo = plain.reply().await;
+    assert!(ehlo.iter().any(|l| l == "250-STARTTLS"), "{ehlo:?}");
+    // The injected MAIL rides in the same write as STARTTLS.
+    plain
+        .send("STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")
+        .await;
+    plain.expect("220 2.0.0").await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let tls_config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config));
+    let io = plain.reader.into_inner();
+    let tls = connector
+        .connect(
+            rustls_pki_types::ServerName::try_from("mx.test").unwrap(),
+            io,
+        )
+        .await
+        .expect("TLS handshake");
+    let mut client = Client {
+        reader: BufReader::new(tls),
+    };
+    // Had the injected MAIL survived, this RCPT would be accepted.
+    client.send("EHLO c.example\r\n").await;
+    let ehlo = client.reply().await;
+    assert!(!ehlo.iter().any(|l| l.contains("STARTTLS")), "{ehlo:?}");
+    client.send("RCPT TO:<b@example.net>\r\n").await;
+    client.expect("503 5.5.1").await;
+    client
+        .send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        .await;
+    client.expect("250").await;
+    client.expect("250").await;
+    client.expect("354").await;
+    client.send("Subject: secret\r\n\r\nbody\r\n.\r\n").await;
+    let id = queued_id(&client.expect("250 2.0.0").await);
+    let eml = std::fs::read_to_string(dir.path().join("spool").join(format!("{id}.eml"))).unwrap();
+    assert!(eml.contains("with ESMTPS id"), "{eml}");
+}
+
+#[tokio::test]
+async fn draining_closes_idle_sessions_and_lets_transactions_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let mut listener = Listener::new(
+        &config,
+        &config.listeners[0],
+        spool,
+        ConnectionLimiter::new(10, 10),
+    )
+    .unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    listener.draining = drain_rx;
+    let listener = Arc::new(listener);
+
+    let mut idle = connect(Arc::clone(&listener), "127.0.0.1:1");
+    let mut busy = connect(Arc::clone(&listener), "127.0.0.1:2");
+    idle.expect("220").await;
+    busy.expect("220").await;
+    idle.send("EHLO idle.example\r\n").await;
+    idle.expect("250 ").await;
+    busy.send("EHLO busy.example\r\nMAIL FROM:<a@example.org>\r\n")
+        .await;
+    busy.expect("250 ").await;
+    busy.expect("250 2.1.0").await;
+
+    drain_tx.send(true).unwrap();
+    idle.expect("421 4.3.2").await;
+    assert!(idle.closed().await);
+
+    busy.send("RCPT TO:<b@example.net>\r\nDATA\r\n").await;
+    busy.expect("250 2.1.5").await;
+    busy.expect("354").await;
+    busy.send("Subject: in flight\r\n\r\nx\r\n.\r\n").await;
+    busy.expect("250 2.0.0").await;
+    busy.expect("421 4.3.2").await;
+    assert_eq!(committed(dir.path()).len(), 1);
+}

@@ -1,0 +1,289 @@
+//! The spool on one machine: the local spool plus the local-directory object
+//! store (the embedded default), on a real filesystem.
+
+#[path = "spool_suite.rs"]
+mod suite;
+
+use postern::config::{Config, CopyKind};
+use postern::spool::envelope::Envelope;
+use postern::spool::{Spool, SpoolError};
+use sha2::{Digest, Sha256};
+use suite::{envelope, files, message, receive};
+
+fn config(root: &std::path::Path) -> Config {
+    let mut config = Config {
+        data_dir: root.to_owned(),
+        ..Config::default()
+    };
+    config.spool.reserve_bytes = 0;
+    config
+}
+
+#[tokio::test]
+async fn object_copy_conformance_local_directory() {
+    let root = tempfile::tempdir().unwrap();
+    suite::object_copy_conformance(&config(root.path())).await;
+}
+
+#[tokio::test]
+async fn commit_writes_both_copies_with_the_same_bytes() {
+    let root = tempfile::tempdir().unwrap();
+    let (spool, recovered) = Spool::open(&config(root.path())).await.unwrap();
+    assert!(recovered.messages.is_empty());
+    let data = message(3 * 1024 * 1024 + 11);
+    let committed = receive(&spool, &data, 1000).await.unwrap();
+    let id = committed.id.clone();
+    assert_eq!(committed.confirmed.len(), 2);
+
+    assert_eq!(std::fs::read(spool.message_path(&id)).unwrap(), data);
+    let env: Envelope =
+        serde_json::from_slice(&std::fs::read(spool.envelope_path(&id)).unwrap()).unwrap();
+    let mut expected = envelope();
+    expected.id = id.clone();
+    expected.data_len = data.len() as u64;
+    expected.data_sha256 = hex::encode(Sha256::digest(&data));
+    assert_eq!(env, expected);
+    assert_eq!(
+        files(spool.dir()),
+        vec![format!("{id}.eml"), format!("{id}.env")]
+    );
+
+    let objects = root.path().join("objects/messages");
+    assert_eq!(
+        std::fs::read(objects.join(format!("{id}.eml"))).unwrap(),
+        data
+    );
+    let object_env: Envelope =
+        serde_json::from_slice(&std::fs::read(objects.join(format!("{id}.env"))).unwrap()).unwrap();
+    assert_eq!(object_env, expected);
+    assert_eq!(
+        files(&objects),
+        vec![format!("{id}.eml"), format!("{id}.env")]
+    );
+
+    assert_eq!(spool.committed().await.unwrap(), vec![expected]);
+}
+
+#[tokio::test]
+async fn an_empty_message_commits() {
+    let root = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(&config(root.path())).await.unwrap();
+    let committed = spool
+        .begin()
+        .await
+        .unwrap()
+        .commit(envelope())
+        .await
+        .unwrap();
+    let env = &spool.committed().await.unwrap()[0];
+    assert_eq!(env.id, committed.id);
+    assert_eq!(env.data_len, 0);
+    assert_eq!(env.data_sha256, hex::encode(Sha256::digest(b"")));
+}
+
+#[tokio::test]
+async fn dropped_and_aborted_messages_leave_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(&config(root.path())).await.unwrap();
+    let mut dropped = spool.begin().await.unwrap();
+    dropped.write(&message(300_000)).await.unwrap();
+    assert_eq!(files(spool.dir()).len(), 1);
+    drop(dropped);
+    let mut aborted = spool.begin().await.unwrap();
+    aborted.write(b"Subject: x\r\n\r\n").await.unwrap();
+    aborted.abort().await;
+    assert!(files(spool.dir()).is_empty());
+    assert!(spool.committed().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_get_distinct_ordered_ids() {
+    let root = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(&config(root.path())).await.unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                receive(&spool, &message(10_000 + i), 4096)
+                    .await
+                    .unwrap()
+                    .id
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.unwrap());
+    }
+    let committed: Vec<String> = spool
+        .committed()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 50);
+    assert_eq!(committed, ids);
+}
+
+#[tokio::test]
+async fn no_room_is_reported_before_and_while_writing_and_harms_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(&config(root.path())).await.unwrap();
+    let kept = receive(&spool, &message(5_000), 1000).await.unwrap().id;
+    let mut incoming = spool.begin().await.unwrap();
+    incoming.write(&message(500_000)).await.unwrap();
+    drop(spool);
+
+    let mut full = config(root.path());
+    full.spool.reserve_bytes = u64::MAX / 4;
+    let (spool, recovered) = {
+        drop(incoming);
+        Spool::open(&full).await.unwrap()
+    };
+    assert_eq!(recovered.messages.len(), 1);
+    assert!(matches!(
+        spool.check_room(1000),
+        Err(SpoolError::NoRoom { .. })
+    ));
+    assert!(matches!(
+        spool.begin().await,
+        Err(SpoolError::NoRoom { .. })
+    ));
+    assert_eq!(spool.committed().await.unwrap()[0].id, kept);
+    assert_eq!(
+        files(spool.dir()),
+        vec![format!("{kept}.eml"), format!("{kept}.env")]
+    );
+}
+
+#[tokio::test]
+async fn crossing_the_reserve_while_writing_is_no_room_and_the_partial_file_goes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = config(root.path());
+    // Leave 16 MiB above the reserve, then write more than that.
+    let available = postern::spool::local::available_bytes(root.path()).unwrap();
+    config.spool.reserve_bytes = available.saturating_sub(16 * 1024 * 1024);
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let mut incoming = spool.begin().await.unwrap();
+    let id = incoming.id().to_owned();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0;
+    let err = loop {
+        match incoming.write(&chunk).await {
+            Ok(()) => written += chunk.len(),
+            Err(err) => break err,
+        }
+        assert!(
+            written < 256 * 1024 * 1024,
+            "no NoRoom after {written} octets"
+        );
+    };
+    assert!(matches!(err, SpoolError::NoRoom { .. }), "{err}");
+    assert!(!spool.message_path(&id).exists());
+    assert!(incoming.write(b"more").await.is_err());
+    assert!(incoming.commit(envelope()).await.is_err());
+    assert!(files(spool.dir()).is_empty());
+}
+
+#[tokio::test]
+async fn without_a_local_copy_the_spool_file_is_only_staging() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = config(root.path());
+    config.spool.copies = vec![CopyKind::ObjectStore];
+    config.spool.required = 1;
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let data = message(20_000);
+    let committed = receive(&spool, &data, 999).await.unwrap();
+    assert_eq!(committed.confirmed, vec![CopyKind::ObjectStore]);
+    spool.drain().await;
+    assert!(files(spool.dir()).is_empty());
+    let objects = root.path().join("objects/messages");
+    assert_eq!(
+        std::fs::read(objects.join(format!("{}.eml", committed.id))).unwrap(),
+        data
+    );
+}
+
+#[tokio::test]
+async fn a_failed_object_copy_fails_the_quorum_and_takes_back_the_local_copy() {
+    let root = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(&config(root.path())).await.unwrap();
+    let mut incoming = spool.begin().await.unwrap();
+    incoming.write(&message(2_000)).await.unwrap();
+    // Someone else's object under our id: the object copy must refuse to
+    // overwrite it, and the quorum of two is lost.
+    let objects = root.path().join("objects/messages");
+    let squatter = objects.join(format!("{}.eml", incoming.id()));
+    std::fs::write(&squatter, b"not ours").unwrap();
+    let id = incoming.id().to_owned();
+    let err = incoming.commit(envelope()).await.unwrap_err();
+    match err {
+        SpoolError::QuorumFailed {
+            required,
+            ref detail,
+            ..
+        } => {
+            assert_eq!(required, 2);
+            assert!(detail.contains("already exists"), "{detail}");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(files(spool.dir()).is_empty(), "{:?}", files(spool.dir()));
+    spool.drain().await;
+    // What we did not write stays.
+    assert_eq!(std::fs::read(&squatter).unwrap(), b"not ours");
+    assert!(!objects.join(format!("{id}.env")).exists());
+}
+
+#[tokio::test]
+async fn reopening_recovers_committed_messages_and_drops_uncommitted_ones() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config(root.path());
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let kept = receive(&spool, &message(7_000), 512).await.unwrap().id;
+    // What a crash mid-DATA leaves: an `.eml` without `.env`.
+    let crashed = postern::spool::id::IdGenerator::new().next_id();
+    std::fs::write(spool.message_path(&crashed), message(400_000)).unwrap();
+    drop(spool);
+
+    let (spool, recovered) = Spool::open(&config).await.unwrap();
+    assert_eq!(recovered.removed, 1);
+    assert_eq!(recovered.quarantined, 0);
+    let ids: Vec<&str> = recovered.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, vec![kept.as_str()]);
+    assert_eq!(
+        files(spool.dir()),
+        vec![format!("{kept}.eml"), format!("{kept}.env")]
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_record_is_quarantined_on_open() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config(root.path());
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let id = receive(&spool, &message(7_000), 512).await.unwrap().id;
+    std::fs::write(spool.message_path(&id), b"truncated").unwrap();
+    drop(spool);
+    let (spool, recovered) = Spool::open(&config).await.unwrap();
+    assert_eq!(recovered.quarantined, 1);
+    assert!(recovered.messages.is_empty());
+    assert_eq!(
+        files(spool.quarantine_dir()),
+        vec![format!("{id}.eml"), format!("{id}.env")]
+    );
+}
+
+#[tokio::test]
+async fn a_spool_is_owned_by_one_relay_at_a_time() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config(root.path());
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let err = Spool::open(&config).await.unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(spool);
+    Spool::open(&config).await.unwrap();
+}
