@@ -46,7 +46,8 @@ fn strays(relay: &Relay) -> Vec<String> {
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            if !committed.iter().any(|id| name.starts_with(id.as_str())) {
+            // `.lock` guards the spool against a second relay on the same directory.
+            if name != ".lock" && !committed.iter().any(|id| name.starts_with(id.as_str())) {
                 out.push(dir.join(file).display().to_string());
             }
         }
@@ -86,11 +87,17 @@ fn smuggle(relay: &Relay, vector: &[u8]) -> (Vec<Reply>, BTreeSet<String>) {
     payload.extend_from_slice(vector);
     payload.extend_from_slice(&crlf(
         "MAIL FROM:<smuggler@evil.example>\nRCPT TO:<victim@example.com>\nDATA\n\
-         From: smuggler@evil.example\nSubject: smuggled\n\nsmuggled body\n.\nQUIT\n",
+         From: smuggler@evil.example\nSubject: smuggled\n\nsmuggled body\n.\n",
     ));
     // The relay may refuse and hang up before it has read everything.
     let _ = smtp.try_send(&payload);
-    let replies = smtp.drain_replies(Duration::from_secs(3));
+    // A safe relay answers once, at the real end of the data; a vulnerable one
+    // also answers the smuggled commands.
+    let mut replies = Vec::new();
+    if let Ok(Some(reply)) = smtp.try_reply() {
+        replies.push(reply);
+        replies.extend(smtp.drain_replies(Duration::from_secs(1)));
+    }
     let after = relay.committed();
     (replies, after.difference(&before).cloned().collect())
 }
@@ -133,13 +140,29 @@ fn smuggling_vectors_never_commit_a_second_message() {
         failures.join("\n")
     );
 
-    // Control: a real <CRLF>.<CRLF> does end the data, and the counting above
-    // would have seen a second message.
-    let (replies, new) = smuggle(&relay, b"\r\n.\r\n");
-    assert_eq!(
-        new.len(),
-        2,
-        "control case: a genuine end of data and a pipelined second message; replies {replies:?}"
+    // Control: with a genuine <CRLF>.<CRLF> the same bytes are two messages,
+    // and the counting above sees both (no pipelining across the dot here).
+    let before = relay.committed();
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let first = smtp.send_mail(
+        "<sender@example.org>",
+        &["<rcpt@example.net>"],
+        &crlf("Subject: carrier\n\nbody\n"),
+    );
+    assert_eq!(first.code, 250, "{first}");
+    let second = smtp.send_mail(
+        "<smuggler@evil.example>",
+        &["<victim@example.com>"],
+        &crlf("Subject: x\n\nbody\n"),
+    );
+    assert_eq!(second.code, 250, "{second}");
+    let new: Vec<_> = relay.committed().difference(&before).cloned().collect();
+    assert_eq!(new.len(), 2, "control case: {new:?}");
+    assert!(
+        new.iter()
+            .any(|id| relay.env(id).to_string().contains("victim")),
+        "control case: {new:?}"
     );
 }
 
@@ -257,11 +280,8 @@ fn s3_quorum_gets_both_copies_and_451_when_s3_is_down() {
             .find(|k| k.ends_with(&format!("{id}{suffix}")))
             .unwrap_or_else(|| panic!("no {id}{suffix} in bucket {BUCKET}: {keys:?}"));
         if suffix == ".eml" {
-            let (status, body) =
-                http_request(moto.addr, "GET", &format!("/{BUCKET}/{key}"), &[], b"").unwrap();
-            assert_eq!(status, 200);
             assert!(
-                body == relay.eml(&id),
+                moto.get(BUCKET, key) == relay.eml(&id),
                 "S3 copy of {id}.eml differs from the spool copy"
             );
         }

@@ -811,6 +811,28 @@ impl Moto {
             .collect()
     }
 
+    /// An object's bytes. moto answers anonymous GETs with 403 but checks no
+    /// signatures, so any SigV4-shaped Authorization header will do.
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
+                    SignedHeaders=host, Signature=00";
+        let (status, body) = http_request(
+            self.addr,
+            "GET",
+            &format!("/{bucket}/{key}"),
+            &[("Authorization", auth)],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(
+            status,
+            200,
+            "GET {bucket}/{key}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        body
+    }
+
     /// Kills the server (the S3 endpoint then refuses connections).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
