@@ -206,22 +206,30 @@ fn queue_is_empty(relay: &Relay) -> bool {
 /// Parses a DSN with Python's email package and returns its report fields.
 fn parse_dsn(bytes: &[u8]) -> serde_json::Value {
     let script = r#"
-import email, json, sys
+import email, email.parser, json, sys
 from email import policy
-msg = email.message_from_bytes(sys.stdin.buffer.read(), policy=policy.compat32)
+raw = sys.stdin.buffer.read()
+msg = email.message_from_bytes(raw, policy=policy.compat32)
 assert msg.get_content_type() == "multipart/report", msg.get_content_type()
 assert msg.get_param("report-type") == "delivery-status"
 parts = msg.get_payload()
+assert len(parts) == 3, len(parts)
 assert parts[0].get_content_type() == "text/plain"
 status = parts[1]
-assert status.get_content_type() == "message/delivery-status"
-blocks = status.get_payload()
-per_message = dict(blocks[0].items())
-recipients = [dict(b.items()) for b in blocks[1:]]
+if status.get_content_type() == "message/delivery-status":
+    blocks = [dict((k, str(v)) for k, v in b.items()) for b in status.get_payload()]
+else:
+    # RFC 6533 message/global-delivery-status: UTF-8 header blocks.
+    assert status.get_content_type() == "message/global-delivery-status", status.get_content_type()
+    sections = raw.decode("utf-8").replace("\r\n", "\n").split("--" + msg.get_param("boundary"))
+    text = sections[2].split("\n\n", 1)[1]
+    parser = email.parser.HeaderParser()
+    blocks = [dict(parser.parsestr(b.strip() + "\n").items()) for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
 returned = parts[2].get_content_type()
-print(json.dumps({"to": msg["To"], "from": msg["From"], "subject": msg["Subject"],
-                  "message": per_message, "recipients": recipients, "returned": returned,
-                  "auto_submitted": msg["Auto-Submitted"]}))
+print(json.dumps({"to": str(msg["To"]), "from": str(msg["From"]), "subject": str(msg["Subject"]),
+                  "status_type": status.get_content_type(),
+                  "message": blocks[0], "recipients": blocks[1:], "returned": returned,
+                  "auto_submitted": str(msg["Auto-Submitted"])}))
 "#;
     let mut child = Command::new(require_tool("python3"))
         .args(["-c", script])
@@ -686,4 +694,71 @@ fn lmtp_delivery_uses_per_recipient_replies() {
     assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
         .then_some(()))
     .is_some());
+}
+
+#[test]
+fn smtputf8_message_to_a_next_hop_without_smtputf8_bounces() {
+    // Postfix's smtp-sink offers no SMTPUTF8; the sender's domain goes to aiosmtpd.
+    let port = free_port();
+    let mut smtp_sink = Command::new(require_tool("smtp-sink"))
+        .args(["-u", "root", &format!("127.0.0.1:{port}"), "10"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sender_sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!(
+        "[[route]]\ndomains = [\"dest.test\"]\nnext_hop = \"127.0.0.1:{port}\"\n\n\
+         [[route]]\ndomains = [\"origin.test\"]\nnext_hop = \"{}\"\n",
+        sender_sink.addr
+    ));
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    smtp.expect(&format!("MAIL FROM:<{SENDER}> SMTPUTF8"), 250);
+    smtp.expect("RCPT TO:<δοκιμή@dest.test>", 250);
+    smtp.expect("DATA", 354);
+    smtp.send(&crlf("Subject: ünïcödé\n\nbody\n.\n"));
+    assert_eq!(smtp.reply().code, 250);
+    let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(20));
+    let _ = smtp_sink.kill();
+    let _ = smtp_sink.wait();
+    let report = parse_dsn(&dsn);
+    assert_eq!(report["recipients"][0]["Status"], "5.6.7", "{report}");
+    assert_eq!(report["status_type"], "message/global-delivery-status");
+    assert_eq!(
+        report["recipients"][0]["Final-Recipient"],
+        "utf-8; δοκιμή@dest.test"
+    );
+    assert_eq!(report["returned"], "message/global");
+    assert!(report["recipients"][0]["Diagnostic-Code"]
+        .as_str()
+        .unwrap()
+        .contains("SMTPUTF8"));
+}
+
+#[test]
+fn delay_warning_is_sent_once_and_delivery_continues() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let sender_sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!(
+        "[delivery]\nretry_schedule = [\"1s\"]\ndelay_warning = \"2s\"\n\n\
+         [[route]]\ndomains = [\"dest.test\"]\nnext_hop = \"{addr}\"\n\n\
+         [[route]]\ndomains = [\"origin.test\"]\nnext_hop = \"{}\"\n",
+        sender_sink.addr
+    ));
+    submit(&relay, &["rcpt@dest.test"], &message("delay"));
+    let warning = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(20));
+    let report = parse_dsn(&warning);
+    assert_eq!(report["recipients"][0]["Action"], "delayed", "{report}");
+    assert_eq!(report["returned"], "message/rfc822");
+    // The message is still queued, and it is delivered once the next hop is up.
+    let sink = Sink::start(addr, &[]);
+    sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        sender_sink.messages_for(SENDER).len(),
+        1,
+        "one warning only"
+    );
 }

@@ -409,7 +409,10 @@ impl Queue {
             version: ENVELOPE_VERSION,
             id: report_id,
             reverse_path: None,
-            mail_params: Default::default(),
+            mail_params: crate::smtp::params::MailParams {
+                smtputf8: dsn::is_international(envelope, reported),
+                ..Default::default()
+            },
             recipients: vec![Recipient {
                 address: sender,
                 params: Default::default(),
