@@ -2,6 +2,7 @@
 //! stats over the scheduler's queue (`crate::queue::Queue`).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -10,6 +11,9 @@ use crate::queue::schedule::now_ms;
 use crate::queue::state::Status as RecipientStatus;
 use crate::queue::{Entry, Queue, QueueError};
 use crate::smtp::params::{Body, Notify, Ret};
+
+/// How long `delete` waits for a delivery attempt in progress to end.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
 
 /// Serves `postern.admin.v1.Queue` over one relay's queue.
 #[derive(Debug, Clone)]
@@ -268,7 +272,17 @@ impl queue_server::Queue for QueueService {
             && self.queue.get(&id).is_some_and(|entry| {
                 entry.envelope.reverse_path.is_some() && !entry.state.is_final()
             });
-        self.queue.delete(&id, bounce).await.map_err(status)?;
+        // An attempt in progress usually ends within moments; wait for it
+        // rather than make the operator retry.
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            match self.queue.delete(&id, bounce).await {
+                Err(QueueError::Busy(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                result => break result.map_err(status)?,
+            }
+        }
         Ok(Response::new(proto::DeleteResponse { id, bounced }))
     }
 
