@@ -132,7 +132,12 @@ impl Queue {
         tokio::pin!(shutdown);
         let mut reaper = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let sleep = self.dispatch_due().await;
+            let sleep = if self.inner.settings.paused {
+                self.update_gauges();
+                Duration::from_secs(1)
+            } else {
+                self.dispatch_due().await
+            };
             tokio::select! {
                 () = &mut shutdown => break,
                 () = self.inner.wake.notified() => {}

@@ -1,0 +1,469 @@
+//! Faults against the real `postern` binary: SMTP smuggling over raw TCP,
+//! kill -9 after the 250 and during DATA, a real S3 server (moto) that goes
+//! away, and a spool disk (a small tmpfs) that fills up. The invariant under
+//! test: a message that got a 250 is never lost, and nothing else is kept.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn message(subject: &str, body_lines: usize) -> Vec<u8> {
+    let mut data = crlf(&format!(
+        "From: Sender <sender@example.org>\nTo: Rcpt <rcpt@example.net>\nSubject: {subject}\n\n"
+    ));
+    for i in 0..body_lines {
+        data.extend_from_slice(
+            format!("{subject} line {i:06} .......................................\r\n").as_bytes(),
+        );
+    }
+    data.extend_from_slice(b".leading dot\r\nend\r\n");
+    data
+}
+
+/// Sends one message on a fresh connection; returns the end-of-transaction reply.
+fn send(relay: &Relay, data: &[u8]) -> Reply {
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let reply = smtp.send_mail("<sender@example.org>", &["<rcpt@example.net>"], data);
+    smtp.send(b"QUIT\r\n");
+    let _ = smtp.try_reply();
+    reply
+}
+
+/// Files in the spool and the local object store that belong to no committed message.
+fn strays(relay: &Relay) -> Vec<String> {
+    let committed = relay.committed();
+    let mut out = Vec::new();
+    for dir in [relay.spool_dir(), relay.objects_dir()] {
+        for file in files_under(&dir) {
+            let name = Path::new(&file)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            // `.lock` guards the spool against a second relay on the same directory.
+            if name != ".lock" && !committed.iter().any(|id| name.starts_with(id.as_str())) {
+                out.push(dir.join(file).display().to_string());
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- smuggling
+
+/// Each vector is what an attacker puts where a lenient server would see the
+/// end of the data; a second transaction follows it. Postern must never
+/// commit that second message (CVE-2023-51764/51765/51766).
+const SMUGGLING_VECTORS: &[&[u8]] = &[
+    b"\n.\n",
+    b"\r.\r",
+    b"\r.\r\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r\n.\r",
+    b"\r\n.\r\r\n",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+    b"\r\x00\n.\r\n",
+    b"\r\n.\r\x00\n",
+    b"\x00\n.\n",
+    b"\n.\n\x00",
+];
+
+fn smuggle(relay: &Relay, vector: &[u8]) -> (Vec<Reply>, BTreeSet<String>) {
+    let before = relay.committed();
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    smtp.expect("MAIL FROM:<sender@example.org>", 250);
+    smtp.expect("RCPT TO:<rcpt@example.net>", 250);
+    smtp.expect("DATA", 354);
+    let mut payload = crlf("From: sender@example.org\nSubject: carrier\n\ncarrier body");
+    payload.extend_from_slice(vector);
+    payload.extend_from_slice(&crlf(
+        "MAIL FROM:<smuggler@evil.example>\nRCPT TO:<victim@example.com>\nDATA\n\
+         From: smuggler@evil.example\nSubject: smuggled\n\nsmuggled body\n.\n",
+    ));
+    // The relay may refuse and hang up before it has read everything.
+    let _ = smtp.try_send(&payload);
+    // A safe relay answers once, at the real end of the data; a vulnerable one
+    // also answers the smuggled commands.
+    let mut replies = Vec::new();
+    if let Ok(Some(reply)) = smtp.try_reply() {
+        replies.push(reply);
+        replies.extend(smtp.drain_replies(Duration::from_secs(1)));
+    }
+    let after = relay.committed();
+    (replies, after.difference(&before).cloned().collect())
+}
+
+#[test]
+fn smuggling_vectors_never_commit_a_second_message() {
+    let relay = Relay::start_default();
+    let mut failures = Vec::new();
+    for vector in SMUGGLING_VECTORS {
+        let (replies, new) = smuggle(&relay, vector);
+        let shown = String::from_utf8_lossy(vector).escape_debug().to_string();
+        let replies_text: Vec<String> = replies.iter().map(ToString::to_string).collect();
+        let queued = replies
+            .iter()
+            .filter(|r| r.text().contains("queued as"))
+            .count();
+        let smuggled = new.iter().any(|id| {
+            let env = relay.env(id).to_string();
+            env.contains("victim") || env.contains("smuggler")
+        });
+        if new.len() > 1 || queued > 1 || smuggled {
+            failures.push(format!(
+                "vector \"{shown}\": {} new committed messages {new:?}, replies {replies_text:?}",
+                new.len()
+            ));
+        }
+        // A message that was accepted holds the whole payload as one message.
+        for id in &new {
+            let eml = relay.eml(id);
+            if !contains(&eml, b"smuggled body") {
+                failures.push(format!(
+                    "vector \"{shown}\": {id} was cut short at the smuggled dot"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "smuggling succeeded:\n{}",
+        failures.join("\n")
+    );
+
+    // Control: with a genuine <CRLF>.<CRLF> the same bytes are two messages,
+    // and the counting above sees both (no pipelining across the dot here).
+    let before = relay.committed();
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let first = smtp.send_mail(
+        "<sender@example.org>",
+        &["<rcpt@example.net>"],
+        &crlf("Subject: carrier\n\nbody\n"),
+    );
+    assert_eq!(first.code, 250, "{first}");
+    let second = smtp.send_mail(
+        "<smuggler@evil.example>",
+        &["<victim@example.com>"],
+        &crlf("Subject: x\n\nbody\n"),
+    );
+    assert_eq!(second.code, 250, "{second}");
+    let new: Vec<_> = relay.committed().difference(&before).cloned().collect();
+    assert_eq!(new.len(), 2, "control case: {new:?}");
+    assert!(
+        new.iter()
+            .any(|id| relay.env(id).to_string().contains("victim")),
+        "control case: {new:?}"
+    );
+}
+
+// ---------------------------------------------------------------- kill -9
+
+#[test]
+fn kill9_right_after_250_loses_nothing() {
+    let mut relay = Relay::start_default();
+    let mut sent = Vec::new();
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    for i in 0..5 {
+        let data = message(&format!("kill9 after ack {i}"), 50 + i * 400);
+        let reply = smtp.send_mail("<sender@example.org>", &["<rcpt@example.net>"], &data);
+        assert_eq!(reply.code, 250, "message {i}: {reply}");
+        sent.push((reply.queued_id(), data));
+    }
+    // No QUIT: the relay dies the moment the last 250 is read.
+    relay.kill9();
+    drop(smtp);
+    relay.restart();
+    let committed = relay.committed();
+    for (id, data) in &sent {
+        assert!(
+            committed.contains(id),
+            "{id} got a 250 but is gone after kill -9; have {committed:?}"
+        );
+        relay.assert_spooled(id, data);
+        // The object-store copy (a local directory here) holds the same bytes.
+        let objects = files_under(&relay.objects_dir());
+        let key = objects
+            .iter()
+            .find(|f| f.ends_with(&format!("{id}.eml")))
+            .unwrap_or_else(|| panic!("no object-store copy of {id}.eml in {objects:?}"));
+        let copy = std::fs::read(relay.objects_dir().join(key)).unwrap();
+        assert!(
+            copy == relay.eml(id),
+            "object-store copy of {id} differs from the spool copy"
+        );
+    }
+    // Still accepting after the restart.
+    assert_eq!(send(&relay, &message("after restart", 3)).code, 250);
+}
+
+#[test]
+fn kill9_during_data_leaves_nothing_of_that_transaction() {
+    let mut relay = Relay::start_default();
+    let keep = message("committed before the crash", 10);
+    let kept_id = send(&relay, &keep).queued_id();
+
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    smtp.expect("MAIL FROM:<sender@example.org>", 250);
+    smtp.expect("RCPT TO:<rcpt@example.net>", 250);
+    smtp.expect("DATA", 354);
+    let partial = message("cut off by kill -9", 20_000); // about 1.3 MB
+    smtp.send(&dot_stuff(&partial));
+    // Give the relay time to stream part of it to disk; no final dot.
+    let baseline = files_under(&relay.data_dir).len();
+    wait_for(Duration::from_secs(3), || {
+        (files_under(&relay.data_dir).len() > baseline).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let during = files_under(&relay.data_dir);
+    relay.kill9();
+    drop(smtp);
+
+    relay.restart();
+    let committed = relay.committed();
+    assert_eq!(
+        committed,
+        BTreeSet::from([kept_id.clone()]),
+        "after the restart only the committed message may be there (files during DATA: {during:?})"
+    );
+    relay.assert_spooled(&kept_id, &keep);
+    let strays = strays(&relay);
+    assert!(
+        strays.is_empty(),
+        "leftovers of the killed transaction after restart: {strays:?}\n(files during DATA: {during:?})"
+    );
+}
+
+// ---------------------------------------------------------------- S3 (moto)
+
+const BUCKET: &str = "postern-e2e";
+
+fn s3_relay(moto: &Moto, copies: Vec<&'static str>, required: usize) -> Relay {
+    Relay::start(RelayConfig {
+        copies,
+        required,
+        deadline: "3s",
+        object_store: ObjectStore::S3 {
+            endpoint: moto.endpoint(),
+            bucket: BUCKET.into(),
+        },
+        ..RelayConfig::default()
+    })
+}
+
+#[test]
+fn s3_quorum_gets_both_copies_and_451_when_s3_is_down() {
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let relay = s3_relay(&moto, vec!["local", "object_store"], 2);
+
+    let data = message("local plus s3", 100);
+    let reply = send(&relay, &data);
+    assert_eq!(reply.code, 250, "{reply}\nmoto log:\n{}", moto.log());
+    let id = reply.queued_id();
+    relay.assert_spooled(&id, &data);
+    let keys = moto.list(BUCKET);
+    for suffix in [".eml", ".env"] {
+        let key = keys
+            .iter()
+            .find(|k| k.ends_with(&format!("{id}{suffix}")))
+            .unwrap_or_else(|| panic!("no {id}{suffix} in bucket {BUCKET}: {keys:?}"));
+        if suffix == ".eml" {
+            assert!(
+                moto.get(BUCKET, key) == relay.eml(&id),
+                "S3 copy of {id}.eml differs from the spool copy"
+            );
+        }
+    }
+
+    // S3 goes away: the quorum cannot be met, so 451 within the deadline and
+    // nothing committed.
+    moto.stop();
+    let before = relay.committed();
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    smtp.expect("MAIL FROM:<sender@example.org>", 250);
+    smtp.expect("RCPT TO:<rcpt@example.net>", 250);
+    smtp.expect("DATA", 354);
+    smtp.send(&dot_stuff(&message("s3 is down", 100)));
+    let start = Instant::now();
+    smtp.send(b".\r\n");
+    let reply = smtp.reply();
+    let took = start.elapsed();
+    assert_eq!(
+        reply.code, 451,
+        "with S3 down and 2 of 2 copies required: {reply}"
+    );
+    assert!(reply.text().contains("4.3.0"), "{reply}");
+    assert!(
+        took < Duration::from_secs(3 + 2),
+        "451 took {took:?}, the deadline is 3 s"
+    );
+    assert_eq!(
+        relay.committed(),
+        before,
+        "a message that got 451 was committed"
+    );
+    let strays = strays(&relay);
+    assert!(
+        strays.is_empty(),
+        "the 451'd message left files behind: {strays:?}"
+    );
+    // The session goes on after a 451.
+    smtp.expect("RSET", 250);
+}
+
+#[test]
+fn s3_down_a_policy_needing_only_local_still_accepts() {
+    let mut moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let one_of_two = s3_relay(&moto, vec!["local", "object_store"], 1);
+    let local_only = s3_relay(&moto, vec!["local"], 1);
+    moto.stop();
+    for relay in [&one_of_two, &local_only] {
+        let data = message("s3 down, local enough", 100);
+        let start = Instant::now();
+        let reply = send(relay, &data);
+        assert_eq!(reply.code, 250, "{reply}");
+        assert!(
+            start.elapsed() < Duration::from_secs(3 + 2),
+            "took {:?}",
+            start.elapsed()
+        );
+        relay.assert_spooled(&reply.queued_id(), &data);
+    }
+}
+
+// ---------------------------------------------------------------- full disk
+
+/// A tmpfs mounted for the test; unmounted on drop.
+struct Tmpfs {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("postern-tmpfs-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let (ok, output) = run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&path));
+        assert!(
+            ok,
+            "cannot mount a tmpfs (the full-disk test runs as root, as CI does): {output}"
+        );
+        Tmpfs { path, _dir: dir }
+    }
+
+    fn available(&self) -> u64 {
+        let output = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if !Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+#[test]
+fn full_spool_disk_gives_452_and_loses_nothing() {
+    let disk = Tmpfs::mount("8m");
+    let mut relay = Relay::start(RelayConfig {
+        data_dir: Some(disk.path.join("data")),
+        reserve_bytes: Some(512 * 1024),
+        ..RelayConfig::default()
+    });
+
+    // About 256 KiB each, two copies each (spool and local object store).
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for i in 0..64 {
+        let data = message(&format!("filling the disk {i}"), 3_900);
+        let mut smtp = relay.connect();
+        smtp.ehlo();
+        let reply = smtp.send_mail("<sender@example.org>", &["<rcpt@example.net>"], &data);
+        match reply.code {
+            250 => accepted.push((reply.queued_id(), data)),
+            452 => {
+                refusal = Some(reply);
+                break;
+            }
+            _ => panic!("message {i}: expected 250 or 452, got {reply}"),
+        }
+    }
+    let refusal = refusal.unwrap_or_else(|| panic!("the 8 MiB disk never filled up"));
+    assert!(refusal.text().contains("4.3.1"), "{refusal}");
+    assert!(
+        accepted.len() >= 3,
+        "only {} messages fit before 452",
+        accepted.len()
+    );
+    let strays_now = strays(&relay);
+    assert!(
+        strays_now.is_empty(),
+        "the refused message left files: {strays_now:?}"
+    );
+
+    // A declared SIZE beyond the free space is refused before any data is sent.
+    let too_big = disk.available() + 1024 * 1024;
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let reply = smtp.cmd(&format!("MAIL FROM:<sender@example.org> SIZE={too_big}"));
+    assert_eq!(
+        reply.code, 452,
+        "MAIL FROM with SIZE={too_big} on a full disk: {reply}"
+    );
+    drop(smtp);
+
+    relay.kill9();
+    relay.restart();
+    let committed = relay.committed();
+    for (id, data) in &accepted {
+        assert!(
+            committed.contains(id),
+            "{id} got a 250 but is gone; have {committed:?}"
+        );
+        relay.assert_spooled(id, data);
+    }
+    relay.kill9();
+}
