@@ -280,8 +280,8 @@ fn http_get_text(addr: SocketAddr, path: &str) -> String {
 }
 
 #[test]
-fn delivers_with_bdat_to_postfix_smtp_sink() {
-    // smtp-sink offers CHUNKING unless told otherwise; -d dumps what it got.
+fn delivers_to_postfix_smtp_sink() {
+    // smtp-sink offers no CHUNKING, so this is the DATA path; -d dumps what it got.
     let work = tempfile::tempdir().unwrap();
     let dump = work.path().join("dump");
     fs::create_dir(&dump).unwrap();
@@ -310,6 +310,7 @@ fn delivers_with_bdat_to_postfix_smtp_sink() {
     // smtp-sink's dump starts with its own trace lines, then our message.
     let text = String::from_utf8_lossy(&dumped);
     assert!(text.contains("Subject: bdat"), "{text}");
+    assert!(relay.log().contains("via DATA"), "{}", relay.log());
     assert!(text.contains(".A line that starts with a dot"), "{text}");
 }
 
@@ -680,6 +681,8 @@ fn lmtp_delivery_uses_per_recipient_replies() {
         assert!(stored.ends_with(&sent), "{user}'s copy differs:\n{stored}");
     }
     assert!(dovecot.inbox("carol").is_empty());
+    // Dovecot offers CHUNKING: the content went as BDAT straight from the spool file.
+    assert!(relay.log().contains("via BDAT"), "{}", relay.log());
     assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
         .then_some(()))
     .is_some());

@@ -183,7 +183,10 @@ impl Deliverer {
                     }
                 }
             }
-            let remote = Some(connection.label().to_owned());
+            let remote = Some(match connection.last_transfer {
+                Some(transfer) => format!("{} via {transfer}", connection.label()),
+                None => connection.label().to_owned(),
+            });
             return match result {
                 Ok(outcomes) => {
                     self.put_pooled(target.clone(), connection);
