@@ -473,6 +473,12 @@ impl Queue {
             .cloned()
     }
 
+    /// The destination key (next hop or `mx:domain`) a recipient domain is
+    /// delivered through, for listings and statistics.
+    pub fn destination(&self, domain: &str) -> String {
+        self.inner.deliverer.route(domain).key()
+    }
+
     /// Makes one message (or all) due now.
     pub fn flush(&self, id: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
