@@ -108,19 +108,50 @@ pub fn remove_if_present(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Writes `bytes` to `tmp`, fsyncs it and renames it to `path`; the caller
-/// syncs the directory.
-pub fn write_durable_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Creates `path` (which must not exist) holding `bytes`, fsync'd; the
+/// caller renames it into place and syncs the directory.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)?;
+        .create_new(true)
+        .open(path)?;
     file.write_all(bytes)?;
-    file.sync_data()?;
-    drop(file);
-    std::fs::rename(tmp, path)
+    file.sync_data()
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), atomically.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+        };
+        let (from_c, to_c) = (c(from)?, c(to)?);
+        // SAFETY: both paths are NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                from_c.as_ptr(),
+                libc::AT_FDCWD,
+                to_c.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        // Filesystems without RENAME_NOREPLACE fall through to link + unlink.
+        if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(err);
+        }
+    }
+    std::fs::hard_link(from, to)?;
+    remove_if_present(from)
 }
 
 #[cfg(test)]
@@ -152,5 +183,27 @@ mod tests {
         // The committer is usable again once the directory exists.
         std::fs::create_dir(dir.path().join("missing")).unwrap();
         sync.sync().await.unwrap();
+    }
+
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        write_synced(&a, b"a").unwrap();
+        write_synced(&b, b"b").unwrap();
+        let err = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&b).unwrap(), b"b");
+        rename_noreplace(&a, &c).unwrap();
+        assert!(!a.exists());
+        assert_eq!(std::fs::read(&c).unwrap(), b"a");
+        assert_eq!(
+            write_synced(&c, b"x").unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
     }
 }
