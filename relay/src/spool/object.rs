@@ -266,12 +266,77 @@ async fn put_create(
 async fn read_at(file: &Arc<File>, offset: u64, len: u64) -> io::Result<Bytes> {
     let file = Arc::clone(file);
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)?;
-        Ok(Bytes::from(buf))
+        let mut buf = PageBuf::new(len as usize)?;
+        file.read_exact_at(buf.as_mut(), offset)?;
+        Ok(Bytes::from_owner(buf))
     })
     .await
     .map_err(io::Error::other)?
+}
+
+/// A buffer in its own anonymous mapping, so its memory goes back to the
+/// system when dropped. Multi-megabyte buffers from malloc raise glibc's
+/// dynamic mmap threshold and then stay in the heap: with many uploads that
+/// kept RSS near 300 MiB although the budget allows 64 MiB in flight.
+struct PageBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: PageBuf owns its mapping exclusively; it is plain memory.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access is read-only through `as_ref`.
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    fn new(len: usize) -> io::Result<PageBuf> {
+        if len == 0 {
+            return Ok(PageBuf {
+                ptr: std::ptr::NonNull::dangling(),
+                len,
+            });
+        }
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(PageBuf { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for PageBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `len` bytes (zero-filled by mmap) while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsMut<[u8]> for PageBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_ref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping created in `new`.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
 }
 
 /// Blocking: writes a private temp file in `dir` with what `fill` writes and
