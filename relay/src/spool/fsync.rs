@@ -17,11 +17,22 @@ use tokio::sync::watch;
 /// The outcome of one fsync round, shared by its members.
 type RoundResult = Option<Result<(), (io::ErrorKind, String)>>;
 
+/// How a directory is made durable ([`sync_dir`], or a test double).
+type Syncer = Arc<dyn Fn(&Path) -> io::Result<()> + Send + Sync>;
+
 /// Group-commits fsyncs of one directory.
-#[derive(Debug)]
 pub struct DirSync {
     dir: PathBuf,
     state: Mutex<State>,
+    syncer: Syncer,
+}
+
+impl std::fmt::Debug for DirSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirSync")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -35,9 +46,14 @@ struct State {
 impl DirSync {
     /// A group committer for `dir`.
     pub fn new(dir: PathBuf) -> Arc<DirSync> {
+        DirSync::with_syncer(dir, Arc::new(sync_dir))
+    }
+
+    fn with_syncer(dir: PathBuf, syncer: Syncer) -> Arc<DirSync> {
         Arc::new(DirSync {
             dir,
             state: Mutex::new(State::default()),
+            syncer,
         })
     }
 
@@ -78,8 +94,8 @@ impl DirSync {
 
     async fn drive(self: Arc<Self>, mut round: watch::Sender<RoundResult>) {
         loop {
-            let dir = self.dir.clone();
-            let result = tokio::task::spawn_blocking(move || sync_dir(&dir))
+            let (dir, syncer) = (self.dir.clone(), Arc::clone(&self.syncer));
+            let result = tokio::task::spawn_blocking(move || syncer(&dir))
                 .await
                 .unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
             round.send_replace(Some(result.map_err(|e| (e.kind(), e.to_string()))));
@@ -172,6 +188,45 @@ mod tests {
             task.await.unwrap().unwrap();
         }
         assert!(!sync.state.lock().unwrap().running);
+    }
+
+    #[tokio::test]
+    async fn callers_arriving_during_a_round_share_the_next_one() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
+        let entered_tx = Mutex::new(Some(entered_tx));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let syncer: Syncer = {
+            let calls = Arc::clone(&calls);
+            Arc::new(move |_: &Path| {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Hold the first round open until the test has queued
+                    // the others behind it.
+                    let _ = entered_tx.lock().unwrap().take().unwrap().send(());
+                    release_rx.lock().unwrap().recv().unwrap();
+                }
+                Ok(())
+            })
+        };
+        let sync = DirSync::with_syncer(PathBuf::from("/unused"), syncer);
+        let first = tokio::spawn({
+            let sync = Arc::clone(&sync);
+            async move { sync.sync().await }
+        });
+        entered_rx.await.unwrap();
+        let mut later: Vec<_> = (0..10).map(|_| Box::pin(sync.sync())).collect();
+        for call in &mut later {
+            assert!(futures::poll!(call.as_mut()).is_pending());
+        }
+        release_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for result in futures::future::join_all(later).await {
+            result.unwrap();
+        }
+        // One round for the first caller, one shared by the ten that came later.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

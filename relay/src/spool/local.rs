@@ -243,4 +243,27 @@ mod tests {
         assert!(available_bytes(dir.path()).unwrap() > 0);
         assert!(available_bytes(&dir.path().join("missing")).is_err());
     }
+
+    #[tokio::test]
+    async fn the_local_copy_commits_with_env_and_takes_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+        let path = eml_path(dir.path(), id);
+        let mut writer = Writer::new(create_eml(&path).unwrap());
+        writer.push(b"Subject: x\r\n\r\nbody\r\n");
+        let (file, data_len, _) = writer.finish_blocking().unwrap();
+        let job = Arc::new(CopyJob {
+            id: id.into(),
+            eml_path: path.clone(),
+            eml_file: Arc::new(file),
+            data_len,
+            envelope_json: bytes::Bytes::from_static(b"{}"),
+        });
+        let copy = Arc::new(LocalCopy::new(DirSync::new(dir.path().to_owned())));
+        Arc::clone(&copy).write(job).await.unwrap();
+        assert_eq!(std::fs::read(env_path(dir.path(), id)).unwrap(), b"{}");
+        assert!(!env_tmp_path(dir.path(), id).exists());
+        copy.remove(id.into()).await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }
