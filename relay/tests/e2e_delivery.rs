@@ -404,11 +404,28 @@ fn next_hop_down_is_retried_and_delivered_when_it_returns() {
         "{state}"
     );
     assert!(relay.committed().contains(&id));
+    let stats: serde_json::Value =
+        serde_json::from_str(&http_get_text(relay.http, "/stats")).unwrap();
+    assert_eq!(stats["queue_depth"], 1, "{stats}");
+    assert_eq!(stats["ready"], true);
+    assert!(
+        stats["oldest_message_time"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'),
+        "{stats}"
+    );
     let sink = Sink::start(addr, &[]);
     sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
     assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
         .then_some(()))
     .is_some());
+    let stats = wait_for(Duration::from_secs(5), || {
+        let stats: serde_json::Value =
+            serde_json::from_str(&http_get_text(relay.http, "/stats")).ok()?;
+        (stats["queue_depth"] == 0).then_some(stats)
+    });
+    assert!(stats.is_some_and(|s| s["oldest_message_time"].is_null()));
 }
 
 #[test]
