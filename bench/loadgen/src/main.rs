@@ -36,7 +36,9 @@ fn parse_args() -> Result<Options> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--addr" => options.addr = value.parse()?,
             "--sessions" => options.sessions = value.parse()?,
@@ -53,7 +55,9 @@ fn parse_args() -> Result<Options> {
 
 /// A message of about `size` octets: a few headers and 78-octet lines.
 fn message(size: usize) -> Vec<u8> {
-    let mut data = b"From: <bench@example.org>\r\nTo: <sink@example.net>\r\nSubject: postern bench\r\n\r\n".to_vec();
+    let mut data =
+        b"From: <bench@example.org>\r\nTo: <sink@example.net>\r\nSubject: postern bench\r\n\r\n"
+            .to_vec();
     let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\r\n";
     while data.len() + line.len() <= size {
         data.extend_from_slice(line);
@@ -70,7 +74,9 @@ struct Conn {
 
 impl Conn {
     async fn connect(addr: SocketAddr) -> Result<Conn> {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
         stream.set_nodelay(true)?;
         let (read, writer) = stream.into_split();
         let mut conn = Conn {
@@ -90,7 +96,11 @@ impl Conn {
             if self.reader.read_line(&mut self.line).await? == 0 {
                 bail!("connection closed");
             }
-            let code: u16 = self.line.get(..3).and_then(|c| c.parse().ok()).context("bad reply")?;
+            let code: u16 = self
+                .line
+                .get(..3)
+                .and_then(|c| c.parse().ok())
+                .context("bad reply")?;
             if self.line.as_bytes().get(3) != Some(&b'-') {
                 return Ok(code);
             }
@@ -112,7 +122,8 @@ impl Conn {
 
     /// One transaction; returns the end-of-data-to-reply time.
     async fn send(&mut self, data: &[u8]) -> Result<Duration> {
-        self.command(b"MAIL FROM:<bench@example.org>\r\n", 250).await?;
+        self.command(b"MAIL FROM:<bench@example.org>\r\n", 250)
+            .await?;
         self.command(b"RCPT TO:<sink@example.net>\r\n", 250).await?;
         self.command(b"DATA\r\n", 354).await?;
         self.writer.write_all(data).await?;
@@ -123,7 +134,12 @@ impl Conn {
     }
 }
 
-async fn session(addr: SocketAddr, data: Arc<Vec<u8>>, next: Arc<AtomicUsize>, total: usize) -> Result<Vec<Duration>> {
+async fn session(
+    addr: SocketAddr,
+    data: Arc<Vec<u8>>,
+    next: Arc<AtomicUsize>,
+    total: usize,
+) -> Result<Vec<Duration>> {
     let mut conn = Conn::connect(addr).await?;
     let mut latencies = Vec::new();
     while next.fetch_add(1, Ordering::Relaxed) < total {
@@ -148,7 +164,14 @@ async fn main() -> Result<()> {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = (0..options.sessions)
-        .map(|_| tokio::spawn(session(options.addr, data.clone(), next.clone(), options.messages)))
+        .map(|_| {
+            tokio::spawn(session(
+                options.addr,
+                data.clone(),
+                next.clone(),
+                options.messages,
+            ))
+        })
         .collect();
     let mut latencies = Vec::with_capacity(options.messages);
     let mut errors = Vec::new();
@@ -172,7 +195,10 @@ async fn main() -> Result<()> {
         percentile(&latencies, 100.0),
     );
     if let Some(first) = errors.first() {
-        eprintln!("smtp-loadgen: {} sessions failed; first error: {first}", errors.len());
+        eprintln!(
+            "smtp-loadgen: {} sessions failed; first error: {first}",
+            errors.len()
+        );
         std::process::exit(1);
     }
     Ok(())
