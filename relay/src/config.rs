@@ -257,6 +257,9 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
+    /// Accept and keep mail queued but deliver nothing (like Postfix's
+    /// `defer_transports`); `postern queue flush` does not override it.
+    pub paused: bool,
     /// Send everything without a matching route to this next hop
     /// (`host:port`, `[host]:port`, or `unix:/path`), like Postfix's relayhost.
     pub relayhost: Option<String>,
@@ -303,6 +306,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         let minutes = |m: u64| Duration::from_secs(m * 60);
         DeliveryConfig {
+            paused: false,
             relayhost: None,
             helo_name: None,
             mx_port: 25,

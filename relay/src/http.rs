@@ -1,5 +1,6 @@
-//! Health endpoints over HTTP: `/healthz` (the process runs) and `/readyz`
-//! (it accepts mail: spool recovered, listeners bound, not draining).
+//! Health and metrics over HTTP: `/healthz` (the process runs), `/readyz`
+//! (it accepts mail: spool recovered, listeners bound, not draining) and
+//! `/metrics` (Prometheus text format).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +11,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
 
 /// Shared readiness flag.
 #[derive(Debug, Clone, Default)]
@@ -31,12 +34,25 @@ impl Readiness {
 pub async fn serve(
     socket: TcpListener,
     readiness: Readiness,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(readiness);
+        .with_state(readiness)
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
     axum::serve(socket, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -30,9 +30,13 @@ enum Command {
         /// Directory for the spool and the local object store.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
-        /// Address of the health endpoint (/healthz, /readyz).
+        /// Address of the health endpoint (/healthz, /readyz, /metrics).
         #[arg(long, value_name = "ADDR:PORT")]
         http: Option<SocketAddr>,
+        /// Send all mail without a matching [[route]] to this next hop
+        /// (host:port, [host]:port or unix:/path), like Postfix's relayhost.
+        #[arg(long, value_name = "HOST:PORT")]
+        relayhost: Option<String>,
     },
     /// Work with configuration files.
     Config {
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             http,
+            relayhost,
         } => {
             init_logging();
             let mut config = match config {
@@ -90,6 +95,9 @@ fn main() -> ExitCode {
             }
             if let Some(http) = http {
                 config.http.listen = http;
+            }
+            if relayhost.is_some() {
+                config.delivery.relayhost = relayhost;
             }
             if let Err(err) = config.validate() {
                 eprintln!("{err}");

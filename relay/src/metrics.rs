@@ -33,14 +33,19 @@ impl Histogram {
                 count.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.sum_micros.fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(value.as_micros() as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
         }
         let total = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
@@ -49,8 +54,12 @@ impl Histogram {
     }
 }
 
-const ACK_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-const DELIVERY_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0];
+const ACK_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0,
+];
 
 /// Queue figures sampled when metrics are scraped.
 #[derive(Debug, Default, Clone, Copy)]
@@ -111,11 +120,31 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for (name, help, counter) in [
-            ("postern_messages_accepted_total", "Messages accepted with 250 after the quorum.", &self.accepted),
-            ("postern_transactions_refused_total", "SMTP transactions refused.", &self.refused),
-            ("postern_recipients_delivered_total", "Recipients delivered to the next hop.", &self.delivered),
-            ("postern_recipients_deferred_total", "Recipient delivery attempts deferred.", &self.deferred),
-            ("postern_recipients_bounced_total", "Recipients that failed for good.", &self.bounced),
+            (
+                "postern_messages_accepted_total",
+                "Messages accepted with 250 after the quorum.",
+                &self.accepted,
+            ),
+            (
+                "postern_transactions_refused_total",
+                "SMTP transactions refused.",
+                &self.refused,
+            ),
+            (
+                "postern_recipients_delivered_total",
+                "Recipients delivered to the next hop.",
+                &self.delivered,
+            ),
+            (
+                "postern_recipients_deferred_total",
+                "Recipient delivery attempts deferred.",
+                &self.deferred,
+            ),
+            (
+                "postern_recipients_bounced_total",
+                "Recipients that failed for good.",
+                &self.bounced,
+            ),
         ] {
             let _ = writeln!(
                 out,

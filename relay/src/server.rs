@@ -13,6 +13,8 @@ use crate::config::Config;
 use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
 use crate::inbound::{self, Listener};
+use crate::metrics::Metrics;
+use crate::queue::Queue;
 use crate::spool::Spool;
 
 /// How long in-flight sessions may run on after a shutdown signal.
@@ -42,6 +44,20 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         "spool recovered"
     );
 
+    let metrics = Arc::new(Metrics::default());
+    let queue = Queue::open(
+        &config,
+        spool.clone(),
+        recovered.messages,
+        Arc::clone(&metrics),
+    )
+    .map_err(|err| anyhow::anyhow!("cannot start the queue: {err}"))?;
+    let queue_task = tokio::spawn({
+        let queue = queue.clone();
+        let shutdown = signalled(shutdown.clone());
+        async move { queue.run(shutdown).await }
+    });
+
     let readiness = Readiness::default();
     let http_socket = TcpListener::bind(config.http.listen)
         .await
@@ -49,6 +65,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let http_task = tokio::spawn(http::serve(
         http_socket,
         readiness.clone(),
+        Arc::clone(&metrics),
         signalled(shutdown.clone()),
     ));
 
@@ -62,6 +79,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
             Listener::new(&config, listener_config, spool.clone(), connections.clone())
                 .map_err(|err| anyhow::anyhow!("listener {}: {err}", listener_config.name))?;
         listener.draining = shutdown.clone();
+        listener.queue = Some(queue.clone());
+        listener.metrics = Arc::clone(&metrics);
         let socket = TcpListener::bind(listener_config.address)
             .await
             .with_context(|| {
@@ -93,6 +112,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
             "drain grace period over; closing the remaining sessions"
         );
     }
+    let _ = queue_task.await;
     // Copies still being written after their 250 (the ones beyond the quorum)
     // finish before we exit.
     if tokio::time::timeout(DRAIN_GRACE, spool.drain())

@@ -148,6 +148,8 @@ pub struct Connection {
     label: String,
     /// Transactions completed on this connection.
     pub transactions: usize,
+    /// How the last message's content went: `BDAT` or `DATA`.
+    pub last_transfer: Option<&'static str>,
 }
 
 impl Connection {
@@ -177,6 +179,7 @@ impl Connection {
             settings,
             label: target.label(),
             transactions: 0,
+            last_transfer: None,
         };
         let greeting = connection
             .read_reply(connection.settings.timeouts.command)
@@ -457,9 +460,11 @@ impl Connection {
             return Ok(());
         }
         let final_replies = if caps.chunking {
+            self.last_transfer = Some("BDAT");
             self.send_bdat(eml, envelope.data_len).await?;
             self.read_final_replies(accepted.len()).await?
         } else {
+            self.last_transfer = Some("DATA");
             self.write(b"DATA\r\n", command).await?;
             let reply = self.read_reply(self.settings.timeouts.data_init).await?;
             if reply.code != 354 {

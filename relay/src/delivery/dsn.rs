@@ -53,6 +53,10 @@ pub fn report(
     id_hint: &str,
 ) -> (String, String) {
     let boundary = format!("{id_hint}/{hostname}");
+    // RFC 6533: reports about internationalized mail use utf-8 addresses and
+    // the message/global-* types.
+    let international = is_international(envelope, reported);
+    let address_type = if international { "utf-8" } else { "rfc822" };
     let now = Utc::now().format("%a, %d %b %Y %H:%M:%S +0000").to_string();
     let to = envelope
         .reverse_path
@@ -102,8 +106,13 @@ pub fn report(
     }
     head.push_str("\r\n");
 
+    let status_type = if international {
+        "message/global-delivery-status"
+    } else {
+        "message/delivery-status"
+    };
     head.push_str(&format!(
-        "--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "--{boundary}\r\nContent-Type: {status_type}\r\n\r\n"
     ));
     head.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
     if let Some(envid) = &envelope.mail_params.envid {
@@ -119,7 +128,7 @@ pub fn report(
     for item in reported {
         head.push_str("\r\n");
         head.push_str(&format!(
-            "Final-Recipient: rfc822; {}\r\n",
+            "Final-Recipient: {address_type}; {}\r\n",
             item.recipient.address.address()
         ));
         if let Some(orcpt) = &item.recipient.params.orcpt {
@@ -149,16 +158,30 @@ pub fn report(
         head.push_str(&format!("Last-Attempt-Date: {now}\r\n"));
     }
     head.push_str("\r\n");
-    let original_type = if returns_full_message(envelope) {
-        "message/rfc822"
-    } else {
-        "text/rfc822-headers"
+    let original_type = match (returns_full_message(envelope), international) {
+        (true, false) => "message/rfc822",
+        (true, true) => "message/global",
+        (false, false) => "text/rfc822-headers",
+        (false, true) => "message/global-headers",
     };
     head.push_str(&format!(
         "--{boundary}\r\nContent-Type: {original_type}\r\n\r\n"
     ));
     let tail = format!("\r\n--{boundary}--\r\n");
     (head, tail)
+}
+
+/// Whether the report must be internationalized (RFC 6533): the original used
+/// SMTPUTF8, or an address in it is not ASCII. Its envelope then needs SMTPUTF8.
+pub fn is_international(envelope: &Envelope, reported: &[Reported<'_>]) -> bool {
+    envelope.mail_params.smtputf8
+        || envelope
+            .reverse_path
+            .as_ref()
+            .is_some_and(|m| !m.address().is_ascii())
+        || reported
+            .iter()
+            .any(|r| !r.recipient.address.address().is_ascii())
 }
 
 /// The enhanced status code in a reply text such as `550 5.1.1 no such user`.

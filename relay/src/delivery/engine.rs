@@ -44,7 +44,9 @@ pub struct Deliverer {
 
 impl std::fmt::Debug for Deliverer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deliverer").field("helo_name", &self.helo_name).finish()
+        f.debug_struct("Deliverer")
+            .field("helo_name", &self.helo_name)
+            .finish()
     }
 }
 
@@ -56,7 +58,10 @@ impl Deliverer {
         Ok(Deliverer {
             router: Router::new(config),
             resolver,
-            helo_name: delivery.helo_name.clone().unwrap_or_else(|| config.hostname.clone()),
+            helo_name: delivery
+                .helo_name
+                .clone()
+                .unwrap_or_else(|| config.hostname.clone()),
             timeouts: Timeouts {
                 connect: delivery.connect_timeout,
                 command: delivery.command_timeout,
@@ -80,10 +85,17 @@ impl Deliverer {
     }
 
     /// Tries once to deliver `recipients` (indexes) of the message in `eml`.
-    pub async fn attempt(&self, envelope: &Envelope, eml: &Path, recipients: &[usize]) -> Vec<RecipientResult> {
+    pub async fn attempt(
+        &self,
+        envelope: &Envelope,
+        eml: &Path,
+        recipients: &[usize],
+    ) -> Vec<RecipientResult> {
         let mut groups: Vec<(Destination, Vec<usize>)> = Vec::new();
         for &index in recipients {
-            let destination = self.router.route(&envelope.recipients[index].address.domain);
+            let destination = self
+                .router
+                .route(&envelope.recipients[index].address.domain);
             match groups.iter_mut().find(|(d, _)| *d == destination) {
                 Some((_, members)) => members.push(index),
                 None => groups.push((destination, vec![index])),
@@ -92,7 +104,11 @@ impl Deliverer {
         let attempts = groups
             .iter()
             .map(|(destination, members)| self.deliver_group(destination, envelope, eml, members));
-        futures::future::join_all(attempts).await.into_iter().flatten().collect()
+        futures::future::join_all(attempts)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     async fn deliver_group(
@@ -114,7 +130,10 @@ impl Deliverer {
         };
         let limit = self.limit(&destination.key());
         let Ok(_permit) = limit.acquire_owned().await else {
-            return all(RcptOutcome::Deferred(Reply::new(451, "4.3.0", "shutting down")), None);
+            return all(
+                RcptOutcome::Deferred(Reply::new(451, "4.3.0", "shutting down")),
+                None,
+            );
         };
         let targets = match self.resolver.resolve(destination).await {
             Resolution::Targets(targets) => targets,
@@ -122,12 +141,19 @@ impl Deliverer {
                 let reply = Reply::new(
                     556,
                     "5.1.10",
-                    format!("Domain {} does not accept mail (null MX, RFC 7505)", destination.domain),
+                    format!(
+                        "Domain {} does not accept mail (null MX, RFC 7505)",
+                        destination.domain
+                    ),
                 );
                 return all(RcptOutcome::Failed(reply), None);
             }
-            Resolution::NotFound(why) => return all(RcptOutcome::Failed(Reply::new(550, "5.1.2", why)), None),
-            Resolution::Temporary(why) => return all(RcptOutcome::Deferred(Reply::new(451, "4.4.3", why)), None),
+            Resolution::NotFound(why) => {
+                return all(RcptOutcome::Failed(Reply::new(550, "5.1.2", why)), None)
+            }
+            Resolution::Temporary(why) => {
+                return all(RcptOutcome::Deferred(Reply::new(451, "4.4.3", why)), None)
+            }
         };
         let mut last_failure = Reply::new(451, "4.4.1", "no mail host could be reached");
         for target in &targets {
@@ -143,7 +169,8 @@ impl Deliverer {
                 },
             };
             let mut result = connection.send(envelope, members, eml).await;
-            if pooled && matches!(&result, Err((_, partial)) if partial.iter().all(Option::is_none)) {
+            if pooled && matches!(&result, Err((_, partial)) if partial.iter().all(Option::is_none))
+            {
                 // The pooled connection had gone stale; try a fresh one once.
                 match Connection::open(target, self.settings(destination)).await {
                     Ok(fresh) => {
@@ -156,7 +183,10 @@ impl Deliverer {
                     }
                 }
             }
-            let remote = Some(connection.label().to_owned());
+            let remote = Some(match connection.last_transfer {
+                Some(transfer) => format!("{} via {transfer}", connection.label()),
+                None => connection.label().to_owned(),
+            });
             return match result {
                 Ok(outcomes) => {
                     self.put_pooled(target.clone(), connection);
@@ -192,7 +222,11 @@ impl Deliverer {
             // RFC 5321 §5.1: every MX host was tried; a 5xx greeting from one is
             // no verdict on the message, so defer.
             RcptOutcome::Deferred(Reply {
-                code: if last_failure.is_permanent() { 451 } else { last_failure.code },
+                code: if last_failure.is_permanent() {
+                    451
+                } else {
+                    last_failure.code
+                },
                 ..last_failure
             })
         };

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::received::{received_header, TraceInfo};
 use super::tls::MaybeTls;
 use super::Listener;
+use crate::metrics::Metrics;
 use crate::smtp::params::{MailParams, Mailbox};
 use crate::smtp::{Event, Reply, Session, Verdict};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
@@ -165,6 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                         incoming.abort().await;
                     }
                 }
+                Metrics::count(&self.listener.metrics.refused);
                 info!(client = %self.client_label(), "message refused by the protocol checks");
             }
             Event::StartTls => {
@@ -198,6 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         if self.listener.policy.may_relay(ip, false, rcpt) {
             Verdict::Accept
         } else {
+            Metrics::count(&self.listener.metrics.refused);
             info!(client = %self.client_label(), rcpt = %rcpt.address(), "refused RCPT: relay access denied");
             Verdict::Reply(Reply::new(
                 554,
@@ -278,12 +281,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             info!(client = %self.client_label(), "refused message: {err}");
             return spool_error_reply(&err);
         };
-        let envelope = self.envelope();
+        let mut envelope = self.envelope();
         let from = path_label(envelope.reverse_path.as_ref());
         let recipients = envelope.recipients.len();
         let receive_time = message.started.elapsed();
-        match incoming.commit(envelope).await {
+        let end_of_data = Instant::now();
+        let result = incoming.commit(envelope.clone()).await;
+        self.listener
+            .metrics
+            .ack_latency
+            .observe(end_of_data.elapsed());
+        match result {
             Ok(committed) => {
+                Metrics::count(&self.listener.metrics.accepted);
                 info!(
                     id = %committed.id,
                     size = message.size,
@@ -295,9 +305,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                     receive_ms = receive_time.as_millis() as u64,
                     "accepted"
                 );
-                Reply::new(250, "2.0.0", format!("Ok: queued as {}", committed.id))
+                let reply = Reply::new(250, "2.0.0", format!("Ok: queued as {}", committed.id));
+                if let Some(queue) = &self.listener.queue {
+                    envelope.id = committed.id;
+                    envelope.data_len = committed.data_len;
+                    envelope.data_sha256 = committed.data_sha256;
+                    queue.submit(envelope);
+                }
+                reply
             }
             Err(err) => {
+                Metrics::count(&self.listener.metrics.refused);
                 warn!(client = %self.client_label(), from = %from, recipients, "refused message: {err}");
                 spool_error_reply(&err)
             }

@@ -16,6 +16,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::{Config, LimitsConfig, ListenerConfig};
+use crate::metrics::Metrics;
+use crate::queue::Queue;
 use crate::smtp::{Reply, SessionConfig};
 use crate::spool::Spool;
 use limits::{ConnectionLimiter, LimitExceeded};
@@ -39,6 +41,10 @@ pub struct Listener {
     pub connections: ConnectionLimiter,
     /// Turns true when the relay drains: idle sessions are closed with 421.
     pub draining: watch::Receiver<bool>,
+    /// Where committed messages go for delivery (none: accept only).
+    pub queue: Option<Queue>,
+    /// Counters and latencies.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Listener {
@@ -69,6 +75,8 @@ impl Listener {
             tls,
             connections,
             draining: watch::channel(false).1,
+            queue: None,
+            metrics: Arc::default(),
         })
     }
 }

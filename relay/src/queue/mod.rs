@@ -1,4 +1,562 @@
-//! The queue: durable per-recipient state, the retry schedule and the scheduler.
+//! The queue: durable per-recipient state, the retry schedule and the scheduler
+//! that hands due messages to the delivery engine.
+//!
+//! Every outcome is persisted (the state file) before the next step; when all
+//! recipients are final, failures are reported in one DSN (queued through the
+//! same durable path) and every copy of the message is removed.
 
 pub mod schedule;
 pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tracing::{info, warn};
+
+use crate::config::{Config, DeliveryConfig};
+use crate::delivery::client::RcptOutcome;
+use crate::delivery::dsn::{self, Action, Reported};
+use crate::delivery::engine::{Deliverer, RecipientResult};
+use crate::metrics::{Metrics, QueueGauges};
+use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
+use crate::spool::Spool;
+use schedule::{is_expired, now_ms, retry_delay};
+use state::{DeliveryState, StateStore, Status};
+
+/// One queued message.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its envelope.
+    pub envelope: Arc<Envelope>,
+    /// Its delivery state.
+    pub state: DeliveryState,
+    /// Arrival time, Unix ms.
+    pub arrival_ms: u64,
+    /// A delivery attempt is running.
+    pub in_flight: bool,
+}
+
+/// Why an admin operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// No message with that id.
+    #[error("no queued message {0}")]
+    NotFound(String),
+    /// The message is being delivered right now; try again.
+    #[error("message {0} is being delivered right now")]
+    Busy(String),
+    /// Persisting failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The queue; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    spool: Spool,
+    states: StateStore,
+    deliverer: Deliverer,
+    settings: DeliveryConfig,
+    hostname: String,
+    metrics: Arc<Metrics>,
+    entries: Mutex<BTreeMap<String, Entry>>,
+    wake: Notify,
+    workers: Arc<Semaphore>,
+}
+
+impl Queue {
+    /// Builds the queue over the recovered messages.
+    pub fn open(
+        config: &Config,
+        spool: Spool,
+        messages: Vec<Envelope>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Queue, String> {
+        let states = StateStore::open(&config.data_dir.join("state"))
+            .map_err(|err| format!("state directory: {err}"))?;
+        let deliverer = Deliverer::new(config)?;
+        let now = now_ms();
+        let mut entries = BTreeMap::new();
+        for envelope in messages {
+            let state = states
+                .load(&envelope.id)
+                .filter(|state| state.recipients.len() == envelope.recipients.len())
+                .unwrap_or_else(|| DeliveryState::new(envelope.recipients.len(), now));
+            entries.insert(envelope.id.clone(), entry(envelope, state));
+        }
+        // State left behind by a message that was removed (crash between steps).
+        if let Ok(ids) = states.ids() {
+            for id in ids.into_iter().filter(|id| !entries.contains_key(id)) {
+                let _ =
+                    std::fs::remove_file(config.data_dir.join("state").join(format!("{id}.json")));
+            }
+        }
+        Ok(Queue {
+            inner: Arc::new(Inner {
+                spool,
+                states,
+                deliverer,
+                settings: config.delivery.clone(),
+                hostname: config.hostname.clone(),
+                metrics,
+                entries: Mutex::new(entries),
+                wake: Notify::new(),
+                workers: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
+            }),
+        })
+    }
+
+    /// Adds a freshly committed message; delivery starts at once.
+    pub fn submit(&self, envelope: Envelope) {
+        let state = DeliveryState::new(envelope.recipients.len(), now_ms());
+        let id = envelope.id.clone();
+        self.inner
+            .entries
+            .lock()
+            .expect("queue lock")
+            .insert(id, entry(envelope, state));
+        self.update_gauges();
+        self.inner.wake.notify_one();
+    }
+
+    /// Runs the scheduler until `shutdown` resolves, then waits for the
+    /// attempts in progress.
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut reaper = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let sleep = if self.inner.settings.paused {
+                self.update_gauges();
+                Duration::from_secs(1)
+            } else {
+                self.dispatch_due().await
+            };
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+                _ = reaper.tick() => self.inner.deliverer.close_idle(false).await,
+            }
+        }
+        // Wait for attempts in progress: every permit back means none runs.
+        let all = self.inner.settings.max_concurrency as u32;
+        let _ = self.inner.workers.acquire_many(all).await;
+        self.inner.deliverer.close_idle(true).await;
+    }
+
+    /// Starts attempts for due messages; returns how long to sleep.
+    async fn dispatch_due(&self) -> Duration {
+        let now = now_ms();
+        let mut next_due = u64::MAX;
+        let due: Vec<String> = {
+            let mut entries = self.inner.entries.lock().expect("queue lock");
+            let mut due = Vec::new();
+            for (id, entry) in entries.iter_mut() {
+                if entry.in_flight || entry.state.held {
+                    continue;
+                }
+                if entry.state.next_attempt_ms <= now {
+                    entry.in_flight = true;
+                    due.push(id.clone());
+                } else {
+                    next_due = next_due.min(entry.state.next_attempt_ms);
+                }
+            }
+            due
+        };
+        for id in due {
+            let Ok(permit) = Arc::clone(&self.inner.workers).acquire_owned().await else {
+                break;
+            };
+            let queue = self.clone();
+            tokio::spawn(async move {
+                queue.attempt(&id).await;
+                drop(permit);
+                queue.inner.wake.notify_one();
+            });
+        }
+        self.update_gauges();
+        Duration::from_millis(next_due.saturating_sub(now_ms()).clamp(10, 60_000))
+    }
+
+    /// One delivery attempt of message `id`.
+    async fn attempt(&self, id: &str) {
+        let Some((envelope, mut state, arrival_ms)) = ({
+            let entries = self.inner.entries.lock().expect("queue lock");
+            entries
+                .get(id)
+                .map(|e| (Arc::clone(&e.envelope), e.state.clone(), e.arrival_ms))
+        }) else {
+            return;
+        };
+        let pending = state.pending();
+        let eml = self.inner.spool.message_path(id);
+        let results = if pending.is_empty() {
+            Vec::new()
+        } else {
+            self.inner
+                .deliverer
+                .attempt(&envelope, &eml, &pending)
+                .await
+        };
+        state.attempts += 1;
+        self.apply(&envelope, &mut state, arrival_ms, results);
+        let now = now_ms();
+        if !state.is_final() && is_expired(arrival_ms, now, self.inner.settings.max_age) {
+            for recipient in state
+                .recipients
+                .iter_mut()
+                .filter(|r| r.status == Status::Pending)
+            {
+                let last = recipient.last_reply.clone().unwrap_or_default();
+                recipient.status = Status::Failed;
+                recipient.last_reply = Some(format!(
+                    "554 4.4.7 Message expired after {}; last error: {last}",
+                    humantime::format_duration(self.inner.settings.max_age)
+                ));
+                Metrics::count(&self.inner.metrics.bounced);
+            }
+        }
+        if !state.is_final() {
+            state.next_attempt_ms = now
+                + retry_delay(&self.inner.settings.retry_schedule, state.attempts).as_millis()
+                    as u64;
+            self.maybe_warn_delay(&envelope, &mut state, arrival_ms, now)
+                .await;
+        }
+        if let Err(err) = self.inner.states.save(id, &state).await {
+            // Not persisted: keep it in memory and retry soon; never drop the message.
+            warn!(id, "cannot save delivery state: {err}");
+            state.next_attempt_ms = now + 1000;
+        } else if state.is_final() {
+            self.finish(&envelope, &state).await;
+            self.inner.entries.lock().expect("queue lock").remove(id);
+            self.update_gauges();
+            return;
+        }
+        let mut entries = self.inner.entries.lock().expect("queue lock");
+        if let Some(entry) = entries.get_mut(id) {
+            // `hold` may have been set while we were delivering.
+            state.held |= entry.state.held;
+            entry.state = state;
+            entry.in_flight = false;
+        }
+    }
+
+    /// Records the outcomes of an attempt in the state.
+    fn apply(
+        &self,
+        envelope: &Envelope,
+        state: &mut DeliveryState,
+        arrival_ms: u64,
+        results: Vec<RecipientResult>,
+    ) {
+        let metrics = &self.inner.metrics;
+        for result in results {
+            let recipient = &mut state.recipients[result.index];
+            let reply_text = result
+                .outcome
+                .reply()
+                .to_string()
+                .trim_end()
+                .replace("\r\n", " ");
+            recipient.last_reply = Some(reply_text.clone());
+            recipient.remote = result.remote.clone();
+            let address = envelope.recipients[result.index].address.address();
+            let remote = result.remote.as_deref().unwrap_or("-");
+            match result.outcome {
+                RcptOutcome::Delivered(_) => {
+                    recipient.status = Status::Delivered;
+                    Metrics::count(&metrics.delivered);
+                    metrics
+                        .delivery_latency
+                        .observe(Duration::from_millis(now_ms().saturating_sub(arrival_ms)));
+                    info!(id = %envelope.id, to = %address, relay = %remote, "delivered: {reply_text}");
+                }
+                RcptOutcome::Failed(_) => {
+                    recipient.status = Status::Failed;
+                    Metrics::count(&metrics.bounced);
+                    metrics
+                        .delivery_latency
+                        .observe(Duration::from_millis(now_ms().saturating_sub(arrival_ms)));
+                    info!(id = %envelope.id, to = %address, relay = %remote, "bounced: {reply_text}");
+                }
+                RcptOutcome::Deferred(_) => {
+                    Metrics::count(&metrics.deferred);
+                    info!(id = %envelope.id, to = %address, relay = %remote, "deferred: {reply_text}");
+                }
+            }
+        }
+    }
+
+    /// Sends the failure report, then removes every copy of the message.
+    async fn finish(&self, envelope: &Envelope, state: &DeliveryState) {
+        let failed: Vec<Reported<'_>> = envelope
+            .recipients
+            .iter()
+            .zip(&state.recipients)
+            .filter(|(recipient, s)| {
+                s.status == Status::Failed && dsn::wants_notice(recipient, Action::Failed)
+            })
+            .map(|(recipient, s)| Reported {
+                recipient,
+                action: Action::Failed,
+                diagnostic: s.last_reply.clone().unwrap_or_default(),
+                remote: s.remote.clone(),
+            })
+            .collect();
+        if !failed.is_empty() && envelope.reverse_path.is_some() {
+            if let Err(err) = self.send_report(envelope, &failed).await {
+                // Keep the message so the report is not lost; retry later.
+                warn!(id = %envelope.id, "cannot queue the bounce: {err}; keeping the message");
+                return;
+            }
+        }
+        if let Err(err) = self.inner.spool.remove(&envelope.id).await {
+            warn!(id = %envelope.id, "cannot remove finished message: {err}");
+        }
+        let _ = self.inner.states.remove(&envelope.id).await;
+        info!(id = %envelope.id, "removed: all recipients final");
+    }
+
+    /// Sends a delay warning once, when configured and asked for.
+    async fn maybe_warn_delay(
+        &self,
+        envelope: &Envelope,
+        state: &mut DeliveryState,
+        arrival_ms: u64,
+        now: u64,
+    ) {
+        let Some(after) = self.inner.settings.delay_warning else {
+            return;
+        };
+        if state.delay_warned
+            || envelope.reverse_path.is_none()
+            || now.saturating_sub(arrival_ms) < after.as_millis() as u64
+        {
+            return;
+        }
+        let delayed: Vec<Reported<'_>> = envelope
+            .recipients
+            .iter()
+            .zip(&state.recipients)
+            .filter(|(recipient, s)| {
+                s.status == Status::Pending
+                    && recipient
+                        .params
+                        .notify
+                        .as_ref()
+                        .is_none_or(|n| n.contains(&crate::smtp::params::Notify::Delay))
+            })
+            .map(|(recipient, s)| Reported {
+                recipient,
+                action: Action::Delayed,
+                diagnostic: s.last_reply.clone().unwrap_or_default(),
+                remote: s.remote.clone(),
+            })
+            .collect();
+        if delayed.is_empty() {
+            return;
+        }
+        match self.send_report(envelope, &delayed).await {
+            Ok(()) => state.delay_warned = true,
+            Err(err) => warn!(id = %envelope.id, "cannot queue the delay warning: {err}"),
+        }
+    }
+
+    /// Queues a DSN for `reported` recipients of `envelope`, from `<>`.
+    async fn send_report(
+        &self,
+        envelope: &Envelope,
+        reported: &[Reported<'_>],
+    ) -> Result<(), String> {
+        let Some(sender) = envelope.reverse_path.clone() else {
+            return Ok(());
+        };
+        let spool = &self.inner.spool;
+        let mut incoming = spool.begin().await.map_err(|e| e.to_string())?;
+        let report_id = incoming.id().to_owned();
+        let (head, tail) = dsn::report(&self.inner.hostname, envelope, reported, &report_id);
+        incoming
+            .write(head.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let original = tokio::fs::read(spool.message_path(&envelope.id))
+            .await
+            .map_err(|e| e.to_string())?;
+        let original = if dsn::returns_full_message(envelope) {
+            &original[..]
+        } else {
+            let end = original
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(original.len(), |p| p + 2);
+            &original[..end]
+        };
+        incoming.write(original).await.map_err(|e| e.to_string())?;
+        incoming
+            .write(tail.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let report = Envelope {
+            version: ENVELOPE_VERSION,
+            id: report_id,
+            reverse_path: None,
+            mail_params: crate::smtp::params::MailParams {
+                smtputf8: dsn::is_international(envelope, reported),
+                ..Default::default()
+            },
+            recipients: vec![Recipient {
+                address: sender,
+                params: Default::default(),
+            }],
+            client: ClientInfo {
+                addr: "local".into(),
+                helo: self.inner.hostname.clone(),
+                esmtp: true,
+                tls: None,
+                auth: None,
+            },
+            listener: "dsn".into(),
+            received_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            data_len: 0,
+            data_sha256: String::new(),
+        };
+        let committed = incoming
+            .commit(report.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(id = %envelope.id, dsn = %committed.id, "queued a delivery status notification");
+        let mut report = report;
+        report.id = committed.id;
+        report.data_len = committed.data_len;
+        report.data_sha256 = committed.data_sha256;
+        self.submit(report);
+        Ok(())
+    }
+
+    fn update_gauges(&self) {
+        let entries = self.inner.entries.lock().expect("queue lock");
+        let now = now_ms();
+        let oldest = entries.values().map(|e| e.arrival_ms).min().unwrap_or(now);
+        self.inner.metrics.set_queue(QueueGauges {
+            depth: entries.len() as u64,
+            oldest_age_seconds: now.saturating_sub(oldest) as f64 / 1000.0,
+        });
+    }
+
+    /// A snapshot of the queue, oldest first.
+    pub fn list(&self) -> Vec<Entry> {
+        self.inner
+            .entries
+            .lock()
+            .expect("queue lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// One message.
+    pub fn get(&self, id: &str) -> Option<Entry> {
+        self.inner
+            .entries
+            .lock()
+            .expect("queue lock")
+            .get(id)
+            .cloned()
+    }
+
+    /// Makes one message (or all) due now.
+    pub fn flush(&self, id: Option<&str>) -> Result<usize, QueueError> {
+        let now = now_ms();
+        let mut entries = self.inner.entries.lock().expect("queue lock");
+        let mut count = 0;
+        for (key, entry) in entries.iter_mut() {
+            if id.is_none_or(|id| id == key) && !entry.state.held {
+                entry.state.next_attempt_ms = now;
+                count += 1;
+            }
+        }
+        drop(entries);
+        if let Some(id) = id {
+            if count == 0 && self.get(id).is_none() {
+                return Err(QueueError::NotFound(id.to_owned()));
+            }
+        }
+        self.inner.wake.notify_one();
+        Ok(count)
+    }
+
+    /// Holds or releases a message (persisted).
+    pub async fn set_held(&self, id: &str, held: bool) -> Result<(), QueueError> {
+        let state = {
+            let mut entries = self.inner.entries.lock().expect("queue lock");
+            let entry = entries
+                .get_mut(id)
+                .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+            entry.state.held = held;
+            if !held {
+                entry.state.next_attempt_ms = now_ms();
+            }
+            entry.state.clone()
+        };
+        self.inner.states.save(id, &state).await?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Deletes a message, optionally bouncing its pending recipients.
+    pub async fn delete(&self, id: &str, bounce: bool) -> Result<(), QueueError> {
+        let entry = {
+            let mut entries = self.inner.entries.lock().expect("queue lock");
+            let entry = entries
+                .get(id)
+                .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+            if entry.in_flight {
+                return Err(QueueError::Busy(id.to_owned()));
+            }
+            entries.remove(id).expect("present")
+        };
+        if bounce {
+            let mut state = entry.state.clone();
+            for recipient in state
+                .recipients
+                .iter_mut()
+                .filter(|r| r.status == Status::Pending)
+            {
+                recipient.status = Status::Failed;
+                recipient.last_reply = Some("550 5.3.0 Message deleted by the postmaster".into());
+            }
+            self.finish(&entry.envelope, &state).await;
+        } else {
+            self.inner
+                .spool
+                .remove(id)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.inner.states.remove(id).await?;
+            info!(id, "deleted by the postmaster");
+        }
+        self.update_gauges();
+        Ok(())
+    }
+}
+
+fn entry(envelope: Envelope, state: DeliveryState) -> Entry {
+    let arrival_ms = chrono::DateTime::parse_from_rfc3339(&envelope.received_at)
+        .map(|t| t.timestamp_millis().max(0) as u64)
+        .unwrap_or_else(|_| now_ms());
+    Entry {
+        envelope: Arc::new(envelope),
+        state,
+        arrival_ms,
+        in_flight: false,
+    }
+}

@@ -22,6 +22,7 @@ pub mod local;
 pub mod object;
 pub mod quorum;
 pub mod recovery;
+pub mod remove;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,6 +70,10 @@ pub struct Committed {
     pub confirmed: Vec<CopyKind>,
     /// Time from `commit` to quorum.
     pub quorum_time: Duration,
+    /// Length of the `.eml`, as recorded in the envelope.
+    pub data_len: u64,
+    /// SHA-256 of the `.eml`, as recorded in the envelope.
+    pub data_sha256: String,
 }
 
 /// What recovery found on start.
@@ -421,7 +426,7 @@ impl Incoming {
         };
         envelope.id = self.id.clone();
         envelope.data_len = data_len;
-        envelope.data_sha256 = data_sha256;
+        envelope.data_sha256 = data_sha256.clone();
         let mut json = serde_json::to_vec_pretty(&envelope).map_err(std::io::Error::other)?;
         json.push(b'\n');
 
@@ -455,7 +460,9 @@ impl Incoming {
                 quorum::commit(&inner.copies, job, inner.policy, &inner.background, finally).await
             }
         });
-        task.await.map_err(std::io::Error::other)?
+        let mut committed = task.await.map_err(std::io::Error::other)??;
+        committed.data_sha256 = data_sha256;
+        Ok(committed)
     }
 
     /// Discards the message.

@@ -194,6 +194,8 @@ pub async fn commit(
             id: job.id.clone(),
             confirmed: confirmed.iter().map(|&i| targets[i].kind()).collect(),
             quorum_time: started.elapsed(),
+            data_len: job.data_len,
+            data_sha256: String::new(),
         });
     }
 

@@ -174,6 +174,10 @@ pub struct RelayConfig {
     pub object_store: ObjectStore,
     /// Use this directory as the data dir instead of a fresh temp dir.
     pub data_dir: Option<PathBuf>,
+    /// TOML appended to the config: delivery, routes, DNS. The default pauses
+    /// delivery so what was accepted stays in the spool for inspection (and
+    /// no MX lookup ever leaves the machine).
+    pub extra_toml: String,
 }
 
 impl Default for RelayConfig {
@@ -186,6 +190,7 @@ impl Default for RelayConfig {
             max_message_size: None,
             object_store: ObjectStore::Local,
             data_dir: None,
+            extra_toml: "[delivery]\npaused = true\n".into(),
         }
     }
 }
@@ -470,6 +475,8 @@ fn render_config(
         )
         }
     }
+    out += "\n";
+    out += &config.extra_toml;
     out
 }
 

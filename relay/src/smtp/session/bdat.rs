@@ -114,7 +114,7 @@ impl Session {
                 if !out.is_empty() {
                     self.events.push_back(Event::MessageData(out));
                 }
-                self.end_message(decoder.error(), "BDAT LAST");
+                self.end_message(decoder.error());
             }
             (Some(decoder), None) => {
                 let received = self.transaction.bdat_octets;

@@ -54,25 +54,23 @@ impl Session {
         }
         if finished {
             self.state = State::Command;
-            self.end_message(error, "end of data");
+            self.end_message(error);
         }
         true
     }
 
     /// The message content ended: refuse it, or ask the driver to commit it.
-    pub(super) fn end_message(&mut self, error: Option<DataError>, after: &str) {
+    pub(super) fn end_message(&mut self, error: Option<DataError>) {
         if let Some(error) = error {
             self.events.push_back(Event::MessageAborted);
             self.reset_transaction();
             return self.data_error(error);
         }
-        if !self.input.is_empty() {
-            // RFC 2920: nothing may follow the end of the message before its reply.
-            self.events.push_back(Event::MessageAborted);
-            self.reset_transaction();
-            self.pipelining_violation(after);
-            return;
-        }
+        // Commands may follow the end of the content in the same write: RFC 2920
+        // §3.1 lets message content open a group, and Postfix and Exim pipeline
+        // QUIT (or the next MAIL) right behind the final dot or BDAT LAST. They
+        // wait in the buffer until the reply has been sent. What makes smuggling
+        // impossible is that only a real <CRLF>.<CRLF> ends the data.
         self.pause(Pending::MessageEnd, Event::MessageEnd);
     }
 

@@ -1,0 +1,38 @@
+//! Removing a finished message from every copy: `.env` first (uncommitting
+//! it), then `.eml`, locally and in the object store.
+
+use object_store::ObjectStoreExt;
+
+use super::fsync::{remove_if_present, sync_dir};
+use super::{Spool, SpoolError};
+
+impl Spool {
+    /// Removes every copy of message `id`. Copies already gone are not an error.
+    pub async fn remove(&self, id: &str) -> Result<(), SpoolError> {
+        let env = self.envelope_path(id);
+        let eml = self.message_path(id);
+        let dir = self.dir().to_owned();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            remove_if_present(&env)?;
+            remove_if_present(&eml)?;
+            sync_dir(&dir)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        if let Some(store) = self.object_store() {
+            for envelope_part in [true, false] {
+                if let Some(key) = self.object_key(id, envelope_part) {
+                    match store.delete(&key).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        // The object copy outlives us only as garbage: a later
+                        // sweep (or takeover) sees no local state and no `.env`.
+                        Err(err) => {
+                            tracing::warn!(id, key = %key, "cannot delete object copy: {err}")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

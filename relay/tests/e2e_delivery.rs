@@ -1,0 +1,764 @@
+//! End-to-end delivery: the real binary delivering to real peers — an aiosmtpd
+//! sink (e2e/sink.py), Postfix's smtp-sink, Dovecot's LMTP server, and MX
+//! records served by dnsmasq on loopback — with retries, bounces (DSNs parsed
+//! by Python's email package), expiry, and kill -9 during delivery.
+
+mod common;
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tempfile::TempDir;
+
+const SENDER: &str = "sender@origin.test";
+
+/// The scriptable aiosmtpd sink; killed on drop.
+struct Sink {
+    addr: SocketAddr,
+    dir: PathBuf,
+    child: Child,
+    _work: TempDir,
+}
+
+impl Sink {
+    fn start(addr: SocketAddr, args: &[&str]) -> Sink {
+        require_python_module("aiosmtpd");
+        let work = tempfile::Builder::new()
+            .prefix("sink-e2e-")
+            .tempdir()
+            .unwrap();
+        let dir = work.path().join("mail");
+        let mut child = Command::new(require_tool("python3"))
+            .arg(repo_root().join("e2e/sink.py"))
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--dir",
+                dir.to_str().unwrap(),
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready", "sink did not start on {addr}");
+        Sink {
+            addr,
+            dir,
+            child,
+            _work: work,
+        }
+    }
+
+    fn loopback(args: &[&str]) -> Sink {
+        Sink::start(SocketAddr::from(([127, 0, 0, 1], free_port())), args)
+    }
+
+    /// Messages received so far: (bytes, envelope JSON), in arrival order.
+    fn messages(&self) -> Vec<(Vec<u8>, serde_json::Value)> {
+        let mut names: Vec<String> = fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+            .iter()
+            .map(|name| {
+                let eml = fs::read(self.dir.join(name)).unwrap();
+                let json = fs::read(self.dir.join(name.replace(".eml", ".json"))).unwrap();
+                (eml, serde_json::from_slice(&json).unwrap())
+            })
+            .collect()
+    }
+
+    /// Messages whose envelope recipients include `rcpt`.
+    fn messages_for(&self, rcpt: &str) -> Vec<Vec<u8>> {
+        self.messages()
+            .into_iter()
+            .filter(|(_, env)| {
+                env["rcpt_tos"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == rcpt)
+            })
+            .map(|(eml, _)| eml)
+            .collect()
+    }
+
+    fn wait_for_rcpt(&self, rcpt: &str, timeout: Duration) -> Vec<u8> {
+        wait_for(timeout, || self.messages_for(rcpt).into_iter().next()).unwrap_or_else(|| {
+            panic!(
+                "nothing for {rcpt} reached the sink at {} in {timeout:?}",
+                self.addr
+            )
+        })
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// dnsmasq serving MX and address records on a loopback port; killed on drop.
+struct Dns {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Dns {
+    fn start(records: &[String]) -> Dns {
+        let bin = require_tool("dnsmasq");
+        let port = free_udp_port();
+        let mut command = Command::new(bin);
+        command
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--bind-interfaces",
+            ])
+            .args([
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                "--log-facility=-",
+                "--pid-file=",
+            ])
+            .arg(format!("--port={port}"))
+            .args(records)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().unwrap();
+        let dns = Dns {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        dns
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A relay that delivers, with fast retries.
+fn delivering_relay(delivery_toml: &str) -> Relay {
+    Relay::start(RelayConfig {
+        extra_toml: delivery_toml.to_owned(),
+        ..RelayConfig::default()
+    })
+}
+
+fn message(subject: &str) -> Vec<u8> {
+    crlf(&format!(
+        "From: <{SENDER}>\nTo: <rcpt@dest.test>\nSubject: {subject}\nMessage-ID: <{subject}@origin.test>\n\n\
+         Body line one.\n.A line that starts with a dot\n..and one with two\n\nLast line.\n"
+    ))
+}
+
+fn submit(relay: &Relay, rcpts: &[&str], data: &[u8]) -> String {
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let rcpts: Vec<String> = rcpts.iter().map(|r| format!("<{r}>")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let reply = smtp.send_mail(&format!("<{SENDER}>"), &rcpts, data);
+    assert_eq!(reply.code, 250, "submission refused: {reply}");
+    reply.queued_id()
+}
+
+fn queue_is_empty(relay: &Relay) -> bool {
+    relay.committed().is_empty() && files_under(&relay.data_dir.join("state")).is_empty()
+}
+
+/// Parses a DSN with Python's email package and returns its report fields.
+fn parse_dsn(bytes: &[u8]) -> serde_json::Value {
+    let script = r#"
+import email, email.parser, json, sys
+from email import policy
+raw = sys.stdin.buffer.read()
+msg = email.message_from_bytes(raw, policy=policy.compat32)
+assert msg.get_content_type() == "multipart/report", msg.get_content_type()
+assert msg.get_param("report-type") == "delivery-status"
+parts = msg.get_payload()
+assert len(parts) == 3, len(parts)
+assert parts[0].get_content_type() == "text/plain"
+status = parts[1]
+if status.get_content_type() == "message/delivery-status":
+    blocks = [dict((k, str(v)) for k, v in b.items()) for b in status.get_payload()]
+else:
+    # RFC 6533 message/global-delivery-status: UTF-8 header blocks.
+    assert status.get_content_type() == "message/global-delivery-status", status.get_content_type()
+    sections = raw.decode("utf-8").replace("\r\n", "\n").split("--" + msg.get_param("boundary"))
+    text = sections[2].split("\n\n", 1)[1]
+    parser = email.parser.HeaderParser()
+    blocks = [dict(parser.parsestr(b.strip() + "\n").items()) for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
+returned = parts[2].get_content_type()
+print(json.dumps({"to": str(msg["To"]), "from": str(msg["From"]), "subject": str(msg["Subject"]),
+                  "status_type": status.get_content_type(),
+                  "message": blocks[0], "recipients": blocks[1:], "returned": returned,
+                  "auto_submitted": str(msg["Auto-Submitted"])}))
+"#;
+    let mut child = Command::new(require_tool("python3"))
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), bytes).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "not a well-formed DSN: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(bytes)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn delivers_to_an_smtp_sink_byte_for_byte_and_cleans_up() {
+    let sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!("[delivery]\nrelayhost = \"{}\"\n", sink.addr));
+    let data = message("plain");
+    let id = submit(&relay, &["rcpt@dest.test"], &data);
+    let got = sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
+    // What arrives is our Received: header, then exactly what was sent.
+    assert_eq!(
+        strip_received(&got),
+        &data[..],
+        "relay log:\n{}",
+        relay.log()
+    );
+    assert!(contains(&got, format!("id {id}").as_bytes()));
+    assert!(
+        wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
+            .then_some(()))
+        .is_some(),
+        "copies left after delivery: {:?}",
+        files_under(&relay.data_dir)
+    );
+    assert!(files_under(&relay.objects_dir())
+        .iter()
+        .all(|f| !f.contains(&id)));
+    let metrics = http_get_text(relay.http, "/metrics");
+    assert!(
+        metrics.contains("postern_recipients_delivered_total 1\n"),
+        "{metrics}"
+    );
+}
+
+fn http_get_text(addr: SocketAddr, path: &str) -> String {
+    let (status, body) = http_request(addr, "GET", path, &[], b"").unwrap();
+    assert_eq!(status, 200);
+    String::from_utf8(body).unwrap()
+}
+
+#[test]
+fn delivers_to_postfix_smtp_sink() {
+    // smtp-sink offers no CHUNKING, so this is the DATA path; -d dumps what it got.
+    let work = tempfile::tempdir().unwrap();
+    let dump = work.path().join("dump");
+    fs::create_dir(&dump).unwrap();
+    let port = free_port();
+    let mut sink = Command::new(require_tool("smtp-sink"))
+        .args(["-u", "root", "-d"])
+        .arg(format!("{}/%M.", dump.display()))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("10")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let relay = delivering_relay(&format!("[delivery]\nrelayhost = \"127.0.0.1:{port}\"\n"));
+    let data = message("bdat");
+    submit(&relay, &["rcpt@dest.test"], &data);
+    let dumped = wait_for(Duration::from_secs(20), || {
+        let files = files_under(&dump);
+        files.first().map(|f| fs::read(dump.join(f)).unwrap())
+    });
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let dumped =
+        dumped.unwrap_or_else(|| panic!("nothing reached smtp-sink; relay log:\n{}", relay.log()));
+    // smtp-sink's dump starts with its own trace lines, then our message.
+    let text = String::from_utf8_lossy(&dumped);
+    assert!(text.contains("Subject: bdat"), "{text}");
+    assert!(relay.log().contains("via DATA"), "{}", relay.log());
+    assert!(text.contains(".A line that starts with a dot"), "{text}");
+}
+
+#[test]
+fn mx_preference_order_and_fallback_to_the_second_mx() {
+    let port = free_port();
+    // Both MX hosts listen: the preferred one (10) gets the mail.
+    let best = Sink::start(SocketAddr::from(([127, 0, 0, 2], port)), &[]);
+    let second = Sink::start(SocketAddr::from(([127, 0, 0, 3], port)), &[]);
+    let dns = Dns::start(&[
+        "--mx-host=both.test,mx2.both.test,20".into(),
+        "--mx-host=both.test,mx1.both.test,10".into(),
+        "--host-record=mx1.both.test,127.0.0.2".into(),
+        "--host-record=mx2.both.test,127.0.0.3".into(),
+        // fallback.test's preferred MX (127.0.0.4) refuses connections.
+        "--mx-host=fallback.test,mx1.fallback.test,10".into(),
+        "--mx-host=fallback.test,mx2.fallback.test,20".into(),
+        "--host-record=mx1.fallback.test,127.0.0.4".into(),
+        "--host-record=mx2.fallback.test,127.0.0.3".into(),
+    ]);
+    let relay = delivering_relay(&format!(
+        "[delivery]\nmx_port = {port}\nretry_schedule = [\"1s\"]\n\n[dns]\nnameservers = [\"{}\"]\n",
+        dns.addr
+    ));
+    submit(&relay, &["a@both.test"], &message("mx-order"));
+    best.wait_for_rcpt("a@both.test", Duration::from_secs(20));
+    assert!(second.messages_for("a@both.test").is_empty());
+
+    submit(&relay, &["b@fallback.test"], &message("mx-fallback"));
+    second.wait_for_rcpt("b@fallback.test", Duration::from_secs(20));
+    assert!(best.messages_for("b@fallback.test").is_empty());
+    let log = relay.log();
+    assert!(
+        log.contains("127.0.0.4"),
+        "the preferred MX was not tried first:\n{log}"
+    );
+}
+
+#[test]
+fn null_mx_bounces_with_one_dsn() {
+    let sender_sink = Sink::loopback(&[]);
+    let dns = Dns::start(&[
+        // RFC 7505: one MX of preference 0 pointing at the root.
+        "--dns-rr=nullmx.test,15,000000".into(),
+    ]);
+    let relay = delivering_relay(&format!(
+        "[delivery]\nretry_schedule = [\"1s\"]\n\n[dns]\nnameservers = [\"{}\"]\n\n\
+         [[route]]\ndomains = [\"origin.test\"]\nnext_hop = \"{}\"\n",
+        dns.addr, sender_sink.addr
+    ));
+    submit(&relay, &["nobody@nullmx.test"], &message("null-mx"));
+    let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(20));
+    let report = parse_dsn(&dsn);
+    assert_eq!(
+        report["recipients"][0]["Final-Recipient"],
+        "rfc822; nobody@nullmx.test"
+    );
+    assert_eq!(report["recipients"][0]["Status"], "5.1.10");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sender_sink.messages_for(SENDER).len(), 1, "exactly one DSN");
+}
+
+#[test]
+fn next_hop_down_is_retried_and_delivered_when_it_returns() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let relay = delivering_relay(&format!(
+        "[delivery]\nrelayhost = \"{addr}\"\nretry_schedule = [\"1s\"]\n"
+    ));
+    let id = submit(&relay, &["rcpt@dest.test"], &message("retry"));
+    let state_path = relay.data_dir.join("state").join(format!("{id}.json"));
+    // Wait for two failed attempts, persisted in the state file.
+    let state = wait_for(Duration::from_secs(20), || {
+        let state: serde_json::Value = serde_json::from_slice(&fs::read(&state_path).ok()?).ok()?;
+        (state["attempts"].as_u64()? >= 2).then_some(state)
+    })
+    .unwrap_or_else(|| panic!("no deferred attempts recorded; log:\n{}", relay.log()));
+    assert_eq!(state["recipients"][0]["status"], "pending");
+    assert!(
+        state["recipients"][0]["last_reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("451 4.4.1"),
+        "{state}"
+    );
+    assert!(relay.committed().contains(&id));
+    let sink = Sink::start(addr, &[]);
+    sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
+    assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
+        .then_some(()))
+    .is_some());
+}
+
+#[test]
+fn mixed_outcomes_one_transaction_and_exactly_one_dsn() {
+    // good: accepted; bad: 550 at RCPT; later: 451 twice, then accepted.
+    let sink = Sink::loopback(&[
+        "--reject",
+        "^bad@",
+        "--defer",
+        "^later@",
+        "--defer-times",
+        "2",
+    ]);
+    let relay = delivering_relay(&format!(
+        "[delivery]\nrelayhost = \"{}\"\nretry_schedule = [\"1s\"]\n",
+        sink.addr
+    ));
+    let data = message("mixed");
+    let id = submit(
+        &relay,
+        &["good@dest.test", "bad@dest.test", "later@dest.test"],
+        &data,
+    );
+    let good = sink.wait_for_rcpt("good@dest.test", Duration::from_secs(20));
+    assert_eq!(strip_received(&good), &data[..]);
+    let later = sink.wait_for_rcpt("later@dest.test", Duration::from_secs(30));
+    assert_eq!(strip_received(&later), &data[..]);
+    let dsn = sink.wait_for_rcpt(SENDER, Duration::from_secs(20));
+    let report = parse_dsn(&dsn);
+    assert_eq!(report["to"], format!("<{SENDER}>"));
+    assert_eq!(report["auto_submitted"], "auto-replied");
+    let recipients = report["recipients"].as_array().unwrap();
+    assert_eq!(
+        recipients.len(),
+        1,
+        "only the refused recipient is reported: {report}"
+    );
+    assert_eq!(recipients[0]["Final-Recipient"], "rfc822; bad@dest.test");
+    assert_eq!(recipients[0]["Action"], "failed");
+    assert_eq!(recipients[0]["Status"], "5.1.1");
+    assert!(recipients[0]["Diagnostic-Code"]
+        .as_str()
+        .unwrap()
+        .contains("550 5.1.1"));
+    assert_eq!(report["returned"], "message/rfc822");
+    assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
+        .then_some(()))
+    .is_some());
+    // Each recipient exactly once; the DSN came from <> and only once.
+    let all = sink.messages();
+    assert_eq!(sink.messages_for("good@dest.test").len(), 1);
+    assert_eq!(sink.messages_for("later@dest.test").len(), 1);
+    assert_eq!(sink.messages_for(SENDER).len(), 1);
+    let dsn_env = &all
+        .iter()
+        .find(|(_, env)| env["rcpt_tos"][0] == SENDER)
+        .unwrap()
+        .1;
+    assert_eq!(dsn_env["mail_from"], "<>");
+    let log = relay.log();
+    assert!(log.contains(&format!("id={id}")), "{log}");
+}
+
+#[test]
+fn expired_message_bounces() {
+    let sender_sink = Sink::loopback(&[]);
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let relay = delivering_relay(&format!(
+        "[delivery]\nretry_schedule = [\"1s\"]\nmax_age = \"3s\"\n\n\
+         [[route]]\ndomains = [\"dest.test\"]\nnext_hop = \"{dead}\"\n\n\
+         [[route]]\ndomains = [\"origin.test\"]\nnext_hop = \"{}\"\n",
+        sender_sink.addr
+    ));
+    submit(&relay, &["rcpt@dest.test"], &message("expiry"));
+    let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(30));
+    let report = parse_dsn(&dsn);
+    assert_eq!(
+        report["recipients"][0]["Final-Recipient"],
+        "rfc822; rcpt@dest.test"
+    );
+    assert_eq!(report["recipients"][0]["Action"], "failed");
+    assert!(report["recipients"][0]["Diagnostic-Code"]
+        .as_str()
+        .unwrap()
+        .contains("expired"));
+    assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
+        .then_some(()))
+    .is_some());
+}
+
+#[test]
+fn null_sender_never_gets_a_bounce() {
+    let sink = Sink::loopback(&["--reject", "^bad@"]);
+    let relay = delivering_relay(&format!("[delivery]\nrelayhost = \"{}\"\n", sink.addr));
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let reply = smtp.send_mail("<>", &["<bad@dest.test>"], &message("null-sender"));
+    assert_eq!(reply.code, 250);
+    assert!(wait_for(Duration::from_secs(15), || queue_is_empty(&relay)
+        .then_some(()))
+    .is_some());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        sink.messages().is_empty(),
+        "a bounce was sent for a null sender"
+    );
+}
+
+#[test]
+fn kill_9_during_delivery_loses_nothing() {
+    // The sink stalls 3 s before answering the data; the relay dies meanwhile.
+    let sink = Sink::loopback(&["--data-delay", "3"]);
+    let mut relay = delivering_relay(&format!(
+        "[delivery]\nrelayhost = \"{}\"\nretry_schedule = [\"1s\"]\n",
+        sink.addr
+    ));
+    let data = message("kill-9");
+    let id = submit(&relay, &["rcpt@dest.test"], &data);
+    assert!(wait_for(Duration::from_secs(10), || relay
+        .log()
+        .contains("accepted")
+        .then_some(()))
+    .is_some());
+    std::thread::sleep(Duration::from_millis(1500));
+    relay.kill9();
+    assert!(
+        relay.committed().contains(&id),
+        "the message must still be spooled"
+    );
+    relay.restart();
+    sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(30));
+    assert!(wait_for(Duration::from_secs(30), || queue_is_empty(&relay)
+        .then_some(()))
+    .is_some());
+    let copies = sink.messages_for("rcpt@dest.test");
+    assert!((1..=2).contains(&copies.len()), "{} copies", copies.len());
+    for copy in copies {
+        assert_eq!(strip_received(&copy), &data[..]);
+    }
+}
+
+/// A private Dovecot with an LMTP listener and three users: alice, bob, and
+/// carol whose 1-byte quota makes her refuse after the data.
+struct Dovecot {
+    port: u16,
+    config: PathBuf,
+    mail: PathBuf,
+    _work: TempDir,
+}
+
+impl Dovecot {
+    fn start() -> Dovecot {
+        let bin = require_tool("dovecot");
+        let work = tempfile::Builder::new()
+            .prefix("dovecot-e2e-")
+            .tempdir()
+            .unwrap();
+        let root = work.path();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
+        let mail = root.join("mail");
+        fs::create_dir(&mail).unwrap();
+        let _ = Command::new("chown")
+            .arg("dovecot:dovecot")
+            .arg(&mail)
+            .status();
+        let port = free_port();
+        fs::write(
+            root.join("users"),
+            "alice:{PLAIN}x::::::\nbob:{PLAIN}x::::::\ncarol:{PLAIN}x::::::userdb_quota_rule=*:storage=1B\n",
+        )
+        .unwrap();
+        let config = root.join("dovecot.conf");
+        let r = root.display();
+        fs::write(
+            &config,
+            format!(
+                "base_dir = {r}/run\nstate_dir = {r}/state\nlog_path = {r}/dovecot.log\n\
+                 protocols = lmtp\nlisten = 127.0.0.1\nssl = no\nfirst_valid_uid = 1\nfirst_valid_gid = 1\n\
+                 mail_location = maildir:{r}/mail/%n\nauth_username_format = %n\n\
+                 mail_plugins = quota\nplugin {{\n  quota = maildir:User quota\n}}\n\
+                 passdb {{\n  driver = passwd-file\n  args = {r}/users\n}}\n\
+                 userdb {{\n  driver = passwd-file\n  args = {r}/users\n  default_fields = uid=dovecot gid=dovecot home={r}/mail/%n\n}}\n\
+                 service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let status = Command::new(&bin).arg("-c").arg(&config).status().unwrap();
+        assert!(status.success(), "dovecot did not start");
+        let dovecot = Dovecot {
+            port,
+            config,
+            mail,
+            _work: work,
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .ok())
+            .is_some(),
+            "dovecot's LMTP listener did not come up"
+        );
+        dovecot
+    }
+
+    fn inbox(&self, user: &str) -> Vec<Vec<u8>> {
+        let dir = self.mail.join(user).join("new");
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| fs::read(e.path()).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let _ = Command::new("dovecot")
+            .arg("-c")
+            .arg(&self.config)
+            .arg("stop")
+            .status();
+    }
+}
+
+#[test]
+fn lmtp_delivery_uses_per_recipient_replies() {
+    let dovecot = Dovecot::start();
+    let sender_sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!(
+        "[delivery]\nretry_schedule = [\"1s\"]\n\n\
+         [[route]]\ndomains = [\"mailbox.test\"]\nnext_hop = \"127.0.0.1:{}\"\nprotocol = \"lmtp\"\ntls = \"none\"\n\n\
+         [[route]]\ndomains = [\"origin.test\"]\nnext_hop = \"{}\"\n",
+        dovecot.port, sender_sink.addr
+    ));
+    let data = message("lmtp");
+    // alice and bob take it; carol refuses after the data (quota); dave is unknown (RCPT).
+    submit(
+        &relay,
+        &[
+            "alice@mailbox.test",
+            "carol@mailbox.test",
+            "bob@mailbox.test",
+            "dave@mailbox.test",
+        ],
+        &data,
+    );
+    let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(30));
+    let report = parse_dsn(&dsn);
+    let failed: Vec<String> = report["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["Final-Recipient"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        failed,
+        vec!["rfc822; carol@mailbox.test", "rfc822; dave@mailbox.test"],
+        "{report}"
+    );
+    for user in ["alice", "bob"] {
+        let inbox = dovecot.inbox(user);
+        assert_eq!(
+            inbox.len(),
+            1,
+            "{user} got {} messages; log:\n{}",
+            inbox.len(),
+            relay.log()
+        );
+        // Dovecot stores with LF line ends and adds Return-Path/Delivered-To.
+        let stored = String::from_utf8_lossy(&inbox[0]).replace('\n', "\r\n");
+        let sent = String::from_utf8_lossy(&data).into_owned();
+        assert!(stored.ends_with(&sent), "{user}'s copy differs:\n{stored}");
+    }
+    assert!(dovecot.inbox("carol").is_empty());
+    // Dovecot offers CHUNKING: the content went as BDAT straight from the spool file.
+    assert!(relay.log().contains("via BDAT"), "{}", relay.log());
+    assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
+        .then_some(()))
+    .is_some());
+}
+
+#[test]
+fn smtputf8_message_to_a_next_hop_without_smtputf8_bounces() {
+    // Postfix's smtp-sink offers no SMTPUTF8; the sender's domain goes to aiosmtpd.
+    let port = free_port();
+    let mut smtp_sink = Command::new(require_tool("smtp-sink"))
+        .args(["-u", "root", &format!("127.0.0.1:{port}"), "10"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sender_sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!(
+        "[[route]]\ndomains = [\"dest.test\"]\nnext_hop = \"127.0.0.1:{port}\"\n\n\
+         [[route]]\ndomains = [\"origin.test\"]\nnext_hop = \"{}\"\n",
+        sender_sink.addr
+    ));
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    smtp.expect(&format!("MAIL FROM:<{SENDER}> SMTPUTF8"), 250);
+    smtp.expect("RCPT TO:<δοκιμή@dest.test>", 250);
+    smtp.expect("DATA", 354);
+    smtp.send(&crlf("Subject: ünïcödé\n\nbody\n.\n"));
+    assert_eq!(smtp.reply().code, 250);
+    let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(20));
+    let _ = smtp_sink.kill();
+    let _ = smtp_sink.wait();
+    let report = parse_dsn(&dsn);
+    assert_eq!(report["recipients"][0]["Status"], "5.6.7", "{report}");
+    assert_eq!(report["status_type"], "message/global-delivery-status");
+    assert_eq!(
+        report["recipients"][0]["Final-Recipient"],
+        "utf-8; δοκιμή@dest.test"
+    );
+    assert_eq!(report["returned"], "message/global");
+    assert!(report["recipients"][0]["Diagnostic-Code"]
+        .as_str()
+        .unwrap()
+        .contains("SMTPUTF8"));
+}
+
+#[test]
+fn delay_warning_is_sent_once_and_delivery_continues() {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let sender_sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!(
+        "[delivery]\nretry_schedule = [\"1s\"]\ndelay_warning = \"2s\"\n\n\
+         [[route]]\ndomains = [\"dest.test\"]\nnext_hop = \"{addr}\"\n\n\
+         [[route]]\ndomains = [\"origin.test\"]\nnext_hop = \"{}\"\n",
+        sender_sink.addr
+    ));
+    submit(&relay, &["rcpt@dest.test"], &message("delay"));
+    let warning = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(20));
+    let report = parse_dsn(&warning);
+    assert_eq!(report["recipients"][0]["Action"], "delayed", "{report}");
+    assert_eq!(report["returned"], "message/rfc822");
+    // The message is still queued, and it is delivered once the next hop is up.
+    let sink = Sink::start(addr, &[]);
+    sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        sender_sink.messages_for(SENDER).len(),
+        1,
+        "one warning only"
+    );
+}
