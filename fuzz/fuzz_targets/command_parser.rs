@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!mailbox.local.is_empty() && !mailbox.domain.is_empty());
             }
             if let Some(envid) = params.envid {
-                assert_eq!(decode_xtext(&encode_xtext(&envid)).as_deref(), Some(envid.as_str()));
+                assert_eq!(
+                    decode_xtext(&encode_xtext(&envid)).as_deref(),
+                    Some(envid.as_str())
+                );
             }
         }
         let _ = parse_rcpt(text, false);

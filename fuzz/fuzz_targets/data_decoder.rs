@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 use postern::smtp::data::DataDecoder;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, input)) = data.split_first() else { return };
+    let Some((&split, input)) = data.split_first() else {
+        return;
+    };
     let split = usize::from(split) * input.len() / 256;
     for bdat in [false, true] {
         let new = || {
@@ -41,7 +43,10 @@ fuzz_target!(|data: &[u8]| {
             for (index, &byte) in out_whole.iter().enumerate() {
                 match byte {
                     b'\r' => assert_eq!(out_whole.get(index + 1), Some(&b'\n'), "bare CR accepted"),
-                    b'\n' => assert!(index > 0 && out_whole[index - 1] == b'\r', "bare LF accepted"),
+                    b'\n' => assert!(
+                        index > 0 && out_whole[index - 1] == b'\r',
+                        "bare LF accepted"
+                    ),
                     _ => {}
                 }
             }

@@ -23,7 +23,10 @@ impl Choices<'_> {
 
 fuzz_target!(|data: &[u8]| {
     let (control, input) = data.split_at(data.len().min(8));
-    let mut choices = Choices { bytes: control, next: 0 };
+    let mut choices = Choices {
+        bytes: control,
+        next: 0,
+    };
     let piece = 1 + usize::from(choices.next());
     let mut session = Session::new(SessionConfig {
         hostname: "fuzz.postern.test".into(),
@@ -74,7 +77,10 @@ fn drain(session: &mut Session, choices: &mut Choices<'_>, message: &mut Vec<u8>
             Event::StartTls => session.tls_started(),
             Event::Reply(reply) => {
                 let wire = reply.to_wire();
-                assert!(wire.ends_with(b"\r\n"), "reply not CRLF-terminated: {wire:?}");
+                assert!(
+                    wire.ends_with(b"\r\n"),
+                    "reply not CRLF-terminated: {wire:?}"
+                );
             }
             Event::Close => {}
         }
@@ -83,11 +89,21 @@ fn drain(session: &mut Session, choices: &mut Choices<'_>, message: &mut Vec<u8>
 
 fn check_wire_format(message: &[u8]) {
     assert!(!message.contains(&0), "NUL in an accepted message");
-    assert!(message.is_empty() || message.ends_with(b"\r\n"), "accepted message does not end with CRLF");
+    assert!(
+        message.is_empty() || message.ends_with(b"\r\n"),
+        "accepted message does not end with CRLF"
+    );
     for (index, &byte) in message.iter().enumerate() {
         match byte {
-            b'\r' => assert_eq!(message.get(index + 1), Some(&b'\n'), "bare CR at {index} in an accepted message"),
-            b'\n' => assert!(index > 0 && message[index - 1] == b'\r', "bare LF at {index} in an accepted message"),
+            b'\r' => assert_eq!(
+                message.get(index + 1),
+                Some(&b'\n'),
+                "bare CR at {index} in an accepted message"
+            ),
+            b'\n' => assert!(
+                index > 0 && message[index - 1] == b'\r',
+                "bare LF at {index} in an accepted message"
+            ),
             _ => {}
         }
     }

@@ -366,7 +366,7 @@ fn exim_sends_with_bdat_when_chunking_is_offered() {
         context()
     );
     assert!(
-        debug.contains("SMTP>> BDAT"),
+        smtp_lines(&debug).contains("BDAT "),
         "exim did not use BDAT; {}",
         context()
     );
@@ -382,6 +382,14 @@ fn exim_sends_with_bdat_when_chunking_is_offered() {
         "body changed on the way:\n{}",
         String::from_utf8_lossy(&rest[..rest.len().min(2000)])
     );
+    // The delivery line's K flag: Exim's own record that CHUNKING was used.
+    assert!(
+        mainlog
+            .lines()
+            .any(|l| l.contains(" => ") && l.contains(" K ")),
+        "exim's delivery line lacks the K (CHUNKING) flag; {}",
+        context()
+    );
     assert!(
         mainlog.contains(&format!("queued as {id}")),
         "exim log lacks postern's reply; {}",
@@ -392,7 +400,13 @@ fn exim_sends_with_bdat_when_chunking_is_offered() {
 fn smtp_lines(debug: &str) -> String {
     debug
         .lines()
-        .filter(|l| l.contains("SMTP>>") || l.contains("SMTP<<"))
+        // `SMTP>>` is a command sent at once, `SMTP|>` one held for a pipelined
+        // write, `SMTP+>` a BDAT written together with its chunk.
+        .filter(|l| {
+            ["SMTP>>", "SMTP|>", "SMTP+>", "SMTP<<"]
+                .iter()
+                .any(|p| l.contains(p))
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

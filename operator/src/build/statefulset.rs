@@ -1,0 +1,288 @@
+//! The relays' StatefulSet: stable identities and one spool volume per relay,
+//! probes on the relay's health endpoints, a termination grace period long
+//! enough to drain, and the configuration hash on the pod template.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{labels, metadata, selector_labels, Names, CONFIG_HASH, TRAFFIC_LABEL, TRAFFIC_SERVE};
+use crate::crd::{MailQueue, PullPolicy};
+use crate::relay_config::{
+    RelayConfig, CONFIG_DIR, CONFIG_FILE, DATA_DIR, HTTP_PORT, ROUTE_AUTH_DIR, TLS_DIR,
+};
+
+/// User and group the relay runs as (the distroless `nonroot` ids); the
+/// spool volume is made writable for the group.
+const RELAY_UID: i64 = 65532;
+const SPOOL_VOLUME: &str = "spool";
+const CONFIG_VOLUME: &str = "config";
+
+/// The StatefulSet of relays with `replicas` pods (reconcile decides the
+/// number: during a scale-down it stays above the spec until drained).
+pub fn stateful_set(
+    mq: &MailQueue,
+    config: &RelayConfig,
+    replicas: i32,
+    termination_grace_seconds: i64,
+) -> StatefulSet {
+    let names = Names::of(mq);
+    let spec = &mq.spec;
+    let mut pod_labels = labels(mq);
+    pod_labels.insert(TRAFFIC_LABEL.into(), TRAFFIC_SERVE.into());
+
+    let mut volumes = vec![Volume {
+        name: CONFIG_VOLUME.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names.config.clone(),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![
+        VolumeMount {
+            name: SPOOL_VOLUME.into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: CONFIG_VOLUME.into(),
+            mount_path: format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+            sub_path: Some(CONFIG_FILE.into()),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    for listener in &spec.listeners {
+        if let Some(secret) = &listener.tls_secret {
+            let volume = format!("tls-{}", listener.name);
+            volumes.push(secret_volume(&volume, secret, None));
+            mounts.push(VolumeMount {
+                name: volume,
+                mount_path: format!("{TLS_DIR}/{}", listener.name),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+    }
+    for (index, route) in spec.routes.iter().enumerate() {
+        if let Some(secret) = &route.credentials_secret {
+            let volume = format!("route-{index}");
+            volumes.push(secret_volume(&volume, secret, Some("auth")));
+            mounts.push(VolumeMount {
+                name: volume,
+                mount_path: format!("{ROUTE_AUTH_DIR}/{index}"),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+    }
+
+    let mut env = Vec::new();
+    if let Some(secret) = spec
+        .object_store
+        .as_ref()
+        .and_then(|store| store.credentials_secret.as_ref())
+    {
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            env.push(EnvVar {
+                name: key.into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.clone(),
+                        key: key.into(),
+                        ..SecretKeySelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
+    }
+
+    let mut ports: Vec<ContainerPort> = spec
+        .listeners
+        .iter()
+        .map(|listener| ContainerPort {
+            name: Some(listener.name.clone()),
+            container_port: listener.port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        })
+        .collect();
+    ports.push(ContainerPort {
+        name: Some("http".into()),
+        container_port: i32::from(HTTP_PORT),
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    });
+
+    let container = Container {
+        name: "relay".into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|policy| {
+            match policy {
+                PullPolicy::Always => "Always",
+                PullPolicy::IfNotPresent => "IfNotPresent",
+                PullPolicy::Never => "Never",
+            }
+            .to_owned()
+        }),
+        command: Some(vec![
+            "postern".into(),
+            "serve".into(),
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        ]),
+        ports: Some(ports),
+        env: (!env.is_empty()).then_some(env),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        volume_mounts: Some(mounts),
+        resources: spec.resources.as_ref().map(|r| r.to_requirements()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+
+    let pod = PodSpec {
+        service_account_name: Some(names.service_account.clone()),
+        automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(termination_grace_seconds),
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(PodAntiAffinity {
+                preferred_during_scheduling_ignored_during_execution: Some(vec![
+                    WeightedPodAffinityTerm {
+                        weight: 100,
+                        pod_affinity_term: PodAffinityTerm {
+                            label_selector: Some(LabelSelector {
+                                match_labels: Some(selector_labels(mq)),
+                                ..LabelSelector::default()
+                            }),
+                            topology_key: "kubernetes.io/hostname".into(),
+                            ..PodAffinityTerm::default()
+                        },
+                    },
+                ]),
+                ..PodAntiAffinity::default()
+            }),
+            ..Affinity::default()
+        }),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RELAY_UID),
+            run_as_group: Some(RELAY_UID),
+            fs_group: Some(RELAY_UID),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container],
+        volumes: Some(volumes),
+        ..PodSpec::default()
+    };
+
+    let mut claim_spec = PersistentVolumeClaimSpec {
+        access_modes: Some(vec!["ReadWriteOnce".into()]),
+        resources: Some(VolumeResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity(spec.spool.size.clone()),
+            )])),
+            ..VolumeResourceRequirements::default()
+        }),
+        ..PersistentVolumeClaimSpec::default()
+    };
+    claim_spec.storage_class_name = spec.spool.storage_class_name.clone();
+
+    StatefulSet {
+        metadata: metadata(mq, &names.relay),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(mq)),
+                ..LabelSelector::default()
+            },
+            service_name: Some(names.peers),
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([
+                        (CONFIG_HASH.to_owned(), config.hash.clone()),
+                        (
+                            "kubectl.kubernetes.io/default-container".to_owned(),
+                            "relay".to_owned(),
+                        ),
+                    ])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(SPOOL_VOLUME.into()),
+                    labels: Some(selector_labels(mq)),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(claim_spec),
+                ..PersistentVolumeClaim::default()
+            }]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    }
+}
+
+fn secret_volume(volume: &str, secret: &str, only_key: Option<&str>) -> Volume {
+    Volume {
+        name: volume.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            // Group-readable: the relay reads them through fsGroup.
+            default_mode: Some(0o440),
+            items: only_key.map(|key| {
+                vec![KeyToPath {
+                    key: key.into(),
+                    path: key.into(),
+                    ..KeyToPath::default()
+                }]
+            }),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}

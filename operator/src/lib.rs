@@ -1,0 +1,7 @@
+//! Postern's Kubernetes operator: the `MailQueue` custom resource, pure
+//! builders for the objects that run a relay cluster, and the reconcile loop
+//! that applies them with server-side apply and reports status.
+
+pub mod build;
+pub mod crd;
+pub mod relay_config;
