@@ -63,10 +63,25 @@ async fn harness_runs_a_statefulset_of_relays() {
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
     eventually("2 ready replicas", Duration::from_secs(60), || async {
         let sts = sets.get("relay").await.map_err(|e| e.to_string())?;
-        let ready = sts.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
-        if ready == 2 { Ok(()) } else { Err(format!("ready {ready}; kubelet errors {:?}", kubelet.errors())) }
-    }).await;
-    println!("{}", cluster.kubectl(&["get", "sts,pods,pvc,nodes", "-o", "wide"]));
+        let ready = sts
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        if ready == 2 {
+            Ok(())
+        } else {
+            Err(format!(
+                "ready {ready}; kubelet errors {:?}",
+                kubelet.errors()
+            ))
+        }
+    })
+    .await;
+    println!(
+        "{}",
+        cluster.kubectl(&["get", "sts,pods,pvc,nodes", "-o", "wide"])
+    );
     let pods = kubelet.pods();
     let relay0 = &pods["relay-0"];
     send_mail(relay0.ports["smtp"], "someone@example.org");
@@ -74,17 +89,36 @@ async fn harness_runs_a_statefulset_of_relays() {
     println!("stats {code} {body}");
     assert!(body.contains("\"queue_depth\":1"), "{body}");
 
-    sets.patch("relay", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": 1}}))).await.unwrap();
+    sets.patch(
+        "relay",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .unwrap();
     eventually("relay-1 removed", Duration::from_secs(60), || async {
         let events = kubelet.events();
-        if events.iter().any(|e| matches!(e, KubeletEvent::Removed { pod, .. } if pod == "relay-1")) { Ok(()) } else { Err(format!("{events:?}")) }
-    }).await;
+        if events
+            .iter()
+            .any(|e| matches!(e, KubeletEvent::Removed { pod, .. } if pod == "relay-1"))
+        {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        }
+    })
+    .await;
     println!("{:#?}", kubelet.events());
     cluster.kubectl(&["delete", "sts", "relay"]);
     eventually("pods gone", Duration::from_secs(60), || async {
         let out = cluster.kubectl(&["get", "pods", "-o", "name"]);
-        if out.trim().is_empty() { Ok(()) } else { Err(out) }
-    }).await;
+        if out.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
     assert!(kubelet.errors().is_empty(), "{:?}", kubelet.errors());
     kubelet.shutdown().await;
 }

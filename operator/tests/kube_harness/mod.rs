@@ -234,7 +234,8 @@ impl Cluster {
 
     /// The last lines of a control-plane log (for failure messages).
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir().join(format!("{name}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir().join(format!("{name}.log"))).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -257,7 +258,11 @@ impl Drop for Cluster {
 fn run_with_input(command: &mut Command, stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut child = command
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -313,7 +318,11 @@ pub enum KubeletEvent {
         at: Instant,
     },
     /// The pod was marked for deletion and its relay got SIGTERM.
-    Terminating { pod: String, uid: String, at: Instant },
+    Terminating {
+        pod: String,
+        uid: String,
+        at: Instant,
+    },
     /// The relay process ended.
     Exited {
         pod: String,
@@ -322,7 +331,11 @@ pub enum KubeletEvent {
         at: Instant,
     },
     /// The kubelet removed the pod object (after its process ended).
-    Removed { pod: String, uid: String, at: Instant },
+    Removed {
+        pod: String,
+        uid: String,
+        at: Instant,
+    },
 }
 
 /// A relay process the kubelet runs for a pod.
@@ -621,7 +634,11 @@ impl Worker {
     /// Starts the relay for a pod bound to the node.
     async fn run(&self, pod: &Pod, name: &str, uid: &str) -> Result<(), String> {
         let spec = pod.spec.as_ref().ok_or("pod without spec")?;
-        let container = spec.containers.first().ok_or("pod without containers")?.clone();
+        let container = spec
+            .containers
+            .first()
+            .ok_or("pod without containers")?
+            .clone();
         let ip = {
             let mut state = self.state.lock().unwrap();
             let next = state.ips.len() as u8 + 2;
@@ -646,7 +663,12 @@ impl Worker {
                 let dir = run_dir.join("volumes").join(&volume.name);
                 std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
                 if let Some(source) = &volume.config_map {
-                    let Some(map) = self.config_maps.get_opt(&source.name).await.map_err(|e| e.to_string())? else {
+                    let Some(map) = self
+                        .config_maps
+                        .get_opt(&source.name)
+                        .await
+                        .map_err(|e| e.to_string())?
+                    else {
                         // The kubelet waits for the ConfigMap; so do we.
                         return Ok(());
                     };
@@ -655,7 +677,12 @@ impl Worker {
                     }
                 } else if let Some(source) = &volume.secret {
                     let secret_name = source.secret_name.clone().unwrap_or_default();
-                    let Some(secret) = self.secrets.get_opt(&secret_name).await.map_err(|e| e.to_string())? else {
+                    let Some(secret) = self
+                        .secrets
+                        .get_opt(&secret_name)
+                        .await
+                        .map_err(|e| e.to_string())?
+                    else {
                         return Ok(());
                     };
                     for (key, value) in secret.data.iter().flatten() {
@@ -666,13 +693,17 @@ impl Worker {
                             .find(|item| &item.key == key)
                             .map(|item| item.path.clone())
                             .unwrap_or_else(|| key.clone());
-                        std::fs::write(dir.join(target), &value.0).map_err(|err| err.to_string())?;
+                        std::fs::write(dir.join(target), &value.0)
+                            .map_err(|err| err.to_string())?;
                     }
                 }
                 dir
             } else {
                 // A volumeClaimTemplate: the claim's directory outlives the pod.
-                let dir = self.root.join("claims").join(format!("{}-{name}", mount.name));
+                let dir = self
+                    .root
+                    .join("claims")
+                    .join(format!("{}-{name}", mount.name));
                 std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
                 dir
             };
@@ -709,11 +740,14 @@ impl Worker {
         for arg in argv.iter_mut().skip(1) {
             if let Some(local) = map_path(arg) {
                 if local.ends_with(".toml") {
-                    let text = std::fs::read_to_string(&local).map_err(|err| format!("{local}: {err}"))?;
-                    let mut value: toml::Value = text.parse().map_err(|err| format!("{local}: {err}"))?;
+                    let text =
+                        std::fs::read_to_string(&local).map_err(|err| format!("{local}: {err}"))?;
+                    let mut value: toml::Value =
+                        text.parse().map_err(|err| format!("{local}: {err}"))?;
                     rewrite(&mut value, ip, &map_path);
                     let file = run_dir.join(Path::new(&local).file_name().expect("file name"));
-                    std::fs::write(&file, toml::to_string(&value).expect("toml")).map_err(|err| err.to_string())?;
+                    std::fs::write(&file, toml::to_string(&value).expect("toml"))
+                        .map_err(|err| err.to_string())?;
                     rewritten.push(file.clone());
                     *arg = file.display().to_string();
                 } else {
@@ -726,8 +760,16 @@ impl Worker {
         for var in container.env.iter().flatten() {
             if let Some(value) = &var.value {
                 env.push((var.name.clone(), value.clone()));
-            } else if let Some(key) = var.value_from.as_ref().and_then(|from| from.secret_key_ref.as_ref()) {
-                let secret = self.secrets.get(&key.name).await.map_err(|err| format!("secret {}: {err}", key.name))?;
+            } else if let Some(key) = var
+                .value_from
+                .as_ref()
+                .and_then(|from| from.secret_key_ref.as_ref())
+            {
+                let secret = self
+                    .secrets
+                    .get(&key.name)
+                    .await
+                    .map_err(|err| format!("secret {}: {err}", key.name))?;
                 let value = secret
                     .data
                     .as_ref()
@@ -744,7 +786,9 @@ impl Worker {
             .flatten()
             .map(|port| {
                 (
-                    port.name.clone().unwrap_or_else(|| port.container_port.to_string()),
+                    port.name
+                        .clone()
+                        .unwrap_or_else(|| port.container_port.to_string()),
                     SocketAddr::new(IpAddr::V4(ip), port.container_port as u16),
                 )
             })
@@ -756,7 +800,10 @@ impl Worker {
         let child = Command::new(&argv[0])
             .args(&argv[1..])
             .envs(env)
-            .env("RUST_LOG", std::env::var("POSTERN_E2E_RELAY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("POSTERN_E2E_RELAY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .current_dir(&run_dir)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().map_err(|err| err.to_string())?)
@@ -769,9 +816,8 @@ impl Worker {
             .annotations
             .as_ref()
             .and_then(|annotations| annotations.get("postern.dev/config-hash").cloned());
-        let grace = Duration::from_secs(
-            spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64,
-        );
+        let grace =
+            Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
         let mut state = self.state.lock().unwrap();
         state.events.push(KubeletEvent::Started {
             pod: name.to_owned(),
@@ -826,7 +872,10 @@ impl Worker {
         };
         let ready = !exited
             && match &target {
-                Some((path, addr)) => http_get(*addr, path).await.map(|(code, _)| code == 200).unwrap_or(false),
+                Some((path, addr)) => http_get(*addr, path)
+                    .await
+                    .map(|(code, _)| code == 200)
+                    .unwrap_or(false),
                 // No readiness probe: ready once running.
                 None => true,
             };
@@ -843,7 +892,13 @@ impl Worker {
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|err| format!("patch status of {name}: {err}"))?;
-        self.state.lock().unwrap().relays.get_mut(uid).expect("relay").reported = Some(ready);
+        self.state
+            .lock()
+            .unwrap()
+            .relays
+            .get_mut(uid)
+            .expect("relay")
+            .reported = Some(ready);
         Ok(())
     }
 
@@ -983,8 +1038,12 @@ fn rewrite(value: &mut toml::Value, ip: Ipv4Addr, map_path: &dyn Fn(&str) -> Opt
                 *text = local;
             }
         }
-        toml::Value::Array(items) => items.iter_mut().for_each(|item| rewrite(item, ip, map_path)),
-        toml::Value::Table(table) => table.iter_mut().for_each(|(_, item)| rewrite(item, ip, map_path)),
+        toml::Value::Array(items) => items
+            .iter_mut()
+            .for_each(|item| rewrite(item, ip, map_path)),
+        toml::Value::Table(table) => table
+            .iter_mut()
+            .for_each(|(_, item)| rewrite(item, ip, map_path)),
         _ => {}
     }
 }
@@ -993,20 +1052,28 @@ fn rewrite(value: &mut toml::Value, ip: Ipv4Addr, map_path: &dyn Fn(&str) -> Opt
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
         stream
             .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.map_err(|e| e.to_string())?;
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&response).into_owned();
         let code = text
             .split_whitespace()
             .nth(1)
             .and_then(|code| code.parse().ok())
             .ok_or_else(|| format!("bad response: {text:?}"))?;
-        let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
         Ok((code, body))
     };
     tokio::time::timeout(Duration::from_secs(2), attempt)
@@ -1017,7 +1084,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), Str
 /// Sends one message over SMTP with swaks (a real client); panics on failure.
 pub fn send_mail(smtp: SocketAddr, to: &str) {
     let output = Command::new("swaks")
-        .args(["--server", &smtp.ip().to_string(), "--port", &smtp.port().to_string()])
+        .args([
+            "--server",
+            &smtp.ip().to_string(),
+            "--port",
+            &smtp.port().to_string(),
+        ])
         .args(["--from", "sender@e2e.test", "--to", to, "--silent", "2"])
         .args(["--header", "Subject: postern kube e2e"])
         .output()
