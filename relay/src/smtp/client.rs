@@ -239,6 +239,7 @@ impl DotStuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::params::Notify;
 
     #[test]
     fn multi_line_reply_with_enhanced_codes() {
