@@ -249,9 +249,18 @@ async fn reconcile_mail_queue(mq: &MailQueue, ctx: &Context) -> Result<Action, E
     observed.draining = plan.draining.clone();
 
     // Build and apply.
-    let applied = match apply_all(ctx, mq, &namespace, &rendered, plan.replicas, drain_timeout)
-        .await
-    {
+    let grace = i64::try_from(drain_timeout.as_secs())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let mut statefulset = build::stateful_set(mq, &rendered, plan.replicas, grace);
+    if let Some(live) = &current {
+        if let Some(kept) = build::keep_spool_claim(&mut statefulset, live) {
+            if new_spec {
+                events.warning("SpoolUnchanged", "Apply", &kept).await;
+            }
+        }
+    }
+    let applied = match apply_all(ctx, mq, &namespace, &rendered, &statefulset).await {
         Ok(applied) => applied,
         Err(err) => {
             let message = err.to_string();
@@ -342,8 +351,7 @@ async fn apply_all(
     mq: &MailQueue,
     namespace: &str,
     rendered: &RelayConfig,
-    replicas: i32,
-    drain_timeout: Duration,
+    statefulset: &StatefulSet,
 ) -> Result<StatefulSet, Error> {
     let client = ctx.client.clone();
     let params = PatchParams::apply(MANAGER).force();
@@ -376,13 +384,10 @@ async fn apply_all(
         &params,
     )
     .await?;
-    let grace = i64::try_from(drain_timeout.as_secs())
-        .unwrap_or(i64::MAX)
-        .max(1);
     let statefulset = apply(
         Api::<StatefulSet>::namespaced(client.clone(), namespace),
         &names.relay,
-        &build::stateful_set(mq, rendered, replicas, grace),
+        statefulset,
         &params,
     )
     .await?;
@@ -548,7 +553,10 @@ pub async fn run(
     .for_each(|result| async move {
         match result {
             Ok((object, _)) => tracing::debug!("reconciled {object}"),
-            Err(err) => tracing::debug!("controller: {err}"),
+            // error_policy already logged it.
+            Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+            // A watch failing (no CRD, no permission) must be visible.
+            Err(err) => tracing::warn!("controller: {err}"),
         }
     })
     .await;

@@ -13,6 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Oldest and newest Kubernetes versions kubernetes-validate ships schemas for
@@ -85,13 +86,13 @@ fn documents(yaml: &str) -> Vec<Value> {
         .collect()
 }
 
-use serde::Deserialize;
-
 fn validate_strictly(file: &Path) {
     for version in KUBE_VERSIONS {
+        // As a module: pip's script directory need not be on PATH.
         check(
-            Command::new(tool("kubernetes-validate"))
-                .args(["--strict", "--quiet", "--kubernetes-version", version])
+            Command::new("python3")
+                .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+                .args(["--kubernetes-version", version])
                 .arg(file),
         );
     }

@@ -751,3 +751,31 @@ async fn leader_election_takes_a_free_or_expired_lease_only() {
     .await;
     assert!(!task.await.unwrap().unwrap());
 }
+
+#[tokio::test]
+async fn a_spool_resize_keeps_the_live_volume_claims_and_says_so() {
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let live_mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 1}));
+    let hash = relay_config::render(&live_mq).unwrap().hash;
+    let live = statefulset(&live_mq, 1, &hash);
+    let mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 1,
+                               "spool": {"size": "50Gi", "storageClassName": "fast"}}));
+    let task = run(&ctx, mq).await;
+
+    api.expect_get_statefulset("mx", Some(live)).await;
+    api.expect_list_pods("mx", vec![]).await;
+    let note = api.expect_event("Warning", "SpoolUnchanged").await;
+    assert!(
+        note.contains("50Gi on fast") && note.contains("keep 10Gi on the default storage class"),
+        "{note}"
+    );
+    let sts = api
+        .expect_applies("mx", "policy/v1", sts_status(1, 1))
+        .await;
+    let claim = &sts["spec"]["volumeClaimTemplates"][0]["spec"];
+    assert_eq!(claim["resources"]["requests"]["storage"], "10Gi");
+    assert!(claim.get("storageClassName").is_none(), "{claim}");
+    api.expect_status("mx").await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+}
