@@ -336,8 +336,10 @@ async fn reconcile_mail_queue(mq: &MailQueue, ctx: &Context) -> Result<Action, E
     observed.statefulset = Some(applied);
     let status = status::observed_status(&observed, previous, now);
     write_status(ctx, &namespace, &name, previous, &status).await?;
-    let busy = !plan.draining.is_empty()
-        || status::condition(&status, status::PROGRESSING).is_some_and(|c| c.status == "True");
+    // Look again soon while something changes or a relay's stats are missing.
+    let busy = [status::PROGRESSING, status::DEGRADED, status::DRAINING]
+        .iter()
+        .any(|kind| status::condition(&status, kind).is_some_and(|c| c.status == "True"));
     Ok(Action::requeue(if busy {
         REQUEUE_BUSY
     } else {
@@ -555,6 +557,10 @@ pub async fn run(
             Ok((object, _)) => tracing::debug!("reconciled {object}"),
             // error_policy already logged it.
             Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+            // An owned object changed after its MailQueue was deleted.
+            Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                tracing::debug!("{object} is gone")
+            }
             // A watch failing (no CRD, no permission) must be visible.
             Err(err) => tracing::warn!("controller: {err}"),
         }
