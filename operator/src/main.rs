@@ -50,7 +50,7 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE")]
     lease_namespace: Option<String>,
     /// How long the Lease holds without renewal before a standby takes over.
-    #[arg(long, default_value = "15s", value_parser = humantime_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "15s", value_parser = parse_lease_duration, value_name = "DURATION")]
     lease_duration: Duration,
     /// This replica's identity in the Lease; the pod name (POD_NAME) or host name and pid.
     #[arg(long, env = "POD_NAME", value_name = "ID")]
@@ -60,7 +60,7 @@ struct RunArgs {
     no_leader_election: bool,
 }
 
-fn humantime_duration(text: &str) -> Result<Duration, String> {
+fn parse_lease_duration(text: &str) -> Result<Duration, String> {
     crd::parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration such as 15s"))
 }
 
