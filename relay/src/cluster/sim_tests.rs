@@ -1,0 +1,1 @@
+//! Deterministic tests of takeover and fencing: a simulated network and paused time.
