@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::memory::{Link, LinkState, Store};
 use super::takeover::Orphans;
-use super::{Change, Coordinator, Error, LeaseOptions, Membership, MemberId, SpoolId};
+use super::{Change, Coordinator, Error, LeaseOptions, MemberId, Membership, SpoolId};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -167,7 +167,10 @@ async fn short_partition_keeps_lease_and_claims() {
     let claim = a.claim(&spool_a).await.unwrap();
     link_a.cut();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(a.is_safe(), "three seconds without renewal is within the margin");
+    assert!(
+        a.is_safe(),
+        "three seconds without renewal is within the margin"
+    );
     link_a.restore();
     tokio::time::sleep(options().renew_every * 2).await;
     let status = a.status();
