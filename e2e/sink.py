@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A scriptable SMTP sink for Postern's delivery tests, on aiosmtpd.
+"""A scriptable SMTP sink (it also counts EHLOs in DIR/connections) for Postern's delivery tests, on aiosmtpd.
 
 Each accepted message is written to DIR as <n>.eml (the bytes received,
 dot-unstuffed, CRLF kept) and <n>.json (mail_from, rcpt_tos). Recipients
@@ -21,7 +21,16 @@ class Handler:
     def __init__(self, args):
         self.args = args
         self.count = 0
+        self.connections = 0
         self.deferred = {}
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # Counts sessions (connections say EHLO once), for connection-reuse tests.
+        self.connections += 1
+        with open(os.path.join(self.args.dir, "connections"), "w") as f:
+            f.write("%d\n" % self.connections)
+        session.host_name = hostname
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.args.reject and re.search(self.args.reject, address):

@@ -42,6 +42,8 @@ pub struct Config {
     /// (or to `delivery.relayhost`).
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// The admin gRPC service (`postern queue ...`).
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             dns: DnsConfig::default(),
             routes: Vec::new(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -251,6 +254,17 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9325)),
         }
     }
+}
+
+/// The admin gRPC service. It always listens on the Unix socket
+/// `<data_dir>/admin.sock` (mode 0600: only this user may manage the queue);
+/// `listen` adds a TCP listener, unauthenticated, so bind it to a trusted
+/// network only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// TCP address for the admin service as well; none by default.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Outbound delivery settings.
@@ -526,6 +540,11 @@ impl Config {
         Ok(())
     }
 
+    /// The admin service's Unix socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+
     /// The local spool directory.
     pub fn spool_dir(&self) -> PathBuf {
         self.data_dir.join("spool")
@@ -590,6 +609,11 @@ mod tests {
         assert_eq!(config.listeners[0].address.to_string(), "127.0.0.1:2525");
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:9325");
         assert_eq!(config.spool.required, 2);
+        assert_eq!(config.admin.listen, None);
+        assert_eq!(
+            config.admin_socket(),
+            PathBuf::from("./postern-data/admin.sock")
+        );
         assert_eq!(
             config.local_object_dir(),
             PathBuf::from("./postern-data/objects")
@@ -607,6 +631,12 @@ mod tests {
     fn quorum_larger_than_copies_is_invalid() {
         let err = Config::parse("[spool]\ncopies = [\"local\"]\nrequired = 2\n").unwrap_err();
         assert!(err.to_string().contains("spool.required = 2"), "{err}");
+    }
+
+    #[test]
+    fn admin_listen_parses() {
+        let config = Config::parse("[admin]\nlisten = \"127.0.0.1:9326\"\n").unwrap();
+        assert_eq!(config.admin.listen, Some("127.0.0.1:9326".parse().unwrap()));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Health and metrics over HTTP: `/healthz` (the process runs), `/readyz`
-//! (it accepts mail: spool recovered, listeners bound, not draining) and
-//! `/metrics` (Prometheus text format).
+//! (it accepts mail: spool recovered, listeners bound, not draining),
+//! `/metrics` (Prometheus text format) and `/stats` (JSON for the operator:
+//! readiness, queue depth, oldest message).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,10 +38,35 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let stats_readiness = readiness.clone();
+    let stats_metrics = Arc::clone(&metrics);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(readiness)
+        .route(
+            "/stats",
+            get(move || {
+                let queue = stats_metrics.queue();
+                let ready = stats_readiness.is_ready();
+                async move {
+                    let oldest = (queue.depth > 0).then(|| {
+                        let age = chrono::Duration::milliseconds(
+                            (queue.oldest_age_seconds * 1000.0) as i64,
+                        );
+                        (chrono::Utc::now() - age)
+                            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    });
+                    let body = serde_json::json!({
+                        "ready": ready,
+                        "queue_depth": queue.depth,
+                        "oldest_age_seconds": queue.oldest_age_seconds,
+                        "oldest_message_time": oldest,
+                    });
+                    ([("content-type", "application/json")], format!("{body}\n"))
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {

@@ -1,4 +1,5 @@
-//! The `postern` command: `serve` runs the relay, `config check` validates a file.
+//! The `postern` command: `serve` runs the relay, `queue` manages its queue,
+//! `config check` validates a file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         relayhost: Option<String>,
     },
+    /// Manage the queue of a running relay (over its admin socket or --admin).
+    Queue(postern::admin::cli::QueueArgs),
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -57,6 +60,7 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Queue(args) => postern::admin::cli::run(args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {

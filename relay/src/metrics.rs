@@ -116,6 +116,11 @@ impl Metrics {
         *self.gauges.lock().expect("gauges lock") = gauges;
     }
 
+    /// The queue gauges last set.
+    pub fn queue(&self) -> QueueGauges {
+        *self.gauges.lock().expect("gauges lock")
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

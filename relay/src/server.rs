@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::admin;
 use crate::config::Config;
 use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
@@ -57,6 +58,29 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         let shutdown = signalled(shutdown.clone());
         async move { queue.run(shutdown).await }
     });
+
+    let admin_path = config.admin_socket();
+    let admin_socket = admin::bind_unix(&admin_path)
+        .await
+        .with_context(|| format!("cannot bind the admin socket {}", admin_path.display()))?;
+    info!(socket = %admin_path.display(), "admin service listening");
+    let mut admin_tasks = vec![tokio::spawn(admin::serve_unix(
+        admin_socket,
+        admin_path,
+        queue.clone(),
+        signalled(shutdown.clone()),
+    ))];
+    if let Some(listen) = config.admin.listen {
+        let socket = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot bind the admin service on {listen}"))?;
+        info!(address = %socket.local_addr()?, "admin service listening");
+        admin_tasks.push(tokio::spawn(admin::serve_tcp(
+            socket,
+            queue.clone(),
+            signalled(shutdown.clone()),
+        )));
+    }
 
     let readiness = Readiness::default();
     let http_socket = TcpListener::bind(config.http.listen)
@@ -122,6 +146,11 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         tracing::warn!("background copies still running at exit; repair will re-create them");
     }
     let _ = http_task.await;
+    for task in admin_tasks {
+        if let Ok(Err(err)) = task.await {
+            tracing::warn!("admin service: {err}");
+        }
+    }
     info!("stopped");
     Ok(())
 }

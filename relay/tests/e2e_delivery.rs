@@ -404,11 +404,28 @@ fn next_hop_down_is_retried_and_delivered_when_it_returns() {
         "{state}"
     );
     assert!(relay.committed().contains(&id));
+    let stats: serde_json::Value =
+        serde_json::from_str(&http_get_text(relay.http, "/stats")).unwrap();
+    assert_eq!(stats["queue_depth"], 1, "{stats}");
+    assert_eq!(stats["ready"], true);
+    assert!(
+        stats["oldest_message_time"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'),
+        "{stats}"
+    );
     let sink = Sink::start(addr, &[]);
     sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
     assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
         .then_some(()))
     .is_some());
+    let stats = wait_for(Duration::from_secs(5), || {
+        let stats: serde_json::Value =
+            serde_json::from_str(&http_get_text(relay.http, "/stats")).ok()?;
+        (stats["queue_depth"] == 0).then_some(stats)
+    });
+    assert!(stats.is_some_and(|s| s["oldest_message_time"].is_null()));
 }
 
 #[test]
@@ -760,5 +777,65 @@ fn delay_warning_is_sent_once_and_delivery_continues() {
         sender_sink.messages_for(SENDER).len(),
         1,
         "one warning only"
+    );
+}
+
+#[test]
+fn delivered_recipients_are_not_sent_again_after_a_restart() {
+    // good is taken at once; later is deferred for several attempts.
+    let sink = Sink::loopback(&["--defer", "^later@", "--defer-times", "3"]);
+    let mut relay = delivering_relay(&format!(
+        "[delivery]\nrelayhost = \"{}\"\nretry_schedule = [\"1s\"]\n",
+        sink.addr
+    ));
+    let id = submit(
+        &relay,
+        &["good@dest.test", "later@dest.test"],
+        &message("restart"),
+    );
+    sink.wait_for_rcpt("good@dest.test", Duration::from_secs(20));
+    // The outcome is on disk before the next step.
+    let state_path = relay.data_dir.join("state").join(format!("{id}.json"));
+    let state = wait_for(Duration::from_secs(10), || {
+        let state: serde_json::Value = serde_json::from_slice(&fs::read(&state_path).ok()?).ok()?;
+        (state["recipients"][0]["status"] == "delivered").then_some(state)
+    })
+    .unwrap_or_else(|| panic!("state not persisted; log:\n{}", relay.log()));
+    assert_eq!(state["recipients"][1]["status"], "pending");
+    relay.kill9();
+    relay.restart();
+    sink.wait_for_rcpt("later@dest.test", Duration::from_secs(30));
+    assert!(wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
+        .then_some(()))
+    .is_some());
+    assert_eq!(
+        sink.messages_for("good@dest.test").len(),
+        1,
+        "good was delivered again after the restart"
+    );
+}
+
+#[test]
+fn several_messages_share_one_connection() {
+    let sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!(
+        "[delivery]\nrelayhost = \"{}\"\nmax_per_destination = 1\nidle_connection_timeout = \"10s\"\n",
+        sink.addr
+    ));
+    for n in 0..4 {
+        submit(
+            &relay,
+            &[&format!("r{n}@dest.test")],
+            &message(&format!("reuse-{n}")),
+        );
+    }
+    for n in 0..4 {
+        sink.wait_for_rcpt(&format!("r{n}@dest.test"), Duration::from_secs(20));
+    }
+    let connections = fs::read_to_string(sink.dir.join("connections")).unwrap_or_default();
+    let count: usize = connections.trim().parse().unwrap_or(0);
+    assert!(
+        (1..4).contains(&count),
+        "{count} connections for 4 messages: no reuse"
     );
 }

@@ -236,10 +236,14 @@ impl Queue {
             warn!(id, "cannot save delivery state: {err}");
             state.next_attempt_ms = now + 1000;
         } else if state.is_final() {
-            self.finish(&envelope, &state).await;
-            self.inner.entries.lock().expect("queue lock").remove(id);
-            self.update_gauges();
-            return;
+            if self.finish(&envelope, &state).await.is_ok() {
+                self.inner.entries.lock().expect("queue lock").remove(id);
+                self.update_gauges();
+                return;
+            }
+            // The bounce could not be queued (spool full?): try again soon.
+            state.next_attempt_ms =
+                now + retry_delay(&self.inner.settings.retry_schedule, 1).as_millis() as u64;
         }
         let mut entries = self.inner.entries.lock().expect("queue lock");
         if let Some(entry) = entries.get_mut(id) {
@@ -297,7 +301,8 @@ impl Queue {
     }
 
     /// Sends the failure report, then removes every copy of the message.
-    async fn finish(&self, envelope: &Envelope, state: &DeliveryState) {
+    /// Fails only when the report could not be queued; the message is kept then.
+    async fn finish(&self, envelope: &Envelope, state: &DeliveryState) -> Result<(), String> {
         let failed: Vec<Reported<'_>> = envelope
             .recipients
             .iter()
@@ -316,7 +321,7 @@ impl Queue {
             if let Err(err) = self.send_report(envelope, &failed).await {
                 // Keep the message so the report is not lost; retry later.
                 warn!(id = %envelope.id, "cannot queue the bounce: {err}; keeping the message");
-                return;
+                return Err(err);
             }
         }
         if let Err(err) = self.inner.spool.remove(&envelope.id).await {
@@ -324,6 +329,7 @@ impl Queue {
         }
         let _ = self.inner.states.remove(&envelope.id).await;
         info!(id = %envelope.id, "removed: all recipients final");
+        Ok(())
     }
 
     /// Sends a delay warning once, when configured and asked for.
@@ -473,6 +479,12 @@ impl Queue {
             .cloned()
     }
 
+    /// The destination key (next hop or `mx:domain`) a recipient domain is
+    /// delivered through, for listings and statistics.
+    pub fn destination(&self, domain: &str) -> String {
+        self.inner.deliverer.route(domain).key()
+    }
+
     /// Makes one message (or all) due now.
     pub fn flush(&self, id: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
@@ -534,7 +546,17 @@ impl Queue {
                 recipient.status = Status::Failed;
                 recipient.last_reply = Some("550 5.3.0 Message deleted by the postmaster".into());
             }
-            self.finish(&entry.envelope, &state).await;
+            if let Err(err) = self.finish(&entry.envelope, &state).await {
+                // Nothing was removed: put the message back as it was.
+                self.inner
+                    .entries
+                    .lock()
+                    .expect("queue lock")
+                    .insert(id.to_owned(), entry);
+                return Err(QueueError::Io(std::io::Error::other(format!(
+                    "the bounce could not be queued: {err}"
+                ))));
+            }
         } else {
             self.inner
                 .spool

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spool::fsync::{remove_if_present, write_durable_rename, DirSync};
+use crate::spool::fsync::{remove_if_present, DirSync};
 
 /// Version written by this build.
 pub const STATE_VERSION: u32 = 1;
@@ -96,6 +96,21 @@ impl DeliveryState {
             .filter(|r| r.status == Status::Pending)
             .find_map(|r| r.last_reply.as_deref())
     }
+}
+
+/// Writes `bytes` to `tmp`, fsyncs it and renames it over `path`; the caller
+/// syncs the directory.
+fn write_durable_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(tmp, path)
 }
 
 /// Reads and writes state files.

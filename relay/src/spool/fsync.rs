@@ -17,11 +17,22 @@ use tokio::sync::watch;
 /// The outcome of one fsync round, shared by its members.
 type RoundResult = Option<Result<(), (io::ErrorKind, String)>>;
 
+/// How a directory is made durable ([`sync_dir`], or a test double).
+type Syncer = Arc<dyn Fn(&Path) -> io::Result<()> + Send + Sync>;
+
 /// Group-commits fsyncs of one directory.
-#[derive(Debug)]
 pub struct DirSync {
     dir: PathBuf,
     state: Mutex<State>,
+    syncer: Syncer,
+}
+
+impl std::fmt::Debug for DirSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirSync")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -35,9 +46,14 @@ struct State {
 impl DirSync {
     /// A group committer for `dir`.
     pub fn new(dir: PathBuf) -> Arc<DirSync> {
+        DirSync::with_syncer(dir, Arc::new(sync_dir))
+    }
+
+    fn with_syncer(dir: PathBuf, syncer: Syncer) -> Arc<DirSync> {
         Arc::new(DirSync {
             dir,
             state: Mutex::new(State::default()),
+            syncer,
         })
     }
 
@@ -78,8 +94,8 @@ impl DirSync {
 
     async fn drive(self: Arc<Self>, mut round: watch::Sender<RoundResult>) {
         loop {
-            let dir = self.dir.clone();
-            let result = tokio::task::spawn_blocking(move || sync_dir(&dir))
+            let (dir, syncer) = (self.dir.clone(), Arc::clone(&self.syncer));
+            let result = tokio::task::spawn_blocking(move || syncer(&dir))
                 .await
                 .unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
             round.send_replace(Some(result.map_err(|e| (e.kind(), e.to_string()))));
@@ -108,19 +124,50 @@ pub fn remove_if_present(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Writes `bytes` to `tmp`, fsyncs it and renames it to `path`; the caller
-/// syncs the directory.
-pub fn write_durable_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Creates `path` (which must not exist) holding `bytes`, fsync'd; the
+/// caller renames it into place and syncs the directory.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)?;
+        .create_new(true)
+        .open(path)?;
     file.write_all(bytes)?;
-    file.sync_data()?;
-    drop(file);
-    std::fs::rename(tmp, path)
+    file.sync_data()
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), atomically.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+        };
+        let (from_c, to_c) = (c(from)?, c(to)?);
+        // SAFETY: both paths are NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                from_c.as_ptr(),
+                libc::AT_FDCWD,
+                to_c.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        // Filesystems without RENAME_NOREPLACE fall through to link + unlink.
+        if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(err);
+        }
+    }
+    std::fs::hard_link(from, to)?;
+    remove_if_present(from)
 }
 
 #[cfg(test)]
@@ -144,6 +191,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn callers_arriving_during_a_round_share_the_next_one() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel();
+        let entered_tx = Mutex::new(Some(entered_tx));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let syncer: Syncer = {
+            let calls = Arc::clone(&calls);
+            Arc::new(move |_: &Path| {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Hold the first round open until the test has queued
+                    // the others behind it.
+                    let _ = entered_tx.lock().unwrap().take().unwrap().send(());
+                    release_rx.lock().unwrap().recv().unwrap();
+                }
+                Ok(())
+            })
+        };
+        let sync = DirSync::with_syncer(PathBuf::from("/unused"), syncer);
+        let first = tokio::spawn({
+            let sync = Arc::clone(&sync);
+            async move { sync.sync().await }
+        });
+        entered_rx.await.unwrap();
+        let mut later: Vec<_> = (0..10).map(|_| Box::pin(sync.sync())).collect();
+        for call in &mut later {
+            assert!(futures::poll!(call.as_mut()).is_pending());
+        }
+        release_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for result in futures::future::join_all(later).await {
+            result.unwrap();
+        }
+        // One round for the first caller, one shared by the ten that came later.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn a_failed_fsync_reaches_its_members() {
         let dir = tempfile::tempdir().unwrap();
         let sync = DirSync::new(dir.path().join("missing"));
@@ -152,5 +238,27 @@ mod tests {
         // The committer is usable again once the directory exists.
         std::fs::create_dir(dir.path().join("missing")).unwrap();
         sync.sync().await.unwrap();
+    }
+
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        write_synced(&a, b"a").unwrap();
+        write_synced(&b, b"b").unwrap();
+        let err = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&b).unwrap(), b"b");
+        rename_noreplace(&a, &c).unwrap();
+        assert!(!a.exists());
+        assert_eq!(std::fs::read(&c).unwrap(), b"a");
+        assert_eq!(
+            write_synced(&c, b"x").unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
     }
 }

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::fsync::{remove_if_present, write_durable_rename, DirSync};
-use super::quorum::{CopyError, CopyJob, CopyTarget};
+use super::fsync::{remove_if_present, write_synced, DirSync};
+use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
 use crate::config::CopyKind;
 
 /// Bytes a message may hold in memory before they go to disk.
@@ -154,19 +154,28 @@ impl CopyTarget for LocalCopy {
     fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
             let dir = self.dir.clone();
-            let job2 = Arc::clone(&job);
-            tokio::task::spawn_blocking(move || -> io::Result<()> {
-                job2.eml_file.sync_data()?;
-                write_durable_rename(
-                    &env_tmp_path(&dir, &job2.id),
-                    &env_path(&dir, &job2.id),
-                    &job2.envelope_json,
-                )
-            })
-            .await??;
-            // Both names (`.eml`, created earlier, and the renamed `.env`)
-            // become durable with this one directory fsync; journaling
-            // filesystems persist the earlier create no later than the rename.
+            let tmp = env_tmp_path(&dir, &job.id);
+            // The two fsyncs run side by side (they can share a journal commit,
+            // and the disk queue); only the rename has to wait for both.
+            let data = {
+                let job = Arc::clone(&job);
+                tokio::task::spawn_blocking(move || job.eml_file.sync_data())
+            };
+            let envelope = {
+                let (job, tmp) = (Arc::clone(&job), tmp.clone());
+                tokio::task::spawn_blocking(move || write_synced(&tmp, &job.envelope_json))
+            };
+            let (data, envelope) = tokio::join!(data, envelope);
+            if let Err(err) = joined(data).and(joined(envelope)) {
+                let _ = remove_if_present(&tmp);
+                return Err(err);
+            }
+            let env = env_path(&dir, &job.id);
+            tokio::task::spawn_blocking(move || std::fs::rename(&tmp, &env)).await??;
+            // One directory fsync makes both names durable: the `.eml` created
+            // at `begin` and the renamed `.env`. A crash before it returns may
+            // leave a `.env` whose `.eml` name was lost; recovery quarantines
+            // that, and the client never got its 250.
             self.sync.sync().await?;
             Ok(())
         })
@@ -233,5 +242,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(available_bytes(dir.path()).unwrap() > 0);
         assert!(available_bytes(&dir.path().join("missing")).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_local_copy_commits_with_env_and_takes_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+        let path = eml_path(dir.path(), id);
+        let mut writer = Writer::new(create_eml(&path).unwrap());
+        writer.push(b"Subject: x\r\n\r\nbody\r\n");
+        let (file, data_len, _) = writer.finish_blocking().unwrap();
+        let job = Arc::new(CopyJob {
+            id: id.into(),
+            eml_path: path.clone(),
+            eml_file: Arc::new(file),
+            data_len,
+            envelope_json: bytes::Bytes::from_static(b"{}"),
+        });
+        let copy = Arc::new(LocalCopy::new(DirSync::new(dir.path().to_owned())));
+        Arc::clone(&copy).write(job).await.unwrap();
+        assert_eq!(std::fs::read(env_path(dir.path(), id)).unwrap(), b"{}");
+        assert!(!env_tmp_path(dir.path(), id).exists());
+        copy.remove(id.into()).await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -193,6 +193,8 @@ impl Spool {
     }
 
     /// Starts receiving a message: assigns its id and opens its `.eml`.
+    ///
+    /// Fails with `NoRoom` when the disk is already down to the reserve.
     pub async fn begin(&self) -> Result<Incoming, SpoolError> {
         let id = self.inner.ids.next_id();
         let path = local::eml_path(&self.inner.dir, &id);
@@ -329,6 +331,12 @@ impl Incoming {
     }
 
     /// Appends wire-format bytes.
+    ///
+    /// At most `local::BUFFER_CAP` octets wait in memory; the rest is on disk.
+    /// `NoRoom` when the disk fills up or the free space falls below
+    /// `spool.reserve_bytes` (checked every `local::SPACE_CHECK_INTERVAL`
+    /// octets). After any error the partial message is already removed and
+    /// further calls fail.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         let mut rest = data;
         while !rest.is_empty() {
@@ -403,6 +411,11 @@ impl Incoming {
 
     /// Writes every copy the policy names and returns once the quorum confirmed;
     /// fills `id`, `data_len` and `data_sha256` of `envelope`.
+    ///
+    /// On `QuorumFailed` no committed copy is left: copies that confirmed are
+    /// taken back before this returns, copies still running when the deadline
+    /// passed are taken back in the background as they finish (see
+    /// [`Spool::drain`]).
     pub async fn commit(mut self, mut envelope: Envelope) -> Result<Committed, SpoolError> {
         let writer = self.writer.take().ok_or_else(broken)?;
         let dir = self.spool.inner.dir.clone();

@@ -24,8 +24,8 @@ use object_store::{
 };
 use tokio::sync::Semaphore;
 
-use super::fsync::{remove_if_present, DirSync};
-use super::quorum::{CopyError, CopyJob, CopyTarget};
+use super::fsync::{remove_if_present, rename_noreplace, DirSync};
+use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
 use crate::config::{Config, CopyKind, ObjectStoreConfig};
 
 /// Largest message uploaded with one PUT; larger ones go up in parts.
@@ -266,21 +266,86 @@ async fn put_create(
 async fn read_at(file: &Arc<File>, offset: u64, len: u64) -> io::Result<Bytes> {
     let file = Arc::clone(file);
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)?;
-        Ok(Bytes::from(buf))
+        let mut buf = PageBuf::new(len as usize)?;
+        file.read_exact_at(buf.as_mut(), offset)?;
+        Ok(Bytes::from_owner(buf))
     })
     .await
     .map_err(io::Error::other)?
 }
 
-/// Blocking: creates `dir/name` with the bytes `fill` writes, durably and only
-/// if absent (write a temp file, fsync, hard-link it into place).
-fn create_durable(
+/// A buffer in its own anonymous mapping, so its memory goes back to the
+/// system when dropped. Multi-megabyte buffers from malloc raise glibc's
+/// dynamic mmap threshold and then stay in the heap: with many uploads that
+/// kept RSS near 300 MiB although the budget allows 64 MiB in flight.
+struct PageBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: PageBuf owns its mapping exclusively; it is plain memory.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access is read-only through `as_ref`.
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    fn new(len: usize) -> io::Result<PageBuf> {
+        if len == 0 {
+            return Ok(PageBuf {
+                ptr: std::ptr::NonNull::dangling(),
+                len,
+            });
+        }
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(PageBuf { ptr, len })
+    }
+}
+
+impl AsRef<[u8]> for PageBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `len` bytes (zero-filled by mmap) while self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsMut<[u8]> for PageBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_ref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping created in `new`.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
+/// Blocking: writes a private temp file in `dir` with what `fill` writes and
+/// fsyncs it; returns its path.
+fn stage(
     dir: &std::path::Path,
     name: &str,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> Result<(), CopyError> {
+) -> io::Result<PathBuf> {
     let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let result = (|| {
         let mut file = std::fs::OpenOptions::new()
@@ -288,20 +353,47 @@ fn create_durable(
             .create_new(true)
             .open(&tmp)?;
         fill(&mut file)?;
-        file.sync_data()?;
-        let target = dir.join(name);
-        match std::fs::hard_link(&tmp, &target) {
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
-                Err(CopyError::AlreadyExists {
-                    key: target.display().to_string(),
-                })
-            }
-            other => Ok(other?),
-        }
+        file.sync_data()
     })();
-    let cleanup = remove_if_present(&tmp);
-    result?;
-    Ok(cleanup?)
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(err) => {
+            let _ = remove_if_present(&tmp);
+            Err(err)
+        }
+    }
+}
+
+/// Blocking: moves the staged `.eml` and then `.env` into place, never over
+/// an existing object; on failure nothing of ours stays visible.
+fn place(
+    dir: &std::path::Path,
+    id: &str,
+    eml_tmp: &std::path::Path,
+    env_tmp: &std::path::Path,
+) -> Result<(), CopyError> {
+    let exists = |path: PathBuf| CopyError::AlreadyExists {
+        key: path.display().to_string(),
+    };
+    let eml = dir.join(format!("{id}.eml"));
+    let env = dir.join(format!("{id}.env"));
+    match rename_noreplace(eml_tmp, &eml) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return Err(exists(eml)),
+        Err(err) => return Err(err.into()),
+    }
+    match rename_noreplace(env_tmp, &env) {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            // The `.eml` is ours (it did not exist), so it may go.
+            let _ = remove_if_present(&eml);
+            if err.kind() == io::ErrorKind::AlreadyExists {
+                Err(exists(env))
+            } else {
+                Err(err.into())
+            }
+        }
+    }
 }
 
 impl CopyTarget for ObjectCopy {
@@ -315,36 +407,57 @@ impl CopyTarget for ObjectCopy {
                 Backend::S3 { store, prefix } => self.write_s3(store, prefix, &job).await,
                 Backend::Dir { sync, .. } => {
                     let dir = sync.dir().to_owned();
-                    let job2 = Arc::clone(&job);
-                    tokio::task::spawn_blocking(move || {
-                        create_durable(&dir, &format!("{}.eml", job2.id), |file| {
-                            // Opened afresh for a private offset; copy() moves
-                            // the bytes in the kernel (copy_file_range).
-                            let mut source = File::open(&job2.eml_path)?;
-                            let copied = io::copy(&mut source, file)?;
-                            if copied != job2.data_len {
-                                return Err(io::Error::new(
-                                    io::ErrorKind::UnexpectedEof,
-                                    format!(
-                                        "{} has {copied} octets, expected {}",
-                                        job2.eml_path.display(),
-                                        job2.data_len
-                                    ),
-                                ));
-                            }
-                            Ok(())
+                    // Both parts are written and fsync'd side by side, then
+                    // named in order (`.eml` first) and made durable with one
+                    // group-committed directory fsync.
+                    let data = {
+                        let (dir, job) = (dir.clone(), Arc::clone(&job));
+                        tokio::task::spawn_blocking(move || {
+                            stage(&dir, &format!("{}.eml", job.id), |file| {
+                                // Opened afresh for a private offset; io::copy
+                                // moves the bytes in the kernel (copy_file_range).
+                                let mut source = File::open(&job.eml_path)?;
+                                let copied = io::copy(&mut source, file)?;
+                                if copied != job.data_len {
+                                    return Err(io::Error::new(
+                                        io::ErrorKind::UnexpectedEof,
+                                        format!(
+                                            "{} has {copied} octets, expected {}",
+                                            job.eml_path.display(),
+                                            job.data_len
+                                        ),
+                                    ));
+                                }
+                                Ok(())
+                            })
                         })
-                    })
-                    .await??;
-                    sync.sync().await?;
-                    let dir = sync.dir().to_owned();
-                    let job2 = Arc::clone(&job);
-                    tokio::task::spawn_blocking(move || {
-                        create_durable(&dir, &format!("{}.env", job2.id), |file| {
-                            io::Write::write_all(file, &job2.envelope_json)
+                    };
+                    let envelope = {
+                        let (dir, job) = (dir.clone(), Arc::clone(&job));
+                        tokio::task::spawn_blocking(move || {
+                            stage(&dir, &format!("{}.env", job.id), |file| {
+                                io::Write::write_all(file, &job.envelope_json)
+                            })
                         })
+                    };
+                    let (data, envelope) = tokio::join!(data, envelope);
+                    let (eml_tmp, env_tmp) = match (joined(data), joined(envelope)) {
+                        (Ok(eml_tmp), Ok(env_tmp)) => (eml_tmp, env_tmp),
+                        (Ok(tmp), Err(err)) | (Err(err), Ok(tmp)) => {
+                            let _ = remove_if_present(&tmp);
+                            return Err(err);
+                        }
+                        (Err(err), Err(_)) => return Err(err),
+                    };
+                    let id = job.id.clone();
+                    let placed = tokio::task::spawn_blocking(move || {
+                        let placed = place(&dir, &id, &eml_tmp, &env_tmp);
+                        let _ = remove_if_present(&eml_tmp);
+                        let _ = remove_if_present(&env_tmp);
+                        placed
                     })
-                    .await??;
+                    .await?;
+                    placed?;
                     sync.sync().await?;
                     Ok(())
                 }

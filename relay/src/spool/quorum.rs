@@ -50,6 +50,13 @@ impl CopyError {
     }
 }
 
+/// Flattens the result of a blocking task.
+pub fn joined<T>(
+    result: Result<std::io::Result<T>, tokio::task::JoinError>,
+) -> Result<T, CopyError> {
+    Ok(result??)
+}
+
 /// A message whose data has ended, ready to be copied.
 #[derive(Debug)]
 pub struct CopyJob {

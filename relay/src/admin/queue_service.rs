@@ -1,0 +1,293 @@
+//! The `Queue` admin service: list, show, flush, hold, release, delete and
+//! stats over the scheduler's queue (`crate::queue::Queue`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::proto::{self, queue_server};
+use crate::queue::schedule::now_ms;
+use crate::queue::state::Status as RecipientStatus;
+use crate::queue::{Entry, Queue, QueueError};
+use crate::smtp::params::{Body, Ret};
+
+/// How long `delete` waits for a delivery attempt in progress to end.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Serves `postern.admin.v1.Queue` over one relay's queue.
+#[derive(Debug, Clone)]
+pub struct QueueService {
+    queue: Queue,
+}
+
+impl QueueService {
+    /// A service over `queue`.
+    pub fn new(queue: Queue) -> QueueService {
+        QueueService { queue }
+    }
+
+    fn message(&self, entry: &Entry, now: u64) -> proto::Message {
+        message(entry, now, |domain| self.queue.destination(domain))
+    }
+
+    fn current(&self, id: &str) -> Result<proto::Message, Status> {
+        let entry = self
+            .queue
+            .get(id)
+            .ok_or_else(|| status(QueueError::NotFound(id.to_owned())))?;
+        Ok(self.message(&entry, now_ms()))
+    }
+}
+
+/// How a queue error reaches the client.
+fn status(err: QueueError) -> Status {
+    match err {
+        QueueError::NotFound(_) => Status::not_found(err.to_string()),
+        QueueError::Busy(_) => Status::failed_precondition(err.to_string()),
+        QueueError::Io(_) => Status::internal(err.to_string()),
+    }
+}
+
+fn require_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("a message id is required"));
+    }
+    Ok(())
+}
+
+/// Where a message stands: held, active (due or being delivered) or deferred.
+pub fn state_of(entry: &Entry, now: u64) -> proto::MessageState {
+    if entry.state.held {
+        proto::MessageState::Held
+    } else if entry.in_flight || entry.state.next_attempt_ms <= now {
+        proto::MessageState::Active
+    } else {
+        proto::MessageState::Deferred
+    }
+}
+
+fn status_name(status: RecipientStatus) -> &'static str {
+    match status {
+        RecipientStatus::Pending => "pending",
+        RecipientStatus::Delivered => "delivered",
+        RecipientStatus::Failed => "failed",
+    }
+}
+
+/// The wire form of a queue entry; `destination` routes a recipient domain.
+pub fn message(entry: &Entry, now: u64, destination: impl Fn(&str) -> String) -> proto::Message {
+    let envelope = &entry.envelope;
+    let params = &envelope.mail_params;
+    let recipients = envelope
+        .recipients
+        .iter()
+        .zip(&entry.state.recipients)
+        .map(|(recipient, state)| proto::Recipient {
+            address: recipient.address.address(),
+            status: status_name(state.status).into(),
+            last_reply: state.last_reply.clone(),
+            remote: state.remote.clone(),
+            destination: destination(&recipient.address.domain),
+            notify: recipient.params.notify.as_ref().map(|notify| {
+                notify
+                    .iter()
+                    .map(|n| n.keyword())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+            orcpt: recipient.params.orcpt.clone(),
+        })
+        .collect();
+    proto::Message {
+        id: envelope.id.clone(),
+        sender: envelope
+            .reverse_path
+            .as_ref()
+            .map(|m| m.address())
+            .unwrap_or_default(),
+        recipients,
+        size: envelope.data_len,
+        received_at: envelope.received_at.clone(),
+        arrival_ms: entry.arrival_ms,
+        state: state_of(entry, now).into(),
+        attempts: entry.state.attempts,
+        next_attempt_ms: entry.state.next_attempt_ms,
+        in_flight: entry.in_flight,
+        last_error: entry.state.last_error().map(str::to_owned),
+        now_ms: now,
+        client_addr: envelope.client.addr.clone(),
+        helo: envelope.client.helo.clone(),
+        listener: envelope.listener.clone(),
+        tls: envelope.client.tls.clone(),
+        auth: envelope.client.auth.clone(),
+        envid: params.envid.clone(),
+        ret: params.ret.map(|ret| {
+            match ret {
+                Ret::Full => "FULL",
+                Ret::Hdrs => "HDRS",
+            }
+            .into()
+        }),
+        body: params.body.map(|body| {
+            match body {
+                Body::SevenBit => "7BIT",
+                Body::EightBitMime => "8BITMIME",
+            }
+            .into()
+        }),
+        smtputf8: params.smtputf8,
+        data_sha256: envelope.data_sha256.clone(),
+    }
+}
+
+/// Counts by state and by destination (of pending recipients).
+pub fn stats(
+    entries: &[Entry],
+    now: u64,
+    destination: impl Fn(&str) -> String,
+) -> proto::StatsResponse {
+    let mut response = proto::StatsResponse {
+        total: entries.len() as u64,
+        now_ms: now,
+        oldest_arrival_ms: entries.iter().map(|e| e.arrival_ms).min(),
+        ..Default::default()
+    };
+    let mut destinations: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for entry in entries {
+        match state_of(entry, now) {
+            proto::MessageState::Held => response.held += 1,
+            proto::MessageState::Deferred => response.deferred += 1,
+            _ => response.active += 1,
+        }
+        let mut seen = Vec::new();
+        for (recipient, state) in entry
+            .envelope
+            .recipients
+            .iter()
+            .zip(&entry.state.recipients)
+        {
+            if state.status != RecipientStatus::Pending {
+                continue;
+            }
+            let key = destination(&recipient.address.domain);
+            let counts = destinations.entry(key.clone()).or_default();
+            counts.1 += 1;
+            if !seen.contains(&key) {
+                counts.0 += 1;
+                seen.push(key);
+            }
+        }
+    }
+    response.destinations = destinations
+        .into_iter()
+        .map(
+            |(destination, (messages, recipients))| proto::DestinationCount {
+                destination,
+                messages,
+                recipients,
+            },
+        )
+        .collect();
+    response
+}
+
+#[tonic::async_trait]
+impl queue_server::Queue for QueueService {
+    async fn list(
+        &self,
+        _request: Request<proto::ListRequest>,
+    ) -> Result<Response<proto::ListResponse>, Status> {
+        let now = now_ms();
+        let messages = self
+            .queue
+            .list()
+            .iter()
+            .map(|entry| self.message(entry, now))
+            .collect();
+        Ok(Response::new(proto::ListResponse { messages }))
+    }
+
+    async fn show(
+        &self,
+        request: Request<proto::ShowRequest>,
+    ) -> Result<Response<proto::Message>, Status> {
+        let id = request.into_inner().id;
+        require_id(&id)?;
+        self.current(&id).map(Response::new)
+    }
+
+    async fn flush(
+        &self,
+        request: Request<proto::FlushRequest>,
+    ) -> Result<Response<proto::FlushResponse>, Status> {
+        let id = request.into_inner().id.filter(|id| !id.is_empty());
+        if let Some(id) = &id {
+            // Flushing a held message would do nothing; say why.
+            if self.queue.get(id).is_some_and(|entry| entry.state.held) {
+                return Err(Status::failed_precondition(format!(
+                    "message {id} is held; release it to deliver it"
+                )));
+            }
+        }
+        let flushed = self.queue.flush(id.as_deref()).map_err(status)?;
+        Ok(Response::new(proto::FlushResponse {
+            flushed: flushed as u64,
+        }))
+    }
+
+    async fn hold(
+        &self,
+        request: Request<proto::HoldRequest>,
+    ) -> Result<Response<proto::Message>, Status> {
+        let id = request.into_inner().id;
+        require_id(&id)?;
+        self.queue.set_held(&id, true).await.map_err(status)?;
+        self.current(&id).map(Response::new)
+    }
+
+    async fn release(
+        &self,
+        request: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::Message>, Status> {
+        let id = request.into_inner().id;
+        require_id(&id)?;
+        self.queue.set_held(&id, false).await.map_err(status)?;
+        self.current(&id).map(Response::new)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::DeleteResponse>, Status> {
+        let proto::DeleteRequest { id, bounce } = request.into_inner();
+        require_id(&id)?;
+        // A DSN goes out only for a real sender and recipients still pending.
+        let bounced = bounce
+            && self.queue.get(&id).is_some_and(|entry| {
+                entry.envelope.reverse_path.is_some() && !entry.state.is_final()
+            });
+        // An attempt in progress usually ends within moments; wait for it
+        // rather than make the operator retry.
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            match self.queue.delete(&id, bounce).await {
+                Err(QueueError::Busy(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                result => break result.map_err(status)?,
+            }
+        }
+        Ok(Response::new(proto::DeleteResponse { id, bounced }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<proto::StatsRequest>,
+    ) -> Result<Response<proto::StatsResponse>, Status> {
+        let entries = self.queue.list();
+        Ok(Response::new(stats(&entries, now_ms(), |domain| {
+            self.queue.destination(domain)
+        })))
+    }
+}

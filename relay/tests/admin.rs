@@ -1,0 +1,314 @@
+//! `postern queue` against the real binary: a relay whose relayhost refuses
+//! connections keeps its mail deferred, and every queue command is run on it
+//! over the admin socket (and once over TCP and through --config).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// `postern queue ARGS --data-dir DIR`.
+fn queue(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(postern_bin())
+        .arg("queue")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run postern queue")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(data_dir: &Path, args: &[&str]) -> String {
+    let output = queue(data_dir, args);
+    assert!(
+        output.status.success(),
+        "postern queue {args:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn fails(data_dir: &Path, args: &[&str]) -> String {
+    let output = queue(data_dir, args);
+    assert!(
+        !output.status.success(),
+        "postern queue {args:?} succeeded:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stderr).unwrap()
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+fn list(data_dir: &Path) -> Vec<Value> {
+    json(&ok(data_dir, &["list", "--json"]))
+        .as_array()
+        .expect("list --json prints an array")
+        .clone()
+}
+
+fn find<'a>(messages: &'a [Value], id: &str) -> Option<&'a Value> {
+    messages.iter().find(|m| m["id"] == id)
+}
+
+/// Waits until message `id` has had at least `attempts` attempts and is
+/// waiting for the next one (or is held); returns it.
+fn wait_attempts(data_dir: &Path, id: &str, attempts: u64) -> Value {
+    wait_for(Duration::from_secs(20), || {
+        find(&list(data_dir), id)
+            .filter(|m| {
+                m["attempts"].as_u64() >= Some(attempts)
+                    && !m["in_flight"].as_bool().unwrap()
+                    && m["state"] != "active"
+            })
+            .cloned()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{id} did not reach {attempts} attempts: {:?}",
+            find(&list(data_dir), id)
+        )
+    })
+}
+
+fn submit(relay: &Relay, from: &str, to: &[&str], subject: &str) -> String {
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let data = crlf(&format!(
+        "From: {from}\nTo: {}\nSubject: {subject}\n\nHello.\n",
+        to.join(", ")
+    ));
+    let from = format!("<{from}>");
+    let to: Vec<String> = to.iter().map(|t| format!("<{t}>")).collect();
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    let reply = smtp.send_mail(&from, &to, &data);
+    assert_eq!(reply.code, 250, "{reply}");
+    smtp.cmd("QUIT");
+    reply.queued_id()
+}
+
+#[test]
+fn queue_commands_against_a_running_relay() {
+    let closed = free_port();
+    let admin = free_port();
+    let mut relay = Relay::start(RelayConfig {
+        extra_toml: format!(
+            "[delivery]\nrelayhost = \"127.0.0.1:{closed}\"\nretry_schedule = [\"1h\"]\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+        ),
+        ..RelayConfig::default()
+    });
+    let dir = relay.data_dir.clone();
+    let socket = dir.join("admin.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin.sock mode {mode:o}");
+
+    let a = submit(
+        &relay,
+        "alice@example.org",
+        &["bob@example.net", "carol@example.org"],
+        "A",
+    );
+    let b = submit(&relay, "dave@example.org", &["erin@example.com"], "B");
+    let c = submit(&relay, "frank@example.org", &["grace@example.com"], "C");
+    for id in [&a, &b, &c] {
+        wait_attempts(&dir, id, 1);
+    }
+
+    // list: oldest first, deferred with the relayhost's refusal.
+    let messages = list(&dir);
+    let ids: Vec<&str> = messages.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [&a, &b, &c]);
+    let first = &messages[0];
+    assert_eq!(first["sender"], "alice@example.org");
+    assert_eq!(first["state"], "deferred");
+    assert_eq!(first["recipients"].as_array().unwrap().len(), 2);
+    let last_error = first["last_error"].as_str().unwrap();
+    assert!(
+        last_error.starts_with("451 ") && last_error.contains("refused"),
+        "{last_error}"
+    );
+    let table = ok(&dir, &["list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID ") && lines[0].contains("LAST ERROR"),
+        "{table}"
+    );
+    let row = lines[1];
+    for part in [
+        a.as_str(),
+        "alice@example.org",
+        "  2  ",
+        "bob@example.net",
+        "in 59m",
+        "451 ",
+    ] {
+        assert!(row.contains(part), "list row lacks {part:?}:\n{table}");
+    }
+    let octets: u64 = messages.iter().map(|m| m["size"].as_u64().unwrap()).sum();
+    assert_eq!(
+        *lines.last().unwrap(),
+        format!("-- 3 messages, 4 recipients, {octets} octets")
+    );
+
+    // show: the envelope and per-recipient state.
+    let shown = json(&ok(&dir, &["show", &a, "--json"]));
+    assert_eq!(shown["id"], a.as_str());
+    assert_eq!(
+        shown["size"].as_u64().unwrap(),
+        relay.eml(&a).len() as u64,
+        "size is the spooled size"
+    );
+    for recipient in shown["recipients"].as_array().unwrap() {
+        assert_eq!(recipient["status"], "pending");
+        assert_eq!(recipient["destination"], format!("127.0.0.1:{closed}"));
+    }
+    let text = ok(&dir, &["show", &a]);
+    for part in [
+        "Sender   <alice@example.org>",
+        "State    deferred, 1 attempt, next in 59m",
+        "carol@example.org",
+        "pending",
+    ] {
+        assert!(text.contains(part), "show lacks {part:?}:\n{text}");
+    }
+
+    // hold: flushing a held message is refused; flushing all skips it.
+    let held = json(&ok(&dir, &["hold", &b, "--json"]));
+    assert_eq!(held["state"], "held");
+    assert!(fails(&dir, &["flush", &b]).contains("held"));
+    assert_eq!(
+        ok(&dir, &["flush"]),
+        "2 message(s) scheduled for delivery now\n"
+    );
+    wait_attempts(&dir, &a, 2);
+    wait_attempts(&dir, &c, 2);
+    assert_eq!(
+        ok(&dir, &["flush", &c]),
+        format!("{c}: delivery attempt scheduled now\n")
+    );
+    wait_attempts(&dir, &c, 3);
+    let b_now = find(&list(&dir), &b).unwrap().clone();
+    assert_eq!(b_now["attempts"], 1, "a held message was attempted");
+    assert_eq!(b_now["state"], "held");
+
+    // stats, over TCP and through --config too.
+    let stats = json(&ok(&dir, &["stats", "--json"]));
+    assert_eq!(stats["total"], 3);
+    assert_eq!(stats["held"], 1);
+    assert_eq!(stats["deferred"], 2);
+    assert_eq!(stats["active"], 0);
+    assert_eq!(
+        stats["destinations"],
+        serde_json::json!([{ "destination": format!("127.0.0.1:{closed}"), "messages": 3, "recipients": 4 }])
+    );
+    assert!(stats["oldest_age_seconds"].as_u64().is_some());
+    let over_tcp = ok(&dir, &["stats", "--admin", &format!("127.0.0.1:{admin}")]);
+    assert!(over_tcp.contains("held      1\n"), "{over_tcp}");
+    assert!(
+        over_tcp.contains(&format!("127.0.0.1:{closed}  3         4\n")),
+        "{over_tcp}"
+    );
+    assert!(over_tcp.contains("Oldest message: "), "{over_tcp}");
+    let config = relay.config_path.to_str().unwrap().to_owned();
+    let via_config = Command::new(postern_bin())
+        .args(["queue", "list", "--json", "--config", &config])
+        .output()
+        .unwrap();
+    assert!(via_config.status.success(), "{via_config:?}");
+    assert_eq!(
+        json(&String::from_utf8(via_config.stdout).unwrap())
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // The hold is persisted: it survives a restart; the socket goes with the relay.
+    relay.stop();
+    assert!(
+        !socket.exists(),
+        "admin.sock left behind after a clean stop"
+    );
+    let err = fails(&dir, &["list"]);
+    assert!(
+        err.contains("not running") && err.contains(&socket.display().to_string()),
+        "{err}"
+    );
+    relay.restart();
+    let messages = list(&dir);
+    assert_eq!(messages.len(), 3);
+    assert_eq!(find(&messages, &b).unwrap()["state"], "held");
+    assert!(find(&messages, &a).unwrap()["attempts"].as_u64().unwrap() >= 2);
+
+    // release: delivery is attempted at once.
+    let released = json(&ok(&dir, &["release", &b, "--json"]));
+    assert_ne!(released["state"], "held");
+    wait_attempts(&dir, &b, 2);
+
+    // delete: every copy goes.
+    assert_eq!(ok(&dir, &["delete", &c]), format!("{c}: deleted\n"));
+    assert!(find(&list(&dir), &c).is_none());
+    let leftovers: Vec<String> = files_under(&dir)
+        .into_iter()
+        .filter(|f| f.contains(c.as_str()))
+        .collect();
+    assert!(leftovers.is_empty(), "copies of {c} left: {leftovers:?}");
+    assert!(fails(&dir, &["delete", &c]).contains(&format!("no queued message {c}")));
+    assert!(fails(&dir, &["show", "NO-SUCH-ID"]).contains("no queued message NO-SUCH-ID"));
+
+    // delete --bounce: a DSN from <> to the sender takes its place.
+    assert_eq!(
+        ok(&dir, &["delete", &a, "--bounce"]),
+        format!("{a}: deleted; a bounce was sent to the sender\n")
+    );
+    let messages = list(&dir);
+    assert!(find(&messages, &a).is_none());
+    let dsn = messages
+        .iter()
+        .find(|m| m["sender"] == "")
+        .unwrap_or_else(|| panic!("no bounce queued: {messages:?}"));
+    assert_eq!(dsn["recipients"][0]["address"], "alice@example.org");
+    let dsn_id = dsn["id"].as_str().unwrap();
+    let report = String::from_utf8_lossy(&relay.eml(dsn_id)).into_owned();
+    assert!(
+        report.contains("multipart/report") && report.contains("5.3.0"),
+        "{report}"
+    );
+    assert!(
+        !files_under(&dir).iter().any(|f| f.contains(a.as_str())),
+        "copies of {a} left after delete --bounce"
+    );
+    let table = ok(&dir, &["list"]);
+    assert!(table.contains("  <>  "), "{table}");
+
+    // A relay killed with -9 leaves its socket; the next start replaces it.
+    relay.kill9();
+    assert!(socket.exists());
+    relay.restart();
+    assert_eq!(list(&dir).len(), 2);
+}
+
+#[test]
+fn a_relay_that_is_not_running_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = queue(dir.path(), &["stats"]);
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("the relay is not running")
+            && err.contains(&dir.path().join("admin.sock").display().to_string()),
+        "{err}"
+    );
+    assert!(output.stdout.is_empty());
+}
