@@ -212,3 +212,30 @@ async fn follow(membership: Arc<Membership>, tx: mpsc::Sender<Claim>, retry_ever
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_the_committed_envelopes_under_the_prefix() {
+        let messages = ObjectPath::from("relays/a/messages");
+        let keys: Vec<ObjectPath> = [
+            "relays/a/messages/01B.env",
+            "relays/a/messages/01B.eml",
+            "relays/a/messages/01A.env",
+            // Data whose envelope never arrived: not committed.
+            "relays/a/messages/01C.eml",
+            // Another relay's, a staging object, a nested key, odd names.
+            "relays/b/messages/01D.env",
+            "relays/a/staging/01E.eml",
+            "relays/a/messages/sub/01F.env",
+            "relays/a/messages/.env",
+            "relays/a/messages/01G.env.tmp",
+        ]
+        .into_iter()
+        .map(ObjectPath::from)
+        .collect();
+        assert_eq!(message_ids(&messages, &keys), ["01A", "01B"]);
+    }
+}
