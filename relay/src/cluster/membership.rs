@@ -192,7 +192,8 @@ impl Membership {
         })
     }
 
-    /// [`start`](Membership::start), then waits until the lease is held.
+    /// [`start`](Membership::start), then waits until the lease is held
+    /// (for ever while the service is unreachable: callers bound it).
     pub async fn join(
         coordinator: Arc<dyn Coordinator>,
         id: MemberId,
