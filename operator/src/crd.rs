@@ -360,7 +360,8 @@ pub struct ObjectStore {
     #[schemars(length(min = 3, max = 63))]
     pub bucket: String,
     /// Key prefix for this relay cluster's objects.
-    #[serde(default)]
+    // No empty-string default in the schema: Kubernetes 1.20 reads `default: ""` as null.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prefix: String,
     /// Region.
     #[serde(default = "default_region")]
@@ -722,6 +723,30 @@ mod tests {
         for bad in ["", "Gi", "10GB", "1.", ".5Gi", "1.2.3"] {
             assert!(!parse_quantity_ok(bad), "{bad}");
         }
+    }
+
+    /// Kubernetes 1.20 takes `default: ""` for null and rejects the CRD.
+    #[test]
+    fn schema_has_no_empty_string_defaults() {
+        fn walk(value: &serde_json::Value, path: &str) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    if map.get("default") == Some(&serde_json::Value::from("")) {
+                        panic!("{path} has default \"\"");
+                    }
+                    for (key, child) in map {
+                        walk(child, &format!("{path}.{key}"));
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for (index, child) in items.iter().enumerate() {
+                        walk(child, &format!("{path}[{index}]"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        walk(&serde_json::to_value(crd()).unwrap(), "crd");
     }
 
     #[test]

@@ -4,4 +4,12 @@
 
 pub mod build;
 pub mod crd;
+pub mod discovery;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
 pub mod relay_config;
+pub mod scale;
+pub mod stats;
+pub mod status;

@@ -363,3 +363,61 @@ async fn draining_closes_idle_sessions_and_lets_transactions_finish() {
     busy.expect("421 4.3.2").await;
     assert_eq!(committed(dir.path()).len(), 1);
 }
+
+#[tokio::test]
+async fn connection_limits_per_address_and_in_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.limits.max_connections = 3;
+    config.limits.max_connections_per_ip = 2;
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let limiter = ConnectionLimiter::new(3, 2);
+    let listener = Arc::new(Listener::new(&config, &config.listeners[0], spool, limiter).unwrap());
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(postern::inbound::serve(listener, socket, async {
+        let _ = stop_rx.await;
+    }));
+    let connect_from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let mut client = Client {
+            reader: BufReader::new(stream),
+        };
+        let greeting = client.reply().await;
+        (client, greeting.last().unwrap().clone())
+    };
+    let (_a1, g1) = connect_from("127.0.0.1").await;
+    let (_a2, g2) = connect_from("127.0.0.1").await;
+    assert!(g1.starts_with("220") && g2.starts_with("220"));
+    // A third from the same address is over the per-address limit.
+    let (mut a3, g3) = connect_from("127.0.0.1").await;
+    assert!(g3.starts_with("421 4.7.0"), "{g3}");
+    assert!(a3.closed().await);
+    // Another address still gets in, up to the total.
+    let (_b1, h1) = connect_from("127.0.0.2").await;
+    assert!(h1.starts_with("220"), "{h1}");
+    let (_b2, h2) = connect_from("127.0.0.2").await;
+    assert!(h2.starts_with("421 4.7.0"), "over the total: {h2}");
+    drop(_a1);
+    // The freed slot is reusable once the server notices the close.
+    let reopened = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (_c, g) = connect_from("127.0.0.3").await;
+            if g.starts_with("220") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        reopened.is_ok(),
+        "the slot of a closed connection was not freed"
+    );
+    let _ = stop_tx.send(());
+    drop((_a2, _b1));
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+}

@@ -22,7 +22,7 @@ pub use configmap::config_map;
 pub use pdb::pod_disruption_budget;
 pub use serviceaccount::service_account;
 pub use services::{peer_service, smtp_service};
-pub use statefulset::stateful_set;
+pub use statefulset::{keep_spool_claim, stateful_set};
 
 /// Label on relay pods that the SMTP Service selects; a draining pod gets
 /// [`TRAFFIC_DRAIN`] so no new sessions reach it.

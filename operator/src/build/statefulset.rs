@@ -286,3 +286,64 @@ fn secret_volume(volume: &str, secret: &str, only_key: Option<&str>) -> Volume {
         ..Volume::default()
     }
 }
+
+/// Kubernetes forbids changing a StatefulSet's volumeClaimTemplates. When the
+/// spec's spool size or storage class differs from the live StatefulSet's,
+/// keep the live values in `desired` (so the rest still applies) and say what
+/// was kept.
+pub fn keep_spool_claim(desired: &mut StatefulSet, live: &StatefulSet) -> Option<String> {
+    let claim_spec = |sts: &StatefulSet| {
+        sts.spec
+            .as_ref()?
+            .volume_claim_templates
+            .as_ref()?
+            .iter()
+            .find(|claim| claim.metadata.name.as_deref() == Some(SPOOL_VOLUME))?
+            .spec
+            .clone()
+    };
+    let facts = |spec: &PersistentVolumeClaimSpec| {
+        let size = spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| q.0.clone());
+        (size, spec.storage_class_name.clone())
+    };
+    let live_spec = claim_spec(live)?;
+    let wanted = claim_spec(desired)?;
+    let (live_size, live_class) = facts(&live_spec);
+    let (size, class) = facts(&wanted);
+    if (&live_size, &live_class) == (&size, &class) {
+        return None;
+    }
+    let claim = desired
+        .spec
+        .as_mut()?
+        .volume_claim_templates
+        .as_mut()?
+        .iter_mut()
+        .find(|claim| claim.metadata.name.as_deref() == Some(SPOOL_VOLUME))?;
+    let spec = claim.spec.as_mut()?;
+    if let (Some(requests), Some(live_size)) = (
+        spec.resources.as_mut().and_then(|r| r.requests.as_mut()),
+        &live_size,
+    ) {
+        requests.insert("storage".into(), Quantity(live_size.clone()));
+    }
+    spec.storage_class_name = live_class.clone();
+    let show = |size: &Option<String>, class: &Option<String>| {
+        format!(
+            "{} on {}",
+            size.as_deref().unwrap_or("?"),
+            class.as_deref().unwrap_or("the default storage class")
+        )
+    };
+    Some(format!(
+        "spec.spool asks for {} but a StatefulSet's volume claims cannot change; the relays \
+         keep {} (recreate the MailQueue, or resize the PersistentVolumeClaims, to change it)",
+        show(&size, &class),
+        show(&live_size, &live_class)
+    ))
+}

@@ -10,7 +10,7 @@ use super::proto::{self, queue_server};
 use crate::queue::schedule::now_ms;
 use crate::queue::state::Status as RecipientStatus;
 use crate::queue::{Entry, Queue, QueueError};
-use crate::smtp::params::{Body, Notify, Ret};
+use crate::smtp::params::{Body, Ret};
 
 /// How long `delete` waits for a delivery attempt in progress to end.
 const BUSY_WAIT: Duration = Duration::from_secs(10);
@@ -92,12 +92,7 @@ pub fn message(entry: &Entry, now: u64, destination: impl Fn(&str) -> String) ->
             notify: recipient.params.notify.as_ref().map(|notify| {
                 notify
                     .iter()
-                    .map(|n| match n {
-                        Notify::Never => "NEVER",
-                        Notify::Success => "SUCCESS",
-                        Notify::Failure => "FAILURE",
-                        Notify::Delay => "DELAY",
-                    })
+                    .map(|n| n.keyword())
                     .collect::<Vec<_>>()
                     .join(",")
             }),

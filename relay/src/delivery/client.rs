@@ -516,6 +516,11 @@ impl Connection {
             self.settings.timeouts.data_block,
         )
         .await?;
+        if let Stream::Tcp(tcp) = &self.stream {
+            // Plain TCP: the kernel copies the spool file to the socket.
+            let file = file.into_std().await;
+            return sendfile_all(tcp, &file, len, self.settings.timeouts.data_block).await;
+        }
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = file.read(&mut buf).await?;
@@ -616,6 +621,47 @@ impl Connection {
             self.input.extend_from_slice(&buf[..n]);
         }
     }
+}
+
+/// Sends `len` octets of `file` to `tcp` with sendfile(2), waiting for the
+/// socket to be writable; each wait is bounded by `block_timeout`.
+async fn sendfile_all(
+    tcp: &TcpStream,
+    file: &std::fs::File,
+    len: u64,
+    block_timeout: Duration,
+) -> Result<(), ClientError> {
+    use std::os::fd::AsRawFd;
+    let mut offset: libc::off_t = 0;
+    while (offset as u64) < len {
+        tokio::time::timeout(block_timeout, tcp.writable())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "write timed out"))??;
+        let remaining = (len - offset as u64).min(1 << 30) as usize;
+        let sent = tcp.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: both descriptors are open for the duration of the call and
+            // `offset` is a valid pointer to our own variable.
+            let n = unsafe {
+                libc::sendfile(tcp.as_raw_fd(), file.as_raw_fd(), &mut offset, remaining)
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match sent {
+            Ok(0) => {
+                return Err(ClientError::Protocol(
+                    "spool file shorter than its envelope says".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(ClientError::Io(err)),
+        }
+    }
+    Ok(())
 }
 
 /// Adapts `&mut Stream` to the tokio I/O traits.

@@ -1,7 +1,7 @@
 //! The client side without I/O: reply parsing, EHLO capabilities, command
 //! formatting and dot-stuffing of wire-format data.
 
-use super::params::{encode_xtext, Body, MailParams, Notify, RcptParams, Ret};
+use super::params::{encode_xtext, Body, MailParams, RcptParams, Ret};
 use super::reply::Reply;
 
 /// Longest reply line we accept from a server (RFC 5321 §4.5.3.1.5 says 512).
@@ -187,15 +187,7 @@ pub fn rcpt_command(forward_path: &str, params: &RcptParams, caps: &Capabilities
     let mut command = format!("RCPT TO:<{forward_path}>");
     if caps.dsn {
         if let Some(notify) = &params.notify {
-            let words: Vec<&str> = notify
-                .iter()
-                .map(|n| match n {
-                    Notify::Never => "NEVER",
-                    Notify::Success => "SUCCESS",
-                    Notify::Failure => "FAILURE",
-                    Notify::Delay => "DELAY",
-                })
-                .collect();
+            let words: Vec<&str> = notify.iter().map(|n| n.keyword()).collect();
             command.push_str(&format!(" NOTIFY={}", words.join(",")));
         }
         if let Some(orcpt) = &params.orcpt {
@@ -247,6 +239,7 @@ impl DotStuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp::params::Notify;
 
     #[test]
     fn multi_line_reply_with_enhanced_codes() {

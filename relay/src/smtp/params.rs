@@ -89,6 +89,18 @@ pub enum Notify {
     Delay,
 }
 
+impl Notify {
+    /// The keyword as it goes on the wire.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Notify::Never => "NEVER",
+            Notify::Success => "SUCCESS",
+            Notify::Failure => "FAILURE",
+            Notify::Delay => "DELAY",
+        }
+    }
+}
+
 /// Parameters of RCPT TO.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RcptParams {

@@ -1,0 +1,270 @@
+//! The Helm chart `charts/postern`: `helm lint --strict` with every values
+//! file under `ci/`, a render of each validated strictly against the
+//! Kubernetes schemas (`kubernetes-validate --strict`, oldest and newest
+//! versions it knows), the builders' snapshots validated the same way, the
+//! chart's CRD equal to `crds/`, values.schema.json rejecting unknown keys,
+//! least-privilege RBAC, and the operator accepting the Deployment's arguments.
+//!
+//! helm comes from `e2e/install-deps` (under /opt/postern-e2e/bin); these
+//! tests fail, naming that script, when it is missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Oldest and newest Kubernetes versions kubernetes-validate ships schemas for
+/// (it has none for 1.20, the e2e tier's server).
+const KUBE_VERSIONS: [&str; 2] = ["1.25.0", "1.37.0"];
+
+fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("POSTERN_E2E_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/postern-e2e"));
+    let installed = dir.join("bin").join(name);
+    if installed.exists() {
+        return installed;
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.exists())
+    });
+    on_path.unwrap_or_else(|| panic!("{name} is not installed: run `bash e2e/install-deps`"))
+}
+
+fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    output
+}
+
+fn check(command: &mut Command) -> String {
+    let output = run(command);
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn chart() -> PathBuf {
+    common::repo_root().join("charts/postern")
+}
+
+fn values_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(chart().join("ci"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "expected several values files in ci/");
+    files
+}
+
+fn render(values: &Path) -> String {
+    check(
+        Command::new(tool("helm"))
+            .args(["template", "postern", "--namespace", "postern-system"])
+            .arg(chart())
+            .arg("--values")
+            .arg(values),
+    )
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn validate_strictly(file: &Path) {
+    for version in KUBE_VERSIONS {
+        // As a module: pip's script directory need not be on PATH.
+        check(
+            Command::new("python3")
+                .args(["-m", "kubernetes_validate", "--strict", "--quiet"])
+                .args(["--kubernetes-version", version])
+                .arg(file),
+        );
+    }
+}
+
+#[test]
+fn helm_lint_passes_with_every_values_file() {
+    check(
+        Command::new(tool("helm"))
+            .args(["lint", "--strict"])
+            .arg(chart()),
+    );
+    for values in values_files() {
+        check(
+            Command::new(tool("helm"))
+                .args(["lint", "--strict"])
+                .arg(chart())
+                .arg("--values")
+                .arg(&values),
+        );
+    }
+}
+
+#[test]
+fn rendered_objects_validate_strictly() {
+    let dir = tempfile::tempdir().unwrap();
+    for values in values_files() {
+        let rendered = render(&values);
+        let file = dir.path().join(values.file_name().unwrap());
+        std::fs::write(&file, &rendered).unwrap();
+        validate_strictly(&file);
+    }
+}
+
+#[test]
+fn builder_snapshots_validate_strictly() {
+    for snapshot in ["minimal.yaml", "example.yaml"] {
+        validate_strictly(
+            &common::repo_root()
+                .join("operator/tests/snapshots")
+                .join(snapshot),
+        );
+    }
+}
+
+#[test]
+fn chart_crd_equals_the_generated_one() {
+    let committed: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(common::repo_root().join("crds/mailqueues.postern.dev.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let rendered = render(&chart().join("ci/default-values.yaml"));
+    let mut crds: Vec<Value> = documents(&rendered)
+        .into_iter()
+        .filter(|doc| doc["kind"] == "CustomResourceDefinition")
+        .collect();
+    assert_eq!(crds.len(), 1, "the chart installs the CRD by default");
+    let mut crd = crds.remove(0);
+    let annotations = crd["metadata"]["annotations"].as_object_mut().unwrap();
+    assert_eq!(
+        annotations.remove("helm.sh/resource-policy"),
+        Some(Value::from("keep")),
+        "helm uninstall must keep the CRD (and every MailQueue)"
+    );
+    assert!(annotations.is_empty());
+    crd["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    assert_eq!(crd, committed);
+
+    let without = render(&chart().join("ci/bring-your-own-values.yaml"));
+    assert!(documents(&without)
+        .iter()
+        .all(|doc| doc["kind"] != "CustomResourceDefinition"));
+}
+
+#[test]
+fn values_schema_rejects_unknown_and_mistyped_keys() {
+    for bad in [
+        "replicas=2",
+        "image.tag=1",
+        "metrics.port=0",
+        "watchNamespace=Not_A_Namespace",
+    ] {
+        let mut command = Command::new(tool("helm"));
+        command.arg("template").arg(chart()).arg("--set").arg(bad);
+        if bad == "image.tag=1" {
+            // A number where a string belongs.
+            command.args(["--set", "image.pullPolicy=Sometimes"]);
+        }
+        let output = run(&mut command);
+        assert!(!output.status.success(), "--set {bad} was accepted");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("schema"),
+            "--set {bad}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let objects = documents(&render(&chart().join("ci/default-values.yaml")));
+    let roles: Vec<&Value> = objects
+        .iter()
+        .filter(|doc| doc["kind"] == "ClusterRole" || doc["kind"] == "Role")
+        .collect();
+    assert_eq!(
+        roles.len(),
+        2,
+        "the operator's ClusterRole and the leader-election Role"
+    );
+    for role in roles {
+        for rule in role["rules"].as_array().unwrap() {
+            for key in ["apiGroups", "resources", "verbs"] {
+                for item in rule[key].as_array().unwrap() {
+                    assert_ne!(item, "*", "wildcard {key} in {rule}");
+                }
+            }
+            for verb in rule["verbs"].as_array().unwrap() {
+                assert!(
+                    ![
+                        "delete",
+                        "deletecollection",
+                        "escalate",
+                        "bind",
+                        "impersonate"
+                    ]
+                    .contains(&verb.as_str().unwrap()),
+                    "{verb} in {rule}"
+                );
+            }
+            assert!(
+                !rule["resources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == "secrets"),
+                "the operator never reads Secrets: {rule}"
+            );
+        }
+    }
+    let namespaced = documents(&render(&chart().join("ci/namespaced-values.yaml")));
+    assert!(namespaced.iter().all(|doc| doc["kind"] != "ClusterRole"));
+    assert!(namespaced
+        .iter()
+        .any(|doc| doc["kind"] == "Role" && doc["metadata"]["namespace"] == "mail"));
+}
+
+#[test]
+fn operator_accepts_the_deployment_arguments() {
+    for values in values_files() {
+        let objects = documents(&render(&values));
+        let deployment = objects
+            .iter()
+            .find(|doc| doc["kind"] == "Deployment")
+            .expect("a Deployment");
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["command"][0], "postern-operator");
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|arg| arg.as_str().unwrap())
+            .collect();
+        // clap rejects an unknown argument before it reaches --help.
+        check(
+            Command::new(env!("CARGO_BIN_EXE_postern-operator"))
+                .args(&args)
+                .arg("--help"),
+        );
+    }
+}
