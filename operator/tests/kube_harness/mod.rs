@@ -11,7 +11,7 @@
 //! runs the container's command with the relay binary, runs the readiness
 //! probe from the pod spec and reports it in the pod status, and on deletion
 //! sends SIGTERM, waits up to the grace period and only then removes the pod.
-//! Each pod gets its own loopback address (127.0.1.N) as its pod IP, so
+//! Each pod gets its own loopback address (127.0.K.N) as its pod IP, so
 //! several relays bind the same ports as in a cluster; the relay's
 //! configuration is rewritten only where a container differs from a process
 //! on this machine: wildcard listen addresses become the pod IP and paths
@@ -417,6 +417,7 @@ impl Kubelet {
             selector: selector.to_owned(),
             relay,
             root: root.to_owned(),
+            net: NEXT_NET.fetch_add(1, Ordering::SeqCst),
             state: Arc::clone(&state),
         };
         let task = tokio::spawn({
@@ -558,8 +559,13 @@ struct Worker {
     selector: String,
     relay: PathBuf,
     root: PathBuf,
+    /// Pod IPs are 127.0.<net>.N: one /24 per kubelet in this process.
+    net: u8,
     state: Arc<Mutex<State>>,
 }
+
+/// The next kubelet's pod network (tests in one binary run in parallel).
+static NEXT_NET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
 
 impl Worker {
     async fn sync(&self) -> Result<(), String> {
@@ -642,10 +648,11 @@ impl Worker {
         let ip = {
             let mut state = self.state.lock().unwrap();
             let next = state.ips.len() as u8 + 2;
+            let net = self.net;
             *state
                 .ips
                 .entry(name.to_owned())
-                .or_insert(Ipv4Addr::new(127, 0, 1, next))
+                .or_insert(Ipv4Addr::new(127, 0, net, next))
         };
         let pod_dir = self.root.join("pods").join(name);
         let run_dir = pod_dir.join(format!("run-{uid}"));
@@ -1100,4 +1107,122 @@ pub fn send_mail(smtp: SocketAddr, to: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Says something in the test output even when cargo captures it (what the
+/// tier checked, and plainly what it could not).
+pub fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "e2e-kube: {line}");
+}
+
+/// A child process killed on drop, its output in a log file.
+pub struct Process {
+    /// The process.
+    pub child: Child,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Starts `command` with output to `log`.
+    pub fn spawn(command: &mut Command, log: PathBuf) -> Process {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {:?}: {err}", command.get_program()));
+        Process { child, log }
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The SMTP sink of e2e/sink.py (aiosmtpd), a real next hop for the relays.
+pub struct Sink {
+    process: Process,
+    /// Where it stores what it receives.
+    pub dir: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Sink {
+    /// Starts the sink on `addr`, storing messages in `dir`; waits until it listens.
+    pub fn start(addr: SocketAddr, dir: &Path) -> Sink {
+        std::fs::create_dir_all(dir).expect("sink dir");
+        let mut process = Process::spawn(
+            Command::new("python3")
+                .arg(repo_root().join("e2e/sink.py"))
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--dir")
+                .arg(dir),
+            dir.join("sink.log"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!(
+                    "e2e/sink.py exited ({status}); is aiosmtpd installed (e2e/install-deps)?\n{}",
+                    process.log_tail(20)
+                );
+            }
+            assert!(Instant::now() < deadline, "e2e/sink.py does not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Sink {
+            process,
+            dir: dir.to_owned(),
+            addr,
+        }
+    }
+
+    /// Messages received so far.
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "eml"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
 }
