@@ -393,6 +393,30 @@ pub struct RunningPod {
     pub log: PathBuf,
 }
 
+/// Reads a kubelet's errors and relay logs, for failure messages.
+#[derive(Clone)]
+pub struct KubeletView(Arc<Mutex<State>>);
+
+impl KubeletView {
+    /// The kubelet's errors and the last lines of each relay's log.
+    pub fn describe(&self) -> String {
+        let state = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut text = format!("stand-in kubelet errors: {:#?}\n", state.errors);
+        for relay in state.relays.values() {
+            let log = std::fs::read_to_string(&relay.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            text.push_str(&format!(
+                "--- relay {} ({}, exited {:?}) ---\n{}\n",
+                relay.pod,
+                relay.ip,
+                relay.exited,
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            ));
+        }
+        text
+    }
+}
+
 /// The stand-in kubelet (see the module documentation).
 pub struct Kubelet {
     state: Arc<Mutex<State>>,
@@ -441,6 +465,11 @@ impl Kubelet {
             stop,
             task: Some(task),
         }
+    }
+
+    /// A handle that reads the kubelet's state (for failure diagnostics).
+    pub fn view(&self) -> KubeletView {
+        KubeletView(Arc::clone(&self.state))
     }
 
     /// Everything the kubelet did so far.
@@ -509,7 +538,13 @@ fn kill_all(state: &Mutex<State>) {
 }
 
 fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    k8s_openapi::jiff::Timestamp::from_second(seconds as i64)
+        .expect("a time")
+        .to_string()
 }
 
 async fn register_node(nodes: &Api<Node>) {
@@ -1204,7 +1239,10 @@ impl Sink {
                     process.log_tail(20)
                 );
             }
-            assert!(Instant::now() < deadline, "e2e/sink.py does not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "e2e/sink.py does not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Sink {
@@ -1224,5 +1262,24 @@ impl Sink {
                     .count()
             })
             .unwrap_or(0)
+    }
+}
+
+impl Sink {
+    /// The recipients of the messages received so far.
+    pub fn recipients(&self) -> Vec<String> {
+        let mut recipients = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|ext| ext == "json") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
+                    for rcpt in value["rcpt_tos"].as_array().into_iter().flatten() {
+                        recipients.extend(rcpt.as_str().map(str::to_owned));
+                    }
+                }
+            }
+        }
+        recipients
     }
 }
