@@ -203,23 +203,41 @@ fn json(text: &str) -> Value {
 }
 
 /// `kubectl get mailqueues -o wide` as column → value for one MailQueue
-/// (every column of this table is one word, `<none>` when empty).
+/// (kubectl aligns each column under its header; an empty value is blank).
 fn mailqueue_columns(cluster: &Cluster, name: &str) -> (String, Vec<(String, String)>) {
     let table = cluster.kubectl(&["get", "mailqueues", "-n", "mail", "-o", "wide"]);
+    (table.clone(), table_row(&table, name))
+}
+
+/// The row of `name` in a kubectl table, as (header, value) pairs.
+fn table_row(table: &str, name: &str) -> Vec<(String, String)> {
     let mut lines = table.lines();
-    let header: Vec<String> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    let row: Vec<String> = lines
-        .find(|line| line.split_whitespace().next() == Some(name))
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    (table.clone(), header.into_iter().zip(row).collect())
+    let header = lines.next().unwrap_or_default();
+    let mut starts = Vec::new();
+    let mut previous = ' ';
+    for (index, ch) in header.char_indices() {
+        if ch != ' ' && previous == ' ' {
+            starts.push(index);
+        }
+        previous = ch;
+    }
+    let Some(row) = lines.find(|line| line.split_whitespace().next() == Some(name)) else {
+        return Vec::new();
+    };
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, start)| {
+            let end = starts.get(i + 1).copied().unwrap_or(usize::MAX);
+            let cell = |text: &str| {
+                text.get(*start..end.min(text.len()))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            };
+            (cell(header), cell(row))
+        })
+        .collect()
 }
 
 fn column(columns: &[(String, String)], name: &str) -> String {
@@ -416,6 +434,7 @@ async fn mailqueue_on_a_real_kube_apiserver() {
     let operator_port = free_port();
     let work = tempfile::Builder::new()
         .prefix("postern-kube-e2e-")
+        .disable_cleanup(std::env::var_os("POSTERN_KEEP_KUBE").is_some())
         .tempdir()
         .unwrap();
     let mut operator = Process::spawn(
@@ -490,7 +509,12 @@ async fn mailqueue_on_a_real_kube_apiserver() {
             &cluster.kubeconfig,
             &[
                 "get",
-                "statefulset/mx,service/mx,service/mx-peers,configmap/mx-config,serviceaccount/mx-relay,poddisruptionbudgets.v1beta1.policy/mx",
+                "statefulset/mx",
+                "service/mx",
+                "service/mx-peers",
+                "configmap/mx-config",
+                "serviceaccount/mx-relay",
+                "poddisruptionbudgets.v1beta1.policy/mx",
                 "-n",
                 "mail",
                 "-o",
@@ -583,7 +607,7 @@ async fn mailqueue_on_a_real_kube_apiserver() {
     assert!(stats.contains("\"queue_depth\":3"), "{stats}");
     let queued_at = Instant::now();
     let columns = until_columns(&cluster, "Queued 3", Duration::from_secs(100), |c| {
-        column(c, "QUEUED") == "3" && column(c, "OLDEST") != "<none>"
+        column(c, "QUEUED") == "3" && !column(c, "OLDEST").is_empty()
     })
     .await;
     report(&format!(
@@ -678,6 +702,12 @@ async fn mailqueue_on_a_real_kube_apiserver() {
     for n in 0..2 {
         send_mail(mx1.ports["smtp"], &format!("late{n}@example.net"));
     }
+    let before_scale = kubelet.events().len();
+    let mx1_stopped = |events: &[KubeletEvent]| {
+        events[before_scale..]
+            .iter()
+            .any(|e| matches!(e, KubeletEvent::Terminating { pod, .. } if pod == "mx-1"))
+    };
     cluster.kubectl(&["scale", "mailqueue", "mx", "-n", "mail", "--replicas=1"]);
     eventually("mx-1 marked draining", Duration::from_secs(30), || async {
         let pod = json(&cluster.kubectl(&["get", "pod", "mx-1", "-n", "mail", "-o", "json"]));
@@ -700,10 +730,7 @@ async fn mailqueue_on_a_real_kube_apiserver() {
         let sts = json(&cluster.kubectl(&["get", "statefulset", "mx", "-n", "mail", "-o", "json"]));
         assert_eq!(sts["spec"]["replicas"], 2, "lowered before mx-1 drained");
         assert!(
-            !kubelet
-                .events()
-                .iter()
-                .any(|e| matches!(e, KubeletEvent::Terminating { pod, .. } if pod == "mx-1")),
+            !mx1_stopped(&kubelet.events()),
             "mx-1 stopped before its queue drained"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -757,7 +784,7 @@ async fn mailqueue_on_a_real_kube_apiserver() {
         |c| {
             column(c, "READY") == "1/1"
                 && column(c, "QUEUED") == "0"
-                && column(c, "DRAINING") == "<none>"
+                && column(c, "DRAINING").is_empty()
         },
     )
     .await;

@@ -361,6 +361,7 @@ struct Relay {
 struct State {
     relays: HashMap<String, Relay>,
     ips: BTreeMap<String, Ipv4Addr>,
+    runs: usize,
     events: Vec<KubeletEvent>,
     errors: Vec<String>,
 }
@@ -689,8 +690,14 @@ impl Worker {
                 .entry(name.to_owned())
                 .or_insert(Ipv4Addr::new(127, 0, net, next))
         };
-        let pod_dir = self.root.join("pods").join(name);
-        let run_dir = pod_dir.join(format!("run-{uid}"));
+        // Short paths: the relay's admin socket lives in its data directory,
+        // and a Unix socket path has at most 107 bytes.
+        let runs = {
+            let mut state = self.state.lock().unwrap();
+            state.runs += 1;
+            state.runs
+        };
+        let run_dir = self.root.join("run").join(format!("{name}.{runs}"));
         std::fs::create_dir_all(&run_dir).map_err(|err| err.to_string())?;
 
         // Volumes: mount path -> local path.
@@ -701,8 +708,17 @@ impl Worker {
                 .iter()
                 .flatten()
                 .find(|volume| volume.name == mount.name);
-            let dir = if let Some(volume) = volume {
-                let dir = run_dir.join("volumes").join(&volume.name);
+            let Some(volume) = volume else {
+                return Err(format!("{name}: no volume {} for its mount", mount.name));
+            };
+            let dir = if let Some(claim) = &volume.persistent_volume_claim {
+                // A claim (from the volumeClaimTemplates): its directory
+                // outlives the pod, as a PersistentVolume would.
+                let dir = self.root.join("claims").join(&claim.claim_name);
+                std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
+                dir
+            } else {
+                let dir = run_dir.join("v").join(&volume.name);
                 std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
                 if let Some(source) = &volume.config_map {
                     let Some(map) = self
@@ -739,14 +755,6 @@ impl Worker {
                             .map_err(|err| err.to_string())?;
                     }
                 }
-                dir
-            } else {
-                // A volumeClaimTemplate: the claim's directory outlives the pod.
-                let dir = self
-                    .root
-                    .join("claims")
-                    .join(format!("{}-{name}", mount.name));
-                std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
                 dir
             };
             let local = match &mount.sub_path {
