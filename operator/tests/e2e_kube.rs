@@ -746,11 +746,7 @@ async fn mailqueue_on_a_real_kube_apiserver() {
         Duration::from_secs(120),
         || async {
             let delivered = sink.recipients();
-            let terminating = kubelet
-                .events()
-                .iter()
-                .any(|e| matches!(e, KubeletEvent::Terminating { pod, .. } if pod == "mx-1"));
-            if terminating {
+            if mx1_stopped(&kubelet.events()) {
                 Ok(delivered)
             } else {
                 Err(format!("sink has {delivered:?}"))
@@ -761,7 +757,8 @@ async fn mailqueue_on_a_real_kube_apiserver() {
     for late in ["late0@example.net", "late1@example.net"] {
         assert!(
             delivered_before.iter().any(|r| r == late),
-            "mx-1 was stopped before its message to {late} was delivered: {delivered_before:?}"
+            "mx-1 was stopped before its message to {late} was delivered: {delivered_before:?}; kubelet events since the scale-down: {:?}",
+            &kubelet.events()[before_scale..]
         );
     }
     eventually(

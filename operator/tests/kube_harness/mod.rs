@@ -402,7 +402,10 @@ impl KubeletView {
     /// The kubelet's errors and the last lines of each relay's log.
     pub fn describe(&self) -> String {
         let state = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
-        let mut text = format!("stand-in kubelet errors: {:#?}\n", state.errors);
+        let mut text = format!(
+            "stand-in kubelet errors: {:#?}\nstand-in kubelet events: {:#?}\n",
+            state.errors, state.events
+        );
         for relay in state.relays.values() {
             let log = std::fs::read_to_string(&relay.log).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
