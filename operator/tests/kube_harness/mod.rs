@@ -67,11 +67,19 @@ pub fn tool(name: &str) -> PathBuf {
     path
 }
 
-/// The relay binary, built fresh from the workspace (the relay is another
-/// package, so Cargo gives this test no CARGO_BIN_EXE for it).
+/// The relay binary. The relay is another package, so Cargo gives this test
+/// no CARGO_BIN_EXE for it: e2e/run-tests passes the one that its
+/// `cargo test --workspace` just built in POSTERN_RELAY_BIN; without it the
+/// binary is built here with `cargo build -p postern`.
 pub fn relay_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("POSTERN_RELAY_BIN") {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "POSTERN_RELAY_BIN={} is not a file",
+            path.display()
+        );
+        return path;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
