@@ -631,14 +631,18 @@ impl Worker {
                 .as_ref()
                 .and_then(|spec| spec.node_name.as_deref())
                 .is_some();
-            if pod.metadata.deletion_timestamp.is_some() {
-                self.terminate(&pod, &name, &uid).await?;
+            // One pod's trouble does not hold up the others.
+            let result = if pod.metadata.deletion_timestamp.is_some() {
+                self.terminate(&pod, &name, &uid).await
             } else if !bound {
-                self.bind(&name, &uid).await?;
+                self.bind(&name, &uid).await
             } else if !self.state.lock().unwrap().relays.contains_key(&uid) {
-                self.run(&pod, &name, &uid).await?;
+                self.run(&pod, &name, &uid).await
             } else {
-                self.probe_and_report(&name, &uid).await?;
+                self.probe_and_report(&name, &uid).await
+            };
+            if let Err(err) = result {
+                self.state.lock().unwrap().error(err);
             }
         }
         // Pods removed without us (force deletion): stop their relays.
@@ -858,7 +862,7 @@ impl Worker {
 
         let log = run_dir.join("relay.log");
         let log_file = std::fs::File::create(&log).map_err(|err| err.to_string())?;
-        let child = Command::new(&argv[0])
+        let child = die_with_parent(&mut Command::new(&argv[0]))
             .args(&argv[1..])
             .envs(env)
             .env(
@@ -1163,6 +1167,19 @@ pub fn send_mail(smtp: SocketAddr, to: &str) {
     );
 }
 
+/// Makes a child die with the thread that started it, so relays, the
+/// operator and the sink never outlive a test process that was killed.
+fn die_with_parent(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -1190,7 +1207,7 @@ impl Process {
     /// Starts `command` with output to `log`.
     pub fn spawn(command: &mut Command, log: PathBuf) -> Process {
         let file = std::fs::File::create(&log).expect("log file");
-        let child = command
+        let child = die_with_parent(command)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
