@@ -50,18 +50,22 @@ struct RunArgs {
     #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE")]
     lease_namespace: Option<String>,
     /// How long the Lease holds without renewal before a standby takes over.
-    #[arg(long, default_value = "15s", value_parser = parse_lease_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "15s", value_parser = parse_duration_arg, value_name = "DURATION")]
     lease_duration: Duration,
     /// This replica's identity in the Lease; the pod name (POD_NAME) or host name and pid.
     #[arg(long, env = "POD_NAME", value_name = "ID")]
     identity: Option<String>,
+    /// How often a steady MailQueue is looked at again, refreshing its queue
+    /// columns from the relays' /stats.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg, value_name = "DURATION")]
+    resync: Duration,
     /// Reconcile without leader election (only one replica may run).
     #[arg(long)]
     no_leader_election: bool,
 }
 
-fn parse_lease_duration(text: &str) -> Result<Duration, String> {
-    crd::parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration such as 15s"))
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    crd::parse_duration(text).ok_or_else(|| format!("{text:?} is not a duration such as 15s or 1m"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,6 +158,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         stats: Arc::new(HttpStats),
         metrics: Arc::clone(&metrics),
         clock: Arc::new(k8s_openapi::jiff::Timestamp::now),
+        resync: args.resync,
     });
     let controller = reconcile::run(ctx, args.namespace.clone(), stopped(stop_rx.clone()));
     let lost = async {

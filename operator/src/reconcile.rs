@@ -34,8 +34,9 @@ pub const MANAGER: &str = "postern-operator";
 
 /// How soon to look again while something is changing (a rollout, a drain).
 pub const REQUEUE_BUSY: Duration = Duration::from_secs(10);
-/// How soon to look again when all is steady (queue statistics go stale).
-pub const REQUEUE_IDLE: Duration = Duration::from_secs(60);
+/// How soon to look again when all is steady, by default (queue statistics go
+/// stale): [`Context::resync`].
+pub const REQUEUE_IDLE: Duration = Duration::from_secs(30);
 /// How soon to retry after an error.
 pub const REQUEUE_ERROR: Duration = Duration::from_secs(15);
 
@@ -53,6 +54,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The current time (tests fix it).
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// How soon to look again when all is steady, to refresh the queue columns.
+    pub resync: Duration,
 }
 
 /// Why a reconcile failed (it is retried).
@@ -341,9 +344,9 @@ async fn reconcile_mail_queue(mq: &MailQueue, ctx: &Context) -> Result<Action, E
         .iter()
         .any(|kind| status::condition(&status, kind).is_some_and(|c| c.status == "True"));
     Ok(Action::requeue(if busy {
-        REQUEUE_BUSY
+        REQUEUE_BUSY.min(ctx.resync)
     } else {
-        REQUEUE_IDLE
+        ctx.resync
     }))
 }
 

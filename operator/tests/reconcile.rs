@@ -282,6 +282,7 @@ fn context(pdb: PdbVersion, stats: FakeStats) -> (Arc<Context>, ApiServer) {
         stats: Arc::new(stats),
         metrics: Arc::new(Metrics::default()),
         clock: Arc::new(|| NOW.parse().unwrap()),
+        resync: REQUEUE_IDLE,
     };
     (Arc::new(ctx), ApiServer { handle })
 }
