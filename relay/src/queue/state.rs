@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spool::fsync::{remove_if_present, DirSync};
+use crate::spool::fsync::{remove_if_present, write_synced, DirSync};
 
 /// Version written by this build.
 pub const STATE_VERSION: u32 = 1;
@@ -98,18 +98,11 @@ impl DeliveryState {
     }
 }
 
-/// Writes `bytes` to `tmp`, fsyncs it and renames it over `path`; the caller
-/// syncs the directory.
+/// Writes `bytes` to `tmp` (fsync'd) and renames it over `path`; the caller
+/// syncs the directory. A leftover `tmp` from a failed save is replaced.
 fn write_durable_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)?;
-    file.write_all(bytes)?;
-    file.sync_data()?;
-    drop(file);
+    remove_if_present(tmp)?;
+    write_synced(tmp, bytes)?;
     std::fs::rename(tmp, path)
 }
 
