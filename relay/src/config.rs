@@ -44,6 +44,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The admin gRPC service (`postern queue ...`).
     pub admin: AdminConfig,
+    /// Cluster membership, peer replication and takeover; absent on one machine.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             routes: Vec::new(),
             admin: AdminConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -166,6 +169,8 @@ pub enum CopyKind {
     Local,
     /// The object store (`[object_store]`).
     ObjectStore,
+    /// A peer relay's replica (`[cluster]`, `cluster.replicas` of them).
+    Peer,
 }
 
 /// The ack policy: which copies are written and how many must confirm before 250.
@@ -265,6 +270,93 @@ impl Default for HttpConfig {
 pub struct AdminConfig {
     /// TCP address for the admin service as well; none by default.
     pub listen: Option<SocketAddr>,
+}
+
+/// A relay's part in a cluster (DESIGN.md §3): its name, etcd, its peers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This relay's member name, unique in the cluster (`[A-Za-z0-9._-]`).
+    /// Default: `hostname`.
+    pub name: Option<String>,
+    /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`.
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd, so clusters can share one etcd.
+    pub prefix: String,
+    /// The membership lease's TTL: how long a dead relay keeps its spool.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Address the peer service (replicas, takeover reads, cluster admin) binds.
+    pub peer_listen: SocketAddr,
+    /// `host:port` peers reach this relay's peer service at; default `peer_listen`.
+    pub advertise: Option<String>,
+    /// Peer services as `host:port`; DNS names (a headless Service) are
+    /// resolved again for every use and may stand for several relays. This
+    /// relay's own address is skipped.
+    pub peers: Vec<String>,
+    /// Shared secret every peer request carries.
+    pub secret: Option<String>,
+    /// File holding the shared secret (instead of `secret`).
+    pub secret_file: Option<PathBuf>,
+    /// Peer replicas written per message when `spool.copies` has `"peer"`.
+    pub replicas: usize,
+    /// How often the repair task re-creates copies that are missing.
+    #[serde(with = "humantime_serde")]
+    pub repair_interval: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: None,
+            etcd: Vec::new(),
+            prefix: "/postern".into(),
+            lease_ttl: Duration::from_secs(10),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 9327)),
+            advertise: None,
+            peers: Vec::new(),
+            secret: None,
+            secret_file: None,
+            replicas: 1,
+            repair_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The member name.
+    pub fn member_name(&self, hostname: &str) -> String {
+        self.name.clone().unwrap_or_else(|| hostname.to_owned())
+    }
+
+    /// The address peers reach this relay at.
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.peer_listen.to_string())
+    }
+
+    /// The shared secret, read from `secret_file` when set.
+    pub fn shared_secret(&self) -> Result<String, ConfigError> {
+        if let Some(secret) = &self.secret {
+            return Ok(secret.clone());
+        }
+        let path = self.secret_file.as_ref().ok_or_else(|| {
+            ConfigError::Invalid("cluster.secret or secret_file is required".into())
+        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let secret = text.trim().to_owned();
+        if secret.len() < 16 {
+            return Err(ConfigError::Invalid(format!(
+                "{}: the cluster secret must be at least 16 characters",
+                path.display()
+            )));
+        }
+        Ok(secret)
+    }
 }
 
 /// Outbound delivery settings.
@@ -496,11 +588,11 @@ impl Config {
                 return invalid(format!("spool.copies names {copy:?} twice"));
             }
         }
-        if spool.required == 0 || spool.required > spool.copies.len() {
+        let copies = self.copy_count();
+        if spool.required == 0 || spool.required > copies {
             return invalid(format!(
-                "spool.required = {} must be between 1 and the {} copies in spool.copies",
+                "spool.required = {} must be between 1 and the {copies} copies in spool.copies",
                 spool.required,
-                spool.copies.len()
             ));
         }
         if spool.deadline.is_zero() {
@@ -532,12 +624,60 @@ impl Config {
             crate::delivery::route::NextHop::parse(&route.next_hop)
                 .map_err(|err| ConfigError::Invalid(format!("route {index}: next_hop: {err}")))?;
         }
+        if spool.copies.contains(&CopyKind::Peer) {
+            match &self.cluster {
+                Some(cluster) if !cluster.peers.is_empty() => {}
+                _ => {
+                    return invalid(
+                        "spool.copies has \"peer\": [cluster] with at least one peer is needed"
+                            .into(),
+                    )
+                }
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            let name = cluster.member_name(&self.hostname);
+            if !crate::cluster::MemberId::new(name.clone()).is_ok() {
+                return invalid(format!(
+                    "cluster.name {name:?}: use 1-128 of [A-Za-z0-9._-] (set cluster.name)"
+                ));
+            }
+            if cluster.etcd.is_empty() {
+                return invalid("cluster.etcd must name at least one endpoint".into());
+            }
+            if cluster.secret.is_some() == cluster.secret_file.is_some() {
+                return invalid("cluster: set exactly one of secret and secret_file".into());
+            }
+            if cluster.secret.as_ref().is_some_and(|s| s.len() < 16) {
+                return invalid("cluster.secret must be at least 16 characters".into());
+            }
+            if cluster.lease_ttl < Duration::from_secs(2) {
+                return invalid("cluster.lease_ttl must be at least 2s".into());
+            }
+            if cluster.replicas == 0 {
+                return invalid("cluster.replicas must be at least 1".into());
+            }
+            if cluster.repair_interval.is_zero() {
+                return invalid("cluster.repair_interval must be positive".into());
+            }
+        }
         if let ObjectStoreConfig::S3 { bucket, .. } = &self.object_store {
             if bucket.is_empty() {
                 return invalid("object_store.bucket must not be empty".into());
             }
         }
         Ok(())
+    }
+
+    /// Copies written per message: each entry of `spool.copies`, `"peer"`
+    /// counting `cluster.replicas` times.
+    pub fn copy_count(&self) -> usize {
+        let replicas = self.cluster.as_ref().map_or(1, |c| c.replicas);
+        self.spool
+            .copies
+            .iter()
+            .map(|kind| if *kind == CopyKind::Peer { replicas } else { 1 })
+            .sum()
     }
 
     /// The admin service's Unix socket.

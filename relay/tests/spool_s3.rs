@@ -170,7 +170,7 @@ async fn a_quorum_of_local_and_s3_has_both_copies_with_equal_bytes() {
 
     let store = spool.object_store().unwrap();
     let eml = store
-        .get(&spool.object_key(&id, false).unwrap())
+        .get(&spool.object_key("", &id, false).unwrap())
         .await
         .unwrap()
         .bytes()
@@ -182,7 +182,7 @@ async fn a_quorum_of_local_and_s3_has_both_copies_with_equal_bytes() {
     );
     assert_eq!(&eml[..], &data[..]);
     let env = store
-        .get(&spool.object_key(&id, true).unwrap())
+        .get(&spool.object_key("", &id, true).unwrap())
         .await
         .unwrap()
         .bytes()

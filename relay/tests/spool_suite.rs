@@ -24,6 +24,7 @@ pub fn envelope() -> Envelope {
     Envelope {
         version: ENVELOPE_VERSION,
         id: String::new(),
+        spool: String::new(),
         reverse_path: Some(Mailbox {
             local: "sender".into(),
             domain: "example.org".into(),
@@ -95,6 +96,7 @@ pub fn job(dir: &Path, data: &[u8]) -> Arc<CopyJob> {
     env.data_len = data.len() as u64;
     env.data_sha256 = hex::encode(Sha256::digest(data));
     Arc::new(CopyJob {
+        spool: String::new(),
         id,
         eml_file: Arc::new(std::fs::File::open(&eml_path).unwrap()),
         eml_path,
@@ -106,7 +108,7 @@ pub fn job(dir: &Path, data: &[u8]) -> Arc<CopyJob> {
 /// Reads one object, `None` when absent.
 pub async fn object(copy: &ObjectCopy, id: &str, part: Part) -> Option<Vec<u8>> {
     let store = copy.store().unwrap();
-    match store.get(&copy.key(id, part)).await {
+    match store.get(&copy.key("", id, part)).await {
         Ok(got) => Some(got.bytes().await.unwrap().to_vec()),
         Err(object_store::Error::NotFound { .. }) => None,
         Err(err) => panic!("reading {id}: {err}"),
@@ -143,10 +145,16 @@ pub async fn object_copy_conformance(config: &Config) {
     );
 
     // Removal takes both parts back and may be repeated.
-    Arc::clone(&copy).remove(small.id.clone()).await.unwrap();
+    Arc::clone(&copy)
+        .remove(String::new(), small.id.clone())
+        .await
+        .unwrap();
     assert_eq!(object(&copy, &small.id, Part::Envelope).await, None);
     assert_eq!(object(&copy, &small.id, Part::Data).await, None);
-    Arc::clone(&copy).remove(small.id.clone()).await.unwrap();
+    Arc::clone(&copy)
+        .remove(String::new(), small.id.clone())
+        .await
+        .unwrap();
 
     // A message above the single-PUT limit goes up in parts, bytes intact.
     let big_data = message(SINGLE_PUT_MAX as usize + 3 * 1024 * 1024 + 7);
@@ -157,6 +165,9 @@ pub async fn object_copy_conformance(config: &Config) {
     assert!(stored == big_data, "large message bytes differ");
     let err = Arc::clone(&copy).write(Arc::clone(&big)).await.unwrap_err();
     assert!(err.is_already_exists(), "expected AlreadyExists, got {err}");
-    Arc::clone(&copy).remove(big.id.clone()).await.unwrap();
+    Arc::clone(&copy)
+        .remove(String::new(), big.id.clone())
+        .await
+        .unwrap();
     assert_eq!(object(&copy, &big.id, Part::Data).await, None);
 }

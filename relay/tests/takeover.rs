@@ -54,7 +54,7 @@ async fn takeover_lists_the_dead_relays_messages_and_state() {
     let objects = spool.object_store().unwrap();
     // The local directory backend has no prefix: keys are messages/<id>.*
     assert_eq!(
-        spool.object_key(&ids[0], true).unwrap(),
+        spool.object_key("", &ids[0], true).unwrap(),
         ObjectPath::from(format!("messages/{}.env", ids[0]))
     );
     let prefix = ObjectPath::default();

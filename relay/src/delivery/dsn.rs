@@ -222,6 +222,7 @@ mod tests {
         Envelope {
             version: ENVELOPE_VERSION,
             id: "ID1".into(),
+            spool: String::new(),
             reverse_path: Some(mailbox("sender@example.org")),
             mail_params: MailParams {
                 envid: Some("ENV-1".into()),

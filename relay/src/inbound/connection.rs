@@ -328,6 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         Envelope {
             version: ENVELOPE_VERSION,
             id: String::new(),
+            spool: String::new(),
             reverse_path,
             mail_params,
             recipients: transaction

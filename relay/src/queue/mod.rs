@@ -324,7 +324,7 @@ impl Queue {
                 return Err(err);
             }
         }
-        if let Err(err) = self.inner.spool.remove(&envelope.id).await {
+        if let Err(err) = self.inner.spool.remove(&envelope.spool, &envelope.id).await {
             warn!(id = %envelope.id, "cannot remove finished message: {err}");
         }
         let _ = self.inner.states.remove(&envelope.id).await;
@@ -414,6 +414,7 @@ impl Queue {
         let report = Envelope {
             version: ENVELOPE_VERSION,
             id: report_id,
+            spool: String::new(),
             reverse_path: None,
             mail_params: crate::smtp::params::MailParams {
                 smtputf8: dsn::is_international(envelope, reported),
@@ -560,7 +561,7 @@ impl Queue {
         } else {
             self.inner
                 .spool
-                .remove(id)
+                .remove(&entry.envelope.spool, id)
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             self.inner.states.remove(id).await?;

@@ -17,6 +17,10 @@ pub struct Envelope {
     pub version: u32,
     /// Spool id, equal to the file stem.
     pub id: String,
+    /// The cluster spool (unit of ownership) the message was accepted into;
+    /// empty outside a cluster.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spool: String,
     /// Reverse path; `None` is the null path `<>`.
     pub reverse_path: Option<Mailbox>,
     /// MAIL FROM parameters.

@@ -181,7 +181,11 @@ impl CopyTarget for LocalCopy {
         })
     }
 
-    fn remove(self: Arc<Self>, id: String) -> BoxFuture<'static, Result<(), CopyError>> {
+    fn remove(
+        self: Arc<Self>,
+        _spool: String,
+        id: String,
+    ) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
             let dir = self.dir.clone();
             let id2 = id.clone();
@@ -253,6 +257,7 @@ mod tests {
         writer.push(b"Subject: x\r\n\r\nbody\r\n");
         let (file, data_len, _) = writer.finish_blocking().unwrap();
         let job = Arc::new(CopyJob {
+            spool: String::new(),
             id: id.into(),
             eml_path: path.clone(),
             eml_file: Arc::new(file),
@@ -263,7 +268,7 @@ mod tests {
         Arc::clone(&copy).write(job).await.unwrap();
         assert_eq!(std::fs::read(env_path(dir.path(), id)).unwrap(), b"{}");
         assert!(!env_tmp_path(dir.path(), id).exists());
-        copy.remove(id.into()).await.unwrap();
+        copy.remove(String::new(), id.into()).await.unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

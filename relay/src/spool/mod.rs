@@ -35,6 +35,9 @@ use local::{LocalCopy, Writer};
 use object::{ObjectCopy, Part};
 use quorum::{Background, CopyJob, CopyTarget, Policy};
 
+/// Most commits that may run at once (far above any connection limit).
+const COMMITS_IN_FLIGHT: usize = 1 << 20;
+
 /// Why the spool could not take or commit a message; each maps to one SMTP reply.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -106,6 +109,10 @@ struct Inner {
     keep_local: bool,
     object: Option<Arc<ObjectCopy>>,
     background: Background,
+    /// The spool new messages go into (see [`Spool::rotate`]).
+    current: std::sync::Mutex<String>,
+    /// One permit per commit in progress.
+    committing: tokio::sync::Semaphore,
     /// Held for the life of the spool so two relays never share it.
     _lock: std::fs::File,
 }
@@ -119,13 +126,30 @@ impl std::fmt::Debug for dyn CopyTarget {
 impl Spool {
     /// Opens (creating) the spool described by `config`, runs recovery.
     pub async fn open(config: &Config) -> Result<(Spool, Recovered), SpoolError> {
+        Spool::open_with_peers(config, Vec::new()).await
+    }
+
+    /// [`open`](Spool::open) with the peer replicas of a cluster: `peers`
+    /// stand for the `"peer"` entry of `spool.copies`.
+    pub async fn open_with_peers(
+        config: &Config,
+        peers: Vec<Arc<dyn CopyTarget>>,
+    ) -> Result<(Spool, Recovered), SpoolError> {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Spool::open_blocking(&config))
+        tokio::task::spawn_blocking(move || Spool::open_blocking(&config, peers))
             .await
             .map_err(std::io::Error::other)?
     }
 
-    fn open_blocking(config: &Config) -> Result<(Spool, Recovered), SpoolError> {
+    fn open_blocking(
+        config: &Config,
+        peers: Vec<Arc<dyn CopyTarget>>,
+    ) -> Result<(Spool, Recovered), SpoolError> {
+        if config.spool.copies.contains(&CopyKind::Peer) == peers.is_empty() {
+            return Err(SpoolError::Io(std::io::Error::other(
+                "spool.copies names \"peer\" exactly when peer replicas are configured",
+            )));
+        }
         let dir = config.spool_dir();
         let quarantine_dir = config.data_dir.join("quarantine");
         std::fs::create_dir_all(&dir)?;
@@ -150,13 +174,14 @@ impl Spool {
             .spool
             .copies
             .iter()
-            .map(|kind| match kind {
+            .flat_map(|kind| match kind {
                 CopyKind::Local => {
-                    Arc::new(LocalCopy::new(Arc::clone(&sync))) as Arc<dyn CopyTarget>
+                    vec![Arc::new(LocalCopy::new(Arc::clone(&sync))) as Arc<dyn CopyTarget>]
                 }
                 CopyKind::ObjectStore => {
-                    Arc::clone(object.as_ref().expect("built above")) as Arc<dyn CopyTarget>
+                    vec![Arc::clone(object.as_ref().expect("built above")) as Arc<dyn CopyTarget>]
                 }
+                CopyKind::Peer => peers.clone(),
             })
             .collect();
         let inner = Inner {
@@ -172,6 +197,8 @@ impl Spool {
             keep_local: config.spool.copies.contains(&CopyKind::Local),
             object,
             background: Background::default(),
+            current: std::sync::Mutex::new(String::new()),
+            committing: tokio::sync::Semaphore::new(COMMITS_IN_FLIGHT),
             _lock: lock,
         };
         Ok((
@@ -278,9 +305,42 @@ impl Spool {
     }
 
     /// The object key of message `id`'s data (`envelope = false`) or envelope.
-    pub fn object_key(&self, id: &str, envelope: bool) -> Option<object_store::path::Path> {
+    pub fn object_key(
+        &self,
+        spool: &str,
+        id: &str,
+        envelope: bool,
+    ) -> Option<object_store::path::Path> {
         let part = if envelope { Part::Envelope } else { Part::Data };
-        Some(self.inner.object.as_ref()?.key(id, part))
+        Some(self.inner.object.as_ref()?.key(spool, id, part))
+    }
+
+    /// The object-store copy, when the policy has one.
+    pub fn object_copy(&self) -> Option<&Arc<ObjectCopy>> {
+        self.inner.object.as_ref()
+    }
+
+    /// Every copy of the ack policy, in `spool.copies` order (repair writes
+    /// the missing ones again).
+    pub fn copies(&self) -> &[Arc<dyn CopyTarget>] {
+        &self.inner.copies
+    }
+
+    /// The spool new messages are committed into.
+    pub fn current_spool(&self) -> String {
+        self.inner.current.lock().expect("spool lock").clone()
+    }
+
+    /// Commits started from now on go into `spool`; returns once every
+    /// commit into the previous one has finished, so after this no new
+    /// message can appear in it.
+    pub async fn rotate(&self, spool: String) {
+        *self.inner.current.lock().expect("spool lock") = spool;
+        let all = u32::try_from(COMMITS_IN_FLIGHT).unwrap_or(u32::MAX);
+        // Every permit back means no commit into the old spool is running.
+        if let Ok(permits) = self.inner.committing.acquire_many(all).await {
+            drop(permits);
+        }
     }
 
     /// Waits until the copies still running after their commits answered, and
@@ -437,7 +497,16 @@ impl Incoming {
                 return Err(err);
             }
         };
+        // Held until the quorum answered, so `rotate` can wait for it.
+        let _committing = self
+            .spool
+            .inner
+            .committing
+            .acquire()
+            .await
+            .map_err(std::io::Error::other)?;
         envelope.id = self.id.clone();
+        envelope.spool = self.spool.current_spool();
         envelope.data_len = data_len;
         envelope.data_sha256 = data_sha256.clone();
         let mut json = serde_json::to_vec_pretty(&envelope).map_err(std::io::Error::other)?;
@@ -447,6 +516,7 @@ impl Incoming {
         // commit fails, or when it was only staging.
         self.armed = false;
         let job = Arc::new(CopyJob {
+            spool: envelope.spool.clone(),
             id: self.id.clone(),
             eml_path: self.path.clone(),
             eml_file: Arc::new(file),

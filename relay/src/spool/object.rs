@@ -139,12 +139,34 @@ impl ObjectCopy {
         })
     }
 
-    /// The key of one part of message `id`, relative to the store.
-    pub fn key(&self, id: &str, part: Part) -> ObjectPath {
+    /// The key of one part of message `id` of `spool`, relative to the store:
+    /// `<prefix>/spools/<spool>/messages/<id>.<ext>` in S3 (so the relay that
+    /// takes a spool over lists exactly its messages), `<prefix>/messages/`
+    /// for a relay outside a cluster. The local-directory backend serves one
+    /// machine and keeps one flat `messages/` directory.
+    pub fn key(&self, spool: &str, id: &str, part: Part) -> ObjectPath {
         let name = format!("{id}.{}", part.extension());
         match &self.backend {
-            Backend::S3 { prefix, .. } => prefix.clone().join("messages").join(name.as_str()),
+            Backend::S3 { prefix, .. } => Self::messages_prefix(prefix, spool).join(name.as_str()),
             Backend::Dir { .. } => ObjectPath::from("messages").join(name.as_str()),
+        }
+    }
+
+    /// Where the messages of `spool` live under `prefix`.
+    pub fn messages_prefix(prefix: &ObjectPath, spool: &str) -> ObjectPath {
+        if spool.is_empty() {
+            prefix.clone().join("messages")
+        } else {
+            prefix.clone().join("spools").join(spool).join("messages")
+        }
+    }
+
+    /// The prefix all S3 keys of this relay live under (`None` for the
+    /// local-directory backend).
+    pub fn s3_prefix(&self) -> Option<&ObjectPath> {
+        match &self.backend {
+            Backend::S3 { prefix, .. } => Some(prefix),
+            Backend::Dir { .. } => None,
         }
     }
 
@@ -174,7 +196,7 @@ impl ObjectCopy {
         prefix: &ObjectPath,
         job: &CopyJob,
     ) -> Result<(), CopyError> {
-        let data_key = self.key(&job.id, Part::Data);
+        let data_key = self.key(&job.spool, &job.id, Part::Data);
         if job.data_len <= SINGLE_PUT_MAX {
             let _permit = self.reserve(job.data_len).await;
             let bytes = read_at(&job.eml_file, 0, job.data_len).await?;
@@ -198,7 +220,7 @@ impl ObjectCopy {
         }
         put_create(
             store,
-            &self.key(&job.id, Part::Envelope),
+            &self.key(&job.spool, &job.id, Part::Envelope),
             job.envelope_json.clone().into(),
         )
         .await
@@ -465,13 +487,17 @@ impl CopyTarget for ObjectCopy {
         })
     }
 
-    fn remove(self: Arc<Self>, id: String) -> BoxFuture<'static, Result<(), CopyError>> {
+    fn remove(
+        self: Arc<Self>,
+        spool: String,
+        id: String,
+    ) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
             match &self.backend {
                 Backend::S3 { store, prefix } => {
                     let keys = [
-                        self.key(&id, Part::Envelope),
-                        self.key(&id, Part::Data),
+                        self.key(&spool, &id, Part::Envelope),
+                        self.key(&spool, &id, Part::Data),
                         Self::staging_key(prefix, &id),
                     ];
                     Self::remove_s3(store, keys).await

@@ -60,6 +60,9 @@ pub fn joined<T>(
 /// A message whose data has ended, ready to be copied.
 #[derive(Debug)]
 pub struct CopyJob {
+    /// The spool (unit of ownership) the message belongs to; empty on a
+    /// relay that is not in a cluster.
+    pub spool: String,
     /// Spool id.
     pub id: String,
     /// The local `.eml` (the local copy, or staging for the others).
@@ -84,7 +87,11 @@ pub trait CopyTarget: Send + Sync + 'static {
     /// Writes the copy.
     fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>>;
     /// Removes the copy of message `id`.
-    fn remove(self: Arc<Self>, id: String) -> BoxFuture<'static, Result<(), CopyError>>;
+    fn remove(
+        self: Arc<Self>,
+        spool: String,
+        id: String,
+    ) -> BoxFuture<'static, Result<(), CopyError>>;
 }
 
 /// Tracks tasks that outlive the request that started them, so shutdown and
@@ -233,7 +240,7 @@ pub async fn commit(
     }
     let removals: Vec<_> = confirmed
         .iter()
-        .map(|&i| background.spawn(Arc::clone(&targets[i]).remove(id.clone())))
+        .map(|&i| background.spawn(Arc::clone(&targets[i]).remove(job.spool.clone(), id.clone())))
         .collect();
     for (removal, &index) in removals.into_iter().zip(&confirmed) {
         let kind = targets[index].kind();
@@ -259,10 +266,11 @@ pub async fn commit(
         .collect();
     let kinds = targets.to_vec();
     let cleanup_id = id.clone();
+    let spool = job.spool.clone();
     background.spawn(async move {
         let id = cleanup_id;
         for target in leftovers {
-            if let Err(err) = target.remove(id.clone()).await {
+            if let Err(err) = target.remove(spool.clone(), id.clone()).await {
                 tracing::warn!(%id, error = %err, "cannot remove a partial copy");
             }
         }
@@ -272,7 +280,7 @@ pub async fn commit(
             }
             let target = Arc::clone(&kinds[index]);
             let kind = target.kind();
-            if let Err(err) = target.remove(id.clone()).await {
+            if let Err(err) = target.remove(spool.clone(), id.clone()).await {
                 tracing::error!(%id, ?kind, error = %err, "cannot take back a late copy after a lost quorum");
             }
         }
@@ -335,7 +343,11 @@ mod tests {
                 Ok(())
             })
         }
-        fn remove(self: Arc<Self>, id: String) -> BoxFuture<'static, Result<(), CopyError>> {
+        fn remove(
+            self: Arc<Self>,
+            _spool: String,
+            id: String,
+        ) -> BoxFuture<'static, Result<(), CopyError>> {
             Box::pin(async move {
                 self.log
                     .lock()
@@ -369,6 +381,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let eml_path = dir.path().join("X.eml");
         let job = Arc::new(CopyJob {
+            spool: String::new(),
             id: "X".into(),
             eml_file: Arc::new(std::fs::File::create(&eml_path).unwrap()),
             eml_path,

@@ -220,6 +220,7 @@ mod tests {
         Envelope {
             version: ENVELOPE_VERSION,
             id: id.into(),
+            spool: String::new(),
             reverse_path: None,
             mail_params: Default::default(),
             recipients: Vec::new(),

@@ -7,8 +7,9 @@ use super::fsync::{remove_if_present, sync_dir};
 use super::{Spool, SpoolError};
 
 impl Spool {
-    /// Removes every copy of message `id`. Copies already gone are not an error.
-    pub async fn remove(&self, id: &str) -> Result<(), SpoolError> {
+    /// Removes the local and object-store copies of message `id` of `spool`.
+    /// Copies already gone are not an error.
+    pub async fn remove(&self, spool: &str, id: &str) -> Result<(), SpoolError> {
         let env = self.envelope_path(id);
         let eml = self.message_path(id);
         let dir = self.dir().to_owned();
@@ -21,7 +22,7 @@ impl Spool {
         .map_err(std::io::Error::other)??;
         if let Some(store) = self.object_store() {
             for envelope_part in [true, false] {
-                if let Some(key) = self.object_key(id, envelope_part) {
+                if let Some(key) = self.object_key(spool, id, envelope_part) {
                     match store.delete(&key).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                         // The object copy outlives us only as garbage: a later
