@@ -125,6 +125,10 @@ impl PeerAccess for PeerNetwork {
     }
 }
 
+/// Longest wait for a peer's answer to a listing or removal (a stopped
+/// peer accepts connections and never answers).
+const PEER_CALL: Duration = Duration::from_secs(2);
+
 /// Where a copy of a message was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {
@@ -324,14 +328,20 @@ impl Ownership for ClusterNode {
     }
 
     async fn remove_remote(&self, spool: &str, id: &str) -> bool {
-        let mut all = true;
-        for addr in self.inner.peers.addresses().await {
-            if let Err(err) = self.inner.peers.remove(addr, spool, id).await {
+        let addresses = self.inner.peers.addresses().await;
+        let removals = addresses.iter().map(|&addr| async move {
+            let removed = tokio::time::timeout(PEER_CALL, self.inner.peers.remove(addr, spool, id))
+                .await
+                .unwrap_or_else(|_| Err("no answer".into()));
+            if let Err(err) = &removed {
                 tracing::warn!(%id, %addr, error = %err, "cannot remove a peer's copy; its state stays in the cluster");
-                all = false;
             }
-        }
-        all
+            removed.is_ok()
+        });
+        futures::future::join_all(removals)
+            .await
+            .into_iter()
+            .all(|removed| removed)
     }
 }
 
@@ -521,8 +531,15 @@ async fn gather(inner: &Inner, spool: &str) -> BTreeMap<String, Vec<Source>> {
             Err(err) => tracing::warn!(spool, error = %err, "cannot list the object store"),
         }
     }
-    for addr in inner.peers.addresses().await {
-        match inner.peers.list(addr, spool).await {
+    let addresses = inner.peers.addresses().await;
+    let listings = addresses.iter().map(|&addr| async move {
+        let listed = tokio::time::timeout(PEER_CALL, inner.peers.list(addr, spool))
+            .await
+            .unwrap_or_else(|_| Err("no answer".into()));
+        (addr, listed)
+    });
+    for (addr, listed) in futures::future::join_all(listings).await {
+        match listed {
             Ok(ids) => {
                 for id in ids {
                     found.entry(id).or_default().push(Source::Peer(addr));
