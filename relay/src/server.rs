@@ -82,7 +82,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let mut admin_service = QueueService::new(queue.clone());
     if let Some((cluster, secret, client)) = peering {
         admin_service = admin_service.with_cluster(ClusterAdmin::new(
-            cluster.member_name(&config.hostname),
+            cluster.member_name(),
             Peers::from_config(&cluster),
             secret.clone(),
         ));

@@ -184,7 +184,7 @@ impl ClusterNode {
             .cluster
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("no [cluster] section"))?;
-        let member = MemberId::new(cluster.member_name(&config.hostname))?;
+        let member = MemberId::new(cluster.member_name())?;
         let current = new_spool_name(&member);
         spool.rotate(current.clone()).await;
         let objects = spool.object_copy().and_then(|copy| {
