@@ -862,31 +862,48 @@ async fn repair(inner: &Arc<Inner>) {
             if !missing_object && missing_peers == 0 {
                 continue;
             }
-            let Ok(job) = copy_job(&entry.eml_path, &entry.envelope).await else {
+            // Busy while repairing: the message can neither be delivered
+            // and removed under us (which would leave the new copy behind)
+            // nor repaired twice.
+            if !inner.queue.mark_busy(&id) {
                 continue;
-            };
-            let job = Arc::new(job);
-            for target in &targets {
-                let wanted = match target.kind() {
-                    CopyKind::ObjectStore => missing_object,
-                    CopyKind::Peer => missing_peers > 0,
-                    CopyKind::Local => false,
-                };
-                if !wanted {
-                    continue;
-                }
-                match Arc::clone(target).write(Arc::clone(&job)).await {
-                    Ok(()) => {
-                        tracing::info!(%id, kind = ?target.kind(), "repair re-created a missing copy")
-                    }
-                    Err(err) if err.is_already_exists() => {}
-                    Err(err) => {
-                        tracing::warn!(%id, kind = ?target.kind(), error = %err, "repair failed; trying again later")
-                    }
-                }
-                if target.kind() == CopyKind::Peer {
-                    break; // one replica per round is enough to converge
-                }
+            }
+            repair_one(&targets, &entry, missing_object, missing_peers > 0).await;
+            inner.queue.unmark_busy(&id);
+        }
+    }
+}
+
+/// Writes the missing copies of one message.
+async fn repair_one(
+    targets: &[Arc<dyn crate::spool::quorum::CopyTarget>],
+    entry: &crate::queue::Entry,
+    missing_object: bool,
+    missing_peer: bool,
+) {
+    let id = &entry.envelope.id;
+    let Ok(job) = copy_job(&entry.eml_path, &entry.envelope).await else {
+        return;
+    };
+    let job = Arc::new(job);
+    // One peer replica per round is enough to converge.
+    let mut peer_wanted = missing_peer;
+    for target in targets {
+        let wanted = match target.kind() {
+            CopyKind::ObjectStore => missing_object,
+            CopyKind::Peer => std::mem::take(&mut peer_wanted),
+            CopyKind::Local => false,
+        };
+        if !wanted {
+            continue;
+        }
+        match Arc::clone(target).write(Arc::clone(&job)).await {
+            Ok(()) => {
+                tracing::info!(%id, kind = ?target.kind(), "repair re-created a missing copy")
+            }
+            Err(err) if err.is_already_exists() => {}
+            Err(err) => {
+                tracing::warn!(%id, kind = ?target.kind(), error = %err, "repair failed; trying again later")
             }
         }
     }
