@@ -619,11 +619,10 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
 
 /// Removes the copies of a message whose committed state is final.
 async fn finish_leftover(inner: &Inner, spool: &str, id: &str) {
-    let _ = inner.spool.remove(spool, id).await;
+    let mut all = inner.spool.remove(spool, id).await.is_ok();
     let dir = inner.replicas_dir.join(spool);
-    let _ = remove_if_present(&dir.join(format!("{id}.env")));
-    let _ = remove_if_present(&dir.join(format!("{id}.eml")));
-    let mut all = true;
+    all &= remove_if_present(&dir.join(format!("{id}.env"))).is_ok();
+    all &= remove_if_present(&dir.join(format!("{id}.eml"))).is_ok();
     for addr in inner.peers.addresses().await {
         all &= inner.peers.remove(addr, spool, id).await.is_ok();
     }
