@@ -593,8 +593,12 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
             continue;
         }
         if committed.is_some_and(DeliveryState::is_final) {
-            // Delivered already; only copies are left somewhere.
-            finish_leftover(inner, spool, id).await;
+            // Delivered already; only copies are left somewhere. One that
+            // cannot be removed yet keeps the spool from being retired (its
+            // state would go, and the copy would look new to a later owner).
+            if !finish_leftover(inner, spool, id).await {
+                count += 1;
+            }
             continue;
         }
         count += 1;
@@ -617,8 +621,9 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
     count + inner.queue.ids_of_spool(spool).len().saturating_sub(count)
 }
 
-/// Removes the copies of a message whose committed state is final.
-async fn finish_leftover(inner: &Inner, spool: &str, id: &str) {
+/// Removes the copies of a message whose committed state is final; `true`
+/// when all are gone and its state was forgotten.
+async fn finish_leftover(inner: &Inner, spool: &str, id: &str) -> bool {
     let mut all = inner.spool.remove(spool, id).await.is_ok();
     let dir = inner.replicas_dir.join(spool);
     all &= remove_if_present(&dir.join(format!("{id}.env"))).is_ok();
@@ -627,8 +632,11 @@ async fn finish_leftover(inner: &Inner, spool: &str, id: &str) {
         all &= inner.peers.remove(addr, spool, id).await.is_ok();
     }
     let claim = inner.held.lock().expect("node lock").get(spool).cloned();
-    if let (true, Some(membership), Some(claim)) = (all, inner.membership.get(), claim) {
-        let _ = membership.commit(&claim, id, Change::Delete).await;
+    match (all, inner.membership.get(), claim) {
+        (true, Some(membership), Some(claim)) => {
+            membership.commit(&claim, id, Change::Delete).await.is_ok()
+        }
+        _ => false,
     }
 }
 
