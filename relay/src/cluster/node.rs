@@ -327,6 +327,12 @@ impl Ownership for ClusterNode {
         }
     }
 
+    async fn until_unsafe(&self) {
+        if let Some(membership) = self.inner.membership.get() {
+            membership.safety().wait_unsafe().await;
+        }
+    }
+
     async fn remove_remote(&self, spool: &str, id: &str) -> bool {
         let addresses = self.inner.peers.addresses().await;
         let removals = addresses.iter().map(|&addr| async move {
@@ -383,10 +389,46 @@ async fn run(inner: Arc<Inner>) {
     };
     let _ = inner.membership.set(Arc::clone(&membership));
     let mut orphans = Orphans::start(Arc::clone(&membership), inner.lease.retry_every);
+    // Takeovers and the periodic relist/repair run beside the epoch loop, so
+    // a slow peer (stopped, partitioned) delays none of the others.
+    let _children = AbortOnDrop(vec![
+        tokio::spawn({
+            let (inner, membership) = (Arc::clone(&inner), Arc::clone(&membership));
+            async move {
+                while let Some(claim) = orphans.next().await {
+                    take_over(&inner, &membership, claim).await;
+                }
+            }
+        }),
+        tokio::spawn({
+            let (inner, membership) = (Arc::clone(&inner), Arc::clone(&membership));
+            async move {
+                let mut tick = tokio::time::interval(inner.repair_every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if membership.is_safe() {
+                        relist(&inner, &membership).await;
+                    }
+                }
+            }
+        }),
+        tokio::spawn({
+            let (inner, membership) = (Arc::clone(&inner), Arc::clone(&membership));
+            async move {
+                let mut tick = tokio::time::interval(inner.repair_every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if membership.is_safe() {
+                        repair(&inner).await;
+                    }
+                }
+            }
+        }),
+    ]);
     let mut status: watch::Receiver<()> = status_changes(&membership);
     let mut epoch = 0;
-    let mut tick = tokio::time::interval(inner.repair_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let current_epoch = membership.status().epoch;
         if current_epoch != epoch
@@ -397,16 +439,19 @@ async fn run(inner: Arc<Inner>) {
         }
         tokio::select! {
             changed = status.changed() => if changed.is_err() { return },
-            claim = orphans.next() => match claim {
-                Some(claim) => take_over(&inner, &membership, claim).await,
-                None => return,
-            },
-            _ = tick.tick() => {
-                if membership.is_safe() {
-                    relist(&inner, &membership).await;
-                    repair(&inner).await;
-                }
-            }
+            // Retries a failed epoch start.
+            () = tokio::time::sleep(inner.lease.retry_every), if current_epoch != epoch => {}
+        }
+    }
+}
+
+/// Tasks that end with their owner.
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
         }
     }
 }

@@ -72,6 +72,9 @@ pub trait Ownership: Send + Sync + std::fmt::Debug + 'static {
         id: &str,
         state: Option<&DeliveryState>,
     ) -> Result<(), OwnershipError>;
+    /// Resolves when this relay stops being sure it may deliver (its lease
+    /// could expire soon); at once if it is not sure now.
+    async fn until_unsafe(&self);
     /// Removes the copies of a finished message held by other relays;
     /// `false` when some could not be reached.
     async fn remove_remote(&self, spool: &str, id: &str) -> bool;
@@ -384,10 +387,23 @@ impl Queue {
         let results = if pending.is_empty() {
             Vec::new()
         } else {
-            self.inner
-                .deliverer
-                .attempt(&envelope, &eml, &pending)
-                .await
+            let delivery = self.inner.deliverer.attempt(&envelope, &eml, &pending);
+            match self.inner.ownership.get() {
+                None => delivery.await,
+                // The transaction is dropped (its connection closed, so a
+                // next hop still receiving the data discards it) the moment
+                // this relay can no longer be sure of its lease: a peer may
+                // take the spool over soon after.
+                Some(ownership) => tokio::select! {
+                    biased;
+                    () = ownership.until_unsafe() => {
+                        warn!(id, "lease no longer certain: delivery abandoned");
+                        self.release_attempt(id, now_ms() + 1000, false);
+                        return;
+                    }
+                    results = delivery => results,
+                },
+            }
         };
         state.attempts += 1;
         self.apply(&envelope, &mut state, arrival_ms, results);

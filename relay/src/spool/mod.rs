@@ -113,6 +113,10 @@ struct Inner {
     background: Background,
     /// The spool new messages go into (see [`Spool::rotate`]).
     current: std::sync::Mutex<String>,
+    /// Messages whose copies are still being written, each with a receiver
+    /// that turns true when the last one has finished.
+    copying:
+        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>>,
     /// One permit per commit in progress.
     committing: tokio::sync::Semaphore,
     /// Held for the life of the spool so two relays never share it.
@@ -200,6 +204,7 @@ impl Spool {
             object,
             background: Background::default(),
             current: std::sync::Mutex::new(String::new()),
+            copying: std::sync::Mutex::new(std::collections::HashMap::new()),
             committing: tokio::sync::Semaphore::new(COMMITS_IN_FLIGHT),
             _lock: lock,
         };
@@ -326,6 +331,23 @@ impl Spool {
     /// the missing ones again).
     pub fn copies(&self) -> &[Arc<dyn CopyTarget>] {
         &self.inner.copies
+    }
+
+    /// Waits until every copy of message `id` that is still being written
+    /// (after its quorum answered) has finished, at most `spool.deadline`
+    /// twice over.
+    pub async fn copies_settled(&self, id: &str) {
+        let running = self
+            .inner
+            .copying
+            .lock()
+            .expect("spool lock")
+            .get(id)
+            .cloned();
+        if let Some(mut running) = running {
+            let limit = self.inner.policy.deadline * 2;
+            let _ = tokio::time::timeout(limit, running.wait_for(|done| *done)).await;
+        }
     }
 
     /// The spool new messages are committed into.
@@ -526,15 +548,26 @@ impl Incoming {
             envelope_json: json.into(),
         });
         let inner = Arc::clone(&self.spool.inner);
-        let finally: Option<Box<dyn FnOnce() + Send>> = if inner.keep_local {
-            None
-        } else {
-            let path = self.path.clone();
+        // Copies may still be running after the quorum answered; removing
+        // the message waits for them (else a late PUT outlives the message).
+        let (copies_done, copies_running) = tokio::sync::watch::channel(false);
+        inner
+            .copying
+            .lock()
+            .expect("spool lock")
+            .insert(self.id.clone(), copies_running);
+        let staging = (!inner.keep_local).then(|| self.path.clone());
+        let finally: Option<Box<dyn FnOnce() + Send>> = {
             let id = self.id.clone();
+            let inner = Arc::clone(&inner);
             Some(Box::new(move || {
-                if let Err(err) = remove_if_present(&path) {
-                    tracing::warn!(%id, error = %err, "cannot remove a staging file");
+                if let Some(path) = staging {
+                    if let Err(err) = remove_if_present(&path) {
+                        tracing::warn!(%id, error = %err, "cannot remove a staging file");
+                    }
                 }
+                inner.copying.lock().expect("spool lock").remove(&id);
+                let _ = copies_done.send(true);
             }))
         };
         // Its own task, so a client that vanishes mid-commit cannot cut the

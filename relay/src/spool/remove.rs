@@ -10,6 +10,7 @@ impl Spool {
     /// Removes the local and object-store copies of message `id` of `spool`.
     /// Copies already gone are not an error.
     pub async fn remove(&self, spool: &str, id: &str) -> Result<(), SpoolError> {
+        self.copies_settled(id).await;
         let env = self.envelope_path(id);
         let eml = self.message_path(id);
         let dir = self.dir().to_owned();
