@@ -637,7 +637,7 @@ impl Config {
         }
         if let Some(cluster) = &self.cluster {
             let name = cluster.member_name(&self.hostname);
-            if !crate::cluster::MemberId::new(name.clone()).is_ok() {
+            if crate::cluster::MemberId::new(name.clone()).is_err() {
                 return invalid(format!(
                     "cluster.name {name:?}: use 1-128 of [A-Za-z0-9._-] (set cluster.name)"
                 ));

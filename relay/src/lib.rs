@@ -7,6 +7,7 @@ pub mod delivery;
 pub mod http;
 pub mod inbound;
 pub mod metrics;
+pub mod peer;
 pub mod queue;
 pub mod server;
 pub mod smtp;

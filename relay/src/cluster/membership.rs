@@ -282,8 +282,14 @@ impl Membership {
 
     /// Ends the membership: stops renewing, then revokes the lease, which
     /// deletes the member key and all its claims in one step (drain).
-    pub async fn leave(mut self) -> Result<(), Error> {
-        for task in self.tasks.drain(..) {
+    pub async fn leave(self) -> Result<(), Error> {
+        self.revoke().await
+    }
+
+    /// [`leave`](Membership::leave) through a shared reference: stops
+    /// renewing and revokes the lease; the membership stays unsafe after.
+    pub async fn revoke(&self) -> Result<(), Error> {
+        for task in &self.tasks {
             task.abort();
         }
         let lease = self.shared.status.borrow().lease;

@@ -76,6 +76,7 @@
 pub mod etcd;
 pub mod membership;
 pub mod memory;
+pub mod node;
 pub mod takeover;
 
 #[cfg(test)]

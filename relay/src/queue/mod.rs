@@ -9,8 +9,11 @@ pub mod schedule;
 pub mod state;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use tokio::sync::{Notify, Semaphore};
 use tracing::{info, warn};
@@ -36,6 +39,42 @@ pub struct Entry {
     pub arrival_ms: u64,
     /// A delivery attempt is running.
     pub in_flight: bool,
+    /// The `.eml` delivered from: the local spool, or a replica of a spool
+    /// taken over.
+    pub eml_path: PathBuf,
+    /// The latest state is saved locally but not yet committed to the cluster.
+    pub uncommitted: bool,
+}
+
+/// Why the cluster refused a state commit.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnershipError {
+    /// The spool is no longer this relay's: another relay took it over.
+    #[error("spool {0} is no longer ours")]
+    Lost(String),
+    /// The commit could not be made now (etcd unreachable, lease unsure).
+    #[error("cannot commit now: {0}")]
+    Unavailable(String),
+}
+
+/// What the queue needs from the cluster: who may deliver, and a fenced
+/// record of delivery state that a relay taking the spool over reads.
+/// Absent on a relay outside a cluster (it owns everything it holds).
+#[async_trait]
+pub trait Ownership: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether this relay may deliver messages of `spool` now (no I/O).
+    fn may_deliver(&self, spool: &str) -> bool;
+    /// Records message `id`'s state (`None`: the message is gone) under this
+    /// relay's claim on `spool`; fails with `Lost` when the claim is stale.
+    async fn commit_state(
+        &self,
+        spool: &str,
+        id: &str,
+        state: Option<&DeliveryState>,
+    ) -> Result<(), OwnershipError>;
+    /// Removes the copies of a finished message held by other relays;
+    /// `false` when some could not be reached.
+    async fn remove_remote(&self, spool: &str, id: &str) -> bool;
 }
 
 /// Why an admin operation failed.
@@ -69,6 +108,7 @@ struct Inner {
     entries: Mutex<BTreeMap<String, Entry>>,
     wake: Notify,
     workers: Arc<Semaphore>,
+    ownership: OnceLock<Arc<dyn Ownership>>,
 }
 
 impl Queue {
@@ -89,7 +129,8 @@ impl Queue {
                 .load(&envelope.id)
                 .filter(|state| state.recipients.len() == envelope.recipients.len())
                 .unwrap_or_else(|| DeliveryState::new(envelope.recipients.len(), now));
-            entries.insert(envelope.id.clone(), entry(envelope, state));
+            let eml_path = spool.message_path(&envelope.id);
+            entries.insert(envelope.id.clone(), entry(envelope, state, eml_path));
         }
         // State left behind by a message that was removed (crash between steps).
         if let Ok(ids) = states.ids() {
@@ -109,21 +150,125 @@ impl Queue {
                 entries: Mutex::new(entries),
                 wake: Notify::new(),
                 workers: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
+                ownership: OnceLock::new(),
             }),
         })
+    }
+
+    /// Puts the queue under the cluster's ownership rules (once, at start).
+    pub fn set_ownership(&self, ownership: Arc<dyn Ownership>) {
+        let _ = self.inner.ownership.set(ownership);
     }
 
     /// Adds a freshly committed message; delivery starts at once.
     pub fn submit(&self, envelope: Envelope) {
         let state = DeliveryState::new(envelope.recipients.len(), now_ms());
         let id = envelope.id.clone();
+        let eml_path = self.inner.spool.message_path(&id);
         self.inner
             .entries
             .lock()
             .expect("queue lock")
-            .insert(id, entry(envelope, state));
+            .insert(id, entry(envelope, state, eml_path));
         self.update_gauges();
         self.inner.wake.notify_one();
+    }
+
+    /// Takes over a message of a spool this relay now owns, with the state
+    /// its previous owner committed; `false` if it is queued already.
+    pub fn adopt(&self, envelope: Envelope, eml_path: PathBuf, state: DeliveryState) -> bool {
+        let id = envelope.id.clone();
+        let added = {
+            let mut entries = self.inner.entries.lock().expect("queue lock");
+            match entries.entry(id) {
+                std::collections::btree_map::Entry::Occupied(_) => false,
+                std::collections::btree_map::Entry::Vacant(vacant) => {
+                    vacant.insert(entry(envelope, state, eml_path));
+                    true
+                }
+            }
+        };
+        if added {
+            self.update_gauges();
+            self.inner.wake.notify_one();
+        }
+        added
+    }
+
+    /// Forgets the messages of `spool` (another relay owns it now); their
+    /// files stay for that relay to read. Returns how many were dropped.
+    pub fn drop_spool(&self, spool: &str) -> usize {
+        let dropped = {
+            let mut entries = self.inner.entries.lock().expect("queue lock");
+            let before = entries.len();
+            entries.retain(|_, e| e.envelope.spool != spool || e.in_flight);
+            before - entries.len()
+        };
+        if dropped > 0 {
+            info!(
+                spool,
+                dropped, "spool owned by another relay: its messages left our queue"
+            );
+            self.update_gauges();
+        }
+        dropped
+    }
+
+    /// Adds what another owner committed to message `id`'s state.
+    pub fn merge_state(&self, id: &str, committed: &DeliveryState) {
+        let mut entries = self.inner.entries.lock().expect("queue lock");
+        if let Some(entry) = entries.get_mut(id) {
+            if committed.recipients.len() == entry.state.recipients.len() {
+                entry.state = entry.state.merged(committed);
+            }
+        }
+    }
+
+    /// Ids of the queued messages of `spool`.
+    pub fn ids_of_spool(&self, spool: &str) -> Vec<String> {
+        self.inner
+            .entries
+            .lock()
+            .expect("queue lock")
+            .values()
+            .filter(|e| e.envelope.spool == spool)
+            .map(|e| e.envelope.id.clone())
+            .collect()
+    }
+
+    fn may_deliver(&self, spool: &str) -> bool {
+        self.inner
+            .ownership
+            .get()
+            .is_none_or(|ownership| ownership.may_deliver(spool))
+    }
+
+    /// Commits `state` to the cluster (a no-op outside one). `Lost` drops the
+    /// message from this queue: the relay that took its spool over delivers it.
+    async fn commit(&self, envelope: &Envelope, state: Option<&DeliveryState>) -> Result<(), ()> {
+        let Some(ownership) = self.inner.ownership.get() else {
+            return Ok(());
+        };
+        match ownership
+            .commit_state(&envelope.spool, &envelope.id, state)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(OwnershipError::Lost(_)) => {
+                warn!(id = %envelope.id, spool = %envelope.spool, "spool taken over by another relay; dropping the message from this queue");
+                self.inner
+                    .entries
+                    .lock()
+                    .expect("queue lock")
+                    .remove(&envelope.id);
+                self.drop_spool(&envelope.spool);
+                Err(())
+            }
+            Err(err) => {
+                warn!(id = %envelope.id, "cannot commit delivery state: {err}");
+                Err(())
+            }
+        }
     }
 
     /// Runs the scheduler until `shutdown` resolves, then waits for the
@@ -159,7 +304,7 @@ impl Queue {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             let mut due = Vec::new();
             for (id, entry) in entries.iter_mut() {
-                if entry.in_flight || entry.state.held {
+                if entry.in_flight || entry.state.held || !self.may_deliver(&entry.envelope.spool) {
                     continue;
                 }
                 if entry.state.next_attempt_ms <= now {
@@ -188,16 +333,33 @@ impl Queue {
 
     /// One delivery attempt of message `id`.
     async fn attempt(&self, id: &str) {
-        let Some((envelope, mut state, arrival_ms)) = ({
+        let Some((envelope, mut state, arrival_ms, eml, uncommitted)) = ({
             let entries = self.inner.entries.lock().expect("queue lock");
-            entries
-                .get(id)
-                .map(|e| (Arc::clone(&e.envelope), e.state.clone(), e.arrival_ms))
+            entries.get(id).map(|e| {
+                (
+                    Arc::clone(&e.envelope),
+                    e.state.clone(),
+                    e.arrival_ms,
+                    e.eml_path.clone(),
+                    e.uncommitted,
+                )
+            })
         }) else {
             return;
         };
+        // A state the cluster has not seen yet goes first: delivering again
+        // before it is committed would widen the window for duplicates.
+        if uncommitted && self.commit(&envelope, Some(&state)).await.is_err() {
+            self.release_attempt(id, now_ms() + 1000, false);
+            return;
+        }
+        // Checked again right before delivering: ownership may have ended
+        // while the attempt waited for a worker.
+        if !self.may_deliver(&envelope.spool) {
+            self.release_attempt(id, now_ms() + 500, false);
+            return;
+        }
         let pending = state.pending();
-        let eml = self.inner.spool.message_path(id);
         let results = if pending.is_empty() {
             Vec::new()
         } else {
@@ -231,10 +393,23 @@ impl Queue {
             self.maybe_warn_delay(&envelope, &mut state, arrival_ms, now)
                 .await;
         }
+        let mut uncommitted = false;
         if let Err(err) = self.inner.states.save(id, &state).await {
             // Not persisted: keep it in memory and retry soon; never drop the message.
             warn!(id, "cannot save delivery state: {err}");
             state.next_attempt_ms = now + 1000;
+        } else if self.commit(&envelope, Some(&state)).await.is_err() {
+            if !self
+                .inner
+                .entries
+                .lock()
+                .expect("queue lock")
+                .contains_key(id)
+            {
+                return; // Lost: the new owner delivers the rest.
+            }
+            uncommitted = true;
+            state.next_attempt_ms = state.next_attempt_ms.min(now + 1000);
         } else if state.is_final() {
             if self.finish(&envelope, &state).await.is_ok() {
                 self.inner.entries.lock().expect("queue lock").remove(id);
@@ -251,6 +426,17 @@ impl Queue {
             state.held |= entry.state.held;
             entry.state = state;
             entry.in_flight = false;
+            entry.uncommitted = uncommitted;
+        }
+    }
+
+    /// Ends an attempt that did not run: due again at `next_ms`.
+    fn release_attempt(&self, id: &str, next_ms: u64, uncommitted: bool) {
+        let mut entries = self.inner.entries.lock().expect("queue lock");
+        if let Some(entry) = entries.get_mut(id) {
+            entry.in_flight = false;
+            entry.uncommitted |= uncommitted;
+            entry.state.next_attempt_ms = entry.state.next_attempt_ms.max(next_ms);
         }
     }
 
@@ -324,12 +510,43 @@ impl Queue {
                 return Err(err);
             }
         }
-        if let Err(err) = self.inner.spool.remove(&envelope.spool, &envelope.id).await {
-            warn!(id = %envelope.id, "cannot remove finished message: {err}");
-        }
+        self.remove_copies(envelope).await;
         let _ = self.inner.states.remove(&envelope.id).await;
         info!(id = %envelope.id, "removed: all recipients final");
         Ok(())
+    }
+
+    /// Removes every copy of a finished message: local, object store, a
+    /// replica it was taken over from, and those on other relays. The
+    /// cluster forgets its state only when all went, so a copy left behind
+    /// on an unreachable relay is recognised as finished by a later owner.
+    async fn remove_copies(&self, envelope: &Envelope) {
+        let spool = &self.inner.spool;
+        if let Err(err) = spool.remove(&envelope.spool, &envelope.id).await {
+            warn!(id = %envelope.id, "cannot remove finished message: {err}");
+        }
+        let eml = self
+            .get(&envelope.id)
+            .map(|e| e.eml_path)
+            .unwrap_or_else(|| spool.message_path(&envelope.id));
+        if eml != spool.message_path(&envelope.id) {
+            let env = eml.with_extension("env");
+            let removed = tokio::task::spawn_blocking(move || {
+                crate::spool::fsync::remove_if_present(&env)?;
+                crate::spool::fsync::remove_if_present(&eml)
+            })
+            .await;
+            if !matches!(removed, Ok(Ok(()))) {
+                warn!(id = %envelope.id, "cannot remove the replica a takeover delivered from");
+            }
+        }
+        if let Some(ownership) = self.inner.ownership.get() {
+            if ownership.remove_remote(&envelope.spool, &envelope.id).await {
+                let _ = ownership
+                    .commit_state(&envelope.spool, &envelope.id, None)
+                    .await;
+            }
+        }
     }
 
     /// Sends a delay warning once, when configured and asked for.
@@ -394,9 +611,11 @@ impl Queue {
             .write(head.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        let original = tokio::fs::read(spool.message_path(&envelope.id))
-            .await
-            .map_err(|e| e.to_string())?;
+        let eml = self
+            .get(&envelope.id)
+            .map(|e| e.eml_path)
+            .unwrap_or_else(|| spool.message_path(&envelope.id));
+        let original = tokio::fs::read(eml).await.map_err(|e| e.to_string())?;
         let original = if dsn::returns_full_message(envelope) {
             &original[..]
         } else {
@@ -559,11 +778,15 @@ impl Queue {
                 ))));
             }
         } else {
+            // Back in for a moment so the copies' paths are found.
+            let envelope = Arc::clone(&entry.envelope);
             self.inner
-                .spool
-                .remove(&entry.envelope.spool, id)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                .entries
+                .lock()
+                .expect("queue lock")
+                .insert(id.to_owned(), entry);
+            self.remove_copies(&envelope).await;
+            self.inner.entries.lock().expect("queue lock").remove(id);
             self.inner.states.remove(id).await?;
             info!(id, "deleted by the postmaster");
         }
@@ -572,7 +795,7 @@ impl Queue {
     }
 }
 
-fn entry(envelope: Envelope, state: DeliveryState) -> Entry {
+fn entry(envelope: Envelope, state: DeliveryState, eml_path: PathBuf) -> Entry {
     let arrival_ms = chrono::DateTime::parse_from_rfc3339(&envelope.received_at)
         .map(|t| t.timestamp_millis().max(0) as u64)
         .unwrap_or_else(|_| now_ms());
@@ -581,5 +804,7 @@ fn entry(envelope: Envelope, state: DeliveryState) -> Entry {
         state,
         arrival_ms,
         in_flight: false,
+        eml_path,
+        uncommitted: false,
     }
 }

@@ -89,6 +89,20 @@ impl DeliveryState {
         self.recipients.iter().all(|r| r.status != Status::Pending)
     }
 
+    /// This state with `other`'s knowledge added: a recipient final in
+    /// either is final (delivery outcomes never go back to pending).
+    pub fn merged(&self, other: &DeliveryState) -> DeliveryState {
+        let mut merged = self.clone();
+        merged.attempts = self.attempts.max(other.attempts);
+        merged.delay_warned |= other.delay_warned;
+        for (mine, theirs) in merged.recipients.iter_mut().zip(&other.recipients) {
+            if mine.status == Status::Pending && theirs.status != Status::Pending {
+                *mine = theirs.clone();
+            }
+        }
+        merged
+    }
+
     /// The last reply of any pending recipient, for listings.
     pub fn last_error(&self) -> Option<&str> {
         self.recipients

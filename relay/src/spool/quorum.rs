@@ -36,6 +36,9 @@ pub enum CopyError {
     /// The task writing the copy panicked or was cancelled.
     #[error("copy task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A peer replica could not be written or removed.
+    #[error("{0}")]
+    Peer(#[from] crate::peer::PeerError),
 }
 
 impl CopyError {

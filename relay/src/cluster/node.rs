@@ -1,0 +1,873 @@
+//! A relay's life in a cluster: the spool it accepts into, the spools it
+//! holds claims on, taking over the spools of relays that are gone, fenced
+//! state commits for the queue, repair of missing copies, and hand-over on
+//! drain.
+//!
+//! # Spools
+//!
+//! Mail is accepted into the relay's *current spool*, named
+//! `<member>.<stamp>` (the stamp is a fresh spool id, so names sort by
+//! creation). A new current spool starts with every process and with every
+//! new lease: when a relay loses its lease its claims die with it and a peer
+//! may take its spool over, so it never writes into that spool again once it
+//! knows. [`Spool::rotate`] waits for the commits still running into the
+//! old one before the new one is claimed, so once a peer sees the new claim,
+//! the old spool can no longer grow, and it may be retired when empty.
+//!
+//! # Takeover
+//!
+//! For a spool this relay wins (an orphan, or one of its own older ones),
+//! it loads the state the previous owners committed, lists the spool's
+//! messages wherever copies may be (its own local spool and replicas, the
+//! object store, every peer), copies each pending one into
+//! `<data_dir>/replicas/<spool>/` unless it already has one, and queues it
+//! with that state. A spool that is not current is listed again every
+//! repair interval (an owner that was cut off may have written into it after
+//! the claim) and retired when empty and its origin has moved on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::etcd::{Etcd, EtcdOptions};
+use super::membership::{LeaseOptions, Membership};
+use super::takeover::{list_messages, Orphans};
+use super::{Change, Claim, Coordinator, Error, MemberId, SpoolId};
+use crate::config::{Config, CopyKind};
+use crate::queue::state::DeliveryState;
+use crate::queue::{Ownership, OwnershipError, Queue};
+use crate::spool::envelope::Envelope;
+use crate::spool::fsync::{remove_if_present, rename_noreplace, sync_dir, write_synced};
+use crate::spool::quorum::CopyJob;
+use crate::spool::Spool;
+
+/// What the node needs from the peer service of the other relays.
+#[async_trait]
+pub trait PeerAccess: Send + Sync + std::fmt::Debug + 'static {
+    /// The other relays' peer addresses, resolved now.
+    async fn addresses(&self) -> Vec<SocketAddr>;
+    /// Ids of the committed messages of `spool` that relay `addr` holds.
+    async fn list(&self, addr: SocketAddr, spool: &str) -> Result<Vec<String>, String>;
+    /// Copies message `id` of `spool` from `addr` durably into `dest_dir`
+    /// (`<id>.eml`, then `<id>.env`).
+    async fn fetch(
+        &self,
+        addr: SocketAddr,
+        spool: &str,
+        id: &str,
+        dest_dir: &Path,
+    ) -> Result<(), String>;
+    /// Tells `addr` that message `id` is finished.
+    async fn remove(&self, addr: SocketAddr, spool: &str, id: &str) -> Result<(), String>;
+    /// Tells `addr` that `spool` is retired.
+    async fn drop_spool(&self, addr: SocketAddr, spool: &str) -> Result<(), String>;
+}
+
+/// Where a copy of a message was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// This relay's local spool.
+    Local,
+    /// This relay's replica directory of the spool.
+    Replica,
+    /// The object store.
+    Object,
+    /// Another relay.
+    Peer(SocketAddr),
+}
+
+/// Cluster membership of a running relay; implements the queue's
+/// [`Ownership`].
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    member: MemberId,
+    spool: Spool,
+    queue: Queue,
+    peers: Arc<dyn PeerAccess>,
+    replicas_dir: PathBuf,
+    /// The object store and the prefix under which `spools/` lives (S3 only:
+    /// a local directory is not shared).
+    objects: Option<(Arc<dyn ObjectStore>, ObjectPath)>,
+    copies: Vec<CopyKind>,
+    replicas: usize,
+    repair_every: Duration,
+    lease: LeaseOptions,
+    membership: OnceLock<Arc<Membership>>,
+    held: Mutex<HashMap<String, Claim>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+    info: String,
+    etcd: EtcdOptions,
+}
+
+impl ClusterNode {
+    /// Starts the relay's membership in the background: connecting to etcd,
+    /// joining, claiming its spools and following orphans. Accepting mail
+    /// does not wait for any of it. Needs `config.cluster`.
+    pub async fn start(
+        config: &Config,
+        spool: Spool,
+        queue: Queue,
+        peers: Arc<dyn PeerAccess>,
+    ) -> anyhow::Result<ClusterNode> {
+        let cluster = config
+            .cluster
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no [cluster] section"))?;
+        let member = MemberId::new(cluster.member_name(&config.hostname))?;
+        let current = new_spool_name(&member);
+        spool.rotate(current.clone()).await;
+        let objects = spool.object_copy().and_then(|copy| {
+            let prefix = copy.s3_prefix()?.clone();
+            Some((spool.object_store()?, prefix))
+        });
+        let info = serde_json::json!({
+            "peer": cluster.advertised(),
+            "smtp": config.listeners.first().map(|l| l.address.to_string()),
+        })
+        .to_string();
+        let mut lease = LeaseOptions::new(cluster.lease_ttl);
+        lease.request_timeout = lease.request_timeout.min(Duration::from_secs(2));
+        let node = ClusterNode {
+            inner: Arc::new(Inner {
+                member,
+                spool,
+                queue,
+                peers,
+                replicas_dir: config.data_dir.join("replicas"),
+                objects,
+                copies: config.spool.copies.clone(),
+                replicas: cluster.replicas,
+                repair_every: cluster.repair_interval,
+                lease,
+                membership: OnceLock::new(),
+                held: Mutex::new(HashMap::new()),
+                task: Mutex::new(None),
+                info,
+                etcd: EtcdOptions::new(cluster.etcd.clone(), cluster.prefix.clone()),
+            }),
+        };
+        tracing::info!(member = %node.inner.member, spool = %current, "joining the cluster");
+        let task = tokio::spawn(run(Arc::clone(&node.inner)));
+        *node.inner.task.lock().expect("node lock") = Some(task);
+        Ok(node)
+    }
+
+    /// This relay's member name.
+    pub fn member(&self) -> &MemberId {
+        &self.inner.member
+    }
+
+    /// Spools this relay holds claims on now.
+    pub fn held_spools(&self) -> Vec<String> {
+        let mut spools: Vec<String> = self
+            .inner
+            .held
+            .lock()
+            .expect("node lock")
+            .keys()
+            .cloned()
+            .collect();
+        spools.sort();
+        spools
+    }
+
+    /// The live members and what they advertise (`None` before joining).
+    pub async fn members(&self) -> Option<Vec<(String, String)>> {
+        let membership = self.inner.membership.get()?;
+        let snapshot = membership.coordinator().snapshot().await.ok()?;
+        Some(
+            snapshot
+                .members
+                .into_iter()
+                .map(|m| (m.id.to_string(), m.info))
+                .collect(),
+        )
+    }
+
+    /// Hands everything over at once: stops following orphans and revokes
+    /// the lease, which deletes every claim, so peers take this relay's
+    /// spools over without waiting for a TTL. Call after the queue stopped.
+    pub async fn leave(&self) {
+        if let Some(task) = self.inner.task.lock().expect("node lock").take() {
+            task.abort();
+        }
+        self.inner.held.lock().expect("node lock").clear();
+        if let Some(membership) = self.inner.membership.get() {
+            match membership.revoke().await {
+                Ok(()) => {
+                    tracing::info!(member = %self.inner.member, "left the cluster: spools handed over")
+                }
+                Err(err) => {
+                    tracing::warn!(member = %self.inner.member, error = %err, "cannot revoke the lease; peers take over after its TTL")
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Ownership for ClusterNode {
+    fn may_deliver(&self, spool: &str) -> bool {
+        let Some(membership) = self.inner.membership.get() else {
+            return false;
+        };
+        membership.is_safe()
+            && self
+                .inner
+                .held
+                .lock()
+                .expect("node lock")
+                .contains_key(spool)
+    }
+
+    async fn commit_state(
+        &self,
+        spool: &str,
+        id: &str,
+        state: Option<&DeliveryState>,
+    ) -> Result<(), OwnershipError> {
+        let membership = self
+            .inner
+            .membership
+            .get()
+            .ok_or_else(|| OwnershipError::Unavailable("not joined yet".into()))?;
+        let claim = self
+            .inner
+            .held
+            .lock()
+            .expect("node lock")
+            .get(spool)
+            .cloned()
+            .ok_or_else(|| OwnershipError::Lost(spool.to_owned()))?;
+        let change = match state {
+            Some(state) => Change::Put(Bytes::from(
+                serde_json::to_vec(state)
+                    .map_err(|e| OwnershipError::Unavailable(e.to_string()))?,
+            )),
+            None => Change::Delete,
+        };
+        match membership.commit(&claim, id, change).await {
+            Ok(_) => Ok(()),
+            Err(Error::Fenced { .. }) => {
+                self.inner.held.lock().expect("node lock").remove(spool);
+                Err(OwnershipError::Lost(spool.to_owned()))
+            }
+            Err(err) => Err(OwnershipError::Unavailable(err.to_string())),
+        }
+    }
+
+    async fn remove_remote(&self, spool: &str, id: &str) -> bool {
+        let mut all = true;
+        for addr in self.inner.peers.addresses().await {
+            if let Err(err) = self.inner.peers.remove(addr, spool, id).await {
+                tracing::warn!(%id, %addr, error = %err, "cannot remove a peer's copy; its state stays in the cluster");
+                all = false;
+            }
+        }
+        all
+    }
+}
+
+/// `<member>.<stamp>`: a new spool name, later ones sorting after earlier ones.
+fn new_spool_name(member: &MemberId) -> String {
+    format!(
+        "{member}.{}",
+        crate::spool::id::IdGenerator::new().next_id()
+    )
+}
+
+/// The member that created `spool` and the spool's stamp.
+fn origin(spool: &str) -> Option<(&str, &str)> {
+    spool.rsplit_once('.')
+}
+
+/// Connects, joins and then serves the node's duties until aborted.
+async fn run(inner: Arc<Inner>) {
+    let coordinator: Arc<dyn Coordinator> = loop {
+        match Etcd::connect(inner.etcd.clone()).await {
+            Ok(etcd) => break Arc::new(etcd),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot reach etcd; accepting goes on, delivery waits");
+                tokio::time::sleep(inner.lease.retry_every).await;
+            }
+        }
+    };
+    let membership = match Membership::start(
+        coordinator,
+        inner.member.clone(),
+        inner.info.clone(),
+        inner.lease,
+    ) {
+        Ok(membership) => Arc::new(membership),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the membership");
+            return;
+        }
+    };
+    let _ = inner.membership.set(Arc::clone(&membership));
+    let mut orphans = Orphans::start(Arc::clone(&membership), inner.lease.retry_every);
+    let mut status: watch::Receiver<()> = status_changes(&membership);
+    let mut epoch = 0;
+    let mut tick = tokio::time::interval(inner.repair_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let current_epoch = membership.status().epoch;
+        if current_epoch != epoch
+            && membership.is_safe()
+            && new_epoch(&inner, &membership, current_epoch).await
+        {
+            epoch = current_epoch;
+        }
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            claim = orphans.next() => match claim {
+                Some(claim) => take_over(&inner, &membership, claim).await,
+                None => return,
+            },
+            _ = tick.tick() => {
+                if membership.is_safe() {
+                    relist(&inner, &membership).await;
+                    repair(&inner).await;
+                }
+            }
+        }
+    }
+}
+
+/// A watch that fires whenever the membership status changes.
+fn status_changes(membership: &Membership) -> watch::Receiver<()> {
+    let (tx, rx) = watch::channel(());
+    let mut safety = membership.safety();
+    tokio::spawn(async move {
+        loop {
+            safety.wait_safe().await;
+            if tx.send(()).is_err() {
+                return;
+            }
+            safety.wait_unsafe().await;
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A lease was granted: claim the current spool (a fresh one after a lost
+/// lease), and this relay's older spools that nobody holds.
+async fn new_epoch(inner: &Arc<Inner>, membership: &Arc<Membership>, epoch: u64) -> bool {
+    // Every claim of an earlier lease died with it.
+    let previous: Vec<String> = inner
+        .held
+        .lock()
+        .expect("node lock")
+        .drain()
+        .map(|(spool, _)| spool)
+        .collect();
+    if !previous.is_empty() {
+        tracing::info!(?previous, "claims of the previous lease are gone");
+    }
+    if epoch > 1 {
+        let next = new_spool_name(&inner.member);
+        tracing::warn!(member = %inner.member, epoch, spool = %next, "lease was lost: new mail goes to a new spool");
+        inner.spool.rotate(next).await;
+    }
+    loop {
+        let current = inner.spool.current_spool();
+        let Ok(spool) = SpoolId::new(current.clone()) else {
+            return true;
+        };
+        match membership.claim(&spool).await {
+            Ok(claim) => {
+                tracing::info!(member = %inner.member, %spool, token = %claim.token, "holding current spool");
+                inner.held.lock().expect("node lock").insert(current, claim);
+                break;
+            }
+            Err(Error::Claimed { holder, .. }) => {
+                tracing::warn!(%spool, %holder, "current spool was taken over; rotating");
+                inner.spool.rotate(new_spool_name(&inner.member)).await;
+            }
+            Err(err) => {
+                tracing::warn!(%spool, error = %err, "cannot claim the current spool; retrying");
+                return false;
+            }
+        }
+    }
+    // Older spools with copies here: ours again if nobody holds them.
+    let local: Vec<String> = match inner.spool.committed().await {
+        Ok(envelopes) => {
+            let mut spools: Vec<String> = envelopes.into_iter().map(|e| e.spool).collect();
+            spools.sort();
+            spools.dedup();
+            spools
+        }
+        Err(_) => Vec::new(),
+    };
+    let current = inner.spool.current_spool();
+    for name in local.into_iter().filter(|s| !s.is_empty() && *s != current) {
+        let Ok(spool) = SpoolId::new(name.clone()) else {
+            continue;
+        };
+        match membership.claim(&spool).await {
+            Ok(claim) => take_over(inner, membership, claim).await,
+            Err(Error::Claimed { holder, .. }) => {
+                tracing::info!(%spool, %holder, "an older spool of ours is held by another relay");
+                inner.queue.drop_spool(&name);
+            }
+            Err(err) => tracing::warn!(%spool, error = %err, "cannot claim an older spool"),
+        }
+    }
+    true
+}
+
+/// Gathers where the messages of `spool` are: local spool, own replicas,
+/// object store, peers.
+async fn gather(inner: &Inner, spool: &str) -> BTreeMap<String, Vec<Source>> {
+    let mut found: BTreeMap<String, Vec<Source>> = BTreeMap::new();
+    if let Ok(envelopes) = inner.spool.committed().await {
+        for envelope in envelopes.into_iter().filter(|e| e.spool == spool) {
+            found.entry(envelope.id).or_default().push(Source::Local);
+        }
+    }
+    let dir = inner.replicas_dir.join(spool);
+    if let Ok(names) = std::fs::read_dir(&dir) {
+        for entry in names.flatten() {
+            let name = entry.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".env")) {
+                if crate::spool::id::is_valid(id) {
+                    found
+                        .entry(id.to_owned())
+                        .or_default()
+                        .push(Source::Replica);
+                }
+            }
+        }
+    }
+    if let Some((store, prefix)) = &inner.objects {
+        let spool_prefix = prefix.clone().join("spools").join(spool);
+        match list_messages(store.as_ref(), &spool_prefix).await {
+            Ok(ids) => {
+                for id in ids {
+                    found.entry(id).or_default().push(Source::Object);
+                }
+            }
+            Err(err) => tracing::warn!(spool, error = %err, "cannot list the object store"),
+        }
+    }
+    for addr in inner.peers.addresses().await {
+        match inner.peers.list(addr, spool).await {
+            Ok(ids) => {
+                for id in ids {
+                    found.entry(id).or_default().push(Source::Peer(addr));
+                }
+            }
+            Err(err) => tracing::debug!(spool, %addr, error = %err, "peer did not list"),
+        }
+    }
+    found
+}
+
+/// Makes the spool `claim` names ours: its messages join the queue with the
+/// state committed so far.
+async fn take_over(inner: &Arc<Inner>, membership: &Arc<Membership>, claim: Claim) {
+    let spool = claim.spool.to_string();
+    tracing::info!(member = %inner.member, %spool, token = %claim.token, "taking over spool");
+    inner
+        .held
+        .lock()
+        .expect("node lock")
+        .insert(spool.clone(), claim);
+    adopt_all(inner, membership, &spool).await;
+}
+
+/// Queues every message of `spool` found anywhere that is not queued yet.
+/// Returns how many messages of the spool exist (queued or found).
+async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str) -> usize {
+    let states: HashMap<String, DeliveryState> = match membership
+        .coordinator()
+        .load(&SpoolId::new(spool).expect("valid spool"), "")
+        .await
+    {
+        Ok(states) => states
+            .into_iter()
+            .filter_map(|(id, bytes)| Some((id, serde_json::from_slice(&bytes).ok()?)))
+            .collect(),
+        Err(err) => {
+            tracing::warn!(spool, error = %err, "cannot load committed state; trying again later");
+            return usize::MAX;
+        }
+    };
+    let found = gather(inner, spool).await;
+    let mut count = 0;
+    for (id, sources) in &found {
+        let committed = states.get(id);
+        if inner.queue.get(id).is_some() {
+            count += 1;
+            if let Some(committed) = committed {
+                inner.queue.merge_state(id, committed);
+            }
+            continue;
+        }
+        if committed.is_some_and(DeliveryState::is_final) {
+            // Delivered already; only copies are left somewhere.
+            finish_leftover(inner, spool, id).await;
+            continue;
+        }
+        count += 1;
+        match materialize(inner, spool, id, sources).await {
+            Ok((envelope, eml_path)) => {
+                let state = committed.cloned().unwrap_or_else(|| {
+                    DeliveryState::new(envelope.recipients.len(), crate::queue::schedule::now_ms())
+                });
+                let mut state = state;
+                state.next_attempt_ms = crate::queue::schedule::now_ms();
+                if state.recipients.len() == envelope.recipients.len() {
+                    inner.queue.adopt(envelope, eml_path, state);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(spool, %id, error = %err, "cannot copy a taken-over message here yet")
+            }
+        }
+    }
+    count + inner.queue.ids_of_spool(spool).len().saturating_sub(count)
+}
+
+/// Removes the copies of a message whose committed state is final.
+async fn finish_leftover(inner: &Inner, spool: &str, id: &str) {
+    let _ = inner.spool.remove(spool, id).await;
+    let dir = inner.replicas_dir.join(spool);
+    let _ = remove_if_present(&dir.join(format!("{id}.env")));
+    let _ = remove_if_present(&dir.join(format!("{id}.eml")));
+    let mut all = true;
+    for addr in inner.peers.addresses().await {
+        all &= inner.peers.remove(addr, spool, id).await.is_ok();
+    }
+    let claim = inner.held.lock().expect("node lock").get(spool).cloned();
+    if let (true, Some(membership), Some(claim)) = (all, inner.membership.get(), claim) {
+        let _ = membership.commit(&claim, id, Change::Delete).await;
+    }
+}
+
+/// A local copy of message `id` to deliver from: the local spool or a
+/// replica, fetched from the object store or a peer when there is none.
+async fn materialize(
+    inner: &Inner,
+    spool: &str,
+    id: &str,
+    sources: &[Source],
+) -> Result<(Envelope, PathBuf), String> {
+    let dir = inner.replicas_dir.join(spool);
+    if sources.contains(&Source::Local) {
+        let envelope = read_envelope(&inner.spool.envelope_path(id))?;
+        return Ok((envelope, inner.spool.message_path(id)));
+    }
+    let eml = dir.join(format!("{id}.eml"));
+    let env = dir.join(format!("{id}.env"));
+    if sources.contains(&Source::Replica) {
+        return Ok((read_envelope(&env)?, eml));
+    }
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut last = String::from("no copy found");
+    for source in sources {
+        let fetched = match source {
+            Source::Object => fetch_object(inner, spool, id, &dir).await,
+            Source::Peer(addr) => inner.peers.fetch(*addr, spool, id, &dir).await,
+            Source::Local | Source::Replica => continue,
+        };
+        match fetched {
+            Ok(()) => {
+                let envelope = read_envelope(&env)?;
+                let len = std::fs::metadata(&eml).map_err(|e| e.to_string())?.len();
+                if len == envelope.data_len {
+                    return Ok((envelope, eml));
+                }
+                last = format!(
+                    "{source:?}: {len} octets, envelope says {}",
+                    envelope.data_len
+                );
+                let _ = remove_if_present(&env);
+                let _ = remove_if_present(&eml);
+            }
+            Err(err) => last = format!("{source:?}: {err}"),
+        }
+    }
+    Err(last)
+}
+
+fn read_envelope(path: &Path) -> Result<Envelope, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Downloads message `id` of `spool` from the object store into `dir`:
+/// `.eml` streamed and fsync'd first, then `.env`.
+async fn fetch_object(inner: &Inner, spool: &str, id: &str, dir: &Path) -> Result<(), String> {
+    let (store, prefix) = inner.objects.as_ref().ok_or("no object store")?;
+    let messages = crate::spool::object::ObjectCopy::messages_prefix(prefix, spool);
+    let env_bytes = store
+        .get(&messages.clone().join(format!("{id}.env").as_str()))
+        .await
+        .map_err(|e| e.to_string())?
+        .bytes()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut stream = store
+        .get(&messages.join(format!("{id}.eml").as_str()))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_stream();
+    let tmp = dir.join(format!("{id}.eml.tmp"));
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    file.sync_all().await.map_err(|e| e.to_string())?;
+    drop(file);
+    let dir = dir.to_owned();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || place_replica(&dir, &id, &tmp, &env_bytes))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Names a fetched `.eml` (already fsync'd at `eml_tmp`) and writes the
+/// `.env` after it, durably.
+fn place_replica(dir: &Path, id: &str, eml_tmp: &Path, envelope: &[u8]) -> std::io::Result<()> {
+    let eml = dir.join(format!("{id}.eml"));
+    let env = dir.join(format!("{id}.env"));
+    let env_tmp = dir.join(format!("{id}.env.tmp"));
+    std::fs::rename(eml_tmp, &eml)?;
+    remove_if_present(&env_tmp)?;
+    write_synced(&env_tmp, envelope)?;
+    match rename_noreplace(&env_tmp, &env) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            remove_if_present(&env_tmp)?;
+        }
+        Err(err) => return Err(err),
+    }
+    sync_dir(dir)
+}
+
+/// Lists held spools other than the current one again: adopts messages
+/// that appeared, retires spools that are finished.
+async fn relist(inner: &Arc<Inner>, membership: &Arc<Membership>) {
+    let current = inner.spool.current_spool();
+    let spools: Vec<String> = inner
+        .held
+        .lock()
+        .expect("node lock")
+        .keys()
+        .filter(|s| **s != current)
+        .cloned()
+        .collect();
+    for spool in spools {
+        let left = adopt_all(inner, membership, &spool).await;
+        if left == 0 && origin_moved_on(inner, membership, &spool).await {
+            retire(inner, membership, &spool).await;
+        }
+    }
+}
+
+/// Whether the relay that created `spool` writes into a later spool now, so
+/// `spool` can no longer grow.
+async fn origin_moved_on(inner: &Inner, membership: &Membership, spool: &str) -> bool {
+    let Some((origin_member, stamp)) = origin(spool) else {
+        return false;
+    };
+    if origin_member == inner.member.as_str() {
+        return true;
+    }
+    let Ok(snapshot) = membership.coordinator().snapshot().await else {
+        return false;
+    };
+    snapshot.spools.iter().any(|info| {
+        info.holder
+            .as_ref()
+            .is_some_and(|h| h.member.as_str() == origin_member)
+            && origin(info.spool.as_str())
+                .is_some_and(|(member, later)| member == origin_member && later > stamp)
+    })
+}
+
+/// Retires a finished spool and asks every peer to drop its replicas of it.
+async fn retire(inner: &Inner, membership: &Membership, spool: &str) {
+    let Some(claim) = inner.held.lock().expect("node lock").get(spool).cloned() else {
+        return;
+    };
+    match membership.coordinator().retire(&claim).await {
+        Ok(()) => {
+            tracing::info!(spool, "spool finished and retired");
+            inner.held.lock().expect("node lock").remove(spool);
+            for addr in inner.peers.addresses().await {
+                let _ = inner.peers.drop_spool(addr, spool).await;
+            }
+            let _ = std::fs::remove_dir_all(inner.replicas_dir.join(spool));
+        }
+        Err(err) => tracing::warn!(spool, error = %err, "cannot retire spool"),
+    }
+}
+
+/// Re-creates object-store and peer copies that the messages of the held
+/// spools are missing (a copy that failed after the quorum, or was lost with
+/// a peer's disk).
+async fn repair(inner: &Arc<Inner>) {
+    let wants_object = inner.copies.contains(&CopyKind::ObjectStore);
+    let wants_peer = inner.copies.contains(&CopyKind::Peer);
+    if !wants_object && !wants_peer {
+        return;
+    }
+    let spools: Vec<String> = inner
+        .held
+        .lock()
+        .expect("node lock")
+        .keys()
+        .cloned()
+        .collect();
+    let targets = inner.spool.copies().to_vec();
+    let peer_addresses = inner.peers.addresses().await;
+    for spool in spools {
+        let ids = inner.queue.ids_of_spool(&spool);
+        if ids.is_empty() {
+            continue;
+        }
+        let in_objects: Option<Vec<String>> = match (&inner.objects, wants_object) {
+            (Some((store, prefix)), true) => list_messages(
+                store.as_ref(),
+                &prefix.clone().join("spools").join(spool.as_str()),
+            )
+            .await
+            .ok(),
+            _ => None,
+        };
+        let mut on_peers: HashMap<String, usize> = HashMap::new();
+        if wants_peer {
+            for addr in &peer_addresses {
+                if let Ok(listed) = inner.peers.list(*addr, &spool).await {
+                    for id in listed {
+                        *on_peers.entry(id).or_default() += 1;
+                    }
+                }
+            }
+        }
+        for id in ids {
+            let Some(entry) = inner.queue.get(&id) else {
+                continue;
+            };
+            if entry.in_flight {
+                continue;
+            }
+            let missing_object = in_objects.as_ref().is_some_and(|ids| !ids.contains(&id));
+            // The relay delivering from a local spool copy counts itself out:
+            // peers hold replicas, the origin its local copy.
+            let peer_copies = on_peers.get(&id).copied().unwrap_or(0);
+            let missing_peers = if wants_peer {
+                inner.replicas.saturating_sub(peer_copies)
+            } else {
+                0
+            };
+            if !missing_object && missing_peers == 0 {
+                continue;
+            }
+            let Ok(job) = copy_job(&entry.eml_path, &entry.envelope).await else {
+                continue;
+            };
+            let job = Arc::new(job);
+            for target in &targets {
+                let wanted = match target.kind() {
+                    CopyKind::ObjectStore => missing_object,
+                    CopyKind::Peer => missing_peers > 0,
+                    CopyKind::Local => false,
+                };
+                if !wanted {
+                    continue;
+                }
+                match Arc::clone(target).write(Arc::clone(&job)).await {
+                    Ok(()) => {
+                        tracing::info!(%id, kind = ?target.kind(), "repair re-created a missing copy")
+                    }
+                    Err(err) if err.is_already_exists() => {}
+                    Err(err) => {
+                        tracing::warn!(%id, kind = ?target.kind(), error = %err, "repair failed; trying again later")
+                    }
+                }
+                if target.kind() == CopyKind::Peer {
+                    break; // one replica per round is enough to converge
+                }
+            }
+        }
+    }
+}
+
+/// A copy job for a message already on disk here.
+async fn copy_job(eml_path: &Path, envelope: &Envelope) -> std::io::Result<CopyJob> {
+    let env_path = eml_path.with_extension("env");
+    let envelope_json = tokio::fs::read(&env_path).await?;
+    let file = std::fs::File::open(eml_path)?;
+    Ok(CopyJob {
+        spool: envelope.spool.clone(),
+        id: envelope.id.clone(),
+        eml_path: eml_path.to_owned(),
+        eml_file: Arc::new(file),
+        data_len: envelope.data_len,
+        envelope_json: envelope_json.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_names_carry_their_origin_and_sort_by_age() {
+        let member = MemberId::new("relay-a.test").unwrap();
+        let first = new_spool_name(&member);
+        std::thread::sleep(Duration::from_millis(2));
+        let second = new_spool_name(&member);
+        assert!(second > first);
+        let (origin_member, stamp) = origin(&first).unwrap();
+        assert_eq!(origin_member, "relay-a.test");
+        assert!(crate::spool::id::is_valid(stamp), "{stamp}");
+        assert!(SpoolId::new(first).is_ok());
+    }
+
+    use crate::queue::state::Status;
+
+    #[test]
+    fn merged_state_keeps_every_final_recipient() {
+        let mut local = DeliveryState::new(3, 0);
+        let mut committed = DeliveryState::new(3, 0);
+        local.recipients[0].status = Status::Delivered;
+        committed.recipients[1].status = Status::Failed;
+        committed.attempts = 4;
+        let merged = local.merged(&committed);
+        assert_eq!(merged.recipients[0].status, Status::Delivered);
+        assert_eq!(merged.recipients[1].status, Status::Failed);
+        assert_eq!(merged.recipients[2].status, Status::Pending);
+        assert_eq!(merged.attempts, 4);
+    }
+}
