@@ -10,11 +10,14 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::admin;
-use crate::config::Config;
+use crate::admin::queue_service::QueueService;
+use crate::cluster::node::{ClusterNode, PeerNetwork};
+use crate::config::{Config, CopyKind};
 use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
 use crate::inbound::{self, Listener};
 use crate::metrics::Metrics;
+use crate::peer::{self, store::ReplicaStore, PeerClient, PeerCopy, PeerService, Peers};
 use crate::queue::Queue;
 use crate::spool::Spool;
 
@@ -35,7 +38,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let (spool, recovered) = Spool::open(&config)
+    let peering = match &config.cluster {
+        Some(cluster) => {
+            let secret = cluster.shared_secret()?;
+            let client = Arc::new(
+                PeerClient::new(&secret, config.spool.deadline.max(Duration::from_secs(5)))
+                    .map_err(|err| anyhow::anyhow!("peer client: {err}"))?,
+            );
+            Some((cluster.clone(), secret, client))
+        }
+        None => None,
+    };
+    let peer_targets = match &peering {
+        Some((_, _, client)) if config.spool.copies.contains(&CopyKind::Peer) => {
+            PeerCopy::targets(&config, Arc::clone(client))
+        }
+        _ => Vec::new(),
+    };
+    let (spool, recovered) = Spool::open_with_peers(&config, peer_targets)
         .await
         .context("cannot open the spool")?;
     info!(
@@ -53,6 +73,35 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         Arc::clone(&metrics),
     )
     .map_err(|err| anyhow::anyhow!("cannot start the queue: {err}"))?;
+    // In a cluster: the peer service (replicas, takeover reads and the
+    // cluster-wide admin API, behind the shared secret) and the membership.
+    let (peer_stop, peer_stopped) = watch::channel(false);
+    let mut cluster_node = None;
+    let mut peer_task = None;
+    if let Some((cluster, secret, client)) = peering {
+        let replicas = Arc::new(
+            ReplicaStore::open(&config.data_dir).context("cannot open the replica directory")?,
+        );
+        let service = PeerService::new(replicas, Some(spool.clone()));
+        let routes = peer::routes(service, Some(QueueService::new(queue.clone())), &secret);
+        let socket = TcpListener::bind(cluster.peer_listen)
+            .await
+            .with_context(|| format!("cannot bind the peer service on {}", cluster.peer_listen))?;
+        info!(address = %socket.local_addr()?, "peer service listening");
+        peer_task = Some(tokio::spawn(peer::serve(
+            socket,
+            routes,
+            signalled(peer_stopped),
+        )));
+        let network = Arc::new(PeerNetwork {
+            peers: Peers::from_config(&cluster),
+            client,
+        });
+        let node = ClusterNode::start(&config, spool.clone(), queue.clone(), network).await?;
+        queue.set_ownership(Arc::new(node.clone()));
+        cluster_node = Some(node);
+    }
+
     let queue_task = tokio::spawn({
         let queue = queue.clone();
         let shutdown = signalled(shutdown.clone());
@@ -144,6 +193,16 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         .is_err()
     {
         tracing::warn!("background copies still running at exit; repair will re-create them");
+    }
+    // Copies are complete: hand the spools over so a peer delivers them now.
+    if let Some(node) = cluster_node {
+        node.leave().await;
+    }
+    let _ = peer_stop.send(true);
+    if let Some(task) = peer_task {
+        if let Ok(Err(err)) = task.await {
+            tracing::warn!("peer service: {err}");
+        }
     }
     let _ = http_task.await;
     for task in admin_tasks {

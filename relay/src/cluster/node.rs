@@ -73,6 +73,58 @@ pub trait PeerAccess: Send + Sync + std::fmt::Debug + 'static {
     async fn drop_spool(&self, addr: SocketAddr, spool: &str) -> Result<(), String>;
 }
 
+/// [`PeerAccess`] over the peer gRPC service: `cluster.peers` resolved on
+/// every use, one client for all.
+#[derive(Debug)]
+pub struct PeerNetwork {
+    /// The configured peers.
+    pub peers: crate::peer::Peers,
+    /// The client.
+    pub client: Arc<crate::peer::PeerClient>,
+}
+
+#[async_trait]
+impl PeerAccess for PeerNetwork {
+    async fn addresses(&self) -> Vec<SocketAddr> {
+        self.peers.resolve().await.addrs
+    }
+
+    async fn list(&self, addr: SocketAddr, spool: &str) -> Result<Vec<String>, String> {
+        self.client
+            .list(addr, spool)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn fetch(
+        &self,
+        addr: SocketAddr,
+        spool: &str,
+        id: &str,
+        dest_dir: &Path,
+    ) -> Result<(), String> {
+        self.client
+            .fetch(addr, spool, id, dest_dir)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn remove(&self, addr: SocketAddr, spool: &str, id: &str) -> Result<(), String> {
+        self.client
+            .remove(addr, spool, id)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn drop_spool(&self, addr: SocketAddr, spool: &str) -> Result<(), String> {
+        self.client
+            .drop_spool(addr, spool)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Where a copy of a message was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {

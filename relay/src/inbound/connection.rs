@@ -308,6 +308,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 let reply = Reply::new(250, "2.0.0", format!("Ok: queued as {}", committed.id));
                 if let Some(queue) = &self.listener.queue {
                     envelope.id = committed.id;
+                    envelope.spool = committed.spool;
                     envelope.data_len = committed.data_len;
                     envelope.data_sha256 = committed.data_sha256;
                     queue.submit(envelope);

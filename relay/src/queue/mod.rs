@@ -662,6 +662,7 @@ impl Queue {
         info!(id = %envelope.id, dsn = %committed.id, "queued a delivery status notification");
         let mut report = report;
         report.id = committed.id;
+        report.spool = committed.spool;
         report.data_len = committed.data_len;
         report.data_sha256 = committed.data_sha256;
         self.submit(report);

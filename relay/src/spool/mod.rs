@@ -69,6 +69,8 @@ pub enum SpoolError {
 pub struct Committed {
     /// The spool id.
     pub id: String,
+    /// The cluster spool the message went into (empty outside a cluster).
+    pub spool: String,
     /// Copies that had confirmed when the quorum was reached.
     pub confirmed: Vec<CopyKind>,
     /// Time from `commit` to quorum.
@@ -545,6 +547,7 @@ impl Incoming {
         });
         let mut committed = task.await.map_err(std::io::Error::other)??;
         committed.data_sha256 = data_sha256;
+        committed.spool = envelope.spool;
         Ok(committed)
     }
 

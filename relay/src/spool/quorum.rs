@@ -209,6 +209,7 @@ pub async fn commit(
         });
         return Ok(Committed {
             id: job.id.clone(),
+            spool: job.spool.clone(),
             confirmed: confirmed.iter().map(|&i| targets[i].kind()).collect(),
             quorum_time: started.elapsed(),
             data_len: job.data_len,

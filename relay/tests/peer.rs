@@ -1,0 +1,617 @@
+//! Peer replication over real gRPC on loopback: replicas are durable and
+//! exact, refused without the secret, leave nothing when cut or corrupt;
+//! list, fetch and remove see replicas and the origin's own spool; PeerCopy
+//! fails over and spreads replicas; a spool with `"peer"` copies commits to
+//! a peer.
+
+#[path = "spool_suite.rs"]
+mod suite;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use postern::config::{ClusterConfig, Config, CopyKind};
+use postern::peer::proto::peer_client::PeerClient as RawClient;
+use postern::peer::proto::{self, replicate_chunk};
+use postern::peer::{routes, serve, PeerClient, PeerCopy, PeerError, PeerService, Peers};
+use postern::peer::{ReplicaStore, CHUNK};
+use postern::spool::quorum::{CopyError, CopyJob, CopyTarget};
+use postern::spool::Spool;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+const SECRET: &str = "test-secret-0123456789";
+
+/// A peer service on 127.0.0.1:0 over `data_dir`; stops when dropped.
+struct Server {
+    addr: SocketAddr,
+    replicas: PathBuf,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start(data_dir: &Path, spool: Option<Spool>) -> Server {
+    start_with(data_dir, spool, None).await
+}
+
+async fn start_with(
+    data_dir: &Path,
+    spool: Option<Spool>,
+    admin: Option<postern::admin::queue_service::QueueService>,
+) -> Server {
+    let store = Arc::new(ReplicaStore::open(data_dir).unwrap());
+    let replicas = store.root().to_owned();
+    let service = PeerService::new(store, spool);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve(listener, routes(service, admin, SECRET), async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        replicas,
+        _stop: stop,
+    }
+}
+
+fn client() -> PeerClient {
+    PeerClient::new(SECRET, Duration::from_secs(10)).unwrap()
+}
+
+/// A job of `spool` for `data`, staged in `dir`, its envelope recording
+/// length and digest as the spool does.
+fn job(dir: &Path, spool: &str, data: &[u8]) -> Arc<CopyJob> {
+    let id = postern::spool::id::IdGenerator::new().next_id();
+    let eml_path = dir.join(format!("{id}.eml"));
+    std::fs::write(&eml_path, data).unwrap();
+    let mut envelope = suite::envelope();
+    envelope.id = id.clone();
+    envelope.spool = spool.into();
+    envelope.data_len = data.len() as u64;
+    envelope.data_sha256 = hex::encode(Sha256::digest(data));
+    Arc::new(CopyJob {
+        spool: spool.into(),
+        id,
+        eml_file: Arc::new(std::fs::File::open(&eml_path).unwrap()),
+        eml_path,
+        data_len: data.len() as u64,
+        envelope_json: Bytes::from(serde_json::to_vec(&envelope).unwrap()),
+    })
+}
+
+/// Every file under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Waits (up to 10 s) until `check` holds.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn raw(addr: SocketAddr) -> RawClient<tonic::transport::Channel> {
+    RawClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+fn bearer<T>(mut request: tonic::Request<T>, secret: &str) -> tonic::Request<T> {
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    request
+}
+
+fn header_chunk(job: &CopyJob, data_sha256: String) -> proto::ReplicateChunk {
+    proto::ReplicateChunk {
+        part: Some(replicate_chunk::Part::Header(proto::ReplicaHeader {
+            spool: job.spool.clone(),
+            id: job.id.clone(),
+            envelope_json: job.envelope_json.to_vec(),
+            data_len: job.data_len,
+            data_sha256,
+        })),
+    }
+}
+
+fn data_chunk(data: &[u8]) -> proto::ReplicateChunk {
+    proto::ReplicateChunk {
+        part: Some(replicate_chunk::Part::Data(data.to_vec())),
+    }
+}
+
+fn closed_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_is_byte_equal_and_committed_and_retries_are_idempotent() {
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let staging = tempfile::tempdir().unwrap();
+    let data = suite::message(200_000);
+    let job = job(staging.path(), "s1", &data);
+    let client = client();
+
+    client.replicate(server.addr, &job).await.unwrap();
+    let dir = server.replicas.join("s1");
+    assert_eq!(
+        std::fs::read(dir.join(format!("{}.eml", job.id))).unwrap(),
+        data
+    );
+    assert_eq!(
+        std::fs::read(dir.join(format!("{}.env", job.id))).unwrap(),
+        job.envelope_json
+    );
+    assert_eq!(
+        tree(&server.replicas),
+        vec![format!("s1/{}.eml", job.id), format!("s1/{}.env", job.id)]
+    );
+
+    // The same replica again (a retry after a lost answer) is confirmed.
+    client.replicate(server.addr, &job).await.unwrap();
+    // The same id with another envelope is refused, and the first one kept.
+    let mut other = suite::envelope();
+    other.id = job.id.clone();
+    other.spool = "s1".into();
+    let conflicting = CopyJob {
+        spool: job.spool.clone(),
+        id: job.id.clone(),
+        eml_path: job.eml_path.clone(),
+        eml_file: Arc::clone(&job.eml_file),
+        data_len: job.data_len,
+        envelope_json: Bytes::from(serde_json::to_vec(&other).unwrap()),
+    };
+    let err = client
+        .replicate(server.addr, &conflicting)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::AlreadyExists), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join(format!("{}.env", job.id))).unwrap(),
+        job.envelope_json
+    );
+}
+
+#[tokio::test]
+async fn without_the_secret_nothing_is_written() {
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let staging = tempfile::tempdir().unwrap();
+    let job = job(staging.path(), "s1", &suite::message(1000));
+
+    let wrong = PeerClient::new("not-the-secret-at-all", Duration::from_secs(10)).unwrap();
+    let err = wrong.replicate(server.addr, &job).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unauthenticated), "{err}");
+    let err = wrong.list(server.addr, "s1").await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::Unauthenticated), "{err}");
+
+    // No authorization at all.
+    let mut raw = raw(server.addr).await;
+    let sha = hex::encode(Sha256::digest(suite::message(1000)));
+    let stream = futures::stream::iter(vec![
+        header_chunk(&job, sha),
+        data_chunk(&suite::message(1000)),
+    ]);
+    let status = raw.replicate(stream).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let status = raw
+        .drop_spool(proto::DropSpoolRequest { spool: "s1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    assert!(
+        tree(&server.replicas).is_empty(),
+        "{:?}",
+        tree(&server.replicas)
+    );
+    // The right secret works on the same server.
+    client().replicate(server.addr, &job).await.unwrap();
+    assert_eq!(tree(&server.replicas).len(), 2);
+}
+
+#[tokio::test]
+async fn a_cut_stream_leaves_no_partial_replica() {
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let staging = tempfile::tempdir().unwrap();
+    let data = suite::message(10 * CHUNK);
+    let job = job(staging.path(), "s1", &data);
+    let sha = hex::encode(Sha256::digest(&data));
+
+    // Three chunks, then the sender stalls and its call is dropped.
+    let mut raw = raw(server.addr).await;
+    let chunks: Vec<_> = std::iter::once(header_chunk(&job, sha.clone()))
+        .chain(data.chunks(CHUNK).take(3).map(data_chunk))
+        .collect();
+    let stream =
+        futures::StreamExt::chain(futures::stream::iter(chunks), futures::stream::pending());
+    let call = tokio::spawn(async move {
+        raw.replicate(bearer(tonic::Request::new(stream), SECRET))
+            .await
+    });
+    let eml = server.replicas.join("s1").join(format!("{}.eml", job.id));
+    eventually("the partial .eml is being written", || {
+        std::fs::metadata(&eml).is_ok_and(|m| m.len() > 0)
+    })
+    .await;
+    call.abort();
+    let dir = server.replicas.join("s1");
+    eventually("the partial replica is removed", || tree(&dir).is_empty()).await;
+
+    // A stream that ends early is refused as well.
+    let mut raw2 = self::raw(server.addr).await;
+    let short: Vec<_> = std::iter::once(header_chunk(&job, sha))
+        .chain(data.chunks(CHUNK).take(2).map(data_chunk))
+        .collect();
+    let status = raw2
+        .replicate(bearer(
+            tonic::Request::new(futures::stream::iter(short)),
+            SECRET,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(tree(&dir).is_empty(), "{:?}", tree(&dir));
+
+    // And the message can be replicated whole afterwards.
+    client().replicate(server.addr, &job).await.unwrap();
+    assert_eq!(std::fs::read(&eml).unwrap(), data);
+}
+
+#[tokio::test]
+async fn corrupt_or_oversized_data_is_refused() {
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let staging = tempfile::tempdir().unwrap();
+    let data = suite::message(3 * CHUNK + 10);
+    let job = job(staging.path(), "s1", &data);
+    let dir = server.replicas.join("s1");
+
+    // The announced digest is not that of the data.
+    let mut corrupt = data.clone();
+    corrupt[CHUNK + 1] ^= 0x20;
+    let chunks: Vec<_> = std::iter::once(header_chunk(&job, hex::encode(Sha256::digest(&data))))
+        .chain(corrupt.chunks(CHUNK).map(data_chunk))
+        .collect();
+    let status = raw(server.addr)
+        .await
+        .replicate(bearer(
+            tonic::Request::new(futures::stream::iter(chunks)),
+            SECRET,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(tree(&dir).is_empty(), "{:?}", tree(&dir));
+
+    // More data than announced.
+    let chunks: Vec<_> = std::iter::once(header_chunk(&job, hex::encode(Sha256::digest(&data))))
+        .chain(data.chunks(CHUNK).map(data_chunk))
+        .chain(std::iter::once(data_chunk(b"extra")))
+        .collect();
+    let status = raw(server.addr)
+        .await
+        .replicate(bearer(
+            tonic::Request::new(futures::stream::iter(chunks)),
+            SECRET,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(tree(&dir).is_empty(), "{:?}", tree(&dir));
+
+    // A name that would leave the replica directory.
+    let mut escaping = header_chunk(&job, hex::encode(Sha256::digest(&data)));
+    if let Some(replicate_chunk::Part::Header(h)) = &mut escaping.part {
+        h.spool = "..".into();
+    }
+    let status = raw(server.addr)
+        .await
+        .replicate(bearer(
+            tonic::Request::new(futures::stream::iter(vec![escaping])),
+            SECRET,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(tree(&server.replicas).is_empty());
+    assert_eq!(tree(peer.path()), Vec::<String>::new());
+}
+
+/// A spool on `root` with only the local copy, accepting into spool "s1".
+async fn local_spool(root: &Path) -> Spool {
+    let mut config = Config {
+        data_dir: root.to_owned(),
+        ..Config::default()
+    };
+    config.spool.copies = vec![CopyKind::Local];
+    config.spool.required = 1;
+    config.spool.reserve_bytes = 0;
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    spool
+}
+
+#[tokio::test]
+async fn list_fetch_and_remove_see_replicas_and_the_origins_own_spool() {
+    let origin = tempfile::tempdir().unwrap();
+    let spool = local_spool(origin.path()).await;
+    spool.rotate("s1".into()).await;
+    let own = suite::message(150_000);
+    let own_id = suite::receive(&spool, &own, 4096).await.unwrap().id;
+    spool.rotate("s2".into()).await;
+    let elsewhere_id = suite::receive(&spool, &suite::message(500), 4096)
+        .await
+        .unwrap()
+        .id;
+    let server = start(origin.path(), Some(spool.clone())).await;
+    let client = client();
+
+    // A replica of another relay's message of s1 is held here as well.
+    let staging = tempfile::tempdir().unwrap();
+    let replicated = suite::message(70_000);
+    let job = job(staging.path(), "s1", &replicated);
+    client.replicate(server.addr, &job).await.unwrap();
+
+    let mut expected = vec![own_id.clone(), job.id.clone()];
+    expected.sort();
+    assert_eq!(client.list(server.addr, "s1").await.unwrap(), expected);
+    assert_eq!(
+        client.list(server.addr, "s2").await.unwrap(),
+        vec![elsewhere_id.clone()]
+    );
+    assert!(client.list(server.addr, "s3").await.unwrap().is_empty());
+
+    // Fetch writes exact, committed copies into the destination.
+    let taker = tempfile::tempdir().unwrap();
+    let dest = taker.path().join("replicas").join("s1");
+    let (eml, envelope) = client
+        .fetch(server.addr, "s1", &own_id, &dest)
+        .await
+        .unwrap();
+    assert_eq!(eml, dest.join(format!("{own_id}.eml")));
+    assert_eq!(std::fs::read(&eml).unwrap(), own);
+    assert_eq!(
+        envelope,
+        std::fs::read(spool.envelope_path(&own_id)).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(dest.join(format!("{own_id}.env"))).unwrap(),
+        envelope
+    );
+    let (eml, envelope) = client
+        .fetch(server.addr, "s1", &job.id, &dest)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(eml).unwrap(), replicated);
+    assert_eq!(envelope, job.envelope_json);
+    // A message of another spool is not served as one of s1.
+    let err = client
+        .fetch(server.addr, "s1", &elsewhere_id, &dest)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert_eq!(tree(&dest).len(), 4);
+
+    // Remove: the replica and the local files of s1's message go; the
+    // message of s2 stays; absent is fine.
+    client.remove(server.addr, "s1", &own_id).await.unwrap();
+    client.remove(server.addr, "s1", &job.id).await.unwrap();
+    client.remove(server.addr, "s1", &job.id).await.unwrap();
+    client
+        .remove(server.addr, "s1", &elsewhere_id)
+        .await
+        .unwrap();
+    assert!(!spool.envelope_path(&own_id).exists());
+    assert!(!spool.message_path(&own_id).exists());
+    assert!(spool.envelope_path(&elsewhere_id).exists());
+    assert!(spool.message_path(&elsewhere_id).exists());
+    assert!(tree(&server.replicas).is_empty());
+    assert!(client.list(server.addr, "s1").await.unwrap().is_empty());
+    let err = client
+        .fetch(server.addr, "s1", &own_id, &dest)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+
+    // Dropping a spool removes its replica directory.
+    client.replicate(server.addr, &job).await.unwrap();
+    client.drop_spool(server.addr, "s1").await.unwrap();
+    assert!(!server.replicas.join("s1").exists());
+}
+
+#[tokio::test]
+async fn a_large_message_streams_through_and_back() {
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let staging = tempfile::tempdir().unwrap();
+    let data = suite::message(20 * 1024 * 1024);
+    let job = job(staging.path(), "s1", &data);
+    let client = client();
+    client.replicate(server.addr, &job).await.unwrap();
+    let stored = server.replicas.join("s1").join(format!("{}.eml", job.id));
+    assert_eq!(
+        Sha256::digest(std::fs::read(&stored).unwrap()),
+        Sha256::digest(&data)
+    );
+    let back = tempfile::tempdir().unwrap();
+    let (eml, _) = client
+        .fetch(server.addr, "s1", &job.id, back.path())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(eml).unwrap(), data);
+}
+
+#[tokio::test]
+async fn peer_copies_fail_over_spread_and_remove_everywhere() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        start(a_dir.path(), None).await,
+        start(b_dir.path(), None).await,
+    );
+    let client = Arc::new(client());
+    let staging = tempfile::tempdir().unwrap();
+    let held = |server: &Server, job: &CopyJob| {
+        server
+            .replicas
+            .join(&job.spool)
+            .join(format!("{}.env", job.id))
+            .exists()
+    };
+
+    // One live peer behind a closed port: replica 0 and replica 1 start at
+    // different addresses, so one of them meets the closed port first.
+    let closed = closed_port();
+    let peers = Peers::new(vec![closed.to_string(), a.addr.to_string()], Vec::new());
+    let job1 = job(staging.path(), "s1", &suite::message(5000));
+    for index in 0..2 {
+        let target = PeerCopy::new(
+            index,
+            Arc::new(peers.clone()),
+            Arc::clone(&client),
+            Arc::default(),
+        );
+        Arc::new(target).write(Arc::clone(&job1)).await.unwrap();
+        assert!(held(&a, &job1));
+    }
+
+    // Two replicas over two live peers land on both.
+    let group = PeerCopy::group(
+        2,
+        Peers::new(vec![a.addr.to_string(), b.addr.to_string()], Vec::new()),
+        Arc::clone(&client),
+    );
+    let job2 = job(staging.path(), "s1", &suite::message(5000));
+    let writes = group.iter().map(|t| Arc::clone(t).write(Arc::clone(&job2)));
+    for result in futures::future::join_all(writes).await {
+        result.unwrap();
+    }
+    assert!(held(&a, &job2) && held(&b, &job2));
+    // Remove reaches every peer.
+    Arc::clone(&group[0])
+        .remove("s1".into(), job2.id.clone())
+        .await
+        .unwrap();
+    assert!(!held(&a, &job2) && !held(&b, &job2));
+
+    // Two replicas, one live peer: the second cannot be placed.
+    let group = PeerCopy::group(2, peers.clone(), Arc::clone(&client));
+    let job3 = job(staging.path(), "s1", &suite::message(5000));
+    let writes = group.iter().map(|t| Arc::clone(t).write(Arc::clone(&job3)));
+    let results = futures::future::join_all(writes).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    let err = results.into_iter().find_map(Result::err).unwrap();
+    assert!(
+        matches!(err, CopyError::Peer(PeerError::NotReplicated { .. })),
+        "{err}"
+    );
+    // Removing while a peer is unreachable reports that copies may remain.
+    let err = Arc::clone(&group[0])
+        .remove("s1".into(), job3.id.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CopyError::Peer(PeerError::NotRemoved { .. })),
+        "{err}"
+    );
+    assert!(!held(&a, &job3));
+}
+
+#[tokio::test]
+async fn a_spool_with_peer_copies_commits_a_replica_on_a_peer() {
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let origin = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: origin.path().to_owned(),
+        ..Config::default()
+    };
+    config.spool.copies = vec![CopyKind::Local, CopyKind::Peer];
+    config.spool.required = 2;
+    config.spool.reserve_bytes = 0;
+    config.cluster = Some(ClusterConfig {
+        peer_listen: closed_port(),
+        peers: vec![server.addr.to_string()],
+        secret: Some(SECRET.into()),
+        replicas: 1,
+        ..ClusterConfig::default()
+    });
+    let client = Arc::new(client());
+    let targets = PeerCopy::targets(&config, client);
+    assert_eq!(targets.len(), 1);
+    let (spool, _) = Spool::open_with_peers(&config, targets).await.unwrap();
+    spool.rotate("origin.1".into()).await;
+    let data = suite::message(100_000);
+    let committed = suite::receive(&spool, &data, 4096).await.unwrap();
+    assert!(committed.confirmed.contains(&CopyKind::Peer));
+    let dir = server.replicas.join("origin.1");
+    assert_eq!(
+        std::fs::read(dir.join(format!("{}.eml", committed.id))).unwrap(),
+        data
+    );
+    assert_eq!(
+        std::fs::read(dir.join(format!("{}.env", committed.id))).unwrap(),
+        std::fs::read(spool.envelope_path(&committed.id)).unwrap()
+    );
+    spool.drain().await;
+}
+
+#[tokio::test]
+async fn the_admin_service_can_share_the_server_and_its_secret() {
+    use postern::admin::proto::queue_client::QueueClient;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: root.path().to_owned(),
+        ..Config::default()
+    };
+    config.spool.copies = vec![CopyKind::Local];
+    config.spool.required = 1;
+    let (spool, recovered) = Spool::open(&config).await.unwrap();
+    let queue =
+        postern::queue::Queue::open(&config, spool.clone(), recovered.messages, Arc::default())
+            .unwrap();
+    let admin = postern::admin::queue_service::QueueService::new(queue);
+    let server = start_with(root.path(), Some(spool), Some(admin)).await;
+    let mut queue = QueueClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let status = queue.stats(proto_stats()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let stats = queue
+        .stats(bearer(proto_stats(), SECRET))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.total, 0);
+    // And the peer service answers on the same port.
+    assert!(client().list(server.addr, "s1").await.unwrap().is_empty());
+}
+
+fn proto_stats() -> tonic::Request<postern::admin::proto::StatsRequest> {
+    tonic::Request::new(postern::admin::proto::StatsRequest {})
+}
