@@ -101,15 +101,28 @@ fn steady_cluster_delivers_everything_once_and_removes_the_copies() {
         let left: Vec<String> = cluster.s3_envelopes().intersection(&ids).cloned().collect();
         left.is_empty().then_some(())
     });
-    assert!(
-        left.is_some(),
-        "S3 copies of delivered messages were not removed: {:?}",
-        cluster
-            .s3_envelopes()
-            .intersection(&ids)
-            .take(10)
-            .collect::<Vec<_>>()
-    );
+    if left.is_none() {
+        let left: Vec<String> = cluster.s3_envelopes().intersection(&ids).cloned().collect();
+        let moto = cluster.moto.log();
+        let mut report = format!(
+            "S3 copies of {} of the {} delivered messages were not removed within 20 s:\n",
+            left.len(),
+            ids.len()
+        );
+        for id in left.iter().take(3) {
+            report += &format!("{id}: moto requests:\n");
+            for line in moto.lines().filter(|l| l.contains(id.as_str())) {
+                report += &format!("  {line}\n");
+            }
+            report += "relay log lines:\n";
+            for relay in &cluster.relays {
+                for line in relay.proc.log().lines().filter(|l| l.contains(id.as_str())) {
+                    report += &format!("  [{}] {line}\n", relay.name);
+                }
+            }
+        }
+        panic!("{report}");
+    }
 }
 
 /// kill -9 one relay under load: every acknowledged message is delivered (a
