@@ -277,7 +277,8 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// This relay's member name, unique in the cluster (`[A-Za-z0-9._-]`).
-    /// Default: `hostname`.
+    /// Default: the machine's host name (a pod's name in Kubernetes), not
+    /// `hostname`, which relays of one cluster often share.
     pub name: Option<String>,
     /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`.
     pub etcd: Vec<String>,
@@ -288,7 +289,9 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// Address the peer service (replicas, takeover reads, cluster admin) binds.
     pub peer_listen: SocketAddr,
-    /// `host:port` peers reach this relay's peer service at; default `peer_listen`.
+    /// `host:port` peers reach this relay's peer service at. Default:
+    /// `peer_listen`, or `<machine host name>:<port>` when that is a wildcard
+    /// address (a pod's name resolves to its own IP inside the pod).
     pub advertise: Option<String>,
     /// Peer services as `host:port`; DNS names (a headless Service) are
     /// resolved again for every use and may stand for several relays. This
@@ -325,15 +328,19 @@ impl Default for ClusterConfig {
 
 impl ClusterConfig {
     /// The member name.
-    pub fn member_name(&self, hostname: &str) -> String {
-        self.name.clone().unwrap_or_else(|| hostname.to_owned())
+    pub fn member_name(&self) -> String {
+        self.name.clone().unwrap_or_else(default_hostname)
     }
 
     /// The address peers reach this relay at.
     pub fn advertised(&self) -> String {
-        self.advertise
-            .clone()
-            .unwrap_or_else(|| self.peer_listen.to_string())
+        match &self.advertise {
+            Some(advertise) => advertise.clone(),
+            None if self.peer_listen.ip().is_unspecified() => {
+                format!("{}:{}", default_hostname(), self.peer_listen.port())
+            }
+            None => self.peer_listen.to_string(),
+        }
     }
 
     /// The shared secret, read from `secret_file` when set.
@@ -636,7 +643,7 @@ impl Config {
             }
         }
         if let Some(cluster) = &self.cluster {
-            let name = cluster.member_name(&self.hostname);
+            let name = cluster.member_name();
             if crate::cluster::MemberId::new(name.clone()).is_err() {
                 return invalid(format!(
                     "cluster.name {name:?}: use 1-128 of [A-Za-z0-9._-] (set cluster.name)"
@@ -790,5 +797,52 @@ mod tests {
         assert!(
             matches!(config.object_store, ObjectStoreConfig::S3 { ref bucket, .. } if bucket == "mail")
         );
+    }
+
+    #[test]
+    fn cluster_section_parses_and_counts_peer_replicas() {
+        let config = Config::parse(
+            "[spool]\ncopies = [\"local\", \"peer\", \"object_store\"]\nrequired = 3\n\
+             [cluster]\nname = \"relay-a\"\netcd = [\"http://127.0.0.1:2379\"]\n\
+             peers = [\"relays.mail.svc:9327\"]\nsecret = \"0123456789abcdef\"\nreplicas = 2\n\
+             peer_listen = \"0.0.0.0:9327\"\n",
+        )
+        .unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(config.copy_count(), 4);
+        assert_eq!(cluster.member_name(), "relay-a");
+        assert_eq!(cluster.lease_ttl, Duration::from_secs(10));
+        // A wildcard listener is advertised under the machine's name.
+        assert_eq!(cluster.advertised(), format!("{}:9327", default_hostname()));
+        assert_eq!(cluster.shared_secret().unwrap(), "0123456789abcdef");
+    }
+
+    #[test]
+    fn cluster_rules_are_enforced() {
+        let base = "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nname = \"a\"\n";
+        for (extra, needle) in [
+            ("", "exactly one of secret and secret_file"),
+            ("secret = \"short\"\n", "at least 16"),
+            (
+                "secret = \"0123456789abcdef\"\nlease_ttl = \"1s\"\n",
+                "lease_ttl",
+            ),
+            ("secret = \"0123456789abcdef\"\nreplicas = 0\n", "replicas"),
+        ] {
+            let err = Config::parse(&format!("{base}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+        let err = Config::parse("[spool]\ncopies = [\"local\", \"peer\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[cluster] with at least one peer"), "{err}");
+        let err = Config::parse(
+            "[cluster]\netcd = [\"http://e:2379\"]\nsecret = \"0123456789abcdef\"\nname = \"a/b\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cluster.name"), "{err}");
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::admin;
+use crate::admin::cluster::ClusterAdmin;
 use crate::admin::queue_service::QueueService;
 use crate::cluster::node::{ClusterNode, PeerNetwork};
 use crate::config::{Config, CopyKind};
@@ -78,12 +79,18 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let (peer_stop, peer_stopped) = watch::channel(false);
     let mut cluster_node = None;
     let mut peer_task = None;
+    let mut admin_service = QueueService::new(queue.clone());
     if let Some((cluster, secret, client)) = peering {
+        admin_service = admin_service.with_cluster(ClusterAdmin::new(
+            cluster.member_name(),
+            Peers::from_config(&cluster),
+            secret.clone(),
+        ));
         let replicas = Arc::new(
             ReplicaStore::open(&config.data_dir).context("cannot open the replica directory")?,
         );
         let service = PeerService::new(replicas, Some(spool.clone()));
-        let routes = peer::routes(service, Some(QueueService::new(queue.clone())), &secret);
+        let routes = peer::routes(service, Some(admin_service.clone()), &secret);
         let socket = TcpListener::bind(cluster.peer_listen)
             .await
             .with_context(|| format!("cannot bind the peer service on {}", cluster.peer_listen))?;
@@ -116,7 +123,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let mut admin_tasks = vec![tokio::spawn(admin::serve_unix(
         admin_socket,
         admin_path,
-        queue.clone(),
+        admin_service.clone(),
         signalled(shutdown.clone()),
     ))];
     if let Some(listen) = config.admin.listen {
@@ -126,7 +133,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         info!(address = %socket.local_addr()?, "admin service listening");
         admin_tasks.push(tokio::spawn(admin::serve_tcp(
             socket,
-            queue.clone(),
+            admin_service.clone(),
             signalled(shutdown.clone()),
         )));
     }

@@ -613,5 +613,5 @@ async fn the_admin_service_can_share_the_server_and_its_secret() {
 }
 
 fn proto_stats() -> tonic::Request<postern::admin::proto::StatsRequest> {
-    tonic::Request::new(postern::admin::proto::StatsRequest {})
+    tonic::Request::new(postern::admin::proto::StatsRequest { cluster: false })
 }

@@ -6,6 +6,7 @@
 //! `[admin] listen` is set.
 
 pub mod cli;
+pub mod cluster;
 pub mod queue_service;
 
 use std::future::Future;
@@ -17,8 +18,6 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 use tracing::info;
-
-use crate::queue::Queue;
 
 /// The generated messages, client and server of `postern.admin.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -70,10 +69,10 @@ fn temp_name(path: &Path) -> PathBuf {
 pub async fn serve_unix(
     listener: UnixListener,
     path: PathBuf,
-    queue: Queue,
+    service: queue_service::QueueService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let result = router(queue)
+    let result = router(service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&path);
@@ -83,16 +82,14 @@ pub async fn serve_unix(
 /// Serves the admin API on TCP until `shutdown` resolves.
 pub async fn serve_tcp(
     listener: TcpListener,
-    queue: Queue,
+    service: queue_service::QueueService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    router(queue)
+    router(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }
 
-fn router(queue: Queue) -> tonic::transport::server::Router {
-    Server::builder().add_service(proto::queue_server::QueueServer::new(
-        queue_service::QueueService::new(queue),
-    ))
+fn router(service: queue_service::QueueService) -> tonic::transport::server::Router {
+    Server::builder().add_service(proto::queue_server::QueueServer::new(service))
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use super::cluster::{forwarded, is_forwarded, ClusterAdmin};
 use super::proto::{self, queue_server};
 use crate::queue::schedule::now_ms;
 use crate::queue::state::Status as RecipientStatus;
@@ -19,16 +20,67 @@ const BUSY_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct QueueService {
     queue: Queue,
+    cluster: Option<ClusterAdmin>,
+}
+
+/// Passes a request by id on to the peers when this relay does not hold the
+/// message: the first answer other than NOT_FOUND wins.
+macro_rules! pass_on {
+    ($self:ident, $request:ident, $local:expr, |$client:ident, $message:ident| $call:expr) => {{
+        let local = $local;
+        match (&local, &$self.cluster) {
+            (Err(status), Some(cluster))
+                if status.code() == tonic::Code::NotFound && !is_forwarded(&$request) =>
+            {
+                let original = $request.into_inner();
+                for (_, client) in cluster.peers().await {
+                    let Ok(mut $client) = client else { continue };
+                    let $message = original.clone();
+                    match $call.await {
+                        Err(status) if status.code() != tonic::Code::NotFound => {
+                            if matches!(
+                                status.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::DeadlineExceeded
+                                    | tonic::Code::Cancelled
+                            ) {
+                                continue;
+                            }
+                            return Err(status);
+                        }
+                        Err(_) => continue,
+                        Ok(response) => return Ok(response),
+                    }
+                }
+                local
+            }
+            _ => local,
+        }
+    }};
 }
 
 impl QueueService {
     /// A service over `queue`.
     pub fn new(queue: Queue) -> QueueService {
-        QueueService { queue }
+        QueueService {
+            queue,
+            cluster: None,
+        }
+    }
+
+    /// Also answers for the rest of `cluster` (`cluster` listings, and
+    /// requests by id for messages other relays hold).
+    pub fn with_cluster(mut self, cluster: ClusterAdmin) -> QueueService {
+        self.cluster = Some(cluster);
+        self
     }
 
     fn message(&self, entry: &Entry, now: u64) -> proto::Message {
-        message(entry, now, |domain| self.queue.destination(domain))
+        let mut message = message(entry, now, |domain| self.queue.destination(domain));
+        if let Some(cluster) = &self.cluster {
+            message.relay = cluster.member().to_owned();
+        }
+        message
     }
 
     fn current(&self, id: &str) -> Result<proto::Message, Status> {
@@ -138,6 +190,7 @@ pub fn message(entry: &Entry, now: u64, destination: impl Fn(&str) -> String) ->
         }),
         smtputf8: params.smtputf8,
         data_sha256: envelope.data_sha256.clone(),
+        relay: String::new(),
     }
 }
 
@@ -192,36 +245,90 @@ pub fn stats(
     response
 }
 
+/// Adds a peer's statistics to `total`.
+fn add_stats(total: &mut proto::StatsResponse, peer: proto::StatsResponse, relay: String) {
+    total.total += peer.total;
+    total.active += peer.active;
+    total.deferred += peer.deferred;
+    total.held += peer.held;
+    total.oldest_arrival_ms = match (total.oldest_arrival_ms, peer.oldest_arrival_ms) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    for count in peer.destinations {
+        match total
+            .destinations
+            .iter_mut()
+            .find(|d| d.destination == count.destination)
+        {
+            Some(sum) => {
+                sum.messages += count.messages;
+                sum.recipients += count.recipients;
+            }
+            None => total.destinations.push(count),
+        }
+    }
+    total
+        .destinations
+        .sort_by(|a, b| a.destination.cmp(&b.destination));
+    total.relays.push(relay);
+}
+
 #[tonic::async_trait]
 impl queue_server::Queue for QueueService {
     async fn list(
         &self,
-        _request: Request<proto::ListRequest>,
+        request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
         let now = now_ms();
-        let messages = self
+        let mut messages: Vec<proto::Message> = self
             .queue
             .list()
             .iter()
             .map(|entry| self.message(entry, now))
             .collect();
-        Ok(Response::new(proto::ListResponse { messages }))
+        let mut unreachable = Vec::new();
+        if let (true, Some(cluster)) = (request.get_ref().cluster, &self.cluster) {
+            for (addr, client) in cluster.peers().await {
+                let answer = match client {
+                    Ok(mut client) => client
+                        .list(forwarded(proto::ListRequest { cluster: false }))
+                        .await
+                        .map_err(|status| status.message().to_owned()),
+                    Err(err) => Err(err),
+                };
+                match answer {
+                    Ok(response) => messages.extend(response.into_inner().messages),
+                    Err(err) => unreachable.push(format!("{addr}: {err}")),
+                }
+            }
+            messages.sort_by(|a, b| (a.arrival_ms, &a.id).cmp(&(b.arrival_ms, &b.id)));
+        }
+        Ok(Response::new(proto::ListResponse {
+            messages,
+            unreachable,
+        }))
     }
 
     async fn show(
         &self,
         request: Request<proto::ShowRequest>,
     ) -> Result<Response<proto::Message>, Status> {
-        let id = request.into_inner().id;
+        let id = request.get_ref().id.clone();
         require_id(&id)?;
-        self.current(&id).map(Response::new)
+        pass_on!(
+            self,
+            request,
+            self.current(&id).map(Response::new),
+            |client, message| client.show(forwarded(message))
+        )
     }
 
     async fn flush(
         &self,
         request: Request<proto::FlushRequest>,
     ) -> Result<Response<proto::FlushResponse>, Status> {
-        let id = request.into_inner().id.filter(|id| !id.is_empty());
+        let id = request.get_ref().id.clone().filter(|id| !id.is_empty());
         if let Some(id) = &id {
             // Flushing a held message would do nothing; say why.
             if self.queue.get(id).is_some_and(|entry| entry.state.held) {
@@ -230,38 +337,58 @@ impl queue_server::Queue for QueueService {
                 )));
             }
         }
-        let flushed = self.queue.flush(id.as_deref()).map_err(status)?;
-        Ok(Response::new(proto::FlushResponse {
-            flushed: flushed as u64,
-        }))
+        let local = self
+            .queue
+            .flush(id.as_deref())
+            .map_err(status)
+            .map(|flushed| {
+                Response::new(proto::FlushResponse {
+                    flushed: flushed as u64,
+                })
+            });
+        pass_on!(self, request, local, |client, message| client
+            .flush(forwarded(message)))
     }
 
     async fn hold(
         &self,
         request: Request<proto::HoldRequest>,
     ) -> Result<Response<proto::Message>, Status> {
-        let id = request.into_inner().id;
+        let id = request.get_ref().id.clone();
         require_id(&id)?;
-        self.queue.set_held(&id, true).await.map_err(status)?;
-        self.current(&id).map(Response::new)
+        let local = match self.queue.set_held(&id, true).await {
+            Ok(()) => self.current(&id).map(Response::new),
+            Err(err) => Err(status(err)),
+        };
+        pass_on!(self, request, local, |client, message| client
+            .hold(forwarded(message)))
     }
 
     async fn release(
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::Message>, Status> {
-        let id = request.into_inner().id;
+        let id = request.get_ref().id.clone();
         require_id(&id)?;
-        self.queue.set_held(&id, false).await.map_err(status)?;
-        self.current(&id).map(Response::new)
+        let local = match self.queue.set_held(&id, false).await {
+            Ok(()) => self.current(&id).map(Response::new),
+            Err(err) => Err(status(err)),
+        };
+        pass_on!(self, request, local, |client, message| client
+            .release(forwarded(message)))
     }
 
     async fn delete(
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let proto::DeleteRequest { id, bounce } = request.into_inner();
+        let proto::DeleteRequest { id, bounce } = request.get_ref().clone();
         require_id(&id)?;
+        if self.queue.get(&id).is_none() {
+            let local = Err(status(QueueError::NotFound(id.clone())));
+            return pass_on!(self, request, local, |client, message| client
+                .delete(forwarded(message)));
+        }
         // A DSN goes out only for a real sender and recipients still pending.
         let bounced = bounce
             && self.queue.get(&id).is_some_and(|entry| {
@@ -283,11 +410,26 @@ impl queue_server::Queue for QueueService {
 
     async fn stats(
         &self,
-        _request: Request<proto::StatsRequest>,
+        request: Request<proto::StatsRequest>,
     ) -> Result<Response<proto::StatsResponse>, Status> {
         let entries = self.queue.list();
-        Ok(Response::new(stats(&entries, now_ms(), |domain| {
-            self.queue.destination(domain)
-        })))
+        let mut response = stats(&entries, now_ms(), |domain| self.queue.destination(domain));
+        if let (true, Some(cluster)) = (request.get_ref().cluster, &self.cluster) {
+            response.relays.push(cluster.member().to_owned());
+            for (addr, client) in cluster.peers().await {
+                let answer = match client {
+                    Ok(mut client) => client
+                        .stats(forwarded(proto::StatsRequest { cluster: false }))
+                        .await
+                        .map_err(|status| status.message().to_owned()),
+                    Err(err) => Err(err),
+                };
+                match answer {
+                    Ok(peer) => add_stats(&mut response, peer.into_inner(), addr.to_string()),
+                    Err(err) => response.unreachable.push(format!("{addr}: {err}")),
+                }
+            }
+        }
+        Ok(Response::new(response))
     }
 }

@@ -125,6 +125,10 @@ impl PeerAccess for PeerNetwork {
     }
 }
 
+/// Longest wait for a peer's answer to a listing or removal (a stopped
+/// peer accepts connections and never answers).
+const PEER_CALL: Duration = Duration::from_secs(2);
+
 /// Where a copy of a message was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {
@@ -180,7 +184,7 @@ impl ClusterNode {
             .cluster
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("no [cluster] section"))?;
-        let member = MemberId::new(cluster.member_name(&config.hostname))?;
+        let member = MemberId::new(cluster.member_name())?;
         let current = new_spool_name(&member);
         spool.rotate(current.clone()).await;
         let objects = spool.object_copy().and_then(|copy| {
@@ -324,14 +328,20 @@ impl Ownership for ClusterNode {
     }
 
     async fn remove_remote(&self, spool: &str, id: &str) -> bool {
-        let mut all = true;
-        for addr in self.inner.peers.addresses().await {
-            if let Err(err) = self.inner.peers.remove(addr, spool, id).await {
+        let addresses = self.inner.peers.addresses().await;
+        let removals = addresses.iter().map(|&addr| async move {
+            let removed = tokio::time::timeout(PEER_CALL, self.inner.peers.remove(addr, spool, id))
+                .await
+                .unwrap_or_else(|_| Err("no answer".into()));
+            if let Err(err) = &removed {
                 tracing::warn!(%id, %addr, error = %err, "cannot remove a peer's copy; its state stays in the cluster");
-                all = false;
             }
-        }
-        all
+            removed.is_ok()
+        });
+        futures::future::join_all(removals)
+            .await
+            .into_iter()
+            .all(|removed| removed)
     }
 }
 
@@ -521,8 +531,15 @@ async fn gather(inner: &Inner, spool: &str) -> BTreeMap<String, Vec<Source>> {
             Err(err) => tracing::warn!(spool, error = %err, "cannot list the object store"),
         }
     }
-    for addr in inner.peers.addresses().await {
-        match inner.peers.list(addr, spool).await {
+    let addresses = inner.peers.addresses().await;
+    let listings = addresses.iter().map(|&addr| async move {
+        let listed = tokio::time::timeout(PEER_CALL, inner.peers.list(addr, spool))
+            .await
+            .unwrap_or_else(|_| Err("no answer".into()));
+        (addr, listed)
+    });
+    for (addr, listed) in futures::future::join_all(listings).await {
+        match listed {
             Ok(ids) => {
                 for id in ids {
                     found.entry(id).or_default().push(Source::Peer(addr));
@@ -576,8 +593,12 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
             continue;
         }
         if committed.is_some_and(DeliveryState::is_final) {
-            // Delivered already; only copies are left somewhere.
-            finish_leftover(inner, spool, id).await;
+            // Delivered already; only copies are left somewhere. One that
+            // cannot be removed yet keeps the spool from being retired (its
+            // state would go, and the copy would look new to a later owner).
+            if !finish_leftover(inner, spool, id).await {
+                count += 1;
+            }
             continue;
         }
         count += 1;
@@ -600,19 +621,22 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
     count + inner.queue.ids_of_spool(spool).len().saturating_sub(count)
 }
 
-/// Removes the copies of a message whose committed state is final.
-async fn finish_leftover(inner: &Inner, spool: &str, id: &str) {
-    let _ = inner.spool.remove(spool, id).await;
+/// Removes the copies of a message whose committed state is final; `true`
+/// when all are gone and its state was forgotten.
+async fn finish_leftover(inner: &Inner, spool: &str, id: &str) -> bool {
+    let mut all = inner.spool.remove(spool, id).await.is_ok();
     let dir = inner.replicas_dir.join(spool);
-    let _ = remove_if_present(&dir.join(format!("{id}.env")));
-    let _ = remove_if_present(&dir.join(format!("{id}.eml")));
-    let mut all = true;
+    all &= remove_if_present(&dir.join(format!("{id}.env"))).is_ok();
+    all &= remove_if_present(&dir.join(format!("{id}.eml"))).is_ok();
     for addr in inner.peers.addresses().await {
         all &= inner.peers.remove(addr, spool, id).await.is_ok();
     }
     let claim = inner.held.lock().expect("node lock").get(spool).cloned();
-    if let (true, Some(membership), Some(claim)) = (all, inner.membership.get(), claim) {
-        let _ = membership.commit(&claim, id, Change::Delete).await;
+    match (all, inner.membership.get(), claim) {
+        (true, Some(membership), Some(claim)) => {
+            membership.commit(&claim, id, Change::Delete).await.is_ok()
+        }
+        _ => false,
     }
 }
 
@@ -845,31 +869,48 @@ async fn repair(inner: &Arc<Inner>) {
             if !missing_object && missing_peers == 0 {
                 continue;
             }
-            let Ok(job) = copy_job(&entry.eml_path, &entry.envelope).await else {
+            // Busy while repairing: the message can neither be delivered
+            // and removed under us (which would leave the new copy behind)
+            // nor repaired twice.
+            if !inner.queue.mark_busy(&id) {
                 continue;
-            };
-            let job = Arc::new(job);
-            for target in &targets {
-                let wanted = match target.kind() {
-                    CopyKind::ObjectStore => missing_object,
-                    CopyKind::Peer => missing_peers > 0,
-                    CopyKind::Local => false,
-                };
-                if !wanted {
-                    continue;
-                }
-                match Arc::clone(target).write(Arc::clone(&job)).await {
-                    Ok(()) => {
-                        tracing::info!(%id, kind = ?target.kind(), "repair re-created a missing copy")
-                    }
-                    Err(err) if err.is_already_exists() => {}
-                    Err(err) => {
-                        tracing::warn!(%id, kind = ?target.kind(), error = %err, "repair failed; trying again later")
-                    }
-                }
-                if target.kind() == CopyKind::Peer {
-                    break; // one replica per round is enough to converge
-                }
+            }
+            repair_one(&targets, &entry, missing_object, missing_peers > 0).await;
+            inner.queue.unmark_busy(&id);
+        }
+    }
+}
+
+/// Writes the missing copies of one message.
+async fn repair_one(
+    targets: &[Arc<dyn crate::spool::quorum::CopyTarget>],
+    entry: &crate::queue::Entry,
+    missing_object: bool,
+    missing_peer: bool,
+) {
+    let id = &entry.envelope.id;
+    let Ok(job) = copy_job(&entry.eml_path, &entry.envelope).await else {
+        return;
+    };
+    let job = Arc::new(job);
+    // One peer replica per round is enough to converge.
+    let mut peer_wanted = missing_peer;
+    for target in targets {
+        let wanted = match target.kind() {
+            CopyKind::ObjectStore => missing_object,
+            CopyKind::Peer => std::mem::take(&mut peer_wanted),
+            CopyKind::Local => false,
+        };
+        if !wanted {
+            continue;
+        }
+        match Arc::clone(target).write(Arc::clone(&job)).await {
+            Ok(()) => {
+                tracing::info!(%id, kind = ?target.kind(), "repair re-created a missing copy")
+            }
+            Err(err) if err.is_already_exists() => {}
+            Err(err) => {
+                tracing::warn!(%id, kind = ?target.kind(), error = %err, "repair failed; trying again later")
             }
         }
     }

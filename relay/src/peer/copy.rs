@@ -7,11 +7,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::{PeerClient, PeerError, Peers};
 use crate::config::{Config, CopyKind};
 use crate::spool::quorum::{CopyError, CopyJob, CopyTarget};
+
+/// How long a peer may take to confirm before the next one is tried too.
+const HEDGE_AFTER: Duration = Duration::from_millis(750);
 
 /// Which peers the targets of one group are writing each message to, so two
 /// targets never count one peer's replica twice.
@@ -136,6 +142,15 @@ impl PeerCopy {
         }
     }
 
+    /// One replicate call, labelled with its peer.
+    async fn replicate_to(
+        &self,
+        addr: SocketAddr,
+        job: &CopyJob,
+    ) -> (SocketAddr, Result<(), PeerError>) {
+        (addr, self.client.replicate(addr, job).await)
+    }
+
     /// Where this target starts among `count` peers for message `id`.
     fn start(&self, id: &str, count: usize) -> usize {
         (fnv1a(id.as_bytes()) as usize).wrapping_add(self.index) % count
@@ -168,16 +183,34 @@ impl CopyTarget for PeerCopy {
                 tried.push("no peer address".into());
             } else {
                 let start = self.start(&job.id, addrs.len());
-                for k in 0..addrs.len() {
-                    let addr = addrs[(start + k) % addrs.len()];
-                    if !self.placement.take(&job.id, addr) {
-                        continue;
+                let order: Vec<SocketAddr> = (0..addrs.len())
+                    .map(|k| addrs[(start + k) % addrs.len()])
+                    .collect();
+                let mut candidates = order
+                    .into_iter()
+                    .filter(|addr| self.placement.take(&job.id, *addr));
+                // A peer that is stopped (SIGSTOP, a partition) accepts the
+                // connection and never answers: after HEDGE_AFTER the next
+                // peer is tried alongside it, and the first to confirm wins.
+                let mut running = FuturesUnordered::new();
+                loop {
+                    if running.is_empty() {
+                        let Some(addr) = candidates.next() else { break };
+                        running.push(self.replicate_to(addr, &job));
                     }
-                    match self.client.replicate(addr, &job).await {
-                        Ok(()) => return Ok(()),
-                        Err(err) => {
-                            tracing::debug!(id = %job.id, %addr, error = %err, "peer replica failed, trying the next peer");
-                            tried.push(err.to_string());
+                    tokio::select! {
+                        Some((addr, result)) = running.next() => match result {
+                            Ok(()) => return Ok(()),
+                            Err(err) => {
+                                tracing::debug!(id = %job.id, %addr, error = %err, "peer replica failed, trying the next peer");
+                                tried.push(err.to_string());
+                            }
+                        },
+                        () = tokio::time::sleep(HEDGE_AFTER) => {
+                            if let Some(addr) = candidates.next() {
+                                tracing::debug!(id = %job.id, %addr, "a peer is slow to confirm; trying another alongside");
+                                running.push(self.replicate_to(addr, &job));
+                            }
                         }
                     }
                 }

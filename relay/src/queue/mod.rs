@@ -224,6 +224,27 @@ impl Queue {
         }
     }
 
+    /// Marks message `id` busy as if a delivery attempt ran (so none starts
+    /// and it is not finished meanwhile); `false` if it is gone or busy.
+    pub fn mark_busy(&self, id: &str) -> bool {
+        let mut entries = self.inner.entries.lock().expect("queue lock");
+        match entries.get_mut(id) {
+            Some(entry) if !entry.in_flight => {
+                entry.in_flight = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends [`mark_busy`](Queue::mark_busy).
+    pub fn unmark_busy(&self, id: &str) {
+        if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(id) {
+            entry.in_flight = false;
+        }
+        self.inner.wake.notify_one();
+    }
+
     /// Ids of the queued messages of `spool`.
     pub fn ids_of_spool(&self, spool: &str) -> Vec<String> {
         self.inner
@@ -522,8 +543,10 @@ impl Queue {
     /// on an unreachable relay is recognised as finished by a later owner.
     async fn remove_copies(&self, envelope: &Envelope) {
         let spool = &self.inner.spool;
+        let mut all_removed = true;
         if let Err(err) = spool.remove(&envelope.spool, &envelope.id).await {
             warn!(id = %envelope.id, "cannot remove finished message: {err}");
+            all_removed = false;
         }
         let eml = self
             .get(&envelope.id)
@@ -541,7 +564,7 @@ impl Queue {
             }
         }
         if let Some(ownership) = self.inner.ownership.get() {
-            if ownership.remove_remote(&envelope.spool, &envelope.id).await {
+            if ownership.remove_remote(&envelope.spool, &envelope.id).await && all_removed {
                 let _ = ownership
                     .commit_state(&envelope.spool, &envelope.id, None)
                     .await;

@@ -25,10 +25,14 @@ impl Spool {
                 if let Some(key) = self.object_key(spool, id, envelope_part) {
                     match store.delete(&key).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        // The object copy outlives us only as garbage: a later
-                        // sweep (or takeover) sees no local state and no `.env`.
+                        // Reported, so a cluster keeps the message's final
+                        // state: a later owner that finds this copy then
+                        // knows it is finished instead of delivering it again.
                         Err(err) => {
-                            tracing::warn!(id, key = %key, "cannot delete object copy: {err}")
+                            tracing::warn!(id, key = %key, "cannot delete object copy: {err}");
+                            return Err(SpoolError::Io(std::io::Error::other(format!(
+                                "cannot delete object copy {key}: {err}"
+                            ))));
                         }
                     }
                 }

@@ -9,6 +9,27 @@ use crate::admin::proto;
 /// Longest last error shown in the table; `show` prints it whole.
 const LAST_ERROR_WIDTH: usize = 70;
 
+/// [`table`] with the relay holding each message first (`--cluster`).
+pub fn cluster_table(messages: &[proto::Message]) -> String {
+    if messages.is_empty() {
+        return "Queue is empty on every relay\n".into();
+    }
+    let mut out = String::new();
+    let mut relays: Vec<&str> = messages.iter().map(|m| m.relay.as_str()).collect();
+    relays.sort();
+    relays.dedup();
+    for relay in relays {
+        let held: Vec<proto::Message> = messages
+            .iter()
+            .filter(|m| m.relay == relay)
+            .cloned()
+            .collect();
+        out += &format!("== {relay}\n");
+        out += &table(&held);
+    }
+    out
+}
+
 /// The table: id, age, size, sender, recipients (count and first), next
 /// attempt and last error, then a summary line.
 pub fn table(messages: &[proto::Message]) -> String {
@@ -87,6 +108,7 @@ pub fn message_json(m: &proto::Message) -> Value {
         .collect();
     json!({
         "id": m.id,
+        "relay": m.relay,
         "sender": m.sender,
         "recipients": recipients,
         "size": m.size,

@@ -47,7 +47,11 @@ pub struct QueueArgs {
 enum QueueCommand {
     /// Every queued message, oldest first: id, age, size, sender, recipients,
     /// next attempt and last error.
-    List,
+    List {
+        /// Every relay of the cluster, with a RELAY column.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// One message: its envelope and the state of each recipient.
     Show {
         /// Message id.
@@ -77,7 +81,11 @@ enum QueueCommand {
         bounce: bool,
     },
     /// Counts by state and destination, and the oldest message's age.
-    Stats,
+    Stats {
+        /// Summed over every relay of the cluster.
+        #[arg(long)]
+        cluster: bool,
+    },
 }
 
 /// Where the admin service is.
@@ -175,19 +183,27 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
     let mut client = connect(&target).await?;
     let json = args.json;
     let out = match &args.command {
-        QueueCommand::List => {
-            let messages = client
-                .list(proto::ListRequest {})
+        QueueCommand::List { cluster } => {
+            let response = client
+                .list(proto::ListRequest { cluster: *cluster })
                 .await?
-                .into_inner()
-                .messages;
-            if json {
+                .into_inner();
+            let messages = response.messages;
+            let mut out = if json {
                 json_line(&serde_json::Value::Array(
                     messages.iter().map(list::message_json).collect(),
                 ))
+            } else if *cluster {
+                list::cluster_table(&messages)
             } else {
                 list::table(&messages)
+            };
+            if !json {
+                for unreachable in &response.unreachable {
+                    let _ = writeln!(out, "-- not answering: {unreachable}");
+                }
             }
+            out
         }
         QueueCommand::Show { id } => {
             let message = client
@@ -250,12 +266,22 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
                 format!("{}: deleted\n", response.id)
             }
         }
-        QueueCommand::Stats => {
-            let response = client.stats(proto::StatsRequest {}).await?.into_inner();
+        QueueCommand::Stats { cluster } => {
+            let response = client
+                .stats(proto::StatsRequest { cluster: *cluster })
+                .await?
+                .into_inner();
             if json {
                 json_line(&stats::stats_json(&response))
             } else {
-                stats::render(&response)
+                let mut out = stats::render(&response);
+                if !response.relays.is_empty() {
+                    let _ = writeln!(out, "Relays: {}", response.relays.join(", "));
+                }
+                for unreachable in &response.unreachable {
+                    let _ = writeln!(out, "Not answering: {unreachable}");
+                }
+                out
             }
         }
     };

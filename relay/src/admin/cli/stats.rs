@@ -69,6 +69,8 @@ pub fn stats_json(stats: &proto::StatsResponse) -> Value {
         "held": stats.held,
         "destinations": destinations,
         "oldest_age_seconds": stats.oldest_arrival_ms.map(|t| stats.now_ms.saturating_sub(t) / 1000),
+        "relays": stats.relays,
+        "unreachable": stats.unreachable,
     })
 }
 
@@ -97,6 +99,7 @@ mod tests {
             ],
             oldest_arrival_ms: Some(1_000),
             now_ms: 1_000 + 2 * 3_600_000 + 5 * 60_000,
+            ..Default::default()
         };
         assert_eq!(
             render(&stats),
