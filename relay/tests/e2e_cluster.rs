@@ -429,7 +429,9 @@ fn s3_down_with_a_policy_that_requires_s3_answers_451_and_loses_nothing() {
     sleep(1.5);
     let t_down = now();
     cluster.s3_kill();
-    sleep(5.0);
+    // Longer than two quorum deadlines (3 s), so every session sees a whole
+    // transaction begin and end inside the outage.
+    sleep(7.0);
     let t_restart = now();
     cluster.s3_restart();
     let t_up = now();
@@ -446,6 +448,8 @@ fn s3_down_with_a_policy_that_requires_s3_answers_451_and_loses_nothing() {
         acked_in_outage.is_empty(),
         "250 while S3 (required) was down: {acked_in_outage:?}"
     );
+    // Every session began a transaction within a deadline of the kill, so
+    // each has a 451 answered inside the outage.
     let refused: Vec<_> = in_outage.iter().filter(|s| s.code() == Some(451)).collect();
     assert!(
         !refused.is_empty(),
