@@ -144,7 +144,12 @@ pub struct MailQueueSpec {
     /// copy goes to a directory on the spool volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_store: Option<ObjectStore>,
-    /// etcd for ownership leases between relays.
+    /// etcd for cluster membership and spool ownership leases between relays.
+    /// When set, the relays form one cluster: they join etcd under
+    /// `/postern/<namespace>/<name>`, reach each other's peer service on port
+    /// 9327 through the headless `<name>-peers` Service, take over the spools
+    /// of relays that died, and may keep `peer` copies (`ackPolicy.copies`).
+    /// Without it every relay delivers only its own spool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<Etcd>,
     /// Retries and delivery concurrency.
@@ -318,10 +323,16 @@ pub struct AckPolicy {
     #[serde(default = "default_copies")]
     #[schemars(length(min = 1))]
     pub copies: Vec<CopyKind>,
-    /// How many of `copies` must confirm before the client gets `250`.
+    /// How many of `copies` must confirm before the client gets `250`; a
+    /// `peer` entry counts `peerReplicas` times.
     #[serde(default = "default_required")]
     #[schemars(range(min = 1))]
     pub required: i32,
+    /// Peer relays that each keep a replica of every message when `copies`
+    /// has `peer` (at most the number of relays minus one can answer).
+    #[serde(default = "default_peer_replicas")]
+    #[schemars(range(min = 1))]
+    pub peer_replicas: i32,
     /// How long end-of-data waits for the quorum before answering `451`.
     #[serde(default = "default_ack_deadline")]
     #[schemars(regex(pattern = DURATION))]
@@ -333,6 +344,7 @@ impl Default for AckPolicy {
         AckPolicy {
             copies: default_copies(),
             required: default_required(),
+            peer_replicas: default_peer_replicas(),
             deadline: default_ack_deadline(),
         }
     }
@@ -346,6 +358,8 @@ pub enum CopyKind {
     Local,
     /// The object store.
     ObjectStore,
+    /// Replicas on `peerReplicas` other relays of the cluster; needs `spec.etcd`.
+    Peer,
 }
 
 /// S3-compatible object storage.
@@ -376,15 +390,26 @@ pub struct ObjectStore {
     pub allow_http: bool,
 }
 
-/// etcd for ownership leases.
+/// etcd for cluster membership and ownership leases.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Etcd {
     /// Client URLs.
     #[schemars(length(min = 1))]
     pub endpoints: Vec<Endpoint>,
-    /// Secret with the client credentials (`username`, `password`, or `ca.crt`,
-    /// `tls.crt`, `tls.key`).
+    /// Required: a Secret in the MailQueue's namespace whose key `secret`
+    /// holds the shared secret (at least 16 characters) every request
+    /// between relays carries. Create it yourself, e.g. `kubectl create secret
+    /// generic mx-peer --from-literal=secret=$(openssl rand -hex 24)`; it is
+    /// mounted read-only into the relay pods, the operator never reads it.
+    /// Without it the MailQueue is Degraded (InvalidSpec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
+    pub peer_secret: Option<String>,
+    /// Not supported yet: the relay has no etcd authentication, so this is
+    /// ignored (the relays connect without credentials) and reported as a
+    /// Warning event (`Unsupported`). Meant for a Secret with the client
+    /// credentials (`username`, `password`, or `ca.crt`, `tls.crt`, `tls.key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
     pub credentials_secret: Option<String>,
@@ -547,6 +572,10 @@ fn default_copies() -> Vec<CopyKind> {
 
 fn default_required() -> i32 {
     SpoolConfig::default().required as i32
+}
+
+fn default_peer_replicas() -> i32 {
+    postern::config::ClusterConfig::default().replicas as i32
 }
 
 fn default_ack_deadline() -> String {

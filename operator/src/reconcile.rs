@@ -137,7 +137,9 @@ async fn reconcile_mail_queue(mq: &MailQueue, ctx: &Context) -> Result<Action, E
     let new_spec = previous.and_then(|s| s.observed_generation) != generation;
     if new_spec {
         for warning in &rendered.warnings {
-            events.warning("Unsupported", "Validate", warning).await;
+            events
+                .warning(warning.reason, "Validate", &warning.message)
+                .await;
         }
     }
 

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use postern::config::{
-    Config, ConfigError, CopyKind as RelayCopy, ListenerConfig, ObjectStoreConfig, Protocol,
-    RouteConfig, TlsMode,
+    ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig, ObjectStoreConfig,
+    Protocol, RouteConfig, TlsMode,
 };
 use sha2::{Digest, Sha256};
 
@@ -26,6 +26,16 @@ pub const HTTP_PORT: u16 = 9325;
 pub const TLS_DIR: &str = "/etc/postern/tls";
 /// Where route credential Secrets are mounted (`<dir>/<index>/auth`).
 pub const ROUTE_AUTH_DIR: &str = "/etc/postern/routes";
+/// Container port of the relays' peer service (replicas, takeover reads,
+/// cluster admin) when `spec.etcd` is set; a named port `peer`.
+pub const PEER_PORT: u16 = 9327;
+/// Name of the peer port on the pods and on the headless Service.
+pub const PEER_PORT_NAME: &str = "peer";
+/// Where the `spec.etcd.peerSecret` Secret is mounted.
+pub const PEER_SECRET_DIR: &str = "/etc/postern/peer";
+/// The key of the peer Secret that holds the shared secret (also the file
+/// name under [`PEER_SECRET_DIR`]).
+pub const PEER_SECRET_KEY: &str = "secret";
 
 /// Why a MailQueue cannot be turned into a relay configuration.
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +69,18 @@ pub struct RelayConfig {
     pub toml: String,
     /// SHA-256 of `toml` (hex, first 16 characters): a change rolls the pods.
     pub hash: String,
-    /// Things the spec asks for that the relay cannot do yet (reported as events).
-    pub warnings: Vec<String>,
+    /// Things in the spec that will not work as asked (reported as Warning events).
+    pub warnings: Vec<Warning>,
+}
+
+/// Something the spec asks for that the relays cannot do (yet), or cannot
+/// do with the current number of relays: a Warning event, not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// The event's reason (`Unsupported`, `QuorumUnreachable`).
+    pub reason: &'static str,
+    /// The event's note.
+    pub message: String,
 }
 
 /// Validates the spec and renders the relay configuration.
@@ -81,6 +101,14 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
     config.listeners.clear();
     let mut ports = std::collections::BTreeSet::from([HTTP_PORT]);
     let mut names = std::collections::BTreeSet::from(["http".to_owned()]);
+    let mut reserved = format!("the relay's HTTP port is {HTTP_PORT}");
+    let mut reserved_names = "\"http\" is reserved".to_owned();
+    if spec.etcd.is_some() {
+        ports.insert(PEER_PORT);
+        names.insert(PEER_PORT_NAME.to_owned());
+        reserved.push_str(&format!(", its peer port {PEER_PORT}"));
+        reserved_names = format!("\"http\" and \"{PEER_PORT_NAME}\" are reserved");
+    }
     for (index, listener) in spec.listeners.iter().enumerate() {
         let at = format!("listeners[{index}]");
         let port = u16::try_from(listener.port)
@@ -90,16 +118,13 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
         if !ports.insert(port) {
             return Err(field(
                 format!("{at}.port"),
-                format!("port {port} is used twice (the relay's HTTP port is {HTTP_PORT})"),
+                format!("port {port} is used twice ({reserved})"),
             ));
         }
         if !names.insert(listener.name.clone()) {
             return Err(field(
                 format!("{at}.name"),
-                format!(
-                    "name {:?} is used twice (\"http\" is reserved)",
-                    listener.name
-                ),
+                format!("name {:?} is used twice ({reserved_names})", listener.name),
             ));
         }
         let tls_dir = PathBuf::from(TLS_DIR).join(&listener.name);
@@ -158,18 +183,47 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
         .map(|copy| match copy {
             CopyKind::Local => RelayCopy::Local,
             CopyKind::ObjectStore => RelayCopy::ObjectStore,
+            CopyKind::Peer => RelayCopy::Peer,
         })
         .collect();
+    if config.spool.copies.contains(&RelayCopy::Peer) && spec.etcd.is_none() {
+        return Err(field(
+            "ackPolicy.copies",
+            "a \"peer\" copy needs spec.etcd: relays only replicate to each other in a cluster",
+        ));
+    }
     config.spool.required = positive(ack.required, "ackPolicy.required")?;
-    if config.spool.required > config.spool.copies.len() {
+    let peer_replicas: usize = positive(ack.peer_replicas, "ackPolicy.peerReplicas")?;
+    config.cluster = spec
+        .etcd
+        .as_ref()
+        .map(|etcd| cluster(mq, etcd, peer_replicas))
+        .transpose()?;
+    let copies = config.copy_count();
+    if config.spool.required > copies {
         return Err(field(
             "ackPolicy.required",
             format!(
-                "{} copies required but only {} listed in ackPolicy.copies",
+                "{} copies required but ackPolicy.copies makes only {copies} (a peer copy \
+                 counts peerReplicas times)",
                 ack.required,
-                ack.copies.len()
             ),
         ));
+    }
+    if let Some(reachable) = reachable_copies(&config, spec.replicas) {
+        if config.spool.required > reachable {
+            warnings.push(Warning {
+                reason: "QuorumUnreachable",
+                message: format!(
+                    "ackPolicy.required is {} but with {} relays only {reachable} copies can \
+                     confirm (each relay has at most {} peers): every message will get 451 \
+                     until there are more relays",
+                    ack.required,
+                    spec.replicas,
+                    spec.replicas - 1
+                ),
+            });
+        }
     }
     config.spool.deadline = duration(&ack.deadline, "ackPolicy.deadline")?;
 
@@ -186,12 +240,18 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
             allow_http: store.allow_http,
         },
     };
-    if let Some(etcd) = &spec.etcd {
-        warnings.push(format!(
-            "spec.etcd ({} endpoints) is not used yet: this relay version has no etcd \
-             configuration, each relay delivers its own spool",
-            etcd.endpoints.len()
-        ));
+    if let Some(secret) = spec
+        .etcd
+        .as_ref()
+        .and_then(|etcd| etcd.credentials_secret.as_ref())
+    {
+        warnings.push(Warning {
+            reason: "Unsupported",
+            message: format!(
+                "spec.etcd.credentialsSecret ({secret}) is not supported yet: the relay has no \
+                 etcd authentication and connects to etcd without credentials"
+            ),
+        });
     }
 
     config.http.listen = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT));
@@ -263,6 +323,51 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
         hash,
         warnings,
     })
+}
+
+/// The `[cluster]` section of a clustered MailQueue: one etcd prefix per
+/// MailQueue, a wildcard peer listener (each relay advertises its pod name,
+/// which resolves to the pod's IP inside the pod), the headless Service as
+/// the peer list, and the shared secret from the mounted Secret. The member
+/// name stays unset, so every relay is its pod's name.
+fn cluster(mq: &MailQueue, etcd: &crd::Etcd, replicas: usize) -> Result<ClusterConfig, SpecError> {
+    let name = mq.metadata.name.as_deref().unwrap_or_default();
+    let namespace = mq.metadata.namespace.as_deref().unwrap_or("default");
+    if etcd.peer_secret.is_none() {
+        return Err(field(
+            "etcd.peerSecret",
+            format!(
+                "a clustered MailQueue needs a Secret whose key {PEER_SECRET_KEY:?} holds the \
+                 shared secret between relays (at least 16 characters)"
+            ),
+        ));
+    }
+    let peers = format!(
+        "{}.{namespace}.svc:{PEER_PORT}",
+        crate::build::Names::of(mq).peers
+    );
+    Ok(ClusterConfig {
+        etcd: etcd.endpoints.iter().map(|e| e.0.clone()).collect(),
+        prefix: format!("/postern/{namespace}/{name}"),
+        peer_listen: SocketAddr::from(([0, 0, 0, 0], PEER_PORT)),
+        peers: vec![peers],
+        secret_file: Some(PathBuf::from(PEER_SECRET_DIR).join(PEER_SECRET_KEY)),
+        replicas,
+        ..ClusterConfig::default()
+    })
+}
+
+/// Copies that can confirm a message with `relays` relays running, when
+/// that is fewer than `config` writes (a peer copy needs another relay);
+/// `None` when nothing is missing or no relay runs at all.
+fn reachable_copies(config: &Config, relays: i32) -> Option<usize> {
+    let cluster = config.cluster.as_ref()?;
+    if relays < 1 || !config.spool.copies.contains(&RelayCopy::Peer) {
+        return None;
+    }
+    let others = usize::try_from(relays - 1).unwrap_or(0);
+    let missing = cluster.replicas.saturating_sub(others);
+    (missing > 0).then(|| config.copy_count() - missing)
 }
 
 /// The drain timeout of a MailQueue.
@@ -340,6 +445,155 @@ mod tests {
         mq.spec.listeners[0].port = 9325;
         let err = render(&mq).unwrap_err().to_string();
         assert!(err.contains("used twice"), "{err}");
+    }
+
+    fn clustered(ack: serde_json::Value) -> MailQueue {
+        mail_queue(serde_json::json!({
+            "image": "postern:1",
+            "replicas": 3,
+            "ackPolicy": ack,
+            "etcd": {"endpoints": ["http://etcd-0.etcd:2379", "http://etcd-1.etcd:2379"],
+                     "peerSecret": "mx-peer"},
+        }))
+    }
+
+    #[test]
+    fn etcd_renders_a_cluster_section_the_relay_accepts() {
+        let mq = clustered(serde_json::json!({"copies": ["local", "peer"], "required": 2}));
+        let rendered = render(&mq).unwrap();
+        assert!(rendered.toml.contains("\n[cluster]\n"), "{}", rendered.toml);
+        assert!(rendered.warnings.is_empty(), "{:?}", rendered.warnings);
+        let parsed = Config::parse(&rendered.toml).unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(parsed, rendered.config);
+        let cluster = parsed.cluster.as_ref().unwrap();
+        assert_eq!(
+            cluster.etcd,
+            ["http://etcd-0.etcd:2379", "http://etcd-1.etcd:2379"]
+        );
+        assert_eq!(cluster.prefix, "/postern/mail/mx");
+        assert_eq!(cluster.peer_listen.to_string(), "0.0.0.0:9327");
+        assert_eq!(cluster.peers, ["mx-peers.mail.svc:9327"]);
+        assert_eq!(
+            cluster.secret_file.as_deref(),
+            Some(std::path::Path::new("/etc/postern/peer/secret"))
+        );
+        assert_eq!(
+            cluster.secret, None,
+            "the secret never lands in the ConfigMap"
+        );
+        assert_eq!(cluster.name, None, "each relay is named after its pod");
+        assert_eq!(cluster.advertise, None);
+        assert_eq!(cluster.replicas, 1);
+        assert_eq!(cluster.lease_ttl, ClusterConfig::default().lease_ttl);
+        assert_eq!(parsed.spool.copies, [RelayCopy::Local, RelayCopy::Peer]);
+        assert_eq!(parsed.copy_count(), 2);
+    }
+
+    #[test]
+    fn peer_copies_count_peer_replicas_times() {
+        let mq = clustered(
+            serde_json::json!({"copies": ["local", "peer"], "required": 3, "peerReplicas": 2}),
+        );
+        let rendered = render(&mq).unwrap();
+        assert_eq!(rendered.config.cluster.as_ref().unwrap().replicas, 2);
+        assert_eq!(rendered.config.copy_count(), 3);
+        assert_eq!(Config::parse(&rendered.toml).unwrap().copy_count(), 3);
+
+        let mq = clustered(serde_json::json!({"copies": ["local", "peer"], "required": 3}));
+        let err = render(&mq).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.ackPolicy.required") && err.contains("only 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_peer_copy_without_etcd_is_a_spec_error() {
+        let mq = mail_queue(serde_json::json!({
+            "image": "postern:1",
+            "ackPolicy": {"copies": ["local", "peer"], "required": 1},
+        }));
+        let err = render(&mq).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.ackPolicy.copies") && err.contains("spec.etcd"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn etcd_without_a_peer_secret_is_a_spec_error() {
+        let mut mq = clustered(serde_json::json!({"copies": ["local"], "required": 1}));
+        mq.spec.etcd.as_mut().unwrap().peer_secret = None;
+        let err = render(&mq).unwrap_err().to_string();
+        assert!(err.contains("spec.etcd.peerSecret"), "{err}");
+    }
+
+    #[test]
+    fn without_etcd_there_is_no_cluster_section() {
+        let rendered = render(&mail_queue(serde_json::json!({"image": "postern:1"}))).unwrap();
+        assert_eq!(rendered.config.cluster, None);
+        assert!(!rendered.toml.contains("[cluster]"), "{}", rendered.toml);
+        assert!(rendered.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_peer_port_and_name_are_reserved_in_a_cluster() {
+        let unclustered = mail_queue(serde_json::json!({
+            "image": "postern:1",
+            "listeners": [{"name": "peer", "port": 9327}],
+        }));
+        render(&unclustered).unwrap();
+
+        let mut mq = clustered(serde_json::json!({"copies": ["local"], "required": 1}));
+        mq.spec.listeners[0].port = 9327;
+        let err = render(&mq).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.listeners[0].port") && err.contains("peer port 9327"),
+            "{err}"
+        );
+        let mut mq = clustered(serde_json::json!({"copies": ["local"], "required": 1}));
+        mq.spec.listeners[0].name = "peer".into();
+        let err = render(&mq).unwrap_err().to_string();
+        assert!(err.contains("spec.listeners[0].name"), "{err}");
+    }
+
+    #[test]
+    fn etcd_credentials_and_an_unreachable_quorum_are_warnings() {
+        let mut mq = clustered(serde_json::json!({"copies": ["local"], "required": 1}));
+        mq.spec.etcd.as_mut().unwrap().credentials_secret = Some("etcd-client".into());
+        let warnings = render(&mq).unwrap().warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].reason, "Unsupported");
+        assert!(
+            warnings[0]
+                .message
+                .contains("credentialsSecret (etcd-client)"),
+            "{warnings:?}"
+        );
+
+        // Two peer replicas need three relays; with two, only two of the
+        // three copies can confirm.
+        let mut mq = clustered(
+            serde_json::json!({"copies": ["local", "peer"], "required": 3, "peerReplicas": 2}),
+        );
+        mq.spec.replicas = 2;
+        let warnings = render(&mq).unwrap().warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].reason, "QuorumUnreachable");
+        assert!(
+            warnings[0].message.contains("only 2 copies"),
+            "{warnings:?}"
+        );
+        // Enough copies for the quorum even with one peer missing: no warning.
+        mq.spec.ack_policy.required = 2;
+        assert!(render(&mq).unwrap().warnings.is_empty());
+        // Three relays reach the quorum; zero relays accept no mail at all.
+        mq.spec.ack_policy.required = 3;
+        mq.spec.replicas = 3;
+        assert!(render(&mq).unwrap().warnings.is_empty());
+        mq.spec.replicas = 0;
+        assert!(render(&mq).unwrap().warnings.is_empty());
     }
 
     #[test]

@@ -84,6 +84,78 @@ fn a_config_change_changes_the_pod_template() {
 }
 
 #[test]
+fn a_clustered_mail_queue_mounts_the_peer_secret_and_exposes_the_peer_port() {
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    let secret = mq.spec.etcd.as_ref().unwrap().peer_secret.clone().unwrap();
+    let config = relay_config::render(&mq).unwrap();
+    let sts = build::stateful_set(&mq, &config, 3, 300);
+    let pod = sts.spec.unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(&secret))
+        .expect("a volume of the peer Secret");
+    let items = volume.secret.unwrap().items.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].key, "secret");
+    let container = &pod.containers[0];
+    let mount = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == volume.name)
+        .expect("the peer Secret is mounted");
+    assert_eq!(mount.read_only, Some(true));
+    // The relay reads the file its configuration names.
+    let secret_file = config.config.cluster.as_ref().unwrap().secret_file.clone();
+    assert_eq!(
+        secret_file,
+        Some(std::path::Path::new(&mount.mount_path).join(&items[0].path))
+    );
+    let port = container
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("peer"))
+        .expect("a container port named peer");
+    assert_eq!(port.container_port, 9327);
+
+    let peers = build::peer_service(&mq).spec.unwrap().ports.unwrap();
+    let port = peers
+        .iter()
+        .find(|p| p.name.as_deref() == Some("peer"))
+        .expect("the headless Service has the peer port");
+    assert_eq!(port.port, 9327);
+    assert_eq!(
+        port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9327))
+    );
+    // Peers reach each other only through the headless Service.
+    let smtp = build::smtp_service(&mq).spec.unwrap().ports.unwrap();
+    assert!(smtp.iter().all(|p| p.port != 9327));
+}
+
+#[test]
+fn an_unclustered_mail_queue_has_no_peer_port_or_secret() {
+    let mq = common::mail_queue("mx", serde_json::json!({"image": "postern:0.1.0"}));
+    let config = relay_config::render(&mq).unwrap();
+    let pod = build::stateful_set(&mq, &config, 2, 300)
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    assert!(pod.volumes.unwrap().iter().all(|v| v.name != "peer-secret"));
+    let ports = pod.containers[0].ports.clone().unwrap();
+    assert!(ports.iter().all(|p| p.container_port != 9327), "{ports:?}");
+    let peers = build::peer_service(&mq).spec.unwrap().ports.unwrap();
+    assert!(peers.iter().all(|p| p.name.as_deref() != Some("peer")));
+}
+
+#[test]
 fn termination_grace_follows_the_drain_timeout() {
     let mq = common::mail_queue(
         "mx",

@@ -516,6 +516,32 @@ async fn mailqueue_on_a_real_kube_apiserver() {
 
     // A MailQueue, and a stand-in kubelet for its relays.
     cluster.kubectl(&["create", "namespace", "mail"]);
+    // The chart's example is a clustered MailQueue (etcd, peerSecret, peer
+    // copies): the 1.20 server's schema accepts it and fills in defaults.
+    let example = repo_root().join("charts/postern/examples/mailqueue.yaml");
+    let dry_run = json(&cluster.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-o",
+        "json",
+        "-f",
+        example.to_str().unwrap(),
+    ]));
+    assert_eq!(dry_run["spec"]["etcd"]["peerSecret"], "mx-peer");
+    assert_eq!(dry_run["spec"]["ackPolicy"]["copies"][2], "peer");
+    assert_eq!(dry_run["spec"]["ackPolicy"]["peerReplicas"], 1);
+    let example_text = std::fs::read_to_string(&example).unwrap();
+    let rejected = cluster.kubectl_output(
+        &cluster.kubeconfig,
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&example_text.replace("peerReplicas: 1", "peerReplicas: 0")),
+    );
+    assert!(
+        !rejected.status.success()
+            && String::from_utf8_lossy(&rejected.stderr).contains("peerReplicas"),
+        "peerReplicas below 1 must be rejected by the schema: {rejected:?}"
+    );
+    report("the 1.20 server accepts the chart's clustered example MailQueue (etcd.peerSecret, peer copies) and rejects peerReplicas 0");
     let kubelet = Kubelet::start(
         client.clone(),
         "mail",

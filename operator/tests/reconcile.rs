@@ -620,20 +620,122 @@ async fn a_failed_apply_is_degraded_and_retried() {
 }
 
 #[tokio::test]
-async fn etcd_settings_the_relay_cannot_use_yet_are_reported() {
+async fn a_clustered_mail_queue_applies_its_cluster_wiring() {
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 2,
+                               "ackPolicy": {"copies": ["local", "peer"], "required": 2},
+                               "etcd": {"endpoints": ["http://etcd:2379"],
+                                        "peerSecret": "mx-peer"}}));
+    let task = run(&ctx, mq).await;
+    // No warning: etcd is used now.
+    api.expect_get_statefulset("mx", None).await;
+    api.expect_list_pods("mx", vec![]).await;
+    let core = format!("/api/v1/namespaces/{NS}");
+    api.expect_apply(&format!("{core}/serviceaccounts/mx-relay"), Value::Null)
+        .await;
+    let config = api
+        .expect_apply(&format!("{core}/configmaps/mx-config"), Value::Null)
+        .await;
+    let toml = config.body["data"]["postern.toml"].as_str().unwrap();
+    let parsed = postern::config::Config::parse(toml).unwrap();
+    let cluster = parsed.cluster.expect("a [cluster] section");
+    assert_eq!(cluster.etcd, ["http://etcd:2379"]);
+    assert_eq!(cluster.peers, ["mx-peers.mail.svc:9327"]);
+    assert_eq!(cluster.prefix, "/postern/mail/mx");
+    let peers = api
+        .expect_apply(&format!("{core}/services/mx-peers"), Value::Null)
+        .await;
+    let ports = peers.body["spec"]["ports"].as_array().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["name"] == "peer" && p["port"] == 9327 && p["targetPort"] == 9327),
+        "{ports:?}"
+    );
+    api.expect_apply(&format!("{core}/services/mx"), Value::Null)
+        .await;
+    let sts = api
+        .expect_apply(
+            &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/mx"),
+            sts_status(0, 0),
+        )
+        .await;
+    let pod = &sts.body["spec"]["template"]["spec"];
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "mx-peer"),
+        "{pod}"
+    );
+    assert!(
+        pod["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "peer" && p["containerPort"] == 9327),
+        "{pod}"
+    );
+    api.expect_apply(
+        &format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/mx"),
+        Value::Null,
+    )
+    .await;
+    api.expect_event("Normal", "Created").await;
+    api.expect_status("mx").await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn etcd_credentials_the_relay_cannot_use_yet_are_reported() {
     let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
     let mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 1,
-                               "etcd": {"endpoints": ["http://etcd:2379"]}}));
+                               "etcd": {"endpoints": ["http://etcd:2379"],
+                                        "peerSecret": "mx-peer",
+                                        "credentialsSecret": "etcd-client"}}));
     let task = run(&ctx, mq).await;
     let note = api.expect_event("Warning", "Unsupported").await;
-    assert!(note.contains("spec.etcd"), "{note}");
+    assert!(
+        note.contains("spec.etcd.credentialsSecret") && note.contains("not supported yet"),
+        "{note}"
+    );
     api.expect_get_statefulset("mx", None).await;
     api.expect_list_pods("mx", vec![]).await;
     api.expect_applies("mx", "policy/v1", sts_status(0, 0))
         .await;
     api.expect_event("Normal", "Created").await;
     api.expect_status("mx").await;
+    api.expect_no_more().await;
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn cluster_mistakes_are_invalid_specs() {
+    for (spec, field) in [
+        (
+            json!({"image": "postern:0.1.0",
+                   "ackPolicy": {"copies": ["local", "peer"], "required": 1}}),
+            "spec.ackPolicy.copies",
+        ),
+        (
+            json!({"image": "postern:0.1.0",
+                   "etcd": {"endpoints": ["http://etcd:2379"]}}),
+            "spec.etcd.peerSecret",
+        ),
+    ] {
+        let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+        let task = run(&ctx, mail_queue(spec)).await;
+        let note = api.expect_event("Warning", "InvalidSpec").await;
+        assert!(note.contains(field), "{note}");
+        let status = api.expect_status("mx").await;
+        api.expect_no_more().await;
+        assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+        let degraded = condition(&status, "Degraded");
+        assert_eq!(degraded["status"], "True");
+        assert_eq!(degraded["reason"], "InvalidSpec");
+    }
 }
 
 fn api_groups(policy_versions: &[&str]) -> Value {

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{metadata, selector_labels, Names, TRAFFIC_LABEL, TRAFFIC_SERVE};
 use crate::crd::{MailQueue, ServiceType};
-use crate::relay_config::HTTP_PORT;
+use crate::relay_config::{HTTP_PORT, PEER_PORT, PEER_PORT_NAME};
 
 /// The SMTP Service: selects relays whose traffic label says `serve`, so a
 /// relay being drained gets no new sessions.
@@ -47,7 +47,8 @@ pub fn smtp_service(mq: &MailQueue) -> Service {
 }
 
 /// The headless Service for peers: every relay, ready or not, under
-/// `<pod>.<name>-peers.<namespace>.svc`.
+/// `<pod>.<name>-peers.<namespace>.svc`; a clustered MailQueue's relays find
+/// each other's peer port (`peer`, 9327) through it.
 pub fn peer_service(mq: &MailQueue) -> Service {
     let mut ports: Vec<ServicePort> = mq
         .spec
@@ -68,6 +69,15 @@ pub fn peer_service(mq: &MailQueue) -> Service {
         target_port: Some(IntOrString::Int(i32::from(HTTP_PORT))),
         ..ServicePort::default()
     });
+    if mq.spec.etcd.is_some() {
+        ports.push(ServicePort {
+            name: Some(PEER_PORT_NAME.into()),
+            protocol: Some("TCP".into()),
+            port: i32::from(PEER_PORT),
+            target_port: Some(IntOrString::Int(i32::from(PEER_PORT))),
+            ..ServicePort::default()
+        });
+    }
     Service {
         metadata: metadata(mq, &Names::of(mq).peers),
         spec: Some(ServiceSpec {

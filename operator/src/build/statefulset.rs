@@ -19,7 +19,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{labels, metadata, selector_labels, Names, CONFIG_HASH, TRAFFIC_LABEL, TRAFFIC_SERVE};
 use crate::crd::{MailQueue, PullPolicy};
 use crate::relay_config::{
-    RelayConfig, CONFIG_DIR, CONFIG_FILE, DATA_DIR, HTTP_PORT, ROUTE_AUTH_DIR, TLS_DIR,
+    RelayConfig, CONFIG_DIR, CONFIG_FILE, DATA_DIR, HTTP_PORT, PEER_PORT, PEER_PORT_NAME,
+    PEER_SECRET_DIR, PEER_SECRET_KEY, ROUTE_AUTH_DIR, TLS_DIR,
 };
 
 /// User and group the relay runs as (the distroless `nonroot` ids); the
@@ -27,6 +28,7 @@ use crate::relay_config::{
 const RELAY_UID: i64 = 65532;
 const SPOOL_VOLUME: &str = "spool";
 const CONFIG_VOLUME: &str = "config";
+const PEER_SECRET_VOLUME: &str = "peer-secret";
 
 /// The StatefulSet of relays with `replicas` pods (reconcile decides the
 /// number: during a scale-down it stays above the spec until drained).
@@ -87,6 +89,23 @@ pub fn stateful_set(
             });
         }
     }
+    if let Some(secret) = spec
+        .etcd
+        .as_ref()
+        .and_then(|etcd| etcd.peer_secret.as_ref())
+    {
+        volumes.push(secret_volume(
+            PEER_SECRET_VOLUME,
+            secret,
+            Some(PEER_SECRET_KEY),
+        ));
+        mounts.push(VolumeMount {
+            name: PEER_SECRET_VOLUME.into(),
+            mount_path: PEER_SECRET_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
 
     let mut env = Vec::new();
     if let Some(secret) = spec
@@ -126,6 +145,14 @@ pub fn stateful_set(
         protocol: Some("TCP".into()),
         ..ContainerPort::default()
     });
+    if spec.etcd.is_some() {
+        ports.push(ContainerPort {
+            name: Some(PEER_PORT_NAME.into()),
+            container_port: i32::from(PEER_PORT),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        });
+    }
 
     let container = Container {
         name: "relay".into(),

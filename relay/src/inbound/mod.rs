@@ -134,5 +134,25 @@ pub async fn serve(
     }
     drop(done_tx);
     // Every session holds a sender; recv() returns None once all have ended.
-    let _ = done_rx.recv().await;
+    // Meanwhile the socket stays open and new clients hear 421 4.3.2 (a load
+    // balancer may still send some until readiness has propagated) instead of
+    // a reset from a closed listener.
+    let hostname = listener.session_config.hostname.clone();
+    loop {
+        tokio::select! {
+            _ = done_rx.recv() => break,
+            accepted = socket.accept() => if let Ok((mut stream, peer)) = accepted {
+                let reply = Reply::new(
+                    421,
+                    "4.3.2",
+                    format!("{hostname} Service shutting down, try again later"),
+                );
+                info!(client = %peer, "draining: connection refused with 421");
+                tokio::spawn(async move {
+                    let _ = stream.write_all(&reply.to_wire()).await;
+                    let _ = stream.shutdown().await;
+                });
+            },
+        }
+    }
 }
