@@ -4,7 +4,11 @@
 Each accepted message is written to DIR as <n>.eml (the bytes received,
 dot-unstuffed, CRLF kept) and <n>.json (mail_from, rcpt_tos). Recipients
 matching --reject get 550 5.1.1; those matching --defer get 451 4.2.1 for
-their first --defer-times attempts; --data-delay stalls the reply to the data.
+their first --defer-times attempts; --data-delay stalls the reply to the data
+(--delay-file names a file whose number, when the file exists, replaces
+--data-delay at each message, so a test can slow the sink down and speed it up).
+The .json also records the client's EHLO name ("helo") and the arrival time
+("time", Unix seconds), so cluster tests can tell which relay delivered what, when.
 """
 import argparse
 import asyncio
@@ -12,6 +16,7 @@ import json
 import os
 import re
 import signal
+import time
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
@@ -43,16 +48,27 @@ class Handler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
+    def data_delay(self):
+        if self.args.delay_file:
+            try:
+                with open(self.args.delay_file) as f:
+                    return float(f.read().strip() or 0)
+            except FileNotFoundError:
+                pass
+        return self.args.data_delay
+
     async def handle_DATA(self, server, session, envelope):
-        if self.args.data_delay:
-            await asyncio.sleep(self.args.data_delay)
+        delay = self.data_delay()
+        if delay:
+            await asyncio.sleep(delay)
         self.count += 1
         base = os.path.join(self.args.dir, "%06d" % self.count)
         with open(base + ".eml.tmp", "wb") as f:
             f.write(envelope.original_content)
         with open(base + ".json", "w") as f:
             json.dump({"mail_from": envelope.mail_from, "rcpt_tos": envelope.rcpt_tos,
-                       "mail_options": envelope.mail_options}, f)
+                       "mail_options": envelope.mail_options,
+                       "helo": session.host_name, "time": time.time()}, f)
         os.rename(base + ".eml.tmp", base + ".eml")
         return "250 2.0.0 OK: queued as SINK%d" % self.count
 
@@ -65,6 +81,7 @@ def main():
     parser.add_argument("--defer")
     parser.add_argument("--defer-times", type=int, default=1)
     parser.add_argument("--data-delay", type=float, default=0)
+    parser.add_argument("--delay-file")
     args = parser.parse_args()
     host, port = args.listen.rsplit(":", 1)
     os.makedirs(args.dir, exist_ok=True)

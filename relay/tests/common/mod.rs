@@ -10,6 +10,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod cluster;
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fmt;
