@@ -595,6 +595,8 @@ fn partitioned_relay_is_taken_over_without_loss() {
         !backlog_markers.is_empty(),
         "test calibration: relay-b had no backlog when cut off"
     );
+    // The slow sink made the backlog; the takeover is timed without it.
+    cluster.set_sink_delay(0.0);
 
     let takeover = common::wait_for(Duration::from_secs_f64(4.0 * ttl + 15.0), || {
         cluster
@@ -636,7 +638,19 @@ fn partitioned_relay_is_taken_over_without_loss() {
         stale.iter().take(5).collect::<Vec<_>>()
     );
     let dups = cluster.assert_all_delivered(&result.acked(), secs(60));
-    let bound = cluster.spec.max_per_destination + result.unanswered(B).len();
+    // relay-b rightly goes on delivering until its lease is no longer
+    // certain (TTL minus the safety margin after its last renewal), but the
+    // state of those deliveries cannot reach etcd any more: each may be
+    // delivered again by the new owner. Plus the transactions in flight.
+    let unconfirmed = cluster
+        .arrivals()
+        .into_iter()
+        .filter(|a| a.helo == b_host && a.time >= t_cut && a.time <= t_cut + ttl)
+        .count();
+    let bound = cluster.spec.max_per_destination + result.unanswered(B).len() + unconfirmed;
+    eprintln!(
+        "{dups} duplicates; relay-b delivered {unconfirmed} after the cut that it could not commit"
+    );
     assert!(
         dups <= bound,
         "{dups} duplicates (bound {bound}): {:?}",

@@ -165,6 +165,9 @@ struct Inner {
     lease: LeaseOptions,
     membership: OnceLock<Arc<Membership>>,
     held: Mutex<HashMap<String, Claim>>,
+    /// One listing-and-copying at a time (a takeover and a relist of the
+    /// same spool would fetch the same messages into the same files).
+    adopting: tokio::sync::Mutex<()>,
     task: Mutex<Option<JoinHandle<()>>>,
     info: String,
     etcd: EtcdOptions,
@@ -212,9 +215,17 @@ impl ClusterNode {
                 lease,
                 membership: OnceLock::new(),
                 held: Mutex::new(HashMap::new()),
+                adopting: tokio::sync::Mutex::new(()),
                 task: Mutex::new(None),
                 info,
-                etcd: EtcdOptions::new(cluster.etcd.clone(), cluster.prefix.clone()),
+                etcd: {
+                    let mut options =
+                        EtcdOptions::new(cluster.etcd.clone(), cluster.prefix.clone());
+                    // A commit that cannot finish well inside the lease is
+                    // worth nothing: fail fast and stop delivering.
+                    options.request_timeout = (cluster.lease_ttl / 3).min(options.request_timeout);
+                    options
+                },
             }),
         };
         tracing::info!(member = %node.inner.member, spool = %current, "joining the cluster");
@@ -612,6 +623,10 @@ async fn take_over(inner: &Arc<Inner>, membership: &Arc<Membership>, claim: Clai
 /// Queues every message of `spool` found anywhere that is not queued yet.
 /// Returns how many messages of the spool exist (queued or found).
 async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str) -> usize {
+    let _adopting = inner.adopting.lock().await;
+    // Listed first, state loaded after: a message finished meanwhile shows
+    // up final (or gone) rather than pending.
+    let found = gather(inner, spool).await;
     let states: HashMap<String, DeliveryState> = match membership
         .coordinator()
         .load(&SpoolId::new(spool).expect("valid spool"), "")
@@ -626,8 +641,16 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
             return usize::MAX;
         }
     };
-    let found = gather(inner, spool).await;
+    tracing::info!(
+        spool,
+        found = found.len(),
+        committed = states.len(),
+        "listed the spool's messages"
+    );
     let mut count = 0;
+    let mut adopted = 0;
+    let mut leftovers: Vec<&str> = Vec::new();
+    let mut pending: Vec<(&String, &Vec<Source>, Option<&DeliveryState>)> = Vec::new();
     for (id, sources) in &found {
         let committed = states.get(id);
         if inner.queue.get(id).is_some() {
@@ -638,30 +661,56 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
             continue;
         }
         if committed.is_some_and(DeliveryState::is_final) {
-            // Delivered already; only copies are left somewhere. One that
-            // cannot be removed yet keeps the spool from being retired (its
-            // state would go, and the copy would look new to a later owner).
-            if !finish_leftover(inner, spool, id).await {
-                count += 1;
-            }
+            leftovers.push(id.as_str());
             continue;
         }
         count += 1;
-        match materialize(inner, spool, id, sources).await {
-            Ok((envelope, eml_path)) => {
-                let state = committed.cloned().unwrap_or_else(|| {
-                    DeliveryState::new(envelope.recipients.len(), crate::queue::schedule::now_ms())
-                });
-                let mut state = state;
-                state.next_attempt_ms = crate::queue::schedule::now_ms();
-                if state.recipients.len() == envelope.recipients.len() {
-                    inner.queue.adopt(envelope, eml_path, state);
+        pending.push((id, sources, committed));
+    }
+    // Copied here side by side (an object-store GET or a peer fetch each),
+    // oldest first, and queued as they arrive.
+    for batch in pending.chunks(16) {
+        let mut copying = Vec::with_capacity(batch.len());
+        for (id, sources, _) in batch {
+            copying.push(materialize(inner, spool, id, sources));
+        }
+        let copied = futures::future::join_all(copying).await;
+        for ((id, _, committed), copied) in batch.iter().zip(copied) {
+            match copied {
+                Ok((envelope, eml_path)) => {
+                    let mut state = committed.cloned().unwrap_or_else(|| {
+                        DeliveryState::new(
+                            envelope.recipients.len(),
+                            crate::queue::schedule::now_ms(),
+                        )
+                    });
+                    state.next_attempt_ms = crate::queue::schedule::now_ms();
+                    if state.recipients.len() == envelope.recipients.len()
+                        && inner.queue.adopt(envelope, eml_path, state)
+                    {
+                        adopted += 1;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(spool, %id, error = %err, "cannot copy a taken-over message here yet")
                 }
             }
-            Err(err) => {
-                tracing::warn!(spool, %id, error = %err, "cannot copy a taken-over message here yet")
-            }
         }
+    }
+    if adopted > 0 {
+        tracing::info!(spool, adopted, "queued messages of a spool taken over");
+    }
+    // Delivered already; only copies are left somewhere (after the pending
+    // ones, and side by side: an unreachable peer costs a timeout each). One
+    // that cannot be removed yet keeps the spool from being retired (its
+    // state would go, and the copy would look new to a later owner).
+    for batch in leftovers.chunks(16) {
+        let mut finishing = Vec::with_capacity(batch.len());
+        for id in batch {
+            finishing.push(finish_leftover(inner, spool, id));
+        }
+        let finished = futures::future::join_all(finishing).await;
+        count += finished.iter().filter(|removed| !**removed).count();
     }
     count + inner.queue.ids_of_spool(spool).len().saturating_sub(count)
 }
@@ -673,9 +722,16 @@ async fn finish_leftover(inner: &Inner, spool: &str, id: &str) -> bool {
     let dir = inner.replicas_dir.join(spool);
     all &= remove_if_present(&dir.join(format!("{id}.env"))).is_ok();
     all &= remove_if_present(&dir.join(format!("{id}.eml"))).is_ok();
-    for addr in inner.peers.addresses().await {
-        all &= inner.peers.remove(addr, spool, id).await.is_ok();
-    }
+    let addresses = inner.peers.addresses().await;
+    let removals = addresses.iter().map(|&addr| async move {
+        tokio::time::timeout(PEER_CALL, inner.peers.remove(addr, spool, id))
+            .await
+            .is_ok_and(|removed| removed.is_ok())
+    });
+    all &= futures::future::join_all(removals)
+        .await
+        .into_iter()
+        .all(|removed| removed);
     let claim = inner.held.lock().expect("node lock").get(spool).cloned();
     match (all, inner.membership.get(), claim) {
         (true, Some(membership), Some(claim)) => {

@@ -112,6 +112,34 @@ struct Inner {
     wake: Notify,
     workers: Arc<Semaphore>,
     ownership: OnceLock<Arc<dyn Ownership>>,
+    /// Ids of messages finished here lately, so a takeover's listing made
+    /// before they finished cannot queue them again.
+    finished: Mutex<RecentIds>,
+    /// A state commit failed for want of the cluster: new deliveries wait
+    /// until one succeeds (each would be a duplicate if the spool moved).
+    commit_stalled: std::sync::atomic::AtomicBool,
+}
+
+/// A bounded memory of ids, oldest forgotten first.
+#[derive(Debug, Default)]
+struct RecentIds {
+    order: std::collections::VecDeque<String>,
+    set: std::collections::HashSet<String>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 100_000;
+
+    fn insert(&mut self, id: &str) {
+        if self.set.insert(id.to_owned()) {
+            self.order.push_back(id.to_owned());
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 impl Queue {
@@ -154,6 +182,8 @@ impl Queue {
                 wake: Notify::new(),
                 workers: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
                 ownership: OnceLock::new(),
+                finished: Mutex::new(RecentIds::default()),
+                commit_stalled: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -181,6 +211,16 @@ impl Queue {
     /// its previous owner committed; `false` if it is queued already.
     pub fn adopt(&self, envelope: Envelope, eml_path: PathBuf, state: DeliveryState) -> bool {
         let id = envelope.id.clone();
+        if self
+            .inner
+            .finished
+            .lock()
+            .expect("queue lock")
+            .set
+            .contains(&id)
+        {
+            return false;
+        }
         let added = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             match entries.entry(id) {
@@ -273,11 +313,18 @@ impl Queue {
         let Some(ownership) = self.inner.ownership.get() else {
             return Ok(());
         };
+        let stalled = &self.inner.commit_stalled;
         match ownership
             .commit_state(&envelope.spool, &envelope.id, state)
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if stalled.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    info!("state commits go through again: delivering");
+                    self.inner.wake.notify_one();
+                }
+                Ok(())
+            }
             Err(OwnershipError::Lost(_)) => {
                 warn!(id = %envelope.id, spool = %envelope.spool, "spool taken over by another relay; dropping the message from this queue");
                 self.inner
@@ -290,6 +337,7 @@ impl Queue {
             }
             Err(err) => {
                 warn!(id = %envelope.id, "cannot commit delivery state: {err}");
+                stalled.store(true, std::sync::atomic::Ordering::Relaxed);
                 Err(())
             }
         }
@@ -449,6 +497,7 @@ impl Queue {
             state.next_attempt_ms = state.next_attempt_ms.min(now + 1000);
         } else if state.is_final() {
             if self.finish(&envelope, &state).await.is_ok() {
+                self.inner.finished.lock().expect("queue lock").insert(id);
                 self.inner.entries.lock().expect("queue lock").remove(id);
                 self.update_gauges();
                 return;
