@@ -951,6 +951,9 @@ async fn repair(inner: &Arc<Inner>) {
                 }
             }
         }
+        let in_objects: Option<std::collections::HashSet<String>> =
+            in_objects.map(|ids| ids.into_iter().collect());
+        let mut wanting = Vec::new();
         for id in ids {
             let Some(entry) = inner.queue.get(&id) else {
                 continue;
@@ -962,22 +965,28 @@ async fn repair(inner: &Arc<Inner>) {
             // The relay delivering from a local spool copy counts itself out:
             // peers hold replicas, the origin its local copy.
             let peer_copies = on_peers.get(&id).copied().unwrap_or(0);
-            let missing_peers = if wants_peer {
-                inner.replicas.saturating_sub(peer_copies)
-            } else {
-                0
-            };
-            if !missing_object && missing_peers == 0 {
-                continue;
+            let missing_peer = wants_peer && peer_copies < inner.replicas;
+            if missing_object || missing_peer {
+                wanting.push((entry, missing_object, missing_peer));
             }
-            // Busy while repairing: the message can neither be delivered
-            // and removed under us (which would leave the new copy behind)
-            // nor repaired twice.
-            if !inner.queue.mark_busy(&id) {
-                continue;
+        }
+        for batch in wanting.chunks(16) {
+            let mut repairs = Vec::with_capacity(batch.len());
+            let targets = &targets;
+            for (entry, missing_object, missing_peer) in batch {
+                let id = &entry.envelope.id;
+                // Busy while repairing: the message can neither be delivered
+                // and removed under us (which would leave the new copy
+                // behind) nor repaired twice.
+                if !inner.queue.mark_busy(id) {
+                    continue;
+                }
+                repairs.push(async move {
+                    repair_one(targets, entry, *missing_object, *missing_peer).await;
+                    inner.queue.unmark_busy(id);
+                });
             }
-            repair_one(&targets, &entry, missing_object, missing_peers > 0).await;
-            inner.queue.unmark_busy(&id);
+            futures::future::join_all(repairs).await;
         }
     }
 }

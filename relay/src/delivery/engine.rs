@@ -40,7 +40,12 @@ pub struct Deliverer {
     verified_tls: Arc<rustls::ClientConfig>,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     pool: Mutex<HashMap<Target, Vec<(Connection, Instant)>>>,
+    gate: std::sync::OnceLock<Gate>,
 }
+
+/// Asked once a delivery holds its destination slot, right before it
+/// connects: `false` holds the message back (no outcome, no attempt).
+pub type Gate = Arc<dyn Fn(&Envelope) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Deliverer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,7 +81,14 @@ impl Deliverer {
             verified_tls: Arc::new(super::tls::verified_client_config()),
             limits: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
+            gate: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the [`Gate`] (once): a cluster holds deliveries back while its
+    /// ownership of the message is uncertain.
+    pub fn set_gate(&self, gate: Gate) {
+        let _ = self.gate.set(gate);
     }
 
     /// The destination a recipient domain routes to.
@@ -135,6 +147,10 @@ impl Deliverer {
                 None,
             );
         };
+        // The slot may have taken a while: ask again whether we may deliver.
+        if self.gate.get().is_some_and(|gate| !gate(envelope)) {
+            return Vec::new();
+        }
         let targets = match self.resolver.resolve(destination).await {
             Resolution::Targets(targets) => targets,
             Resolution::NullMx => {

@@ -118,7 +118,19 @@ struct Inner {
     /// A state commit failed for want of the cluster: new deliveries wait
     /// until one succeeds (each would be a duplicate if the spool moved).
     commit_stalled: std::sync::atomic::AtomicBool,
+    /// State commits under way, by sequence number, with their start: one
+    /// that takes long means the cluster may be out of reach, and new
+    /// deliveries wait rather than pile up states that cannot be recorded.
+    commits_pending: Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+    commit_seq: std::sync::atomic::AtomicU64,
 }
+
+/// How long a state commit may take before new deliveries wait for it.
+const COMMIT_LAG: Duration = Duration::from_millis(100);
+
+/// How many state commits may be under way before new deliveries wait: the
+/// most deliveries whose outcome a partition can keep from the cluster.
+const COMMITS_AHEAD: usize = 16;
 
 /// A bounded memory of ids, oldest forgotten first.
 #[derive(Debug, Default)]
@@ -184,6 +196,8 @@ impl Queue {
                 ownership: OnceLock::new(),
                 finished: Mutex::new(RecentIds::default()),
                 commit_stalled: std::sync::atomic::AtomicBool::new(false),
+                commits_pending: Mutex::new(std::collections::HashMap::new()),
+                commit_seq: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -191,6 +205,15 @@ impl Queue {
     /// Puts the queue under the cluster's ownership rules (once, at start).
     pub fn set_ownership(&self, ownership: Arc<dyn Ownership>) {
         let _ = self.inner.ownership.set(ownership);
+        let queue = Arc::downgrade(&self.inner);
+        self.inner
+            .deliverer
+            .set_gate(Arc::new(move |envelope: &Envelope| {
+                queue.upgrade().is_some_and(|inner| {
+                    let queue = Queue { inner };
+                    queue.may_deliver(&envelope.spool) && !queue.commits_lagging()
+                })
+            }));
     }
 
     /// Adds a freshly committed message; delivery starts at once.
@@ -300,6 +323,16 @@ impl Queue {
             .collect()
     }
 
+    /// Whether a state commit has been under way for longer than
+    /// [`COMMIT_LAG`], or [`COMMITS_AHEAD`] are.
+    fn commits_lagging(&self) -> bool {
+        let pending = self.inner.commits_pending.lock().expect("queue lock");
+        pending.len() >= COMMITS_AHEAD
+            || pending
+                .values()
+                .any(|started| started.elapsed() > COMMIT_LAG)
+    }
+
     fn may_deliver(&self, spool: &str) -> bool {
         self.inner
             .ownership
@@ -314,10 +347,24 @@ impl Queue {
             return Ok(());
         };
         let stalled = &self.inner.commit_stalled;
-        match ownership
+        let seq = self
+            .inner
+            .commit_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .commits_pending
+            .lock()
+            .expect("queue lock")
+            .insert(seq, std::time::Instant::now());
+        let committed = ownership
             .commit_state(&envelope.spool, &envelope.id, state)
-            .await
-        {
+            .await;
+        self.inner
+            .commits_pending
+            .lock()
+            .expect("queue lock")
+            .remove(&seq);
+        match committed {
             Ok(()) => {
                 if stalled.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     info!("state commits go through again: delivering");
@@ -375,8 +422,27 @@ impl Queue {
         let due: Vec<String> = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             let mut due = Vec::new();
+            let lagging = self.commits_lagging();
+            let mut stalled = self
+                .inner
+                .commit_stalled
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if stalled && !entries.values().any(|e| e.uncommitted) {
+                // Nothing left to prove the cluster is back with: try again.
+                self.inner
+                    .commit_stalled
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                stalled = false;
+            }
             for (id, entry) in entries.iter_mut() {
-                if entry.in_flight || entry.state.held || !self.may_deliver(&entry.envelope.spool) {
+                if entry.in_flight || entry.state.held {
+                    continue;
+                }
+                if ((stalled || lagging) && !entry.uncommitted)
+                    || !self.may_deliver(&entry.envelope.spool)
+                {
+                    // Waiting for the cluster, not for a time: look again soon.
+                    next_due = next_due.min(now + 200);
                     continue;
                 }
                 if entry.state.next_attempt_ms <= now {
@@ -427,8 +493,8 @@ impl Queue {
         }
         // Checked again right before delivering: ownership may have ended
         // while the attempt waited for a worker.
-        if !self.may_deliver(&envelope.spool) {
-            self.release_attempt(id, now_ms() + 500, false);
+        if !self.may_deliver(&envelope.spool) || (!uncommitted && self.commits_lagging()) {
+            self.release_attempt(id, now_ms() + 200, false);
             return;
         }
         let pending = state.pending();
@@ -453,6 +519,11 @@ impl Queue {
                 },
             }
         };
+        if results.is_empty() && !pending.is_empty() {
+            // Held back at the gate: not an attempt.
+            self.release_attempt(id, now_ms() + 200, false);
+            return;
+        }
         state.attempts += 1;
         self.apply(&envelope, &mut state, arrival_ms, results);
         let now = now_ms();
