@@ -411,30 +411,18 @@ async fn run(inner: Arc<Inner>) {
                 }
             }
         }),
-        tokio::spawn({
+        periodically(inner.repair_every, Arc::clone(&membership), {
             let (inner, membership) = (Arc::clone(&inner), Arc::clone(&membership));
-            async move {
-                let mut tick = tokio::time::interval(inner.repair_every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    if membership.is_safe() {
-                        relist(&inner, &membership).await;
-                    }
-                }
+            move || {
+                let (inner, membership) = (Arc::clone(&inner), Arc::clone(&membership));
+                async move { relist(&inner, &membership).await }
             }
         }),
-        tokio::spawn({
-            let (inner, membership) = (Arc::clone(&inner), Arc::clone(&membership));
-            async move {
-                let mut tick = tokio::time::interval(inner.repair_every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    if membership.is_safe() {
-                        repair(&inner).await;
-                    }
-                }
+        periodically(inner.repair_every, Arc::clone(&membership), {
+            let inner = Arc::clone(&inner);
+            move || {
+                let inner = Arc::clone(&inner);
+                async move { repair(&inner).await }
             }
         }),
     ]);
@@ -454,6 +442,24 @@ async fn run(inner: Arc<Inner>) {
             () = tokio::time::sleep(inner.lease.retry_every), if current_epoch != epoch => {}
         }
     }
+}
+
+/// Runs `work` every `every` while the relay is safe, in its own task.
+fn periodically<F, Fut>(every: Duration, membership: Arc<Membership>, work: F) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if membership.is_safe() {
+                work().await;
+            }
+        }
+    })
 }
 
 /// Tasks that end with their owner.
