@@ -647,7 +647,7 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
             return usize::MAX;
         }
     };
-    tracing::info!(
+    tracing::debug!(
         spool,
         found = found.len(),
         committed = states.len(),
