@@ -755,3 +755,106 @@ fn sigterm_drains_and_a_peer_delivers_the_spool_within_the_lease_ttl() {
         cluster.duplicates()
     );
 }
+
+/// `postern queue` across the cluster: `list --cluster` and `stats
+/// --cluster` on one relay cover all three, and hold, show and delete by id
+/// reach the relay that holds the message (over the peer service, with the
+/// shared secret).
+#[test]
+fn cluster_admin_lists_every_relay_and_acts_by_id_on_the_holder() {
+    let cluster = Cluster::start(Spec {
+        net: 10,
+        paused: [true; 3],
+        ..Spec::default()
+    });
+    let mut ids = Vec::new();
+    for relay in &cluster.relays {
+        let mut smtp = common::Smtp::connect(relay.smtp);
+        smtp.ehlo();
+        let data = common::crlf(&format!(
+            "Subject: admin {}\n\nheld by {}\n",
+            relay.name, relay.name
+        ));
+        let reply = smtp.send_mail("<admin@origin.test>", &["<rcpt@example.test>"], &data);
+        assert!(reply.is_positive(), "{}: {}", relay.name, reply.text());
+        ids.push(reply.queued_id());
+    }
+    let queue = |relay: usize, args: &[&str]| -> serde_json::Value {
+        let output = std::process::Command::new(common::postern_bin())
+            .arg("queue")
+            .args(args)
+            .arg("--json")
+            .arg("--config")
+            .arg(&cluster.relays[relay].config_path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "queue {args:?} on {}: {}",
+            cluster.relays[relay].name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+
+    // Each relay alone lists its own message; --cluster lists all three,
+    // each with the relay that holds it.
+    let own = queue(A, &["list"]);
+    assert_eq!(own.as_array().unwrap().len(), 1, "{own}");
+    let all = queue(A, &["list", "--cluster"]);
+    let held_by: HashSet<(String, String)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["relay"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: HashSet<(String, String)> = ids
+        .iter()
+        .zip(&cluster.relays)
+        .map(|(id, relay)| (id.clone(), relay.name.clone()))
+        .collect();
+    assert_eq!(held_by, expected, "{all}");
+    let stats = queue(B, &["stats", "--cluster"]);
+    assert_eq!(stats["total"], 3, "{stats}");
+    assert_eq!(stats["relays"].as_array().unwrap().len(), 3, "{stats}");
+    assert!(
+        stats["unreachable"].as_array().unwrap().is_empty(),
+        "{stats}"
+    );
+
+    // By id, from a relay that does not hold the message.
+    let held = queue(A, &["hold", &ids[C]]);
+    assert_eq!(held["state"], "held", "{held}");
+    let shown = queue(B, &["show", &ids[C]]);
+    assert_eq!(shown["state"], "held", "{shown}");
+    assert_eq!(shown["relay"], cluster.relays[C].name.as_str(), "{shown}");
+    queue(C, &["delete", &ids[B]]);
+    let left: Vec<String> = queue(A, &["list", "--cluster"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(!left.contains(&ids[B]), "{left:?}");
+    assert!(
+        !cluster.relays[B]
+            .data_dir
+            .join("spool")
+            .join(format!("{}.env", ids[B]))
+            .exists(),
+        "the deleted message's local copy is gone"
+    );
+    // An id nobody holds is still NOT_FOUND.
+    let missing = std::process::Command::new(common::postern_bin())
+        .args(["queue", "show", "01AAAAAAAAAAAAAAAAAAAAAAAA", "--config"])
+        .arg(&cluster.relays[A].config_path)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+}
