@@ -34,44 +34,17 @@
 //! again after a cold start of the whole cluster, not only by whoever saw the
 //! lease expire.
 //!
-//! # How the queue should use it (not wired yet)
+//! # How the relay uses it
 //!
-//! 1. At start the relay builds its backend (`SingleNode::new()` on one
-//!    machine, `Etcd::connect` in a cluster) and calls
-//!    [`Membership::start`](membership::Membership::start). Accepting mail
-//!    never waits for it: etcd is not on the accept path.
-//! 2. Mail is accepted into the relay's current spool. Recommended naming:
-//!    one spool per lease epoch, `<relay>.<epoch>` (see
-//!    [`LeaseStatus::epoch`](membership::LeaseStatus)), claimed as soon as
-//!    the epoch's lease is held. Then a relay that lost its lease (and whose
-//!    spool a peer therefore took) never shares a spool with that peer: its
-//!    new mail goes to a new spool it owns, and the old one is the peer's.
-//!    Until the spool layout carries spool ids, one spool per relay
-//!    (`<relay>`) works for the drain and kill cases.
-//! 3. Before each delivery attempt the delivery worker checks
-//!    [`Safety::is_safe`](membership::Safety::is_safe) (a clock comparison, no
-//!    I/O) and holds a [`Safety::wait_unsafe`](membership::Safety::wait_unsafe)
-//!    future next to the SMTP transaction so it can abandon it when safety
-//!    ends. While unsafe it delivers nothing and waits for
-//!    [`Safety::wait_safe`](membership::Safety::wait_safe).
-//! 4. Every change of per-recipient state that another relay may later read
-//!    is made through
-//!    [`Membership::commit`](membership::Membership::commit) under the spool's
-//!    [`Claim`] (key = message id, value = the state JSON): it is refused
-//!    locally when unsafe and remotely (atomically) when the token is stale.
-//!    A delivered-but-uncommitted recipient is the only source of duplicates,
-//!    and only for messages in flight at a takeover. The local state file
-//!    stays the fast path on one machine ([`memory::SingleNode`] keeps
-//!    commits only in memory).
-//! 5. A takeover task follows [`takeover::Orphans`]: for each spool it wins,
-//!    it reads the committed states with [`Coordinator::load`], lists the
-//!    spool's messages ([`takeover::list_messages`]) from its replica or the
-//!    object store, and queues the recipients that are still pending. When
-//!    the spool is empty it calls [`Coordinator::retire`].
-//! 6. On SIGTERM, after the last in-flight session,
-//!    [`Membership::leave`](membership::Membership::leave) revokes the lease:
-//!    the member key and every claim go at once, and peers watching see the
-//!    spools released immediately instead of after a TTL.
+//! [`node::ClusterNode`] wires this into a running relay (see its module
+//! docs): it joins with [`Membership`], accepts into a current spool per
+//! lease epoch (`<member>.<stamp>`), claims it, follows
+//! [`takeover::Orphans`], and implements the queue's `Ownership`: delivery
+//! only while [`Safety::is_safe`](membership::Safety::is_safe) and the
+//! spool's [`Claim`] is held, per-recipient state committed with
+//! [`Membership::commit`](membership::Membership::commit) under the claim,
+//! and [`Membership::revoke`](membership::Membership::revoke) on drain so
+//! peers take the spools over at once.
 
 pub mod etcd;
 pub mod membership;

@@ -3,7 +3,7 @@
 //! needs to deliver one: the claim, the spool's message ids from the object
 //! store, and the state its previous owners committed.
 //!
-//! The queue is not wired to this yet (see the module docs of `cluster`).
+//! [`super::node`] runs them for a live relay.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
