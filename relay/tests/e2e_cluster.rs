@@ -858,3 +858,69 @@ fn cluster_admin_lists_every_relay_and_acts_by_id_on_the_holder() {
         .unwrap();
     assert!(!missing.status.success());
 }
+
+/// A relay that ran alone and is then put into a cluster delivers the mail
+/// it accepted before (it belongs to no spool, so no peer can take it over;
+/// it is the relay's own while the relay holds its lease).
+#[test]
+fn mail_accepted_before_joining_the_cluster_is_delivered() {
+    let mut cluster = Cluster::start(Spec {
+        net: 11,
+        ..Spec::default()
+    });
+    cluster.sigterm(A);
+    assert!(cluster.wait_exit(A, secs(20)).success());
+    // relay-a's own configuration without [cluster] and without peer copies,
+    // delivery paused: a relay outside any cluster.
+    let clustered = std::fs::read_to_string(&cluster.relays[A].config_path).unwrap();
+    let alone = clustered[..clustered.find("[cluster]").unwrap()]
+        .replace("\"peer\", ", "")
+        .replace("paused = false", "paused = true");
+    let alone_path = cluster.work_dir().join("relay-a-alone.toml");
+    std::fs::write(&alone_path, alone).unwrap();
+    let mut solo = std::process::Command::new(common::postern_bin())
+        .args(["serve", "--config"])
+        .arg(&alone_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let smtp_addr = cluster.relays[A].smtp;
+    let mut smtp = common::wait_for(secs(20), || {
+        std::net::TcpStream::connect(smtp_addr)
+            .ok()
+            .map(|_| common::Smtp::connect(smtp_addr))
+    })
+    .expect("the lone relay listens");
+    smtp.ehlo();
+    let marker = "before-joining-4b1c";
+    let data = common::crlf(&format!("Subject: {marker}\n\nmarker {marker}\n"));
+    let reply = smtp.send_mail("<alone@origin.test>", &["<rcpt@example.test>"], &data);
+    assert!(reply.is_positive(), "{}", reply.text());
+    drop(smtp);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(solo.id() as i32, libc::SIGTERM) };
+    assert!(solo.wait().unwrap().success());
+    let sink_has = |cluster: &Cluster| {
+        std::fs::read_dir(&cluster.sink_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+            .filter(|e| {
+                std::fs::read(e.path())
+                    .is_ok_and(|bytes| common::contains(&bytes, marker.as_bytes()))
+            })
+            .count()
+    };
+    assert_eq!(sink_has(&cluster), 0, "delivery was paused");
+
+    // Back in the cluster: it delivers that message, once.
+    cluster.restart(A);
+    let delivered = common::wait_for(secs(30), || (sink_has(&cluster) > 0).then_some(()));
+    assert!(
+        delivered.is_some(),
+        "mail from before the cluster was not delivered; relay-a log:\n{}",
+        cluster.relays[A].proc.log_tail(40)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sink_has(&cluster), 1, "delivered exactly once");
+}

@@ -293,13 +293,16 @@ impl Ownership for ClusterNode {
         let Some(membership) = self.inner.membership.get() else {
             return false;
         };
+        // Mail accepted before this relay joined a cluster belongs to no
+        // spool: nobody else can take it over, so it is ours while we are.
         membership.is_safe()
-            && self
-                .inner
-                .held
-                .lock()
-                .expect("node lock")
-                .contains_key(spool)
+            && (spool.is_empty()
+                || self
+                    .inner
+                    .held
+                    .lock()
+                    .expect("node lock")
+                    .contains_key(spool))
     }
 
     async fn commit_state(
@@ -308,6 +311,10 @@ impl Ownership for ClusterNode {
         id: &str,
         state: Option<&DeliveryState>,
     ) -> Result<(), OwnershipError> {
+        if spool.is_empty() {
+            // No spool, no claim: only the local state file records it.
+            return Ok(());
+        }
         let membership = self
             .inner
             .membership
@@ -345,6 +352,9 @@ impl Ownership for ClusterNode {
     }
 
     async fn remove_remote(&self, spool: &str, id: &str) -> bool {
+        if spool.is_empty() {
+            return true; // never replicated: accepted before the cluster
+        }
         let addresses = self.inner.peers.addresses().await;
         let removals = addresses.iter().map(|&addr| async move {
             let removed = tokio::time::timeout(PEER_CALL, self.inner.peers.remove(addr, spool, id))
