@@ -262,14 +262,17 @@ impl Default for HttpConfig {
 }
 
 /// The admin gRPC service. It always listens on the Unix socket
-/// `<data_dir>/admin.sock` (mode 0600: only this user may manage the queue);
-/// `listen` adds a TCP listener, unauthenticated, so bind it to a trusted
-/// network only.
+/// `<data_dir>/admin.sock`, where each request is authorized from the
+/// caller's kernel-reported credentials (root, the relay's user, members of
+/// `group`); `listen` adds a TCP listener, unauthenticated, so bind it to a
+/// trusted network only.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// TCP address for the admin service as well; none by default.
     pub listen: Option<SocketAddr>,
+    /// A group whose members may manage the queue over the Unix socket.
+    pub group: Option<String>,
 }
 
 /// A relay's part in a cluster (DESIGN.md §3): its name, etcd, its peers.

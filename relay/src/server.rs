@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::admin;
+use crate::admin::access::AdminAccess;
 use crate::admin::cluster::ClusterAdmin;
 use crate::admin::queue_service::QueueService;
 use crate::cluster::node::{ClusterNode, PeerNetwork};
@@ -124,6 +125,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         admin_socket,
         admin_path,
         admin_service.clone(),
+        AdminAccess::new(config.admin.group.as_deref())
+            .context("cannot set up admin access ([admin] group)")?,
         signalled(shutdown.clone()),
     ))];
     if let Some(listen) = config.admin.listen {

@@ -111,7 +111,9 @@ fn queue_commands_against_a_running_relay() {
     let dir = relay.data_dir.clone();
     let socket = dir.join("admin.sock");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "admin.sock mode {mode:o}");
+    // Anyone may connect; each request is authorized from the caller's
+    // credentials (a_user_who_is_not_an_admin_is_refused_by_credentials).
+    assert_eq!(mode & 0o777, 0o666, "admin.sock mode {mode:o}");
 
     let a = submit(
         &relay,
@@ -311,4 +313,80 @@ fn a_relay_that_is_not_running_is_named() {
         "{err}"
     );
     assert!(output.stdout.is_empty());
+}
+
+/// `postern queue ARGS --data-dir DIR` run as `nobody` (uid and gid 65534,
+/// no supplementary groups), through util-linux's setpriv.
+fn queue_as_nobody(data_dir: &Path, args: &[&str]) -> Output {
+    // A copy nobody can execute, wherever the build tree lives.
+    let binary = data_dir.join("postern-as-nobody");
+    if !binary.exists() {
+        std::fs::copy(postern_bin(), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    Command::new(require_tool("setpriv"))
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&binary)
+        .arg("queue")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run postern queue as nobody")
+}
+
+/// Lets `nobody` reach `dir` (and the socket in it): search permission on
+/// every directory above it.
+fn traversable(dir: &Path) {
+    for ancestor in dir.ancestors() {
+        if ancestor == Path::new("/") {
+            break;
+        }
+        let mode = std::fs::metadata(ancestor).unwrap().permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode | 0o011))
+                .unwrap();
+        }
+    }
+}
+
+/// The admin socket decides from SO_PEERCRED, not from anything the client
+/// sends: `nobody` is refused with a clear message, and allowed once its
+/// group is the configured admin group. Root (the test) always is.
+#[test]
+fn a_user_who_is_not_an_admin_is_refused_by_credentials() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        panic!("this test switches to uid 65534 with setpriv and must run as root (CI does)");
+    }
+    for (group, allowed) in [(None, false), (Some("nogroup"), true)] {
+        let extra = group
+            .map(|g| format!("[admin]\ngroup = \"{g}\"\n"))
+            .unwrap_or_default();
+        let relay = Relay::start(RelayConfig {
+            extra_toml: format!("[delivery]\npaused = true\n\n{extra}"),
+            ..RelayConfig::default()
+        });
+        traversable(&relay.data_dir);
+        submit(&relay, "alice@example.org", &["bob@example.net"], "P");
+        let output = queue_as_nobody(&relay.data_dir, &["list", "--json"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if allowed {
+            assert!(output.status.success(), "group {group:?}: {stderr}");
+            let listed = json(&String::from_utf8_lossy(&output.stdout));
+            assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+        } else {
+            assert!(!output.status.success(), "nobody may not list");
+            assert!(
+                stderr.contains("permission denied: uid 65534"),
+                "a clear refusal naming the uid: {stderr}"
+            );
+            assert!(
+                stderr.contains("[admin] group"),
+                "says how to allow: {stderr}"
+            );
+            // The refusal is the relay's, per request: root still may.
+            assert_eq!(list(&relay.data_dir).len(), 1);
+        }
+    }
 }

@@ -1,10 +1,13 @@
 //! The admin gRPC API (`proto/admin.proto`): its server, one file per
 //! service, and its command-line client `postern queue`.
 //!
-//! The server always listens on the Unix socket `<data_dir>/admin.sock`
-//! (mode 0600, so only the relay's user manages the queue) and on TCP when
-//! `[admin] listen` is set.
+//! The server always listens on the Unix socket `<data_dir>/admin.sock` and
+//! on TCP when `[admin] listen` is set. Anyone may connect to the socket;
+//! every request on it is authorized from the caller's kernel-reported
+//! credentials ([`access::AdminAccess`]): root, the relay's user, and
+//! members of `[admin] group`.
 
+pub mod access;
 pub mod cli;
 pub mod cluster;
 pub mod queue_service;
@@ -25,7 +28,8 @@ pub mod proto {
     tonic::include_proto!("postern.admin.v1");
 }
 
-/// Binds the admin Unix socket at `path` with mode 0600.
+/// Binds the admin Unix socket at `path` with mode 0666 (who may use it is
+/// decided per request from the caller's credentials).
 ///
 /// A socket file left by a relay that died is removed; one that still
 /// answers belongs to a running relay on the same data directory, which is
@@ -49,7 +53,7 @@ pub async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     let tmp = temp_name(path);
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666))
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(err) = placed {
         let _ = std::fs::remove_file(&tmp);
@@ -65,14 +69,19 @@ fn temp_name(path: &Path) -> PathBuf {
 }
 
 /// Serves the admin API on the Unix socket until `shutdown` resolves, then
-/// removes the socket file (when it is still ours, at `path`).
+/// removes the socket file (when it is still ours, at `path`). Each request
+/// must pass `access`.
 pub async fn serve_unix(
     listener: UnixListener,
     path: PathBuf,
     service: queue_service::QueueService,
+    access: access::AdminAccess,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let result = router(service)
+    let result = Server::builder()
+        .add_service(proto::queue_server::QueueServer::with_interceptor(
+            service, access,
+        ))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&path);
