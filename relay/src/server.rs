@@ -90,7 +90,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         let replicas = Arc::new(
             ReplicaStore::open(&config.data_dir).context("cannot open the replica directory")?,
         );
-        let service = PeerService::new(replicas, Some(spool.clone()));
+        let service = PeerService::new(Arc::clone(&replicas), Some(spool.clone()));
         let routes = peer::routes(service, Some(admin_service.clone()), &secret);
         let socket = TcpListener::bind(cluster.peer_listen)
             .await
@@ -105,7 +105,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
             peers: Peers::from_config(&cluster),
             client,
         });
-        let node = ClusterNode::start(&config, spool.clone(), queue.clone(), network).await?;
+        let node =
+            ClusterNode::start(&config, spool.clone(), queue.clone(), network, replicas).await?;
         queue.set_ownership(Arc::new(node.clone()));
         cluster_node = Some(node);
     }

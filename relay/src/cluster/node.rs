@@ -44,10 +44,10 @@ use super::membership::{LeaseOptions, Membership};
 use super::takeover::{list_messages, Orphans};
 use super::{Change, Claim, Coordinator, Error, MemberId, SpoolId};
 use crate::config::{Config, CopyKind};
+use crate::peer::store::{Header, ReplicaError, ReplicaStore};
 use crate::queue::state::DeliveryState;
 use crate::queue::{Ownership, OwnershipError, Queue};
 use crate::spool::envelope::Envelope;
-use crate::spool::fsync::{remove_if_present, rename_noreplace, sync_dir, write_synced};
 use crate::spool::quorum::CopyJob;
 use crate::spool::Spool;
 
@@ -155,7 +155,8 @@ struct Inner {
     spool: Spool,
     queue: Queue,
     peers: Arc<dyn PeerAccess>,
-    replicas_dir: PathBuf,
+    /// The replicas held here (shared with the peer service).
+    replica_store: Arc<ReplicaStore>,
     /// The object store and the prefix under which `spools/` lives (S3 only:
     /// a local directory is not shared).
     objects: Option<(Arc<dyn ObjectStore>, ObjectPath)>,
@@ -182,6 +183,7 @@ impl ClusterNode {
         spool: Spool,
         queue: Queue,
         peers: Arc<dyn PeerAccess>,
+        replicas: Arc<ReplicaStore>,
     ) -> anyhow::Result<ClusterNode> {
         let cluster = config
             .cluster
@@ -207,7 +209,7 @@ impl ClusterNode {
                 spool,
                 queue,
                 peers,
-                replicas_dir: config.data_dir.join("replicas"),
+                replica_store: replicas,
                 objects,
                 copies: config.spool.copies.clone(),
                 replicas: cluster.replicas,
@@ -355,21 +357,30 @@ impl Ownership for ClusterNode {
         if spool.is_empty() {
             return true; // never replicated: accepted before the cluster
         }
-        let addresses = self.inner.peers.addresses().await;
-        let removals = addresses.iter().map(|&addr| async move {
-            let removed = tokio::time::timeout(PEER_CALL, self.inner.peers.remove(addr, spool, id))
-                .await
-                .unwrap_or_else(|_| Err("no answer".into()));
-            if let Err(err) = &removed {
-                tracing::warn!(%id, %addr, error = %err, "cannot remove a peer's copy; its state stays in the cluster");
-            }
-            removed.is_ok()
-        });
-        futures::future::join_all(removals)
-            .await
-            .into_iter()
-            .all(|removed| removed)
+        remove_replicas(&self.inner, spool, id).await
     }
+}
+
+/// Removes the replicas of message `id` of `spool`: this relay's and every
+/// peer's (side by side, each bounded by [`PEER_CALL`]); `false` when some
+/// could not be removed.
+async fn remove_replicas(inner: &Inner, spool: &str, id: &str) -> bool {
+    let addresses = inner.peers.addresses().await;
+    let removals = addresses.iter().map(|&addr| async move {
+        let removed = tokio::time::timeout(PEER_CALL, inner.peers.remove(addr, spool, id))
+            .await
+            .unwrap_or_else(|_| Err("no answer".into()));
+        if let Err(err) = &removed {
+            tracing::warn!(%id, %addr, error = %err, "cannot remove a peer's copy; its state stays in the cluster");
+        }
+        removed.is_ok()
+    });
+    let replica_removed = inner.replica_store.remove(spool, id).await.is_ok();
+    let peers_removed = futures::future::join_all(removals)
+        .await
+        .into_iter()
+        .all(|removed| removed);
+    replica_removed && peers_removed
 }
 
 /// `<member>.<stamp>`: a new spool name, later ones sorting after earlier ones.
@@ -578,18 +589,9 @@ async fn gather(inner: &Inner, spool: &str) -> BTreeMap<String, Vec<Source>> {
             found.entry(envelope.id).or_default().push(Source::Local);
         }
     }
-    let dir = inner.replicas_dir.join(spool);
-    if let Ok(names) = std::fs::read_dir(&dir) {
-        for entry in names.flatten() {
-            let name = entry.file_name();
-            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".env")) {
-                if crate::spool::id::is_valid(id) {
-                    found
-                        .entry(id.to_owned())
-                        .or_default()
-                        .push(Source::Replica);
-                }
-            }
+    if let Ok(ids) = inner.replica_store.list(spool).await {
+        for id in ids {
+            found.entry(id).or_default().push(Source::Replica);
         }
     }
     if let Some((store, prefix)) = &inner.objects {
@@ -734,20 +736,8 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
 /// Removes the copies of a message whose committed state is final; `true`
 /// when all are gone and its state was forgotten.
 async fn finish_leftover(inner: &Inner, spool: &str, id: &str) -> bool {
-    let mut all = inner.spool.remove(spool, id).await.is_ok();
-    let dir = inner.replicas_dir.join(spool);
-    all &= remove_if_present(&dir.join(format!("{id}.env"))).is_ok();
-    all &= remove_if_present(&dir.join(format!("{id}.eml"))).is_ok();
-    let addresses = inner.peers.addresses().await;
-    let removals = addresses.iter().map(|&addr| async move {
-        tokio::time::timeout(PEER_CALL, inner.peers.remove(addr, spool, id))
-            .await
-            .is_ok_and(|removed| removed.is_ok())
-    });
-    all &= futures::future::join_all(removals)
-        .await
-        .into_iter()
-        .all(|removed| removed);
+    let local_removed = inner.spool.remove(spool, id).await.is_ok();
+    let all = remove_replicas(inner, spool, id).await && local_removed;
     let claim = inner.held.lock().expect("node lock").get(spool).cloned();
     match (all, inner.membership.get(), claim) {
         (true, Some(membership), Some(claim)) => {
@@ -765,40 +755,33 @@ async fn materialize(
     id: &str,
     sources: &[Source],
 ) -> Result<(Envelope, PathBuf), String> {
-    let dir = inner.replicas_dir.join(spool);
     if sources.contains(&Source::Local) {
         let envelope = read_envelope(&inner.spool.envelope_path(id))?;
         return Ok((envelope, inner.spool.message_path(id)));
     }
+    let dir = inner
+        .replica_store
+        .spool_dir(spool)
+        .map_err(|e| e.to_string())?;
     let eml = dir.join(format!("{id}.eml"));
     let env = dir.join(format!("{id}.env"));
     if sources.contains(&Source::Replica) {
         return Ok((read_envelope(&env)?, eml));
     }
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Both fetches write through the replica store's one durable write path,
+    // which checks the length and digest the envelope announces.
     let mut last = String::from("no copy found");
     for source in sources {
         let fetched = match source {
-            Source::Object => fetch_object(inner, spool, id, &dir).await,
-            Source::Peer(addr) => inner.peers.fetch(*addr, spool, id, &dir).await,
+            Source::Object => fetch_object(inner, spool, id).await,
+            Source::Peer(addr) => match tokio::fs::create_dir_all(&dir).await {
+                Ok(()) => inner.peers.fetch(*addr, spool, id, &dir).await,
+                Err(err) => Err(err.to_string()),
+            },
             Source::Local | Source::Replica => continue,
         };
         match fetched {
-            Ok(()) => {
-                let envelope = read_envelope(&env)?;
-                let len = std::fs::metadata(&eml).map_err(|e| e.to_string())?.len();
-                if len == envelope.data_len {
-                    return Ok((envelope, eml));
-                }
-                last = format!(
-                    "{source:?}: {len} octets, envelope says {}",
-                    envelope.data_len
-                );
-                let _ = remove_if_present(&env);
-                let _ = remove_if_present(&eml);
-            }
+            Ok(()) => return Ok((read_envelope(&env)?, eml)),
             Err(err) => last = format!("{source:?}: {err}"),
         }
     }
@@ -810,60 +793,38 @@ fn read_envelope(path: &Path) -> Result<Envelope, String> {
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Downloads message `id` of `spool` from the object store into `dir`:
-/// `.eml` streamed and fsync'd first, then `.env`.
-async fn fetch_object(inner: &Inner, spool: &str, id: &str, dir: &Path) -> Result<(), String> {
+/// Copies message `id` of `spool` from the object store into this relay's
+/// replicas (the `.eml` streamed, checked against the envelope, fsync'd,
+/// then the `.env`).
+async fn fetch_object(inner: &Inner, spool: &str, id: &str) -> Result<(), String> {
     let (store, prefix) = inner.objects.as_ref().ok_or("no object store")?;
     let messages = crate::spool::object::ObjectCopy::messages_prefix(prefix, spool);
-    let env_bytes = store
+    let envelope_json = store
         .get(&messages.clone().join(format!("{id}.env").as_str()))
         .await
         .map_err(|e| e.to_string())?
         .bytes()
         .await
         .map_err(|e| e.to_string())?;
-    let mut stream = store
+    let envelope: Envelope = serde_json::from_slice(&envelope_json).map_err(|e| e.to_string())?;
+    let data = store
         .get(&messages.join(format!("{id}.eml").as_str()))
         .await
         .map_err(|e| e.to_string())?
-        .into_stream();
-    let tmp = dir.join(format!("{id}.eml.tmp"));
-    let mut file = tokio::fs::File::create(&tmp)
+        .into_stream()
+        .map(|chunk| chunk.map_err(|e| ReplicaError::Stream(e.to_string())));
+    let header = Header {
+        id: id.to_owned(),
+        envelope_json,
+        data_len: envelope.data_len,
+        data_sha256: (!envelope.data_sha256.is_empty()).then_some(envelope.data_sha256),
+    };
+    inner
+        .replica_store
+        .write(spool, header, data)
         .await
-        .map_err(|e| e.to_string())?;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    file.sync_all().await.map_err(|e| e.to_string())?;
-    drop(file);
-    let dir = dir.to_owned();
-    let id = id.to_owned();
-    tokio::task::spawn_blocking(move || place_replica(&dir, &id, &tmp, &env_bytes))
-        .await
-        .map_err(|e| e.to_string())?
+        .map(drop)
         .map_err(|e| e.to_string())
-}
-
-/// Names a fetched `.eml` (already fsync'd at `eml_tmp`) and writes the
-/// `.env` after it, durably.
-fn place_replica(dir: &Path, id: &str, eml_tmp: &Path, envelope: &[u8]) -> std::io::Result<()> {
-    let eml = dir.join(format!("{id}.eml"));
-    let env = dir.join(format!("{id}.env"));
-    let env_tmp = dir.join(format!("{id}.env.tmp"));
-    std::fs::rename(eml_tmp, &eml)?;
-    remove_if_present(&env_tmp)?;
-    write_synced(&env_tmp, envelope)?;
-    match rename_noreplace(&env_tmp, &env) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-            remove_if_present(&env_tmp)?;
-        }
-        Err(err) => return Err(err),
-    }
-    sync_dir(dir)
 }
 
 /// Lists held spools other than the current one again: adopts messages
@@ -919,7 +880,7 @@ async fn retire(inner: &Inner, membership: &Membership, spool: &str) {
             for addr in inner.peers.addresses().await {
                 let _ = inner.peers.drop_spool(addr, spool).await;
             }
-            let _ = std::fs::remove_dir_all(inner.replicas_dir.join(spool));
+            let _ = inner.replica_store.drop_spool(spool).await;
         }
         Err(err) => tracing::warn!(spool, error = %err, "cannot retire spool"),
     }

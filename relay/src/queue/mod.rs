@@ -75,8 +75,9 @@ pub trait Ownership: Send + Sync + std::fmt::Debug + 'static {
     /// Resolves when this relay stops being sure it may deliver (its lease
     /// could expire soon); at once if it is not sure now.
     async fn until_unsafe(&self);
-    /// Removes the copies of a finished message held by other relays;
-    /// `false` when some could not be reached.
+    /// Removes the copies of a finished message kept outside the local spool
+    /// and the object store: the replica a takeover delivered from, and those
+    /// on other relays; `false` when some could not be removed.
     async fn remove_remote(&self, spool: &str, id: &str) -> bool;
 }
 
@@ -673,8 +674,8 @@ impl Queue {
         Ok(())
     }
 
-    /// Removes every copy of a finished message: local, object store, a
-    /// replica it was taken over from, and those on other relays. The
+    /// Removes every copy of a finished message: local and object store here,
+    /// replicas through the cluster ([`Ownership::remove_remote`]). The
     /// cluster forgets its state only when all went, so a copy left behind
     /// on an unreachable relay is recognised as finished by a later owner.
     async fn remove_copies(&self, envelope: &Envelope) {
@@ -683,21 +684,6 @@ impl Queue {
         if let Err(err) = spool.remove(&envelope.spool, &envelope.id).await {
             warn!(id = %envelope.id, "cannot remove finished message: {err}");
             all_removed = false;
-        }
-        let eml = self
-            .get(&envelope.id)
-            .map(|e| e.eml_path)
-            .unwrap_or_else(|| spool.message_path(&envelope.id));
-        if eml != spool.message_path(&envelope.id) {
-            let env = eml.with_extension("env");
-            let removed = tokio::task::spawn_blocking(move || {
-                crate::spool::fsync::remove_if_present(&env)?;
-                crate::spool::fsync::remove_if_present(&eml)
-            })
-            .await;
-            if !matches!(removed, Ok(Ok(()))) {
-                warn!(id = %envelope.id, "cannot remove the replica a takeover delivered from");
-            }
         }
         if let Some(ownership) = self.inner.ownership.get() {
             if ownership.remove_remote(&envelope.spool, &envelope.id).await && all_removed {
@@ -938,15 +924,7 @@ impl Queue {
                 ))));
             }
         } else {
-            // Back in for a moment so the copies' paths are found.
-            let envelope = Arc::clone(&entry.envelope);
-            self.inner
-                .entries
-                .lock()
-                .expect("queue lock")
-                .insert(id.to_owned(), entry);
-            self.remove_copies(&envelope).await;
-            self.inner.entries.lock().expect("queue lock").remove(id);
+            self.remove_copies(&entry.envelope).await;
             self.inner.states.remove(id).await?;
             info!(id, "deleted by the postmaster");
         }
