@@ -150,12 +150,40 @@ impl Dns {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = command.spawn().unwrap();
-        let dns = Dns {
+        let mut dns = Dns {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,
         };
-        std::thread::sleep(Duration::from_millis(300));
+        dns.wait_answering();
         dns
+    }
+
+    /// Waits until dnsmasq answers a query (any answer), so a test never
+    /// races its start-up; fails if it exited (its port taken, say).
+    fn wait_answering(&mut self) {
+        // A query for probe.test, type A, class IN, recursion desired.
+        let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["probe", "test"] {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut reply = [0u8; 512];
+        for _ in 0..50 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("dnsmasq on {} exited at start: {status}", self.addr);
+            }
+            let _ = socket.send_to(&query, self.addr);
+            if matches!(socket.recv_from(&mut reply), Ok((n, _)) if n >= 12 && reply[..2] == [0x12, 0x34])
+            {
+                return;
+            }
+        }
+        panic!("dnsmasq on {} does not answer", self.addr);
     }
 }
 
