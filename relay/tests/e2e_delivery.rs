@@ -126,7 +126,19 @@ struct Dns {
 }
 
 impl Dns {
+    /// Starts dnsmasq on a free port; a port another test took meanwhile
+    /// (dnsmasq binds TCP as well as UDP) makes it exit, so it is retried on
+    /// another.
     fn start(records: &[String]) -> Dns {
+        for _ in 0..5 {
+            if let Some(dns) = Dns::try_start(records) {
+                return dns;
+            }
+        }
+        panic!("dnsmasq exited at start on five ports in a row");
+    }
+
+    fn try_start(records: &[String]) -> Option<Dns> {
         let bin = require_tool("dnsmasq");
         let port = free_udp_port();
         let mut command = Command::new(bin);
@@ -154,13 +166,12 @@ impl Dns {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,
         };
-        dns.wait_answering();
-        dns
+        dns.wait_answering().then_some(dns)
     }
 
     /// Waits until dnsmasq answers a query (any answer), so a test never
-    /// races its start-up; fails if it exited (its port taken, say).
-    fn wait_answering(&mut self) {
+    /// races its start-up; `false` if it exited (its port taken, say).
+    fn wait_answering(&mut self) -> bool {
         // A query for probe.test, type A, class IN, recursion desired.
         let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         for label in ["probe", "test"] {
@@ -175,12 +186,13 @@ impl Dns {
         let mut reply = [0u8; 512];
         for _ in 0..50 {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("dnsmasq on {} exited at start: {status}", self.addr);
+                eprintln!("dnsmasq on {} exited at start: {status}", self.addr);
+                return false;
             }
             let _ = socket.send_to(&query, self.addr);
             if matches!(socket.recv_from(&mut reply), Ok((n, _)) if n >= 12 && reply[..2] == [0x12, 0x34])
             {
-                return;
+                return true;
             }
         }
         panic!("dnsmasq on {} does not answer", self.addr);
