@@ -984,7 +984,16 @@ repair_interval = "2s"
             if let Some(token) = &token {
                 path += &format!("&continuation-token={}", percent_encode(token));
             }
-            let (status, body) = http_request(self.moto_addr, "GET", &path, &[], b"").unwrap();
+            // moto answers 500 now and then while it is deleting under load:
+            // a listing is retried a few times before it counts as a failure.
+            let (mut status, mut body) = (0, Vec::new());
+            for _ in 0..5 {
+                (status, body) = http_request(self.moto_addr, "GET", &path, &[], b"").unwrap();
+                if status == 200 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
             let body = String::from_utf8_lossy(&body).into_owned();
             assert_eq!(status, 200, "list bucket: {body}");
             keys.extend(xml_values(&body, "Key"));
