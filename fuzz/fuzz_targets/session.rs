@@ -35,6 +35,8 @@ fuzz_target!(|data: &[u8]| {
         max_line_length: 1000,
         max_errors: 8,
         starttls: choices.next() & 1 == 1,
+        auth_external: true,
+        require_auth: choices.next() & 1 == 1,
     });
     session.start();
     let mut message = Vec::new();
@@ -54,7 +56,10 @@ fuzz_target!(|data: &[u8]| {
 fn drain(session: &mut Session, choices: &mut Choices<'_>, message: &mut Vec<u8>) {
     while let Some(event) = session.next_event() {
         match event {
-            Event::Mail { .. } | Event::Rcpt { .. } | Event::MessageStart => {
+            Event::Mail { .. }
+            | Event::Rcpt { .. }
+            | Event::MessageStart
+            | Event::AuthExternal { .. } => {
                 message.clear();
                 let verdict = match choices.next() % 8 {
                     0 => Verdict::Reply(Reply::new(450, "4.7.1", "try later")),

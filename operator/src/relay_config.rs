@@ -139,6 +139,7 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
                 .tls_secret
                 .as_ref()
                 .map(|_| tls_dir.join("tls.key")),
+            scanners: Vec::new(),
         });
     }
     let mut service_ports = std::collections::BTreeSet::new();
@@ -297,6 +298,8 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
                     .join(index.to_string())
                     .join("auth")
             }),
+            early_delivery: false,
+            early_budget: std::time::Duration::from_secs(20),
         })
         .collect();
 

@@ -12,6 +12,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// Longest a scanner or an early delivery may hold the end-of-data reply
+/// (clients wait 10 minutes, RFC 5321 §4.5.3.2.6).
+pub const MAX_END_OF_DATA_WORK: Duration = Duration::from_secs(300);
+
 /// The whole relay configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -46,6 +50,11 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Cluster membership, peer replication and takeover; absent on one machine.
     pub cluster: Option<ClusterConfig>,
+    /// Local submission (`postern sendmail`) over a Unix socket.
+    pub submission: SubmissionConfig,
+    /// Content scanners that listeners name in `scanners`.
+    #[serde(rename = "scanner")]
+    pub scanners: Vec<ScannerConfig>,
 }
 
 impl Default for Config {
@@ -64,6 +73,8 @@ impl Default for Config {
             routes: Vec::new(),
             admin: AdminConfig::default(),
             cluster: None,
+            submission: SubmissionConfig::default(),
+            scanners: Vec::new(),
         }
     }
 }
@@ -80,6 +91,8 @@ pub struct ListenerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Names of `[[scanner]]`s run, in order, on every message before the reply.
+    pub scanners: Vec<String>,
 }
 
 impl Default for ListenerConfig {
@@ -89,6 +102,7 @@ impl Default for ListenerConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 2525)),
             tls_cert: None,
             tls_key: None,
+            scanners: Vec::new(),
         }
     }
 }
@@ -500,6 +514,95 @@ pub struct RouteConfig {
     /// File holding `username:password` for AUTH PLAIN (only over TLS).
     #[serde(default)]
     pub auth_file: Option<PathBuf>,
+    /// Early delivery: at the end of the data, before answering the client,
+    /// try this next hop; its verdict becomes ours (see `early_budget`).
+    #[serde(default)]
+    pub early_delivery: bool,
+    /// How long early delivery may take before the message is queued
+    /// instead (well under the client's 10-minute end-of-data timeout).
+    #[serde(default = "default_early_budget", with = "humantime_serde")]
+    pub early_budget: Duration,
+}
+
+fn default_early_budget() -> Duration {
+    Duration::from_secs(20)
+}
+
+/// Local submission: `postern sendmail` speaks SMTP to `<data_dir>/submit.sock`
+/// and authenticates with AUTH EXTERNAL; the relay knows the user from the
+/// socket's peer credentials (`SO_PEERCRED`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmissionConfig {
+    /// Whether the socket is served.
+    pub enabled: bool,
+    /// Users who may use any envelope sender (root always may).
+    pub trusted_users: Vec<String>,
+    /// Domains whose `<user>@domain` is a user's own sender, besides `hostname`.
+    pub domains: Vec<String>,
+    /// Scanners run on locally submitted mail.
+    pub scanners: Vec<String>,
+}
+
+impl Default for SubmissionConfig {
+    fn default() -> Self {
+        SubmissionConfig {
+            enabled: true,
+            trusted_users: Vec::new(),
+            domains: Vec::new(),
+            scanners: Vec::new(),
+        }
+    }
+}
+
+/// The protocol a content scanner speaks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ScannerKind {
+    /// rspamd's HTTP protocol (`POST /checkv2`).
+    Rspamd,
+    /// An SMTP server that takes or refuses the message.
+    Smtp,
+    /// An LMTP server (per-recipient replies; any refusal refuses the message).
+    Lmtp,
+}
+
+/// What to answer when a scanner is down or too slow.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScannerFailure {
+    /// 451 4.7.1: the client tries again later.
+    #[default]
+    Tempfail,
+    /// Accept the message unscanned (and count it).
+    Accept,
+}
+
+/// A content scanner, run after the message is on the local spool and before
+/// the reply; it reads the spooled message and never re-injects it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScannerConfig {
+    /// Name that listeners use in `scanners`.
+    pub name: String,
+    /// rspamd, smtp or lmtp.
+    pub kind: ScannerKind,
+    /// rspamd: `host:port` of its normal worker; smtp/lmtp: `host:port` or `unix:/path`.
+    pub address: String,
+    /// Longest a scan may take.
+    #[serde(default = "default_scan_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Down or too slow: `tempfail` (451) or `accept`.
+    #[serde(default)]
+    pub on_failure: ScannerFailure,
+    /// rspamd on the same filesystem: pass the spooled file's path in the
+    /// `File` header instead of sending the message over the socket.
+    #[serde(default)]
+    pub pass_file: bool,
+}
+
+fn default_scan_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// What is wrong with a configuration.
@@ -633,6 +736,67 @@ impl Config {
             }
             crate::delivery::route::NextHop::parse(&route.next_hop)
                 .map_err(|err| ConfigError::Invalid(format!("route {index}: next_hop: {err}")))?;
+            if route.early_delivery
+                && (route.early_budget.is_zero() || route.early_budget > MAX_END_OF_DATA_WORK)
+            {
+                return invalid(format!(
+                    "route {index}: early_budget must be between 0 and {}",
+                    humantime::format_duration(MAX_END_OF_DATA_WORK)
+                ));
+            }
+        }
+        let mut scanner_names = std::collections::HashSet::new();
+        for scanner in &self.scanners {
+            if !scanner_names.insert(scanner.name.as_str()) {
+                return invalid(format!("scanner {:?} is defined twice", scanner.name));
+            }
+            if scanner.timeout.is_zero() || scanner.timeout > MAX_END_OF_DATA_WORK {
+                return invalid(format!(
+                    "scanner {:?}: timeout must be between 0 and {}",
+                    scanner.name,
+                    humantime::format_duration(MAX_END_OF_DATA_WORK)
+                ));
+            }
+            let address_ok = match scanner.kind {
+                ScannerKind::Rspamd => scanner
+                    .address
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+                ScannerKind::Smtp | ScannerKind::Lmtp => {
+                    crate::delivery::route::NextHop::parse(&scanner.address).is_ok()
+                }
+            };
+            if !address_ok {
+                return invalid(format!(
+                    "scanner {:?}: address {:?} is not host:port{}",
+                    scanner.name,
+                    scanner.address,
+                    if scanner.kind == ScannerKind::Rspamd {
+                        ""
+                    } else {
+                        " or unix:/path"
+                    }
+                ));
+            }
+            if scanner.pass_file && scanner.kind != ScannerKind::Rspamd {
+                return invalid(format!(
+                    "scanner {:?}: pass_file is for rspamd scanners",
+                    scanner.name
+                ));
+            }
+        }
+        let named = self
+            .listeners
+            .iter()
+            .map(|l| (format!("listener {:?}", l.name), &l.scanners))
+            .chain([("submission".to_owned(), &self.submission.scanners)]);
+        for (owner, scanners) in named {
+            if let Some(unknown) = scanners
+                .iter()
+                .find(|name| !scanner_names.contains(name.as_str()))
+            {
+                return invalid(format!("{owner}: no [[scanner]] named {unknown:?}"));
+            }
         }
         if spool.copies.contains(&CopyKind::Peer) {
             match &self.cluster {
@@ -688,6 +852,11 @@ impl Config {
             .iter()
             .map(|kind| if *kind == CopyKind::Peer { replicas } else { 1 })
             .sum()
+    }
+
+    /// The local submission socket (`postern sendmail`).
+    pub fn submission_socket(&self) -> PathBuf {
+        self.data_dir.join("submit.sock")
     }
 
     /// The admin service's Unix socket.

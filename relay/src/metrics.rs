@@ -83,6 +83,16 @@ pub struct Metrics {
     pub deferred: AtomicU64,
     /// Recipients bounced (failed for good).
     pub bounced: AtomicU64,
+    /// Recipients the next hop took during early delivery (no queueing).
+    pub delivered_early: AtomicU64,
+    /// Recipients early delivery left for the queue (4xx, timeout, unreachable).
+    pub early_deferred: AtomicU64,
+    /// Messages a scanner refused (5xx).
+    pub scan_rejected: AtomicU64,
+    /// Messages a scanner deferred (4xx).
+    pub scan_tempfailed: AtomicU64,
+    /// Scans that failed (scanner down, slow or unintelligible).
+    pub scan_failures: AtomicU64,
     /// End-of-data to reply.
     pub ack_latency: Histogram,
     /// Accept to final outcome, per recipient.
@@ -98,6 +108,11 @@ impl Default for Metrics {
             delivered: AtomicU64::new(0),
             deferred: AtomicU64::new(0),
             bounced: AtomicU64::new(0),
+            delivered_early: AtomicU64::new(0),
+            early_deferred: AtomicU64::new(0),
+            scan_rejected: AtomicU64::new(0),
+            scan_tempfailed: AtomicU64::new(0),
+            scan_failures: AtomicU64::new(0),
             ack_latency: Histogram::new(ACK_BUCKETS),
             delivery_latency: Histogram::new(DELIVERY_BUCKETS),
             gauges: Mutex::new(QueueGauges::default()),
@@ -149,6 +164,31 @@ impl Metrics {
                 "postern_recipients_bounced_total",
                 "Recipients that failed for good.",
                 &self.bounced,
+            ),
+            (
+                "postern_recipients_delivered_early_total",
+                "Recipients the next hop accepted during early delivery, before our reply.",
+                &self.delivered_early,
+            ),
+            (
+                "postern_early_delivery_deferred_total",
+                "Recipients early delivery left for the queue (4xx, timeout, unreachable).",
+                &self.early_deferred,
+            ),
+            (
+                "postern_scan_rejected_total",
+                "Messages a content scanner refused.",
+                &self.scan_rejected,
+            ),
+            (
+                "postern_scan_tempfailed_total",
+                "Messages a content scanner deferred.",
+                &self.scan_tempfailed,
+            ),
+            (
+                "postern_scan_failures_total",
+                "Scans that failed: scanner down, too slow or unintelligible.",
+                &self.scan_failures,
             ),
         ] {
             let _ = writeln!(

@@ -180,6 +180,23 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
             signalled(shutdown.clone()),
         )));
     }
+    if config.submission.enabled {
+        let mut listener = Listener::submission(&config, spool.clone(), connections.clone())
+            .map_err(|err| anyhow::anyhow!("submission: {err}"))?;
+        listener.draining = shutdown.clone();
+        listener.queue = Some(queue.clone());
+        listener.metrics = Arc::clone(&metrics);
+        let path = config.submission_socket();
+        let socket = admin::bind_unix(&path)
+            .await
+            .with_context(|| format!("cannot bind the submission socket {}", path.display()))?;
+        info!(socket = %path.display(), "local submission listening (postern sendmail)");
+        listeners.push(tokio::spawn(inbound::serve(
+            Arc::new(listener),
+            socket,
+            signalled(shutdown.clone()),
+        )));
+    }
     readiness.set(true);
     info!(hostname = %config.hostname, data_dir = %config.data_dir.display(), "postern ready");
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use postern::config::{Config, CopyKind, ObjectStoreConfig};
 use postern::inbound::connection;
 use postern::inbound::limits::ConnectionLimiter;
-use postern::inbound::Listener;
+use postern::inbound::{Listener, Peer};
 use postern::spool::envelope::Envelope;
 use postern::spool::Spool;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -84,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 fn connect(listener: Arc<Listener>, peer: &str) -> Client<tokio::io::DuplexStream> {
     let (client, server) = tokio::io::duplex(1 << 20);
     let peer: SocketAddr = peer.parse().unwrap();
-    tokio::spawn(async move { connection::handle(&listener, server, Some(peer)).await });
+    tokio::spawn(async move { connection::handle(&listener, server, Peer::Tcp(peer)).await });
     Client {
         reader: BufReader::new(client),
     }
@@ -230,7 +230,9 @@ async fn client_disconnecting_mid_data_leaves_nothing() {
     let (client, server) = tokio::io::duplex(1 << 20);
     let task = tokio::spawn({
         let listener = Arc::clone(&listener);
-        async move { connection::handle(&listener, server, Some("127.0.0.1:1".parse().unwrap())).await }
+        async move {
+            connection::handle(&listener, server, Peer::Tcp("127.0.0.1:1".parse().unwrap())).await
+        }
     });
     let mut client = Client {
         reader: BufReader::new(client),
@@ -274,7 +276,7 @@ async fn starttls_discards_pipelined_plaintext_and_records_tls() {
     let (client_io, server) = tokio::io::duplex(1 << 20);
     let listener = listener(&config).await;
     tokio::spawn(async move {
-        connection::handle(&listener, server, Some("127.0.0.1:2".parse().unwrap())).await
+        connection::handle(&listener, server, Peer::Tcp("127.0.0.1:2".parse().unwrap())).await
     });
     let mut plain = Client {
         reader: BufReader::new(client_io),

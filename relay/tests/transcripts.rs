@@ -10,14 +10,15 @@
 //! - `COMMITTED n`  n messages were handed over for commit so far;
 //! - `| text`   a line (CRLF added) of the last committed message, in order;
 //! - `CONFIG key=value`  session setting (max_recipients, max_message_size,
-//!   max_line_length, max_errors, starttls);
+//!   max_line_length, max_errors, starttls, auth_external, require_auth);
 //! - `# …` comments and blank lines.
 //!
 //! The greeting is sent just before the first expected reply, so C lines above
 //! the first S line are input sent before the greeting. The test driver plays a
 //! simple policy: recipients at `denied.example` get 554 5.7.1, senders at
 //! `full.example` get 452 4.3.1, every message gets `250 2.0.0 Ok: queued as
-//! TEST<n>`.
+//! TEST<n>`, AUTH EXTERNAL succeeds for the identity `alice` (or none asked)
+//! and gets 535 5.7.8 for any other.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -79,6 +80,18 @@ impl Harness {
                     )));
                 }
                 Event::MessageAborted => self.current.clear(),
+                Event::AuthExternal { authzid } => {
+                    let verdict = if authzid.is_empty() || authzid == "alice" {
+                        Verdict::Accept
+                    } else {
+                        Verdict::Reply(Reply::new(
+                            535,
+                            "5.7.8",
+                            "Authentication credentials invalid",
+                        ))
+                    };
+                    self.session.decide(verdict);
+                }
                 Event::StartTls => self.session.tls_started(),
                 Event::Close => self.closed = true,
             }
@@ -116,6 +129,8 @@ fn run_transcript(path: &Path) -> Result<(), String> {
         max_line_length: 1000,
         max_errors: 20,
         starttls: false,
+        auth_external: false,
+        require_auth: false,
     };
     let mut pending_input: Vec<u8> = Vec::new();
     let mut expected_message: Option<Vec<u8>> = None;
@@ -139,6 +154,8 @@ fn run_transcript(path: &Path) -> Result<(), String> {
                 "max_line_length" => config.max_line_length = value.trim().parse().unwrap(),
                 "max_errors" => config.max_errors = value.trim().parse().unwrap(),
                 "starttls" => config.starttls = value.trim().parse().unwrap(),
+                "auth_external" => config.auth_external = value.trim().parse().unwrap(),
+                "require_auth" => config.require_auth = value.trim().parse().unwrap(),
                 other => return Err(format!("{at}: unknown setting {other}")),
             }
             continue;

@@ -138,7 +138,7 @@ fn lookup_group(name: &str) -> io::Result<Option<AdminGroup>> {
 }
 
 /// The login name of `uid`, if it has one.
-fn user_name(uid: u32) -> Option<String> {
+pub(crate) fn user_name(uid: u32) -> Option<String> {
     let mut buf = vec![0u8; 16 * 1024];
     // SAFETY: zeroed is a valid value for this plain C struct.
     let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };

@@ -46,7 +46,7 @@ pub async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         ));
     }
     match std::fs::remove_file(path) {
-        Ok(()) => info!(socket = %path.display(), "removed a stale admin socket"),
+        Ok(()) => info!(socket = %path.display(), "removed a stale socket"),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(err) => return Err(err),
     }

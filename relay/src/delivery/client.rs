@@ -317,7 +317,7 @@ impl Connection {
                 format!("{}: AUTH PLAIN not offered", self.label),
             )));
         }
-        let token = base64_encode(format!("\0{user}\0{password}").as_bytes());
+        let token = crate::smtp::base64::encode(format!("\0{user}\0{password}").as_bytes());
         self.write(
             format!("AUTH PLAIN {token}\r\n").as_bytes(),
             self.settings.timeouts.command,
@@ -389,14 +389,15 @@ impl Connection {
         }
         if let Some(limit) = caps
             .size
-            .filter(|&limit| limit > 0 && envelope.data_len > limit)
+            .filter(|&limit| limit > 0 && envelope.wire_len() > limit)
         {
             let reply = Reply::new(
                 552,
                 "5.3.4",
                 format!(
                     "{}: message of {} octets exceeds its limit of {limit}",
-                    self.label, envelope.data_len
+                    self.label,
+                    envelope.wire_len()
                 ),
             );
             outcomes
@@ -412,7 +413,7 @@ impl Connection {
         let mut group = mail_command(
             &reverse_path,
             &envelope.mail_params,
-            envelope.data_len,
+            envelope.wire_len(),
             &caps,
         )
         .into_bytes();
@@ -461,7 +462,7 @@ impl Connection {
         }
         let final_replies = if caps.chunking {
             self.last_transfer = Some("BDAT");
-            self.send_bdat(eml, envelope.data_len).await?;
+            self.send_bdat(envelope, eml).await?;
             self.read_final_replies(accepted.len()).await?
         } else {
             self.last_transfer = Some("DATA");
@@ -474,7 +475,8 @@ impl Connection {
                     .for_each(|&p| outcomes[p] = Some(outcome.clone()));
                 return Ok(());
             }
-            self.send_data(eml).await?;
+            self.send_data(envelope.added_headers.as_bytes(), eml)
+                .await?;
             self.read_final_replies(accepted.len()).await?
         };
         for (position, reply) in accepted.iter().zip(final_replies) {
@@ -501,8 +503,10 @@ impl Connection {
         }
     }
 
-    /// BDAT LAST with the file as one chunk: the spool is already wire format.
-    async fn send_bdat(&mut self, eml: &Path, len: u64) -> Result<(), ClientError> {
+    /// BDAT LAST with the added headers and the file as one chunk: the
+    /// spool is already wire format.
+    async fn send_bdat(&mut self, envelope: &Envelope, eml: &Path) -> Result<(), ClientError> {
+        let len = envelope.data_len;
         let mut file = tokio::fs::File::open(eml).await?;
         let actual = file.metadata().await?.len();
         if actual != len {
@@ -511,11 +515,10 @@ impl Connection {
                 eml.display()
             )));
         }
-        self.write(
-            format!("BDAT {len} LAST\r\n").as_bytes(),
-            self.settings.timeouts.data_block,
-        )
-        .await?;
+        let mut command = format!("BDAT {} LAST\r\n", envelope.wire_len()).into_bytes();
+        command.extend_from_slice(envelope.added_headers.as_bytes());
+        self.write(&command, self.settings.timeouts.data_block)
+            .await?;
         if let Stream::Tcp(tcp) = &self.stream {
             // Plain TCP: the kernel copies the spool file to the socket.
             let file = file.into_std().await;
@@ -533,12 +536,17 @@ impl Connection {
         Ok(())
     }
 
-    /// DATA content, dot-stuffed on the fly.
-    async fn send_data(&mut self, eml: &Path) -> Result<(), ClientError> {
+    /// DATA content (`prefix`, then the file), dot-stuffed on the fly.
+    async fn send_data(&mut self, prefix: &[u8], eml: &Path) -> Result<(), ClientError> {
         let mut file = tokio::fs::File::open(eml).await?;
         let mut stuffer = DotStuffer::default();
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(66 * 1024);
+        if !prefix.is_empty() {
+            stuffer.stuff(prefix, &mut out);
+            self.write(&out, self.settings.timeouts.data_block).await?;
+            out.clear();
+        }
         loop {
             let n = file.read(&mut buf).await?;
             if n == 0 {
@@ -715,46 +723,6 @@ impl AsyncWrite for StreamIo<'_> {
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Closed => Poll::Ready(Err(closed())),
-        }
-    }
-}
-
-/// Standard base64 (RFC 4648) for AUTH PLAIN.
-fn base64_encode(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, expected) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64_encode(input.as_bytes()), expected);
         }
     }
 }

@@ -247,6 +247,7 @@ mod tests {
             received_at: "2026-11-25T10:00:00.000Z".into(),
             data_len: 0,
             data_sha256: String::new(),
+            added_headers: String::new(),
         }
     }
 

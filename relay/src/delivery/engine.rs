@@ -113,9 +113,56 @@ impl Deliverer {
                 None => groups.push((destination, vec![index])),
             }
         }
-        let attempts = groups
-            .iter()
-            .map(|(destination, members)| self.deliver_group(destination, envelope, eml, members));
+        let attempts = groups.iter().map(|(destination, members)| {
+            self.deliver_group(destination, envelope, eml, members, true)
+        });
+        futures::future::join_all(attempts)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Early delivery: tries, once and before the message is queued, the
+    /// recipients whose route opts in, each destination within its route's
+    /// budget (past it, those recipients are deferred and the connection is
+    /// dropped). Recipients of other routes get no result. Not gated: the
+    /// message is not in the queue, so no other relay can hold it.
+    pub async fn attempt_early(&self, envelope: &Envelope, eml: &Path) -> Vec<RecipientResult> {
+        let mut groups: Vec<(Destination, Vec<usize>)> = Vec::new();
+        for (index, recipient) in envelope.recipients.iter().enumerate() {
+            let destination = self.router.route(&recipient.address.domain);
+            if destination.early_budget.is_none() {
+                continue;
+            }
+            match groups.iter_mut().find(|(d, _)| *d == destination) {
+                Some((_, members)) => members.push(index),
+                None => groups.push((destination, vec![index])),
+            }
+        }
+        let attempts = groups.iter().map(|(destination, members)| async move {
+            let budget = destination.early_budget.unwrap_or_default();
+            let attempt = self.deliver_group(destination, envelope, eml, members, false);
+            match tokio::time::timeout(budget, attempt).await {
+                Ok(results) => results,
+                Err(_) => members
+                    .iter()
+                    .map(|&index| RecipientResult {
+                        index,
+                        outcome: RcptOutcome::Deferred(Reply::new(
+                            451,
+                            "4.4.7",
+                            format!(
+                                "{}: no verdict within the early-delivery budget of {}",
+                                destination.key(),
+                                humantime::format_duration(budget)
+                            ),
+                        )),
+                        remote: None,
+                    })
+                    .collect(),
+            }
+        });
         futures::future::join_all(attempts)
             .await
             .into_iter()
@@ -129,6 +176,7 @@ impl Deliverer {
         envelope: &Envelope,
         eml: &Path,
         members: &[usize],
+        gated: bool,
     ) -> Vec<RecipientResult> {
         let all = |outcome: RcptOutcome, remote: Option<String>| {
             members
@@ -148,7 +196,7 @@ impl Deliverer {
             );
         };
         // The slot may have taken a while: ask again whether we may deliver.
-        if self.gate.get().is_some_and(|gate| !gate(envelope)) {
+        if gated && self.gate.get().is_some_and(|gate| !gate(envelope)) {
             return Vec::new();
         }
         let targets = match self.resolver.resolve(destination).await {

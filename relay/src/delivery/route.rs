@@ -2,6 +2,7 @@
 //! relayhost, or MX).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::config::{Config, Protocol, RouteConfig, TlsMode};
 
@@ -66,6 +67,8 @@ pub struct Destination {
     pub tls: TlsMode,
     /// AUTH credentials file.
     pub auth_file: Option<PathBuf>,
+    /// Early delivery's budget, when the route opts in.
+    pub early_budget: Option<Duration>,
 }
 
 impl Destination {
@@ -107,6 +110,7 @@ impl Router {
                         protocol: route.protocol,
                         tls: route.tls,
                         auth_file: route.auth_file.clone(),
+                        early_budget: route.early_delivery.then_some(route.early_budget),
                     },
                 ))
             })
@@ -142,6 +146,7 @@ impl Router {
             protocol: Protocol::Smtp,
             tls: TlsMode::Opportunistic,
             auth_file: None,
+            early_budget: None,
         }
     }
 }
@@ -180,6 +185,8 @@ mod tests {
             protocol: Protocol::Lmtp,
             tls: TlsMode::None,
             auth_file: None,
+            early_delivery: false,
+            early_budget: Duration::from_secs(20),
         }];
         let router = Router::new(&config);
         assert_eq!(router.route("EXAMPLE.org.").protocol, Protocol::Lmtp);

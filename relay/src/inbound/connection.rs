@@ -1,15 +1,16 @@
 //! Drives one SMTP session over a stream: reads, feeds the sans-I/O session,
 //! answers its decisions (policy, spool, quorum) and writes its replies.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
+use super::early::EarlyOutcome;
+use super::local::LocalUser;
 use super::received::{received_header, TraceInfo};
 use super::tls::MaybeTls;
-use super::Listener;
+use super::{Listener, Peer};
 use crate::metrics::Metrics;
 use crate::smtp::params::{MailParams, Mailbox};
 use crate::smtp::{Event, Reply, Session, Verdict};
@@ -29,7 +30,7 @@ struct MessageInProgress {
 }
 
 /// Runs a session on `stream` until it ends.
-pub async fn handle<S>(listener: &Listener, stream: S, peer: Option<SocketAddr>)
+pub async fn handle<S>(listener: &Listener, stream: S, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -40,6 +41,7 @@ where
         session: Session::new(listener.session_config.clone()),
         output: Vec::new(),
         message: None,
+        user: None,
     };
     if let Err(err) = connection.run().await {
         tracing::debug!(client = %connection.client_label(), "connection ended: {err}");
@@ -54,10 +56,12 @@ where
 struct Connection<'a, S> {
     listener: &'a Listener,
     stream: MaybeTls<S>,
-    peer: Option<SocketAddr>,
+    peer: Peer,
     session: Session,
     output: Vec<u8>,
     message: Option<MessageInProgress>,
+    /// The local user, once AUTH EXTERNAL succeeded.
+    user: Option<LocalUser>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
@@ -169,6 +173,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 Metrics::count(&self.listener.metrics.refused);
                 info!(client = %self.client_label(), "message refused by the protocol checks");
             }
+            Event::AuthExternal { authzid } => {
+                let verdict = self.check_auth(&authzid);
+                self.session.decide(verdict);
+            }
             Event::StartTls => {
                 self.flush().await?;
                 let Some(acceptor) = &self.listener.tls else {
@@ -187,7 +195,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         Ok(false)
     }
 
+    /// AUTH EXTERNAL: the identity is the kernel's word on who connected;
+    /// the client may only ask to be that user (or ask for nothing).
+    fn check_auth(&mut self, authzid: &str) -> Verdict {
+        let refusal = match (&self.peer, &self.listener.local) {
+            (Peer::Local(user), Some(_)) if authzid.is_empty() || authzid == user.name => {
+                info!(client = %self.peer, "authenticated by peer credentials");
+                self.user = Some(user.clone());
+                return Verdict::Accept;
+            }
+            (Peer::Local(user), Some(_)) => {
+                format!("You are {} (uid {}), not {authzid}", user.name, user.uid)
+            }
+            _ => "No peer credentials on this connection".to_owned(),
+        };
+        info!(client = %self.peer, authzid, "AUTH EXTERNAL refused: {refusal}");
+        Verdict::Reply(Reply::new(535, "5.7.8", refusal))
+    }
+
     fn check_mail(&self, reverse_path: Option<&Mailbox>, params: &MailParams) -> Verdict {
+        if let (Some(policy), Some(user)) = (&self.listener.local, &self.user) {
+            if !policy.may_send_as(user, reverse_path) {
+                Metrics::count(&self.listener.metrics.refused);
+                info!(client = %self.peer, from = %path_label(reverse_path), "refused MAIL: not the user's own sender");
+                return Verdict::Reply(Reply::new(
+                    553,
+                    "5.7.1",
+                    format!(
+                        "<{}>: user {} (uid {}) may only send as {}",
+                        reverse_path.map(Mailbox::address).unwrap_or_default(),
+                        user.name,
+                        user.uid,
+                        policy.describe(user)
+                    ),
+                ));
+            }
+        }
         if let Err(err) = self.listener.spool.check_room(params.size.unwrap_or(0)) {
             info!(client = %self.client_label(), from = %path_label(reverse_path), "refused MAIL: {err}");
             return Verdict::Reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
@@ -196,8 +239,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
     }
 
     fn check_rcpt(&self, rcpt: &Mailbox) -> Verdict {
-        let ip = self.peer.map(|peer| peer.ip());
-        if self.listener.policy.may_relay(ip, false, rcpt) {
+        if self
+            .listener
+            .policy
+            .may_relay(self.peer.ip(), self.user.is_some(), rcpt)
+        {
             Verdict::Accept
         } else {
             Metrics::count(&self.listener.metrics.refused);
@@ -231,12 +277,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         let tls = self.stream.tls_description();
         let header = received_header(&TraceInfo {
             helo: self.session.helo().unwrap_or(""),
-            client_ip: self.peer.map(|peer| peer.ip()),
+            client_ip: self.peer.ip(),
             hostname: self.hostname(),
             esmtp: self.session.is_esmtp(),
             smtputf8,
             tls: tls.as_deref(),
-            authenticated: false,
+            authenticated: self.user.is_some(),
+            local_user: self
+                .user
+                .as_ref()
+                .map(|user| (user.name.as_str(), user.uid)),
             id: incoming.id(),
             single_recipient: single_recipient.as_deref(),
         });
@@ -281,24 +331,118 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             info!(client = %self.client_label(), "refused message: {err}");
             return spool_error_reply(&err);
         };
-        let mut envelope = self.envelope();
-        let from = path_label(envelope.reverse_path.as_ref());
-        let recipients = envelope.recipients.len();
-        let receive_time = message.started.elapsed();
         let end_of_data = Instant::now();
-        let result = incoming.commit(envelope.clone()).await;
+        let reply = self
+            .settle(incoming, message.size, message.started.elapsed())
+            .await;
         self.listener
             .metrics
             .ack_latency
             .observe(end_of_data.elapsed());
+        reply
+    }
+
+    /// End of data: scanners, early delivery, then the quorum write of
+    /// whatever is left to deliver; returns the reply.
+    async fn settle(
+        &mut self,
+        mut incoming: Incoming,
+        size: u64,
+        receive_time: std::time::Duration,
+    ) -> Reply {
+        let mut envelope = self.envelope();
+        let from = path_label(envelope.reverse_path.as_ref());
+        let recipients = envelope.recipients.len();
+        let early = self.listener.queue.as_ref().filter(|queue| {
+            let deliverer = queue.deliverer();
+            envelope
+                .recipients
+                .iter()
+                .any(|r| deliverer.route(&r.address.domain).early_budget.is_some())
+        });
+        if !self.listener.scanners.is_empty() || early.is_some() {
+            // Scanners and next hops read the spooled file itself.
+            match incoming.write_out().await {
+                Ok(len) => envelope.data_len = len,
+                Err(err) => {
+                    Metrics::count(&self.listener.metrics.refused);
+                    info!(client = %self.client_label(), "refused message: {err}");
+                    return spool_error_reply(&err);
+                }
+            }
+            envelope.id = incoming.id().to_owned();
+        }
+        if !self.listener.scanners.is_empty() {
+            let scanned = self
+                .listener
+                .scanners
+                .run(
+                    &mut envelope,
+                    incoming.path(),
+                    self.peer.ip(),
+                    self.user.as_ref().map(|user| user.name.as_str()),
+                    &self.listener.session_config.hostname,
+                    &self.listener.metrics,
+                )
+                .await;
+            if let Err(reply) = scanned {
+                Metrics::count(&self.listener.metrics.refused);
+                incoming.abort().await;
+                return reply;
+            }
+        }
+        let mut settled = EarlyOutcome::sort(Vec::new(), recipients);
+        if let Some(queue) = early {
+            let results = queue
+                .deliverer()
+                .attempt_early(&envelope, incoming.path())
+                .await;
+            settled = EarlyOutcome::sort(results, recipients);
+            self.log_early(&envelope, &settled);
+            if let Some(reply) = settled.all_refused() {
+                Metrics::count(&self.listener.metrics.refused);
+                incoming.abort().await;
+                return reply;
+            }
+            if !settled.refused.is_empty() {
+                if let Err(err) = queue.report_refused(&envelope, &settled.refused).await {
+                    warn!(id = %envelope.id, "cannot queue the DSN for recipients refused early ({err}); queueing them instead");
+                    settled.requeue_refused();
+                }
+            }
+            if settled.remaining.is_empty() {
+                incoming.abort().await;
+                let last = settled.delivered.last().map(|r| r.outcome.reply().clone());
+                return Reply::new(
+                    250,
+                    "2.0.0",
+                    format!(
+                        "Ok: delivered early as {} ({})",
+                        envelope.id,
+                        last.map(|reply| reply.to_string().trim_end().replace("\r\n", " "))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+        }
+        if !settled.settled_nothing() {
+            // Queue only the recipients still to deliver.
+            envelope.recipients = settled
+                .remaining
+                .iter()
+                .map(|&index| envelope.recipients[index].clone())
+                .collect();
+        }
+        let result = incoming.commit(envelope.clone()).await;
         match result {
             Ok(committed) => {
                 Metrics::count(&self.listener.metrics.accepted);
                 info!(
                     id = %committed.id,
-                    size = message.size,
+                    size,
                     from = %from,
                     recipients,
+                    queued = envelope.recipients.len(),
                     client = %self.client_label(),
                     copies = ?committed.confirmed,
                     quorum_ms = committed.quorum_time.as_millis() as u64,
@@ -320,6 +464,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 warn!(client = %self.client_label(), from = %from, recipients, "refused message: {err}");
                 spool_error_reply(&err)
             }
+        }
+    }
+
+    fn log_early(&self, envelope: &Envelope, settled: &EarlyOutcome) {
+        let metrics = &self.listener.metrics;
+        for (result, verdict) in settled
+            .delivered
+            .iter()
+            .map(|r| (r, "delivered early"))
+            .chain(settled.refused.iter().map(|r| (r, "refused early")))
+        {
+            let address = envelope.recipients[result.index].address.address();
+            let reply = result.outcome.reply().to_string();
+            let remote = result.remote.as_deref().unwrap_or("-");
+            info!(id = %envelope.id, to = %address, relay = %remote, "{verdict}: {}", reply.trim_end());
+        }
+        for _ in &settled.delivered {
+            Metrics::count(&metrics.delivered);
+            Metrics::count(&metrics.delivered_early);
+        }
+        for _ in 0..settled.deferred {
+            Metrics::count(&metrics.early_deferred);
         }
     }
 
@@ -345,12 +511,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 helo: self.session.helo().unwrap_or("").to_owned(),
                 esmtp: self.session.is_esmtp(),
                 tls: self.stream.tls_description(),
-                auth: None,
+                auth: self
+                    .user
+                    .as_ref()
+                    .map(|user| format!("{} (uid {})", user.name, user.uid)),
             },
             listener: self.listener.name.clone(),
             received_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             data_len: 0,
             data_sha256: String::new(),
+            added_headers: String::new(),
         }
     }
 
@@ -368,9 +538,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
     }
 
     fn client_label(&self) -> String {
-        self.peer
-            .map(|peer| peer.to_string())
-            .unwrap_or_else(|| "unix".into())
+        self.peer.to_string()
     }
 }
 

@@ -1,16 +1,19 @@
 //! Inbound SMTP: listeners, the per-connection driver, relay policy, limits and TLS.
 
 pub mod connection;
+pub mod early;
 pub mod limits;
+pub mod local;
 pub mod policy;
 pub mod received;
 pub mod tls;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
@@ -18,9 +21,11 @@ use tracing::{info, warn};
 use crate::config::{Config, LimitsConfig, ListenerConfig};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
+use crate::scan::ScanChain;
 use crate::smtp::{Reply, SessionConfig};
 use crate::spool::Spool;
 use limits::{ConnectionLimiter, LimitExceeded};
+use local::{LocalUser, SenderPolicy};
 use policy::RelayPolicy;
 
 /// Everything a connection on one listener needs, passed in (no globals).
@@ -45,6 +50,11 @@ pub struct Listener {
     pub queue: Option<Queue>,
     /// Counters and latencies.
     pub metrics: Arc<Metrics>,
+    /// Content scanners run before the end-of-data reply.
+    pub scanners: ScanChain,
+    /// Local submission: who may use which sender (this listener then
+    /// offers AUTH EXTERNAL and requires it).
+    pub local: Option<SenderPolicy>,
 }
 
 impl Listener {
@@ -68,6 +78,8 @@ impl Listener {
                 max_line_length: config.limits.max_line_length,
                 max_errors: config.limits.max_errors,
                 starttls: tls.is_some(),
+                auth_external: false,
+                require_auth: false,
             },
             limits: config.limits.clone(),
             policy: RelayPolicy::new(&config.policy),
@@ -77,15 +89,102 @@ impl Listener {
             draining: watch::channel(false).1,
             queue: None,
             metrics: Arc::default(),
+            scanners: ScanChain::new(&listener.scanners, &config.scanners),
+            local: None,
         })
+    }
+
+    /// The local submission listener (`[submission]`, `postern sendmail`).
+    pub fn submission(
+        config: &Config,
+        spool: Spool,
+        connections: ConnectionLimiter,
+    ) -> Result<Listener, String> {
+        let mut listener = Listener::new(
+            config,
+            &ListenerConfig {
+                name: "submission".into(),
+                scanners: config.submission.scanners.clone(),
+                ..ListenerConfig::default()
+            },
+            spool,
+            connections,
+        )?;
+        listener.session_config.auth_external = true;
+        listener.session_config.require_auth = true;
+        listener.local = Some(SenderPolicy::new(config));
+        Ok(listener)
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    /// A TCP client.
+    Tcp(SocketAddr),
+    /// A local process on a Unix socket, as the kernel reports it.
+    Local(LocalUser),
+    /// A Unix-socket client whose credentials are unknown.
+    Unknown,
+}
+
+impl Peer {
+    /// The client's IP address, for TCP clients.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Peer::Tcp(addr) => Some(addr.ip()),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "{addr}"),
+            Peer::Local(user) => write!(f, "local:{}(uid {})", user.name, user.uid),
+            Peer::Unknown => write!(f, "unix"),
+        }
+    }
+}
+
+/// A listening socket sessions are accepted from.
+pub trait Acceptor: Send + Sync + 'static {
+    /// The connected stream.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Waits for the next client.
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Stream, Peer)>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Stream = TcpStream;
+    async fn accept(&self) -> std::io::Result<(TcpStream, Peer)> {
+        let (stream, addr) = TcpListener::accept(self).await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, Peer::Tcp(addr)))
+    }
+}
+
+impl Acceptor for UnixListener {
+    type Stream = UnixStream;
+    async fn accept(&self) -> std::io::Result<(UnixStream, Peer)> {
+        let (stream, _) = UnixListener::accept(self).await?;
+        let peer = match LocalUser::of(&stream) {
+            Ok(user) => Peer::Local(user),
+            Err(err) => {
+                warn!("cannot read the peer credentials of a local client: {err}");
+                Peer::Unknown
+            }
+        };
+        Ok((stream, peer))
     }
 }
 
 /// Accepts connections until `shutdown` resolves, then waits for the
 /// sessions in progress to end (each holds a completion guard).
-pub async fn serve(
+pub async fn serve<A: Acceptor>(
     listener: Arc<Listener>,
-    socket: TcpListener,
+    socket: A,
     shutdown: impl Future<Output = ()>,
 ) {
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -104,8 +203,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let slot = listener.connections.acquire(Some(peer.ip()));
+        let slot = listener.connections.acquire(peer.ip());
         let listener = Arc::clone(&listener);
         let guard = done_tx.clone();
         tokio::spawn(async move {
@@ -129,7 +227,7 @@ pub async fn serve(
                     return;
                 }
             };
-            connection::handle(&listener, stream, Some(peer)).await;
+            connection::handle(&listener, stream, peer).await;
         });
     }
     drop(done_tx);

@@ -19,6 +19,8 @@ pub struct TraceInfo<'a> {
     pub tls: Option<&'a str>,
     /// Authenticated.
     pub authenticated: bool,
+    /// The local user (name, uid) who submitted over the Unix socket.
+    pub local_user: Option<(&'a str, u32)>,
     /// Spool id.
     pub id: &'a str,
     /// The single recipient, when there is exactly one.
@@ -40,9 +42,12 @@ pub fn received_header(info: &TraceInfo<'_>) -> String {
         protocol.push('A');
     }
     let helo = sanitize(info.helo);
-    let from = match info.client_ip {
-        Some(ip) => format!("from {helo} ([{ip}])"),
-        None => format!("from {helo} (local socket)"),
+    let from = match (info.client_ip, info.local_user) {
+        (Some(ip), _) => format!("from {helo} ([{ip}])"),
+        (None, Some((user, uid))) => {
+            format!("from {helo} (local user {} uid {uid})", sanitize(user))
+        }
+        (None, None) => format!("from {helo} (local socket)"),
     };
     let mut header = format!(
         "Received: {from}\r\n\tby {} (Postern)",
@@ -89,6 +94,7 @@ mod tests {
             smtputf8: false,
             tls: Some("TLSv1_3 with cipher X"),
             authenticated: false,
+            local_user: None,
             id: "ID1",
             single_recipient: Some("b@example.net"),
         });
@@ -99,5 +105,25 @@ mod tests {
         assert!(header.contains("for <b@example.net>;"));
         assert!(header.ends_with(" +0000\r\n"));
         assert_eq!(header.matches("\r\n").count(), 5);
+    }
+
+    #[test]
+    fn local_submission_names_the_user_and_uid() {
+        let header = received_header(&TraceInfo {
+            helo: "localhost",
+            client_ip: None,
+            hostname: "mx.test",
+            esmtp: true,
+            smtputf8: false,
+            tls: None,
+            authenticated: true,
+            local_user: Some(("alice(x)", 1000)),
+            id: "ID2",
+            single_recipient: None,
+        });
+        assert!(header.starts_with(
+            "Received: from localhost (local user alice?x? uid 1000)\r\n\tby mx.test (Postern)"
+        ));
+        assert!(header.contains("with ESMTPA id ID2;"));
     }
 }

@@ -304,6 +304,7 @@ mod tests {
             received_at: "2026-01-01T00:00:00Z".into(),
             data_len: 0,
             data_sha256: String::new(),
+            added_headers: String::new(),
         }
     }
 }

@@ -217,6 +217,43 @@ impl Queue {
             }));
     }
 
+    /// The delivery engine; early delivery shares its connections and limits.
+    pub fn deliverer(&self) -> &Deliverer {
+        &self.inner.deliverer
+    }
+
+    /// Sends one DSN for recipients that early delivery saw refused for
+    /// good, while the client still gets 250 for the others (the message
+    /// `envelope.id` is still at its spool path, uncommitted or not).
+    pub async fn report_refused(
+        &self,
+        envelope: &Envelope,
+        refused: &[RecipientResult],
+    ) -> Result<(), String> {
+        let reported: Vec<Reported<'_>> = refused
+            .iter()
+            .filter(|result| dsn::wants_notice(&envelope.recipients[result.index], Action::Failed))
+            .map(|result| Reported {
+                recipient: &envelope.recipients[result.index],
+                action: Action::Failed,
+                diagnostic: result
+                    .outcome
+                    .reply()
+                    .to_string()
+                    .trim_end()
+                    .replace("\r\n", " "),
+                remote: result.remote.clone(),
+            })
+            .collect();
+        for _ in refused {
+            Metrics::count(&self.inner.metrics.bounced);
+        }
+        if reported.is_empty() || envelope.reverse_path.is_none() {
+            return Ok(());
+        }
+        self.send_report(envelope, &reported).await
+    }
+
     /// Adds a freshly committed message; delivery starts at once.
     pub fn submit(&self, envelope: Envelope) {
         let state = DeliveryState::new(envelope.recipients.len(), now_ms());
@@ -760,7 +797,8 @@ impl Queue {
             .get(&envelope.id)
             .map(|e| e.eml_path)
             .unwrap_or_else(|| spool.message_path(&envelope.id));
-        let original = tokio::fs::read(eml).await.map_err(|e| e.to_string())?;
+        let mut original = envelope.added_headers.clone().into_bytes();
+        original.extend(tokio::fs::read(eml).await.map_err(|e| e.to_string())?);
         let original = if dsn::returns_full_message(envelope) {
             &original[..]
         } else {
@@ -799,6 +837,7 @@ impl Queue {
             received_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             data_len: 0,
             data_sha256: String::new(),
+            added_headers: String::new(),
         };
         let committed = incoming
             .commit(report.clone())

@@ -44,8 +44,8 @@ pub enum Command {
     Help,
     /// STARTTLS.
     StartTls,
-    /// AUTH (not offered by this listener).
-    Auth,
+    /// AUTH with its arguments (mechanism and optional initial response).
+    Auth(String),
 }
 
 /// Why a command line was refused.
@@ -118,7 +118,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "EXPN" => Ok(Command::Expn),
         "HELP" => Ok(Command::Help),
         "STARTTLS" => no_args(Command::StartTls),
-        "AUTH" => Ok(Command::Auth),
+        "AUTH" => Ok(Command::Auth(args.trim().to_owned())),
         _ => Err(CommandError::Unrecognized),
     }
 }

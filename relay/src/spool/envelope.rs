@@ -37,6 +37,17 @@ pub struct Envelope {
     pub data_len: u64,
     /// SHA-256 of `<id>.eml`, lower-case hex.
     pub data_sha256: String,
+    /// Header lines (CRLF-terminated) that scanners added: prepended when
+    /// the message goes out, so the `.eml` itself never changes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub added_headers: String,
+}
+
+impl Envelope {
+    /// Octets on the wire: the added headers plus the `.eml`.
+    pub fn wire_len(&self) -> u64 {
+        self.added_headers.len() as u64 + self.data_len
+    }
 }
 
 /// One recipient and its DSN parameters.

@@ -436,6 +436,19 @@ impl Incoming {
         Ok(())
     }
 
+    /// Puts everything written so far into the `.eml` on disk (not yet
+    /// fsync'd) so a scanner or an early delivery can read it at
+    /// [`path`](Incoming::path); returns its length. `commit` still works after.
+    pub async fn write_out(&mut self) -> Result<u64, SpoolError> {
+        self.flush().await?;
+        Ok(self.writer.as_ref().ok_or_else(broken)?.written())
+    }
+
+    /// Where the `.eml` being received is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// Writes the buffer out on a blocking thread, checking free space every
     /// `SPACE_CHECK_INTERVAL` octets.
     async fn flush(&mut self) -> Result<(), SpoolError> {

@@ -235,6 +235,7 @@ mod tests {
             received_at: "2026-01-01T00:00:00Z".into(),
             data_len: data.len() as u64,
             data_sha256: hex::encode(Sha256::digest(data)),
+            added_headers: String::new(),
         }
     }
 

@@ -23,6 +23,9 @@ impl Session {
             "CHUNKING".to_owned(),
             "DSN".to_owned(),
         ];
+        if self.config.auth_external && !self.authenticated {
+            lines.push("AUTH EXTERNAL".to_owned());
+        }
         if self.config.starttls && !self.tls {
             lines.push("STARTTLS".to_owned());
         }

@@ -11,6 +11,9 @@ impl Session {
         if self.transaction.has_mail() {
             return self.error(Reply::new(503, "5.5.1", "Nested MAIL command"));
         }
+        if self.config.require_auth && !self.authenticated {
+            return self.error(Reply::new(530, "5.7.0", "Authentication required"));
+        }
         let (path, params) = match params::parse_mail(args) {
             Ok(parsed) => parsed,
             Err(err) => return self.param_error(err),

@@ -7,6 +7,7 @@
 //! buffer meanwhile. The session never blocks and never touches a socket, so
 //! it is tested with transcripts and fuzzed directly.
 
+mod auth;
 mod bdat;
 mod data;
 mod ehlo;
@@ -36,6 +37,11 @@ pub struct SessionConfig {
     pub max_errors: u32,
     /// Whether STARTTLS can be offered (a certificate is configured).
     pub starttls: bool,
+    /// Whether AUTH EXTERNAL is offered: the listener knows who the client
+    /// is from outside the protocol (a Unix socket's peer credentials).
+    pub auth_external: bool,
+    /// Whether MAIL needs a successful AUTH first (530 5.7.0 otherwise).
+    pub require_auth: bool,
 }
 
 /// Something the driver must do or decide.
@@ -67,6 +73,12 @@ pub enum Event {
     /// The message was refused by the decoder; discard what was received.
     /// The session sends its own reply next.
     MessageAborted,
+    /// AUTH EXTERNAL: the client asks to be `authzid` (empty: whoever the
+    /// listener knows it to be); decide with [`Verdict`] (235 on Accept).
+    AuthExternal {
+        /// The requested authorization identity, decoded.
+        authzid: String,
+    },
     /// Start the TLS handshake now, then call [`Session::tls_started`].
     StartTls,
     /// Close the connection after sending the replies before this event.
@@ -94,6 +106,7 @@ enum Pending {
         last: bool,
     },
     MessageEnd,
+    AuthExternal,
 }
 
 #[derive(Debug)]
@@ -114,6 +127,8 @@ enum State {
         decoder: Option<DataDecoder>,
         refusal: Option<Reply>,
     },
+    /// After `334`: reading the client's SASL response line.
+    AuthResponse,
     /// Waiting for the TLS handshake.
     AwaitingTls,
     /// Closed; everything else is ignored.
@@ -151,6 +166,8 @@ pub struct Session {
     helo: Option<String>,
     esmtp: bool,
     tls: bool,
+    /// AUTH succeeded (kept across EHLO, as RFC 4954 keeps it until QUIT).
+    authenticated: bool,
     errors: u32,
     /// Skipping the rest of an over-long command line.
     discarding_line: bool,
@@ -168,6 +185,7 @@ impl Session {
             helo: None,
             esmtp: false,
             tls: false,
+            authenticated: false,
             errors: 0,
             discarding_line: false,
             transaction: Transaction::default(),
@@ -250,6 +268,11 @@ impl Session {
         self.tls
     }
 
+    /// Whether AUTH succeeded.
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
     /// The current transaction.
     pub fn transaction(&self) -> &Transaction {
         &self.transaction
@@ -290,6 +313,7 @@ impl Session {
             Pending::DataStart => self.data_start_decided(verdict),
             Pending::BdatStart { size, last } => self.bdat_start_decided(size, last, verdict),
             Pending::MessageEnd => self.message_end_decided(verdict),
+            Pending::AuthExternal => self.auth_decided(verdict),
         }
     }
 
@@ -298,6 +322,7 @@ impl Session {
         match &mut self.state {
             State::New | State::Paused(_) | State::AwaitingTls | State::Closed => false,
             State::Command => self.read_command(),
+            State::AuthResponse => self.read_auth_response(),
             State::Data(_) => self.read_data(),
             State::Bdat { .. } => self.read_bdat(),
         }
@@ -373,11 +398,7 @@ impl Session {
             Command::Expn => self.error(Reply::new(502, "5.5.1", "EXPN not available")),
             Command::Help => self.help(),
             Command::StartTls => self.starttls(),
-            Command::Auth => self.error(Reply::new(
-                502,
-                "5.5.1",
-                "AUTH not available on this listener",
-            )),
+            Command::Auth(args) => self.auth(&args),
         }
     }
 
