@@ -474,6 +474,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             .iter()
             .map(|r| (r, "delivered early"))
             .chain(settled.refused.iter().map(|r| (r, "refused early")))
+            .chain(
+                settled
+                    .deferred
+                    .iter()
+                    .map(|r| (r, "early delivery deferred, queueing")),
+            )
         {
             let address = envelope.recipients[result.index].address.address();
             let reply = result.outcome.reply().to_string();
@@ -484,7 +490,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             Metrics::count(&metrics.delivered);
             Metrics::count(&metrics.delivered_early);
         }
-        for _ in 0..settled.deferred {
+        for _ in &settled.deferred {
             Metrics::count(&metrics.early_deferred);
         }
     }

@@ -19,8 +19,8 @@ pub struct EarlyOutcome {
     pub refused: Vec<RecipientResult>,
     /// Indexes of recipients still to deliver, in envelope order.
     pub remaining: Vec<usize>,
-    /// How many of them the next hop deferred (4xx, timeout, unreachable).
-    pub deferred: usize,
+    /// Those of them the next hop deferred (4xx, timeout, unreachable).
+    pub deferred: Vec<RecipientResult>,
 }
 
 impl EarlyOutcome {
@@ -39,7 +39,7 @@ impl EarlyOutcome {
                     settled[result.index] = true;
                     outcome.refused.push(result);
                 }
-                RcptOutcome::Deferred(_) => outcome.deferred += 1,
+                RcptOutcome::Deferred(_) => outcome.deferred.push(result),
             }
         }
         outcome.remaining = (0..recipients).filter(|&i| !settled[i]).collect();
@@ -94,7 +94,7 @@ mod tests {
         assert_eq!(outcome.delivered.len(), 1);
         assert_eq!(outcome.refused.len(), 1);
         assert_eq!(outcome.remaining, vec![2, 3]);
-        assert_eq!(outcome.deferred, 1);
+        assert_eq!(outcome.deferred.len(), 1);
         assert_eq!(outcome.all_refused(), None);
         assert!(!outcome.settled_nothing());
     }

@@ -11,6 +11,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod cluster;
+pub mod mail;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -180,6 +181,8 @@ pub struct RelayConfig {
     /// delivery so what was accepted stays in the spool for inspection (and
     /// no MX lookup ever leaves the machine).
     pub extra_toml: String,
+    /// TOML inside the `[[listener]]` table (e.g. `scanners = [...]`).
+    pub listener_toml: String,
 }
 
 impl Default for RelayConfig {
@@ -193,6 +196,7 @@ impl Default for RelayConfig {
             object_store: ObjectStore::Local,
             data_dir: None,
             extra_toml: "[delivery]\npaused = true\n".into(),
+            listener_toml: String::new(),
         }
     }
 }
@@ -421,6 +425,22 @@ impl Relay {
         })
     }
 
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_request(self.http, "GET", "/metrics", &[], b"").unwrap();
+        assert_eq!(status, 200);
+        String::from_utf8(body).unwrap()
+    }
+
+    /// The value of counter `name` in `/metrics`.
+    pub fn counter(&self, name: &str) -> u64 {
+        let metrics = self.metrics();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in:\n{metrics}"))
+    }
+
     pub fn connect(&self) -> Smtp {
         Smtp::connect(self.smtp)
     }
@@ -452,7 +472,8 @@ fn render_config(
     http: SocketAddr,
 ) -> String {
     let mut out = format!(
-        "hostname = \"postern.test\"\ndata_dir = {data_dir:?}\n\n[[listener]]\nname = \"smtp\"\naddress = \"{smtp}\"\n\n[http]\nlisten = \"{http}\"\n\n"
+        "hostname = \"postern.test\"\ndata_dir = {data_dir:?}\n\n[[listener]]\nname = \"smtp\"\naddress = \"{smtp}\"\n{}\n[http]\nlisten = \"{http}\"\n\n",
+        config.listener_toml
     );
     if let Some(size) = config.max_message_size {
         out += &format!("[limits]\nmax_message_size = {size}\n\n");
