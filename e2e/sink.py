@@ -7,6 +7,8 @@ matching --reject get 550 5.1.1; those matching --defer get 451 4.2.1 for
 their first --defer-times attempts; --data-delay stalls the reply to the data
 (--delay-file names a file whose number, when the file exists, replaces
 --data-delay at each message, so a test can slow the sink down and speed it up).
+--refuse-content refuses, after the data, messages whose bytes match it
+(554 5.7.1), and --defer-content defers them (451 4.7.1): a content scanner.
 The .json also records the client's EHLO name ("helo") and the arrival time
 ("time", Unix seconds), so cluster tests can tell which relay delivered what, when.
 """
@@ -61,6 +63,11 @@ class Handler:
         delay = self.data_delay()
         if delay:
             await asyncio.sleep(delay)
+        content = envelope.original_content or b""
+        if self.args.refuse_content and re.search(self.args.refuse_content.encode(), content):
+            return "554 5.7.1 Message content refused by the scanner"
+        if self.args.defer_content and re.search(self.args.defer_content.encode(), content):
+            return "451 4.7.1 Scanner busy, try again later"
         self.count += 1
         base = os.path.join(self.args.dir, "%06d" % self.count)
         with open(base + ".eml.tmp", "wb") as f:
@@ -82,6 +89,8 @@ def main():
     parser.add_argument("--defer-times", type=int, default=1)
     parser.add_argument("--data-delay", type=float, default=0)
     parser.add_argument("--delay-file")
+    parser.add_argument("--refuse-content")
+    parser.add_argument("--defer-content")
     args = parser.parse_args()
     host, port = args.listen.rsplit(":", 1)
     os.makedirs(args.dir, exist_ok=True)

@@ -88,15 +88,25 @@ fn request_head(
         add("User", user);
     }
     if config.pass_file {
-        let path = absolute(request.eml)?;
-        let path = path
-            .to_str()
-            .filter(|p| !p.contains(['\r', '\n']))
-            .ok_or_else(|| ScanError(format!("spool path {} is not plain text", path.display())))?;
-        add("File", path);
+        add("File", &percent_encode(&absolute(request.eml)?));
     }
     head.push_str("\r\n");
     Ok(head)
+}
+
+/// rspamd URL-decodes the `File` value: everything but `[A-Za-z0-9._/-]`
+/// goes as `%XX`.
+fn percent_encode(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"._/-".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn absolute(path: &Path) -> Result<std::path::PathBuf, ScanError> {
@@ -289,6 +299,15 @@ mod tests {
             headers,
             "X-Multi: a\r\nX-Multi: b\r\nX-Rspamd-Server: scanner\r\nX-Spamd-Result: default: False [0.00 / 15.00]\r\n"
         );
+    }
+
+    #[test]
+    fn file_paths_are_percent_encoded() {
+        assert_eq!(
+            percent_encode(Path::new("/var/spool/a+b c%.eml")),
+            "/var/spool/a%2Bb%20c%25.eml"
+        );
+        assert_eq!(percent_encode(Path::new("/d/01ABC.eml")), "/d/01ABC.eml");
     }
 
     #[test]

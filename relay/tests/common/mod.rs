@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod mail;
+pub mod rspamd;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
