@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod peer;
 pub mod queue;
+pub mod sendmail;
 pub mod server;
 pub mod smtp;
 pub mod spool;
