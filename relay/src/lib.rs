@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod peer;
 pub mod queue;
 pub mod scan;
+pub mod sendmail;
 pub mod server;
 pub mod smtp;
 pub mod spool;

@@ -1,6 +1,8 @@
 //! The `postern` command: `serve` runs the relay, `queue` manages its queue,
-//! `config check` validates a file.
+//! `config check` validates a file, `sendmail` submits mail (also when run
+//! through a link named `sendmail`, `mailq` or `newaliases`).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +43,15 @@ enum Command {
     },
     /// Manage the queue of a running relay (over its admin socket or --admin).
     Queue(postern::admin::cli::QueueArgs),
+    /// Submit mail with sendmail's command line (`-i`, `-t`, `-f`, `-bs`, ...)
+    /// over the relay's submission socket; `postern sendmail --help` lists
+    /// the options. A link named sendmail, mailq or newaliases runs this too.
+    #[command(disable_help_flag = true)]
+    Sendmail {
+        /// sendmail's options and recipients, parsed by sendmail's rules.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Work with configuration files.
     Config {
         #[command(subcommand)]
@@ -58,9 +69,16 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    // Before clap: sendmail's options (-oi, -bs, -fuser) follow getopt rules
+    // clap does not have.
+    if let Some(args) = postern::sendmail::invoked_as_sendmail(&argv) {
+        return postern::sendmail::main(args);
+    }
+    let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Queue(args) => postern::admin::cli::run(args),
+        Command::Sendmail { args } => postern::sendmail::main(args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
