@@ -335,21 +335,6 @@ fn queue_as_nobody(data_dir: &Path, args: &[&str]) -> Output {
         .expect("run postern queue as nobody")
 }
 
-/// Lets `nobody` reach `dir` (and the socket in it): search permission on
-/// every directory above it.
-fn traversable(dir: &Path) {
-    for ancestor in dir.ancestors() {
-        if ancestor == Path::new("/") {
-            break;
-        }
-        let mode = std::fs::metadata(ancestor).unwrap().permissions().mode();
-        if mode & 0o001 == 0 {
-            std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode | 0o011))
-                .unwrap();
-        }
-    }
-}
-
 /// The admin socket decides from SO_PEERCRED, not from anything the client
 /// sends: `nobody` is refused with a clear message, and allowed once its
 /// group is the configured admin group. Root (the test) always is.

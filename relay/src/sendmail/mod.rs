@@ -382,46 +382,60 @@ pub fn deliver(
                 .into(),
         );
     }
-    // The user's own name only goes with the user's own address.
-    let (from_address, own_name) = match (&invocation.sender, user) {
-        (None, Some(user)) => (user.login.clone(), user.full_name.as_deref()),
-        (Some(_), _) if !sender.is_empty() => (sender.clone(), None),
-        (_, Some(user)) => (user.login.clone(), None),
-        (_, None) => ("MAILER-DAEMON".to_owned(), None),
+    // The relay names itself in its greeting; bare local parts (the default
+    // sender is the login name) are qualified with that name, as Postfix's
+    // sendmail appends $myorigin.
+    let trace: Option<&mut dyn Write> = if invocation.verbose {
+        Some(&mut *errors)
+    } else {
+        None
     };
-    let full_name = invocation.full_name.as_deref().or(own_name);
-    let hostname = location.config.as_ref().map_or_else(
-        || Config::default().hostname,
-        |config| config.hostname.clone(),
-    );
-    message.complete(&Defaults {
-        from: from_value(full_name, &from_address),
-        date: chrono::Local::now().to_rfc2822(),
-        message_id: message::message_id(
-            chrono::Utc::now(),
-            std::process::id(),
-            MESSAGE_SEQUENCE.fetch_add(1, Ordering::Relaxed),
-            &hostname,
-        ),
+    let result = client::connect(&location.socket()).and_then(|stream| {
+        let mut client = client::Client::new(stream, trace);
+        let result = client.open().and_then(|(greeting, caps)| {
+            let domain = greeting
+                .lines
+                .first()
+                .and_then(|line| line.split_whitespace().next())
+                .unwrap_or("localhost")
+                .to_owned();
+            // The user's own name only goes with the user's own address.
+            let (from_address, own_name) = match (&invocation.sender, user) {
+                (None, Some(user)) => (user.login.clone(), user.full_name.as_deref()),
+                (Some(_), _) if !sender.is_empty() => (sender.clone(), None),
+                (_, Some(user)) => (user.login.clone(), None),
+                (_, None) => ("MAILER-DAEMON".to_owned(), None),
+            };
+            let full_name = invocation.full_name.as_deref().or(own_name);
+            message.complete(&Defaults {
+                from: from_value(full_name, &qualify(&from_address, &domain)),
+                date: chrono::Local::now().to_rfc2822(),
+                message_id: message::message_id(
+                    chrono::Utc::now(),
+                    std::process::id(),
+                    MESSAGE_SEQUENCE.fetch_add(1, Ordering::Relaxed),
+                    &domain,
+                ),
+            });
+            let envelope = Envelope {
+                sender: qualify(&sender, &domain),
+                recipients: recipients.iter().map(|r| qualify(r, &domain)).collect(),
+                notify: invocation.notify.clone(),
+                ret: invocation.ret,
+                envid: invocation.envid.clone(),
+                body: invocation.body,
+            };
+            client.send(&caps, &envelope, &message.to_wire())
+        });
+        if !matches!(
+            &result,
+            Err(SendError::Io { .. } | SendError::Closed { .. } | SendError::Timeout { .. })
+        ) {
+            client.quit();
+        }
+        result
     });
-    let wire = message.to_wire();
-    let envelope = Envelope {
-        sender,
-        recipients,
-        notify: invocation.notify.clone(),
-        ret: invocation.ret,
-        envid: invocation.envid.clone(),
-        body: invocation.body,
-    };
-    let result = {
-        let trace: Option<&mut dyn Write> = if invocation.verbose {
-            Some(&mut *errors)
-        } else {
-            None
-        };
-        client::connect(&location.socket())
-            .and_then(|stream| client::submit(stream, trace, &envelope, &wire))
-    };
+    let recipient_count = recipients.len();
     let mut say = |text: String| {
         let _ = writeln!(errors, "sendmail: {text}");
     };
@@ -433,7 +447,7 @@ pub fn deliver(
             }
             say(format!(
                 "the message was sent to the other {} recipient(s) only",
-                envelope.recipients.len() - outcome.refused.len()
+                recipient_count - outcome.refused.len()
             ));
             // EX_NOUSER although others got it: the caller must learn that
             // some did not (mailx then keeps the message in dead.letter).
@@ -448,6 +462,16 @@ pub fn deliver(
             say(err.to_string());
             err.exit_code()
         }
+    }
+}
+
+/// `address` with `@domain` added when it has no domain (empty stays empty:
+/// the null sender).
+fn qualify(address: &str, domain: &str) -> String {
+    if address.is_empty() || address.contains('@') {
+        address.to_owned()
+    } else {
+        format!("{address}@{domain}")
     }
 }
 
@@ -636,6 +660,13 @@ mod tests {
         assert_eq!(gecos_name("& Smith", "joe").as_deref(), Some("Joe Smith"));
         assert_eq!(gecos_name(",,,", "joe"), None);
         assert_eq!(gecos_name("", "joe"), None);
+    }
+
+    #[test]
+    fn bare_local_parts_are_qualified_with_the_relays_name() {
+        assert_eq!(qualify("joe", "relay.example"), "joe@relay.example");
+        assert_eq!(qualify("joe@x", "relay.example"), "joe@x");
+        assert_eq!(qualify("", "relay.example"), "");
     }
 
     #[test]

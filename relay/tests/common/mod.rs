@@ -958,3 +958,18 @@ pub fn write_file(dir: &Path, name: impl AsRef<OsStr>, data: &[u8]) -> PathBuf {
     fs::write(&path, data).unwrap();
     path
 }
+
+/// Lets `nobody` reach `dir` (and the socket in it): search permission on
+/// every directory above it.
+pub fn traversable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for ancestor in dir.ancestors() {
+        if ancestor == Path::new("/") {
+            break;
+        }
+        let mode = fs::metadata(ancestor).unwrap().permissions().mode();
+        if mode & 0o001 == 0 {
+            fs::set_permissions(ancestor, fs::Permissions::from_mode(mode | 0o011)).unwrap();
+        }
+    }
+}
