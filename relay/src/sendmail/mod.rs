@@ -686,7 +686,7 @@ mod tests {
             let (stream, _) = listener.accept().unwrap();
             let mut writer = stream.try_clone().unwrap();
             let mut reader = io::BufReader::new(stream);
-            writer.write_all(b"220 relay ESMTP\r\n").unwrap();
+            writer.write_all(b"220 relay.test ESMTP\r\n").unwrap();
             let (mut commands, mut data) = (Vec::new(), String::new());
             let mut in_data = false;
             let mut line = String::new();
@@ -759,11 +759,17 @@ mod tests {
                 "RCPT TO:<secret2@z>",
             ]
         );
-        assert!(commands.iter().any(|c| c.starts_with("MAIL FROM:<joe>")));
+        // The bare login is qualified with the name in the relay's greeting.
+        assert!(commands
+            .iter()
+            .any(|c| c.starts_with("MAIL FROM:<joe@relay.test>")));
         assert!(!data.contains("secret"), "{data}");
-        assert!(data.contains("\r\nFrom: Joe User <joe>\r\n"), "{data}");
+        assert!(
+            data.contains("\r\nFrom: Joe User <joe@relay.test>\r\n"),
+            "{data}"
+        );
         assert!(data.contains("\r\nDate: "), "{data}");
-        assert!(data.contains("\r\nMessage-ID: <"), "{data}");
+        assert!(data.contains("@relay.test>\r\n"), "Message-ID: {data}");
         // -i: the lone dot is content, dot-stuffed on the wire.
         assert!(data.ends_with("\r\n..dot line\r\n..\r\nmore\r\n"), "{data}");
     }
