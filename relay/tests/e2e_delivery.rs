@@ -477,12 +477,7 @@ fn lmtp_delivery_uses_per_recipient_replies() {
     );
     let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(30));
     let report = parse_dsn(&dsn);
-    let failed: Vec<String> = report["recipients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["Final-Recipient"].as_str().unwrap().to_owned())
-        .collect();
+    let failed = reported_recipients(&report);
     assert_eq!(
         failed,
         vec!["rfc822; carol@mailbox.test", "rfc822; dave@mailbox.test"],

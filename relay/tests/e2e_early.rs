@@ -222,12 +222,7 @@ fn lmtp_per_recipient_answers_split_the_message() {
     // carol and dave: one DSN, with LMTP's own per-recipient reasons.
     let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(20));
     let report = parse_dsn(&dsn);
-    let failed: Vec<String> = report["recipients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["Final-Recipient"].as_str().unwrap().to_owned())
-        .collect();
+    let failed = reported_recipients(&report);
     assert_eq!(
         failed,
         vec!["rfc822; carol@mailbox.test", "rfc822; dave@mailbox.test"],

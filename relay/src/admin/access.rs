@@ -139,29 +139,7 @@ fn lookup_group(name: &str) -> io::Result<Option<AdminGroup>> {
 
 /// The login name of `uid`, if it has one.
 pub(crate) fn user_name(uid: u32) -> Option<String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: zeroed is a valid value for this plain C struct.
-    let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: as in lookup_group.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut passwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 || found.is_null() {
-        return None;
-    }
-    // SAFETY: pw_name points to a C string inside `buf`.
-    Some(
-        unsafe { CStr::from_ptr(passwd.pw_name) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    crate::users::by_uid(uid).map(|entry| entry.name)
 }
 
 #[cfg(test)]

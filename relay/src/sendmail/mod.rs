@@ -11,7 +11,7 @@ pub mod args;
 pub mod client;
 pub mod message;
 
-use std::ffi::{CStr, OsString};
+use std::ffi::OsString;
 use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -155,25 +155,11 @@ pub struct User {
 pub fn current_user() -> Option<User> {
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: zeroed is a valid value for this plain C struct.
-    let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer refers to memory we own for the call's duration;
-    // getpwuid_r writes strings only into `buf`.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut passwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut found,
-        )
-    };
+    let entry = crate::users::by_uid(uid);
     let name_from_env = std::env::var("NAME")
         .ok()
         .filter(|name| !name.trim().is_empty());
-    if rc != 0 || found.is_null() || passwd.pw_name.is_null() {
+    let Some(entry) = entry else {
         // A uid without a passwd entry (containers): the login name the
         // environment gives is only a request; the relay decides from the uid.
         let login = std::env::var("LOGNAME")
@@ -184,17 +170,9 @@ pub fn current_user() -> Option<User> {
             login,
             full_name: name_from_env,
         });
-    }
-    // SAFETY: pw_name and pw_gecos point to C strings inside `buf` (or are null).
-    let login = unsafe { CStr::from_ptr(passwd.pw_name) }
-        .to_string_lossy()
-        .into_owned();
-    let gecos = (!passwd.pw_gecos.is_null()).then(|| {
-        // SAFETY: checked non-null just above.
-        unsafe { CStr::from_ptr(passwd.pw_gecos) }
-            .to_string_lossy()
-            .into_owned()
-    });
+    };
+    let login = entry.name;
+    let gecos = entry.gecos;
     let full_name = name_from_env.or_else(|| gecos.and_then(|gecos| gecos_name(&gecos, &login)));
     Some(User { login, full_name })
 }

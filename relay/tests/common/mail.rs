@@ -119,6 +119,16 @@ pub fn queue_is_empty(relay: &Relay) -> bool {
     relay.committed().is_empty() && files_under(&relay.data_dir.join("state")).is_empty()
 }
 
+/// The `Final-Recipient` of each recipient a parsed DSN reports.
+pub fn reported_recipients(report: &serde_json::Value) -> Vec<String> {
+    report["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["Final-Recipient"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Parses a DSN with Python's email package and returns its report fields.
 pub fn parse_dsn(bytes: &[u8]) -> serde_json::Value {
     let script = r#"
