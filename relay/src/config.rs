@@ -1017,4 +1017,49 @@ mod tests {
         .to_string();
         assert!(err.contains("cluster.name"), "{err}");
     }
+
+    #[test]
+    fn scanners_and_early_delivery_parse() {
+        let config = Config::parse(
+            "[[listener]]\nscanners = [\"rspamd\", \"av\"]\n\n\
+             [submission]\ntrusted_users = [\"www-data\"]\n\n\
+             [[scanner]]\nname = \"rspamd\"\nkind = \"rspamd\"\naddress = \"127.0.0.1:11333\"\npass_file = true\n\n\
+             [[scanner]]\nname = \"av\"\nkind = \"lmtp\"\naddress = \"unix:/run/av.sock\"\non_failure = \"accept\"\ntimeout = \"5s\"\n\n\
+             [[route]]\ndomains = [\"example.org\"]\nnext_hop = \"127.0.0.1:25\"\nearly_delivery = true\n",
+        )
+        .unwrap();
+        assert_eq!(config.listeners[0].scanners, ["rspamd", "av"]);
+        assert_eq!(config.scanners[1].on_failure, ScannerFailure::Accept);
+        assert_eq!(config.scanners[0].timeout, Duration::from_secs(30));
+        assert!(config.routes[0].early_delivery);
+        assert_eq!(config.routes[0].early_budget, Duration::from_secs(20));
+        assert!(config.submission.enabled);
+    }
+
+    #[test]
+    fn scanner_and_early_delivery_rules_are_enforced() {
+        let rspamd =
+            "[[scanner]]\nname = \"s\"\nkind = \"rspamd\"\naddress = \"127.0.0.1:11333\"\n";
+        for (text, needle) in [
+            ("[[listener]]\nscanners = [\"nope\"]\n".to_owned(), "no [[scanner]] named \"nope\""),
+            (format!("[submission]\nscanners = [\"x\"]\n{rspamd}"), "submission: no [[scanner]]"),
+            (format!("{rspamd}{rspamd}"), "defined twice"),
+            (
+                "[[scanner]]\nname = \"s\"\nkind = \"smtp\"\naddress = \"127.0.0.1:25\"\npass_file = true\n".to_owned(),
+                "pass_file is for rspamd",
+            ),
+            (
+                "[[scanner]]\nname = \"s\"\nkind = \"rspamd\"\naddress = \"unix:/x\"\n".to_owned(),
+                "is not host:port",
+            ),
+            (format!("{rspamd}timeout = \"11m\"\n"), "timeout must be between"),
+            (
+                "[[route]]\ndomains = [\"a\"]\nnext_hop = \"h:25\"\nearly_delivery = true\nearly_budget = \"10m\"\n".to_owned(),
+                "early_budget must be between",
+            ),
+        ] {
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
 }
