@@ -53,7 +53,7 @@ pub struct Config {
     /// Local submission (`postern sendmail`) over a Unix socket.
     pub submission: SubmissionConfig,
     /// Content scanners that listeners name in `scanners`.
-    #[serde(rename = "scanner")]
+    #[serde(rename = "scanner", skip_serializing_if = "Vec::is_empty")]
     pub scanners: Vec<ScannerConfig>,
 }
 
@@ -92,6 +92,7 @@ pub struct ListenerConfig {
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// Names of `[[scanner]]`s run, in order, on every message before the reply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scanners: Vec<String>,
 }
 

@@ -255,3 +255,40 @@ fn an_smtp_endpoint_scanner_refuses_a_message_and_passes_another() {
     let reply = send(&relay, &message("slow", "hello"));
     assert_eq!(reply.code, 451, "{reply}");
 }
+
+#[test]
+fn scanner_headers_go_out_with_bdat_too() {
+    // Dovecot's LMTP offers CHUNKING: the added headers and the spool file
+    // go out in one BDAT chunk (sendfile for the file part).
+    let rspamd = Rspamd::start();
+    let dovecot = Dovecot::start();
+    let relay = Relay::start(RelayConfig {
+        listener_toml: "scanners = [\"scan\"]\n".into(),
+        extra_toml: format!(
+            "[delivery]\nretry_schedule = [\"1s\"]\n\n\
+             [[route]]\ndomains = [\"mailbox.test\"]\nnext_hop = \"127.0.0.1:{}\"\nprotocol = \"lmtp\"\ntls = \"none\"\n\n\
+             [[scanner]]\nname = \"scan\"\n{}",
+            dovecot.port,
+            rspamd_toml(rspamd.addr, true)
+        ),
+        ..RelayConfig::default()
+    });
+    let data = message("bdat", "Through LMTP with BDAT.");
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    let reply = smtp.send_mail(&format!("<{SENDER}>"), &["<alice@mailbox.test>"], &data);
+    assert_eq!(reply.code, 250, "{reply}");
+    let stored = wait_for(Duration::from_secs(20), || {
+        dovecot.inbox("alice").into_iter().next()
+    })
+    .unwrap_or_else(|| panic!("nothing in alice's inbox; log:\n{}", relay.log()));
+    assert!(relay.log().contains("via BDAT"), "{}", relay.log());
+    // Dovecot stores LF line ends and adds Return-Path/Delivered-To on top.
+    let stored = String::from_utf8_lossy(&stored).replace('\n', "\r\n");
+    let spamd = stored
+        .find("X-Spamd-Result:")
+        .expect("rspamd's header arrived");
+    let received = stored.find("(Postern)").expect("our trace header");
+    assert!(spamd < received, "added headers come first:\n{stored}");
+    assert!(stored.ends_with(&String::from_utf8_lossy(&data).into_owned()));
+}
