@@ -12,8 +12,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// Longest a scanner or an early delivery may hold the end-of-data reply
-/// (clients wait 10 minutes, RFC 5321 §4.5.3.2.6).
+/// How long a client waits for the end-of-data reply (RFC 5321 §4.5.3.2.6).
+pub const CLIENT_END_OF_DATA_WAIT: Duration = Duration::from_secs(600);
+
+/// Longest one scanner or one early delivery may hold the end-of-data reply.
 pub const MAX_END_OF_DATA_WORK: Duration = Duration::from_secs(300);
 
 /// The whole relay configuration.
@@ -791,12 +793,37 @@ impl Config {
             .iter()
             .map(|l| (format!("listener {:?}", l.name), &l.scanners))
             .chain([("submission".to_owned(), &self.submission.scanners)]);
+        let longest_early = self
+            .routes
+            .iter()
+            .filter(|route| route.early_delivery)
+            .map(|route| route.early_budget)
+            .max()
+            .unwrap_or_default();
         for (owner, scanners) in named {
             if let Some(unknown) = scanners
                 .iter()
                 .find(|name| !scanner_names.contains(name.as_str()))
             {
                 return invalid(format!("{owner}: no [[scanner]] named {unknown:?}"));
+            }
+            // Scanners run one after the other, then early delivery, then the
+            // quorum write: together under the client's 10-minute wait.
+            let scanning: Duration = scanners
+                .iter()
+                .filter_map(|name| self.scanners.iter().find(|s| &s.name == name))
+                .map(|scanner| scanner.timeout)
+                .sum();
+            let worst = scanning + longest_early + spool.deadline;
+            if worst >= CLIENT_END_OF_DATA_WAIT {
+                return invalid(format!(
+                    "{owner}: scanner timeouts ({}) + early_budget ({}) + spool.deadline ({}) reach the \
+                     client's {} end-of-data timeout (RFC 5321 §4.5.3.2.6)",
+                    humantime::format_duration(scanning),
+                    humantime::format_duration(longest_early),
+                    humantime::format_duration(spool.deadline),
+                    humantime::format_duration(CLIENT_END_OF_DATA_WAIT)
+                ));
             }
         }
         if spool.copies.contains(&CopyKind::Peer) {
@@ -1054,6 +1081,14 @@ mod tests {
                 "is not host:port",
             ),
             (format!("{rspamd}timeout = \"11m\"\n"), "timeout must be between"),
+            (
+                format!(
+                    "[[listener]]\nscanners = [\"s\", \"t\"]\n{rspamd}timeout = \"5m\"\n\
+                     [[scanner]]\nname = \"t\"\nkind = \"smtp\"\naddress = \"h:25\"\ntimeout = \"4m\"\n\
+                     [spool]\ndeadline = \"1m\"\n"
+                ),
+                "reach the client's 10m end-of-data timeout",
+            ),
             (
                 "[[route]]\ndomains = [\"a\"]\nnext_hop = \"h:25\"\nearly_delivery = true\nearly_budget = \"10m\"\n".to_owned(),
                 "early_budget must be between",

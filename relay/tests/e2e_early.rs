@@ -6,6 +6,7 @@
 mod common;
 
 use std::fs;
+use std::process::Command;
 use std::time::Duration;
 
 use common::mail::*;
@@ -164,7 +165,8 @@ fn a_next_hop_hanging_past_the_budget_gets_the_message_through_the_queue() {
 #[test]
 fn lmtp_per_recipient_answers_split_the_message() {
     let dovecot = Dovecot::start();
-    let queued_hop = Sink::loopback(&[]);
+    // It defers zed once, so the queued message can be looked at.
+    let queued_hop = Sink::loopback(&["--defer", "zed@", "--defer-times", "1"]);
     let sender_sink = Sink::loopback(&[]);
     // mailbox.test: Dovecot LMTP, early. queue.test: no early delivery.
     let relay = Relay::start(RelayConfig {
@@ -203,7 +205,8 @@ fn lmtp_per_recipient_answers_split_the_message() {
         );
     }
     assert!(dovecot.inbox("carol").is_empty());
-    // Only zed was queued.
+    // alice and bob are done; zed is queued to deliver, carol and dave are
+    // kept (already failed) so the queue's one DSN reports them.
     let envelope = relay.env(&id);
     let queued: Vec<String> = envelope["recipients"]
         .as_array()
@@ -217,7 +220,17 @@ fn lmtp_per_recipient_answers_split_the_message() {
             )
         })
         .collect();
-    assert_eq!(queued, vec!["zed@queue.test"]);
+    assert_eq!(
+        queued,
+        vec!["carol@mailbox.test", "zed@queue.test", "dave@mailbox.test"]
+    );
+    let shown = Command::new(postern_bin())
+        .args(["queue", "show", &id, "--json", "--data-dir"])
+        .arg(&relay.data_dir)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("552") && shown.contains("550"), "{shown}");
     queued_hop.wait_for_rcpt("zed@queue.test", Duration::from_secs(20));
     // carol and dave: one DSN, with LMTP's own per-recipient reasons.
     let dsn = sender_sink.wait_for_rcpt(SENDER, Duration::from_secs(20));

@@ -12,6 +12,8 @@ use super::received::{received_header, TraceInfo};
 use super::tls::MaybeTls;
 use super::{Listener, Peer};
 use crate::metrics::Metrics;
+use crate::queue::schedule::now_ms;
+use crate::queue::state::{DeliveryState, RecipientState, Status};
 use crate::smtp::params::{MailParams, Mailbox};
 use crate::smtp::{Event, Reply, Session, Verdict};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
@@ -205,7 +207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 return Verdict::Accept;
             }
             (Peer::Local(user), Some(_)) => {
-                format!("You are {} (uid {}), not {authzid}", user.name, user.uid)
+                format!("You are {} (uid {}), not {authzid:?}", user.name, user.uid)
             }
             _ => "No peer credentials on this connection".to_owned(),
         };
@@ -404,7 +406,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 incoming.abort().await;
                 return reply;
             }
-            if !settled.refused.is_empty() {
+            // Every recipient settled: the refused ones get their DSN now.
+            // (With recipients left, the refused ones are queued already
+            // failed and the queue reports them with the others.)
+            if settled.remaining.is_empty() && !settled.refused.is_empty() {
                 if let Err(err) = queue.report_refused(&envelope, &settled.refused).await {
                     warn!(id = %envelope.id, "cannot queue the DSN for recipients refused early ({err}); queueing them instead");
                     settled.requeue_refused();
@@ -419,16 +424,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                     format!(
                         "Ok: delivered early as {} ({})",
                         envelope.id,
-                        last.map(|reply| reply.to_string().trim_end().replace("\r\n", " "))
-                            .unwrap_or_default()
+                        last.map(|reply| short(&reply)).unwrap_or_default()
                     ),
                 );
             }
         }
-        if !settled.settled_nothing() {
-            // Queue only the recipients still to deliver.
-            envelope.recipients = settled
-                .remaining
+        // Queued: the recipients still to deliver, and those refused early,
+        // already failed, for the queue's DSN (delivered ones are left out).
+        let mut kept: Vec<usize> = settled.remaining.clone();
+        kept.extend(settled.refused.iter().map(|result| result.index));
+        kept.sort_unstable();
+        let mut state = DeliveryState::new(kept.len(), now_ms());
+        for (slot, &index) in kept.iter().enumerate() {
+            if let Some(refused) = settled.refused.iter().find(|r| r.index == index) {
+                state.recipients[slot] = RecipientState {
+                    status: Status::Failed,
+                    last_reply: Some(short(refused.outcome.reply())),
+                    remote: refused.remote.clone(),
+                };
+                Metrics::count(&self.listener.metrics.bounced);
+            }
+        }
+        if kept.len() < recipients {
+            envelope.recipients = kept
                 .iter()
                 .map(|&index| envelope.recipients[index].clone())
                 .collect();
@@ -455,7 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                     envelope.spool = committed.spool;
                     envelope.data_len = committed.data_len;
                     envelope.data_sha256 = committed.data_sha256;
-                    queue.submit(envelope);
+                    queue.submit_with_state(envelope, state);
                 }
                 reply
             }
@@ -545,6 +563,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
 
     fn client_label(&self) -> String {
         self.peer.to_string()
+    }
+}
+
+/// A reply as one line of at most 200 characters, for logs, states and
+/// our own replies that quote another server's.
+fn short(reply: &Reply) -> String {
+    let text = reply.to_string().trim_end().replace("\r\n", " ");
+    match text.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
     }
 }
 

@@ -22,15 +22,20 @@ pub struct LocalUser {
 }
 
 impl LocalUser {
-    /// The user behind a connected Unix socket.
-    pub fn of(stream: &tokio::net::UnixStream) -> std::io::Result<LocalUser> {
+    /// The user behind a connected Unix socket. The name lookup may ask
+    /// NSS (LDAP, sssd): it runs on a blocking thread.
+    pub async fn of(stream: &tokio::net::UnixStream) -> std::io::Result<LocalUser> {
         let cred = stream.peer_cred()?;
         let uid = cred.uid();
+        let name = tokio::task::spawn_blocking(move || crate::admin::access::user_name(uid))
+            .await
+            .ok()
+            .flatten();
         Ok(LocalUser {
             uid,
             gid: cred.gid(),
             pid: cred.pid(),
-            name: crate::admin::access::user_name(uid).unwrap_or_else(|| uid.to_string()),
+            name: name.unwrap_or_else(|| uid.to_string()),
         })
     }
 }

@@ -169,7 +169,7 @@ impl Acceptor for UnixListener {
     type Stream = UnixStream;
     async fn accept(&self) -> std::io::Result<(UnixStream, Peer)> {
         let (stream, _) = UnixListener::accept(self).await?;
-        let peer = match LocalUser::of(&stream) {
+        let peer = match LocalUser::of(&stream).await {
             Ok(user) => Peer::Local(user),
             Err(err) => {
                 warn!("cannot read the peer credentials of a local client: {err}");

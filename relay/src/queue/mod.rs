@@ -257,6 +257,12 @@ impl Queue {
     /// Adds a freshly committed message; delivery starts at once.
     pub fn submit(&self, envelope: Envelope) {
         let state = DeliveryState::new(envelope.recipients.len(), now_ms());
+        self.submit_with_state(envelope, state);
+    }
+
+    /// [`submit`](Queue::submit) with recipients already settled (refused
+    /// during early delivery): they are reported with the others' outcomes.
+    pub fn submit_with_state(&self, envelope: Envelope, state: DeliveryState) {
         let id = envelope.id.clone();
         let eml_path = self.inner.spool.message_path(&id);
         self.inner

@@ -17,7 +17,18 @@ pub fn format(name: &str, value: &str) -> Option<String> {
         .filter(|line| !line.trim().is_empty())
         .enumerate()
     {
-        let line: String = line.chars().filter(|c| *c != '\r').collect();
+        // 7-bit and printable: the message may go out without 8BITMIME.
+        let line: String = line
+            .chars()
+            .filter(|c| *c != '\r')
+            .map(|c| {
+                if c == '\t' || (' '..='~').contains(&c) {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
         if index == 0 {
             out.push(' ');
             out.push_str(line.trim_start());
@@ -59,6 +70,14 @@ mod tests {
         let line = format("X-A", "v\r\n\r\nBody\r\nX-Injected: 1").unwrap();
         assert_eq!(line, "X-A: v\r\n\tBody\r\n\tX-Injected: 1\r\n");
         assert!(!line.contains("\r\n\r\n"));
+    }
+
+    #[test]
+    fn values_are_seven_bit_and_without_controls() {
+        assert_eq!(
+            format("X-A", "caf\u{e9}\0!\tok").as_deref(),
+            Some("X-A: caf??!\tok\r\n")
+        );
     }
 
     #[test]

@@ -44,6 +44,26 @@ pub async fn scan(config: &ScannerConfig, request: &ScanRequest<'_>) -> Result<V
     let mut connection = Connection::open(&target, settings)
         .await
         .map_err(|err| ScanError(format!("{}: {err}", target.label())))?;
+    // Refusals our client would make up (no SMTPUTF8, over its SIZE) are no
+    // verdict of the scanner's: they are a scan that could not happen.
+    let caps = connection.capabilities();
+    if request.envelope.mail_params.smtputf8 && !caps.smtputf8 {
+        tokio::spawn(connection.quit());
+        return Err(ScanError(format!(
+            "{} does not offer SMTPUTF8, which this message needs",
+            target.label()
+        )));
+    }
+    if let Some(limit) = caps
+        .size
+        .filter(|&limit| limit > 0 && request.envelope.wire_len() > limit)
+    {
+        tokio::spawn(connection.quit());
+        return Err(ScanError(format!(
+            "{} takes at most {limit} octets",
+            target.label()
+        )));
+    }
     let recipients: Vec<usize> = (0..request.envelope.recipients.len()).collect();
     let outcomes = connection
         .send(request.envelope, &recipients, request.eml)

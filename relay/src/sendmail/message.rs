@@ -12,6 +12,9 @@ pub enum MessageError {
     /// Standard input failed.
     #[error("cannot read the message: {0}")]
     Read(#[from] std::io::Error),
+    /// A NUL octet, which no SMTP server takes.
+    #[error("the message contains a NUL octet, which SMTP cannot carry")]
+    Nul,
     /// More octets than the relay accepts (its configuration says how many).
     #[error("the message is larger than {limit} octets, the most the relay accepts")]
     TooLarge {
@@ -20,9 +23,13 @@ pub enum MessageError {
     },
 }
 
+/// The longest line sent, without its CRLF (RFC 5321 §4.5.3.1.6).
+pub const MAX_LINE: usize = 998;
+
 /// Reads message lines without their line ends. Without `ignore_dots` a line
 /// holding only `.` ends the message (and is not part of it). `limit` bounds
-/// the size counted with CRLF line ends.
+/// the size counted with CRLF line ends. A CR not followed by LF ends a line
+/// too (the relay refuses bare CRs); a NUL octet is refused.
 pub fn read_lines(
     mut input: impl BufRead,
     ignore_dots: bool,
@@ -37,20 +44,25 @@ pub fn read_lines(
         }
         if line.last() == Some(&b'\n') {
             line.pop();
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
+        }
+        while line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if line.contains(&0) {
+            return Err(MessageError::Nul);
         }
         if !ignore_dots && line == b"." {
             break;
         }
-        size += line.len() as u64 + 2;
-        if let Some(limit) = limit {
-            if size > limit {
-                return Err(MessageError::TooLarge { limit });
+        for piece in line.split(|&b| b == b'\r') {
+            size += piece.len() as u64 + 2;
+            if let Some(limit) = limit {
+                if size > limit {
+                    return Err(MessageError::TooLarge { limit });
+                }
             }
+            lines.push(piece.to_vec());
         }
-        lines.push(line);
     }
     Ok(lines)
 }
@@ -197,18 +209,39 @@ impl Message {
 
     /// The message in wire form: CRLF line ends, the header, an empty line,
     /// the body; not dot-stuffed (the SMTP client does that).
+    /// Lines longer than [`MAX_LINE`] are broken with CRLF and a space, as
+    /// Postfix's smtp client does (in the header that makes a continuation).
     pub fn to_wire(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for line in self.header.iter().flat_map(|field| &field.lines) {
-            out.extend_from_slice(line);
-            out.extend_from_slice(b"\r\n");
+            push_line(&mut out, line);
         }
         out.extend_from_slice(b"\r\n");
         for line in &self.body {
-            out.extend_from_slice(line);
-            out.extend_from_slice(b"\r\n");
+            push_line(&mut out, line);
         }
         out
+    }
+}
+
+/// Appends `line` and CRLF, broken into pieces of at most [`MAX_LINE`]
+/// octets (each later piece starts with a space).
+fn push_line(out: &mut Vec<u8>, line: &[u8]) {
+    let mut rest = line;
+    let mut first = true;
+    loop {
+        let room = if first { MAX_LINE } else { MAX_LINE - 1 };
+        let (piece, tail) = rest.split_at(rest.len().min(room));
+        if !first {
+            out.push(b' ');
+        }
+        out.extend_from_slice(piece);
+        out.extend_from_slice(b"\r\n");
+        if tail.is_empty() {
+            return;
+        }
+        rest = tail;
+        first = false;
     }
 }
 
@@ -425,6 +458,36 @@ pub fn dedup(addresses: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_carriage_returns_break_lines_and_nul_is_refused() {
+        let lines = read_lines(&b"a\rb\r\nc\r\r\nd\n"[..], true, None).unwrap();
+        assert_eq!(
+            lines,
+            vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]
+        );
+        assert!(matches!(
+            read_lines(&b"ok\nnul\0here\n"[..], true, None),
+            Err(MessageError::Nul)
+        ));
+    }
+
+    #[test]
+    fn long_lines_are_broken_with_a_space_as_postfix_does() {
+        let long = vec![b'x'; 2500];
+        let message = Message::parse(vec![b"Subject: s".to_vec(), Vec::new(), long]);
+        let wire = message.to_wire();
+        let body = &wire[b"Subject: s\r\n\r\n".len()..];
+        let lines: Vec<&[u8]> = body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() <= MAX_LINE + 1), "CR included");
+        assert!(lines[1].starts_with(b" x") && lines[2].starts_with(b" x"));
+        let joined: usize = lines.iter().map(|l| l.len() - 1).sum::<usize>() - 2;
+        assert_eq!(joined, 2500, "no octet lost (two spaces added)");
+    }
 
     fn lines(text: &str, ignore_dots: bool) -> Vec<Vec<u8>> {
         read_lines(text.as_bytes(), ignore_dots, None).unwrap()

@@ -158,7 +158,7 @@ pub fn current_user() -> Option<User> {
     let entry = crate::users::by_uid(uid);
     let name_from_env = std::env::var("NAME")
         .ok()
-        .filter(|name| !name.trim().is_empty());
+        .filter(|name| !name.trim().is_empty() && !name.chars().any(char::is_control));
     let Some(entry) = entry else {
         // A uid without a passwd entry (containers): the login name the
         // environment gives is only a request; the relay decides from the uid.

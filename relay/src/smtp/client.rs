@@ -37,7 +37,12 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         let raw = &rest[..lf];
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         offset += lf + 1;
-        let line = String::from_utf8_lossy(raw).into_owned();
+        // A reply we may pass on (early delivery, scanners) must not carry
+        // a bare CR or other controls into our own replies.
+        let line: String = String::from_utf8_lossy(raw)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         let bytes = line.as_bytes();
         if bytes.len() < 3
             || !bytes[..3].iter().all(u8::is_ascii_digit)

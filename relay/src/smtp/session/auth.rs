@@ -59,7 +59,9 @@ impl Session {
     pub(super) fn read_auth_response(&mut self) -> bool {
         let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
             if self.input.len() > MAX_ANY_LINE {
+                // Skip the rest of the line too, so it is not read as a command.
                 self.input.clear();
+                self.discarding_line = true;
                 self.state = State::Command;
                 self.error(Reply::new(500, "5.5.6", "Authentication response too long"));
                 return true;

@@ -284,6 +284,7 @@ impl Session {
         if matches!(self.state, State::AwaitingTls) {
             self.input.clear();
             self.tls = true;
+            self.authenticated = false;
             self.helo = None;
             self.esmtp = false;
             self.transaction = Transaction::default();
