@@ -133,6 +133,10 @@ pub struct MailQueueSpec {
     /// MX lookup or to `relayhost`.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Content scanners that listeners name in `scanners`: each reads the
+    /// spooled message before the end-of-data reply and decides it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scanners: Vec<Scanner>,
     /// Next hop for all mail without a matching route (`host:port`, `[host]:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = NEXT_HOP))]
@@ -239,6 +243,9 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
     pub tls_secret: Option<String>,
+    /// Names of `spec.scanners` run, in order, on every message of this listener.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scanners: Vec<String>,
 }
 
 /// A Secret name (DNS-1123 subdomain).
@@ -289,6 +296,63 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
     pub credentials_secret: Option<String>,
+    /// Early delivery: try this next hop during the end of data, before
+    /// answering; its 250 or 5xx becomes the reply, anything else queues.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub early_delivery: bool,
+    /// How long early delivery may take before the message is queued
+    /// instead (default 20s, at most 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub early_budget: Option<String>,
+}
+
+/// A content scanner.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Scanner {
+    /// Name that listeners use in `scanners`.
+    #[schemars(regex(pattern = LABEL), length(min = 1, max = 63))]
+    pub name: String,
+    /// Protocol: rspamd's HTTP protocol, or an SMTP/LMTP server.
+    pub kind: ScannerKind,
+    /// rspamd: `host:port` of its normal worker; smtp/lmtp: `host:port` or `unix:/path`.
+    #[schemars(regex(pattern = NEXT_HOP))]
+    pub address: String,
+    /// Longest a scan may take (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION))]
+    pub timeout: Option<String>,
+    /// Scanner down or too slow: `tempfail` (451, the default) or `accept`.
+    #[serde(default)]
+    pub on_failure: ScannerFailure,
+    /// rspamd sharing the spool volume (a sidecar): pass the file's path
+    /// instead of the message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pass_file: bool,
+}
+
+/// A scanner's protocol.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ScannerKind {
+    /// rspamd's `POST /checkv2`.
+    Rspamd,
+    /// An SMTP server that takes or refuses the message.
+    Smtp,
+    /// An LMTP server.
+    Lmtp,
+}
+
+/// What a scanner failure means for the message.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ScannerFailure {
+    /// 451 4.7.1: the client tries again later.
+    #[default]
+    Tempfail,
+    /// Accept the message unscanned.
+    Accept,
 }
 
 /// Protocol to a next hop.
@@ -559,6 +623,7 @@ fn default_listeners() -> Vec<Listener> {
         port: 2525,
         service_port: Some(25),
         tls_secret: None,
+        scanners: Vec::new(),
     }]
 }
 

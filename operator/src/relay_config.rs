@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use postern::config::{
     ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig, ObjectStoreConfig,
-    Protocol, RouteConfig, TlsMode,
+    Protocol, RouteConfig, ScannerConfig, ScannerFailure, ScannerKind, TlsMode,
 };
 use sha2::{Digest, Sha256};
 
@@ -139,7 +139,7 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
                 .tls_secret
                 .as_ref()
                 .map(|_| tls_dir.join("tls.key")),
-            scanners: Vec::new(),
+            scanners: listener.scanners.clone(),
         });
     }
     let mut service_ports = std::collections::BTreeSet::new();
@@ -281,27 +281,57 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
         .routes
         .iter()
         .enumerate()
-        .map(|(index, route)| RouteConfig {
-            domains: route.domains.iter().map(|d| d.0.clone()).collect(),
-            next_hop: route.next_hop.clone(),
-            protocol: match route.protocol {
-                RouteProtocol::Smtp => Protocol::Smtp,
-                RouteProtocol::Lmtp => Protocol::Lmtp,
-            },
-            tls: match route.tls {
-                RouteTls::None => TlsMode::None,
-                RouteTls::Opportunistic => TlsMode::Opportunistic,
-                RouteTls::Required => TlsMode::Required,
-            },
-            auth_file: route.credentials_secret.as_ref().map(|_| {
-                PathBuf::from(ROUTE_AUTH_DIR)
-                    .join(index.to_string())
-                    .join("auth")
-            }),
-            early_delivery: false,
-            early_budget: std::time::Duration::from_secs(20),
+        .map(|(index, route)| {
+            Ok(RouteConfig {
+                domains: route.domains.iter().map(|d| d.0.clone()).collect(),
+                next_hop: route.next_hop.clone(),
+                protocol: match route.protocol {
+                    RouteProtocol::Smtp => Protocol::Smtp,
+                    RouteProtocol::Lmtp => Protocol::Lmtp,
+                },
+                tls: match route.tls {
+                    RouteTls::None => TlsMode::None,
+                    RouteTls::Opportunistic => TlsMode::Opportunistic,
+                    RouteTls::Required => TlsMode::Required,
+                },
+                auth_file: route.credentials_secret.as_ref().map(|_| {
+                    PathBuf::from(ROUTE_AUTH_DIR)
+                        .join(index.to_string())
+                        .join("auth")
+                }),
+                early_delivery: route.early_delivery,
+                early_budget: match &route.early_budget {
+                    Some(text) => duration(text, &format!("routes[{index}].earlyBudget"))?,
+                    None => std::time::Duration::from_secs(20),
+                },
+            })
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
+    config.scanners = spec
+        .scanners
+        .iter()
+        .enumerate()
+        .map(|(index, scanner)| {
+            Ok(ScannerConfig {
+                name: scanner.name.clone(),
+                kind: match scanner.kind {
+                    crd::ScannerKind::Rspamd => ScannerKind::Rspamd,
+                    crd::ScannerKind::Smtp => ScannerKind::Smtp,
+                    crd::ScannerKind::Lmtp => ScannerKind::Lmtp,
+                },
+                address: scanner.address.clone(),
+                timeout: match &scanner.timeout {
+                    Some(text) => duration(text, &format!("scanners[{index}].timeout"))?,
+                    None => std::time::Duration::from_secs(30),
+                },
+                on_failure: match scanner.on_failure {
+                    crd::ScannerFailure::Tempfail => ScannerFailure::Tempfail,
+                    crd::ScannerFailure::Accept => ScannerFailure::Accept,
+                },
+                pass_file: scanner.pass_file,
+            })
+        })
+        .collect::<Result<_, SpecError>>()?;
 
     drain_timeout(mq)?;
     crd::parse_quantity_ok(&spec.spool.size)
@@ -430,6 +460,39 @@ mod tests {
             Some(std::path::Path::new("/etc/postern/routes/0/auth"))
         );
         assert_eq!(rendered.hash.len(), 16);
+    }
+
+    #[test]
+    fn scanners_and_early_delivery_are_rendered() {
+        let mq = mail_queue(serde_json::json!({
+            "image": "postern:1",
+            "listeners": [{"name": "smtp", "port": 2525, "scanners": ["rspamd"]}],
+            "scanners": [{"name": "rspamd", "kind": "rspamd", "address": "rspamd.mail.svc:11333",
+                          "timeout": "10s", "onFailure": "accept"}],
+            "routes": [{"domains": ["example.org"], "nextHop": "unix:/run/lmtp",
+                        "protocol": "lmtp", "earlyDelivery": true, "earlyBudget": "15s"}],
+        }));
+        let rendered = render(&mq).unwrap();
+        let parsed = Config::parse(&rendered.toml).unwrap();
+        assert_eq!(parsed, rendered.config);
+        assert_eq!(parsed.listeners[0].scanners, ["rspamd"]);
+        assert_eq!(parsed.scanners[0].kind, ScannerKind::Rspamd);
+        assert_eq!(
+            parsed.scanners[0].timeout,
+            std::time::Duration::from_secs(10)
+        );
+        assert_eq!(parsed.scanners[0].on_failure, ScannerFailure::Accept);
+        assert!(parsed.routes[0].early_delivery);
+        assert_eq!(
+            parsed.routes[0].early_budget,
+            std::time::Duration::from_secs(15)
+        );
+
+        // A listener naming a scanner that is not defined: the relay says so.
+        let mut mq = mq;
+        mq.spec.listeners[0].scanners = vec!["clamav".into()];
+        let err = render(&mq).unwrap_err().to_string();
+        assert!(err.contains("no [[scanner]] named \"clamav\""), "{err}");
     }
 
     #[test]
