@@ -46,8 +46,12 @@ pub async fn scan(config: &ScannerConfig, request: &ScanRequest<'_>) -> Result<V
         .read_to_end(&mut response)
         .await
         .map_err(|err| ScanError(format!("rspamd at {}: {err}", config.address)))?;
-    let json = parse_http(&response)?;
-    verdict(&json)
+    answer(&response)
+}
+
+/// rspamd's whole HTTP response, as a verdict.
+pub fn answer(response: &[u8]) -> Result<Verdict, ScanError> {
+    verdict(&parse_http(response)?)
 }
 
 /// The request line and headers.
