@@ -125,7 +125,8 @@ pub struct LimitsConfig {
     pub max_errors: u32,
     /// Concurrent connections over all listeners.
     pub max_connections: usize,
-    /// Concurrent connections from one client IP address.
+    /// Concurrent connections from one client IP address (and from one local
+    /// user on the submission socket).
     pub max_connections_per_ip: usize,
     /// How long to wait for the next command (RFC 5321 §4.5.3.2.7: 5 minutes).
     #[serde(with = "humantime_serde")]

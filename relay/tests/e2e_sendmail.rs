@@ -28,6 +28,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with("")
+}
+
+/// [`setup`] with `extra` TOML in the relay's configuration.
+fn setup_with(extra: &str) -> Setup {
     // SAFETY: getuid cannot fail.
     if unsafe { libc::getuid() } != 0 {
         panic!("this test switches to uid {NOBODY} with setpriv and must run as root (CI does)");
@@ -36,7 +41,7 @@ fn setup() -> Setup {
     let sink = Sink::loopback(&[]);
     let relay = Relay::start(RelayConfig {
         extra_toml: format!(
-            "[delivery]\nrelayhost = \"{}\"\nretry_schedule = [\"1s\"]\n",
+            "{extra}\n[delivery]\nrelayhost = \"{}\"\nretry_schedule = [\"1s\"]\n",
             sink.addr
         ),
         ..RelayConfig::default()
@@ -347,4 +352,36 @@ fn with_the_relay_down_sendmail_exits_75_and_says_nothing_was_sent() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("NOT sent"), "{stderr}");
     assert!(stderr.contains("submit.sock"), "names the socket: {stderr}");
+}
+
+#[test]
+fn one_local_user_cannot_take_every_submission_slot() {
+    let setup = setup_with("[limits]\nmax_connections_per_ip = 1\n");
+    let socket = setup.relay.data_dir.join("submit.sock");
+    let greeting = |stream: &std::os::unix::net::UnixStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut line).unwrap();
+        line
+    };
+    // Root holds the one slot a user gets...
+    let first = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    assert!(greeting(&first).starts_with("220 "));
+    let second = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let refused = greeting(&second);
+    assert!(
+        refused.starts_with("421 4.7.0 Too many connections from your user"),
+        "{refused}"
+    );
+    // ...and another user still gets in.
+    let output = setup.as_nobody(
+        &setup.sendmail,
+        &["-i", "rcpt@dest.test"],
+        b"Subject: slot\n\nhi\n",
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    setup.delivered("rcpt@dest.test");
+    drop(first);
 }

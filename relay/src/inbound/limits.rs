@@ -1,4 +1,5 @@
-//! Connection limits: total and per client address.
+//! Connection limits: total and per client (its address, or for the local
+//! submission socket its uid).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,7 +16,16 @@ pub struct ConnectionLimiter {
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    per_client: HashMap<ClientKey, usize>,
+}
+
+/// Whose connections are counted together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// A TCP client's address.
+    Ip(IpAddr),
+    /// A local user on the submission socket.
+    Uid(u32),
 }
 
 /// Why a connection was refused.
@@ -23,15 +33,15 @@ struct Counts {
 pub enum LimitExceeded {
     /// All slots are taken.
     Total,
-    /// This address has too many connections.
-    PerIp,
+    /// This client (address or local user) has too many connections.
+    PerClient,
 }
 
 /// An open connection; dropping it frees the slot.
 #[derive(Debug)]
 pub struct ConnectionSlot {
     limiter: ConnectionLimiter,
-    ip: Option<IpAddr>,
+    client: Option<ClientKey>,
 }
 
 impl ConnectionLimiter {
@@ -44,23 +54,24 @@ impl ConnectionLimiter {
         }
     }
 
-    /// Takes a slot for a connection from `ip` (`None` for Unix sockets).
-    pub fn acquire(&self, ip: Option<IpAddr>) -> Result<ConnectionSlot, LimitExceeded> {
+    /// Takes a slot for a connection from `client` (`None`: counted in the
+    /// total only); `max_connections_per_ip` bounds each client.
+    pub fn acquire(&self, client: Option<ClientKey>) -> Result<ConnectionSlot, LimitExceeded> {
         let mut counts = self.inner.lock().expect("limiter lock");
         if counts.total >= self.max_total {
             return Err(LimitExceeded::Total);
         }
-        if let Some(ip) = ip {
-            let count = counts.per_ip.entry(ip).or_default();
+        if let Some(client) = client {
+            let count = counts.per_client.entry(client).or_default();
             if *count >= self.max_per_ip {
-                return Err(LimitExceeded::PerIp);
+                return Err(LimitExceeded::PerClient);
             }
             *count += 1;
         }
         counts.total += 1;
         Ok(ConnectionSlot {
             limiter: self.clone(),
-            ip,
+            client,
         })
     }
 
@@ -74,11 +85,11 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut counts = self.limiter.inner.lock().expect("limiter lock");
         counts.total -= 1;
-        if let Some(ip) = self.ip {
-            if let Some(count) = counts.per_ip.get_mut(&ip) {
+        if let Some(client) = self.client {
+            if let Some(count) = counts.per_client.get_mut(&client) {
                 *count -= 1;
                 if *count == 0 {
-                    counts.per_ip.remove(&ip);
+                    counts.per_client.remove(&client);
                 }
             }
         }
@@ -92,15 +103,31 @@ mod tests {
     #[test]
     fn per_ip_and_total() {
         let limiter = ConnectionLimiter::new(3, 2);
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let a = ClientKey::Ip("192.0.2.1".parse().unwrap());
+        let b = ClientKey::Ip("192.0.2.2".parse().unwrap());
         let first = limiter.acquire(Some(a)).unwrap();
         let _second = limiter.acquire(Some(a)).unwrap();
-        assert_eq!(limiter.acquire(Some(a)).unwrap_err(), LimitExceeded::PerIp);
+        assert_eq!(
+            limiter.acquire(Some(a)).unwrap_err(),
+            LimitExceeded::PerClient
+        );
         let _third = limiter.acquire(Some(b)).unwrap();
         assert_eq!(limiter.acquire(Some(b)).unwrap_err(), LimitExceeded::Total);
         drop(first);
         let _again = limiter.acquire(Some(a)).unwrap();
+        assert_eq!(limiter.open(), 3);
+    }
+
+    #[test]
+    fn local_users_are_limited_by_uid() {
+        let limiter = ConnectionLimiter::new(10, 1);
+        let _alice = limiter.acquire(Some(ClientKey::Uid(1000))).unwrap();
+        assert_eq!(
+            limiter.acquire(Some(ClientKey::Uid(1000))).unwrap_err(),
+            LimitExceeded::PerClient
+        );
+        let _bob = limiter.acquire(Some(ClientKey::Uid(1001))).unwrap();
+        let _unknown = limiter.acquire(None).unwrap();
         assert_eq!(limiter.open(), 3);
     }
 }

@@ -24,7 +24,7 @@ use crate::queue::Queue;
 use crate::scan::ScanChain;
 use crate::smtp::{Reply, SessionConfig};
 use crate::spool::Spool;
-use limits::{ConnectionLimiter, LimitExceeded};
+use limits::{ClientKey, ConnectionLimiter, LimitExceeded};
 use local::{LocalUser, SenderPolicy};
 use policy::RelayPolicy;
 
@@ -136,6 +136,15 @@ impl Peer {
             _ => None,
         }
     }
+
+    /// Whose connections this one counts with for the per-client limit.
+    pub fn limit_key(&self) -> Option<ClientKey> {
+        match self {
+            Peer::Tcp(addr) => Some(ClientKey::Ip(addr.ip())),
+            Peer::Local(user) => Some(ClientKey::Uid(user.uid)),
+            Peer::Unknown => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Peer {
@@ -203,7 +212,7 @@ pub async fn serve<A: Acceptor>(
                 continue;
             }
         };
-        let slot = listener.connections.acquire(peer.ip());
+        let slot = listener.connections.acquire(peer.limit_key());
         let listener = Arc::clone(&listener);
         let guard = done_tx.clone();
         tokio::spawn(async move {
@@ -215,10 +224,15 @@ pub async fn serve<A: Acceptor>(
                         LimitExceeded::Total => {
                             Reply::new(421, "4.7.0", "Too many connections, try again later")
                         }
-                        LimitExceeded::PerIp => Reply::new(
+                        LimitExceeded::PerClient => Reply::new(
                             421,
                             "4.7.0",
-                            "Too many connections from your address, try again later",
+                            match &peer {
+                                Peer::Local(_) => {
+                                    "Too many connections from your user, try again later"
+                                }
+                                _ => "Too many connections from your address, try again later",
+                            },
                         ),
                     };
                     info!(client = %peer, "connection refused: {}", reply.lines[0]);
