@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use postern::config::{
     ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig, ObjectStoreConfig,
     Protocol, RouteConfig, ScannerConfig, ScannerFailure, ScannerKind, TlsMode,
+    DEFAULT_EARLY_BUDGET, DEFAULT_SCAN_TIMEOUT,
 };
 use sha2::{Digest, Sha256};
 
@@ -300,10 +301,11 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
                         .join("auth")
                 }),
                 early_delivery: route.early_delivery,
-                early_budget: match &route.early_budget {
-                    Some(text) => duration(text, &format!("routes[{index}].earlyBudget"))?,
-                    None => std::time::Duration::from_secs(20),
-                },
+                early_budget: optional_duration(
+                    route.early_budget.as_deref(),
+                    &format!("routes[{index}].earlyBudget"),
+                    DEFAULT_EARLY_BUDGET,
+                )?,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -320,10 +322,11 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
                     crd::ScannerKind::Lmtp => ScannerKind::Lmtp,
                 },
                 address: scanner.address.clone(),
-                timeout: match &scanner.timeout {
-                    Some(text) => duration(text, &format!("scanners[{index}].timeout"))?,
-                    None => std::time::Duration::from_secs(30),
-                },
+                timeout: optional_duration(
+                    scanner.timeout.as_deref(),
+                    &format!("scanners[{index}].timeout"),
+                    DEFAULT_SCAN_TIMEOUT,
+                )?,
                 on_failure: match scanner.on_failure {
                     crd::ScannerFailure::Tempfail => ScannerFailure::Tempfail,
                     crd::ScannerFailure::Accept => ScannerFailure::Accept,
@@ -417,6 +420,15 @@ fn duration(text: &str, at: &str) -> Result<std::time::Duration, SpecError> {
                 format!("{text:?} is not a positive duration such as 90s, 5m or 1h30m"),
             )
         })
+}
+
+/// `text` as a positive duration, or `default` when the field is absent.
+fn optional_duration(
+    text: Option<&str>,
+    at: &str,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, SpecError> {
+    text.map_or(Ok(default), |text| duration(text, at))
 }
 
 fn positive<T: TryFrom<i64>>(value: impl Into<i64>, at: &str) -> Result<T, SpecError> {

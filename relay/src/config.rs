@@ -528,8 +528,11 @@ pub struct RouteConfig {
     pub early_budget: Duration,
 }
 
+/// `early_budget` when a route does not say.
+pub const DEFAULT_EARLY_BUDGET: Duration = Duration::from_secs(20);
+
 fn default_early_budget() -> Duration {
-    Duration::from_secs(20)
+    DEFAULT_EARLY_BUDGET
 }
 
 /// Local submission: `postern sendmail` speaks SMTP to `<data_dir>/submit.sock`
@@ -605,8 +608,11 @@ pub struct ScannerConfig {
     pub pass_file: bool,
 }
 
+/// A scanner's `timeout` when it does not say.
+pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn default_scan_timeout() -> Duration {
-    Duration::from_secs(30)
+    DEFAULT_SCAN_TIMEOUT
 }
 
 /// What is wrong with a configuration.

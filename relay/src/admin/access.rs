@@ -138,7 +138,7 @@ fn lookup_group(name: &str) -> io::Result<Option<AdminGroup>> {
 }
 
 /// The login name of `uid`, if it has one.
-pub(crate) fn user_name(uid: u32) -> Option<String> {
+fn user_name(uid: u32) -> Option<String> {
     crate::users::by_uid(uid).map(|entry| entry.name)
 }
 

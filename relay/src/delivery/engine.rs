@@ -91,6 +91,11 @@ impl Deliverer {
         let _ = self.gate.set(gate);
     }
 
+    /// Whether any route delivers early.
+    pub fn has_early_routes(&self) -> bool {
+        self.router.has_early_routes()
+    }
+
     /// The destination a recipient domain routes to.
     pub fn route(&self, domain: &str) -> Destination {
         self.router.route(domain)

@@ -123,6 +123,14 @@ impl Router {
         Router { routes, relayhost }
     }
 
+    /// Whether any route delivers early (else the end of data need not
+    /// route each recipient to find out).
+    pub fn has_early_routes(&self) -> bool {
+        self.routes
+            .iter()
+            .any(|(_, destination)| destination.early_budget.is_some())
+    }
+
     /// The destination for a recipient domain.
     pub fn route(&self, domain: &str) -> Destination {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
@@ -197,5 +205,14 @@ mod tests {
         config.delivery.relayhost = Some("smart.example:587".into());
         let router = Router::new(&config);
         assert_eq!(router.route("elsewhere.example").key(), "smart.example:587");
+        assert!(!router.has_early_routes());
+        config.routes[0].early_delivery = true;
+        let router = Router::new(&config);
+        assert!(router.has_early_routes());
+        assert_eq!(
+            router.route("example.org").early_budget,
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(router.route("elsewhere.example").early_budget, None);
     }
 }

@@ -357,10 +357,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         let recipients = envelope.recipients.len();
         let early = self.listener.queue.as_ref().filter(|queue| {
             let deliverer = queue.deliverer();
-            envelope
-                .recipients
-                .iter()
-                .any(|r| deliverer.route(&r.address.domain).early_budget.is_some())
+            deliverer.has_early_routes()
+                && envelope
+                    .recipients
+                    .iter()
+                    .any(|r| deliverer.route(&r.address.domain).early_budget.is_some())
         });
         if !self.listener.scanners.is_empty() || early.is_some() {
             // Scanners and next hops read the spooled file itself.
@@ -569,7 +570,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
 /// A reply as one line of at most 200 characters, for logs, states and
 /// our own replies that quote another server's.
 fn short(reply: &Reply) -> String {
-    let text = reply.to_string().trim_end().replace("\r\n", " ");
+    let text = reply.one_line();
     match text.char_indices().nth(200) {
         Some((cut, _)) => format!("{}...", &text[..cut]),
         None => text,

@@ -27,10 +27,11 @@ impl LocalUser {
     pub async fn of(stream: &tokio::net::UnixStream) -> std::io::Result<LocalUser> {
         let cred = stream.peer_cred()?;
         let uid = cred.uid();
-        let name = tokio::task::spawn_blocking(move || crate::admin::access::user_name(uid))
+        let name = tokio::task::spawn_blocking(move || crate::users::by_uid(uid))
             .await
             .ok()
-            .flatten();
+            .flatten()
+            .map(|entry| entry.name);
         Ok(LocalUser {
             uid,
             gid: cred.gid(),

@@ -236,12 +236,7 @@ impl Queue {
             .map(|result| Reported {
                 recipient: &envelope.recipients[result.index],
                 action: Action::Failed,
-                diagnostic: result
-                    .outcome
-                    .reply()
-                    .to_string()
-                    .trim_end()
-                    .replace("\r\n", " "),
+                diagnostic: result.outcome.reply().one_line(),
                 remote: result.remote.clone(),
             })
             .collect();
@@ -652,12 +647,7 @@ impl Queue {
         let metrics = &self.inner.metrics;
         for result in results {
             let recipient = &mut state.recipients[result.index];
-            let reply_text = result
-                .outcome
-                .reply()
-                .to_string()
-                .trim_end()
-                .replace("\r\n", " ");
+            let reply_text = result.outcome.reply().one_line();
             recipient.last_reply = Some(reply_text.clone());
             recipient.remote = result.remote.clone();
             let address = envelope.recipients[result.index].address.address();

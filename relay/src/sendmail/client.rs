@@ -498,17 +498,24 @@ fn expect(stage: Stage, reply: &Reply, code: u16) -> Result<(), SendError> {
 }
 
 /// Submits one message over `stream`: the whole conversation, QUIT included
-/// (also after a refusal, so the relay logs a clean end).
+/// (also after a refusal, so the relay logs a clean end). `build` makes the
+/// envelope and the wire message once the relay has named itself in its
+/// greeting (the domain bare local parts are qualified with).
 pub fn submit<T: Transport>(
     stream: T,
     trace: Option<&mut dyn Write>,
-    envelope: &Envelope,
-    message: &[u8],
+    build: impl FnOnce(&str) -> (Envelope, Vec<u8>),
 ) -> Result<Outcome, SendError> {
     let mut client = Client::new(stream, trace);
-    let result = client
-        .open()
-        .and_then(|(_, caps)| client.send(&caps, envelope, message));
+    let result = client.open().and_then(|(greeting, caps)| {
+        let relay_name = greeting
+            .lines
+            .first()
+            .and_then(|line| line.split_whitespace().next())
+            .unwrap_or("localhost");
+        let (envelope, message) = build(relay_name);
+        client.send(&caps, &envelope, &message)
+    });
     match &result {
         Err(SendError::Io { .. } | SendError::Closed { .. } | SendError::Timeout { .. }) => {}
         _ => client.quit(),
@@ -659,7 +666,8 @@ mod tests {
     ) -> (Result<Outcome, SendError>, Seen) {
         let dir = tempfile::tempdir().unwrap();
         let (path, relay) = fake_relay(dir.path(), script);
-        let result = connect(&path).and_then(|stream| submit(stream, None, envelope, message));
+        let result = connect(&path)
+            .and_then(|stream| submit(stream, None, |_| (envelope.clone(), message.to_vec())));
         (result, relay.join().unwrap())
     }
 
@@ -799,12 +807,9 @@ mod tests {
             }
         });
         let stream = connect(&path).unwrap();
-        let outcome = submit(
-            stream,
-            None,
-            &envelope(&["gone@x", "here@y"]),
-            b"\r\nhi\r\n",
-        )
+        let outcome = submit(stream, None, |_| {
+            (envelope(&["gone@x", "here@y"]), b"\r\nhi\r\n".to_vec())
+        })
         .unwrap();
         relay.join().unwrap();
         assert_eq!(outcome.refused.len(), 1);
@@ -909,12 +914,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, relay) = fake_relay(dir.path(), happy);
         let mut trace = Vec::new();
-        submit(
-            connect(&path).unwrap(),
-            Some(&mut trace),
-            &envelope(&["a@x"]),
-            b"Subject: secret\r\n\r\n",
-        )
+        submit(connect(&path).unwrap(), Some(&mut trace), |_| {
+            (envelope(&["a@x"]), b"Subject: secret\r\n\r\n".to_vec())
+        })
         .unwrap();
         relay.join().unwrap();
         let trace = String::from_utf8(trace).unwrap();

@@ -369,14 +369,7 @@ pub fn deliver(
         None
     };
     let result = client::connect(&location.socket()).and_then(|stream| {
-        let mut client = client::Client::new(stream, trace);
-        let result = client.open().and_then(|(greeting, caps)| {
-            let domain = greeting
-                .lines
-                .first()
-                .and_then(|line| line.split_whitespace().next())
-                .unwrap_or("localhost")
-                .to_owned();
+        client::submit(stream, trace, |domain| {
             // The user's own name only goes with the user's own address.
             let (from_address, own_name) = match (&invocation.sender, user) {
                 (None, Some(user)) => (user.login.clone(), user.full_name.as_deref()),
@@ -386,32 +379,25 @@ pub fn deliver(
             };
             let full_name = invocation.full_name.as_deref().or(own_name);
             message.complete(&Defaults {
-                from: from_value(full_name, &qualify(&from_address, &domain)),
+                from: from_value(full_name, &qualify(&from_address, domain)),
                 date: chrono::Local::now().to_rfc2822(),
                 message_id: message::message_id(
                     chrono::Utc::now(),
                     std::process::id(),
                     MESSAGE_SEQUENCE.fetch_add(1, Ordering::Relaxed),
-                    &domain,
+                    domain,
                 ),
             });
             let envelope = Envelope {
-                sender: qualify(&sender, &domain),
-                recipients: recipients.iter().map(|r| qualify(r, &domain)).collect(),
+                sender: qualify(&sender, domain),
+                recipients: recipients.iter().map(|r| qualify(r, domain)).collect(),
                 notify: invocation.notify.clone(),
                 ret: invocation.ret,
                 envid: invocation.envid.clone(),
                 body: invocation.body,
             };
-            client.send(&caps, &envelope, &message.to_wire())
-        });
-        if !matches!(
-            &result,
-            Err(SendError::Io { .. } | SendError::Closed { .. } | SendError::Timeout { .. })
-        ) {
-            client.quit();
-        }
-        result
+            (envelope, message.to_wire())
+        })
     });
     let recipient_count = recipients.len();
     let mut say = |text: String| {

@@ -52,6 +52,12 @@ impl Reply {
     pub fn to_wire(&self) -> Vec<u8> {
         self.to_string().into_bytes()
     }
+
+    /// The wire text on one line (lines joined by spaces), for states,
+    /// logs and DSN diagnostics.
+    pub fn one_line(&self) -> String {
+        self.to_string().trim_end().replace("\r\n", " ")
+    }
 }
 
 impl fmt::Display for Reply {
@@ -82,5 +88,10 @@ mod tests {
         let reply = Reply::new(550, "5.7.1", "no");
         assert_eq!(reply.to_string(), "550 5.7.1 no\r\n");
         assert!(reply.is_permanent() && !reply.is_transient());
+        assert_eq!(reply.one_line(), "550 5.7.1 no");
+        assert_eq!(
+            Reply::plain(250, vec!["a".into(), "b".into()]).one_line(),
+            "250-a 250 b"
+        );
     }
 }

@@ -851,15 +851,7 @@ repair_interval = "2s"
     /// Every message at the sink so far, in arrival order.
     pub fn arrivals(&self) -> Vec<Arrival> {
         let mut cache = self.arrivals.lock().unwrap();
-        let names: Vec<String> = fs::read_dir(&self.sink_dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".eml"))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let names = super::mail::sink_messages(&self.sink_dir);
         for name in names {
             if cache.contains_key(&name) {
                 continue;

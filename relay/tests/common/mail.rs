@@ -12,6 +12,21 @@ use tempfile::TempDir;
 
 use super::*;
 
+/// The `.eml` names e2e/sink.py has written to `dir`, in arrival order.
+pub fn sink_messages(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".eml"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// The scriptable aiosmtpd sink; killed on drop.
 pub struct Sink {
     pub addr: SocketAddr,
@@ -63,17 +78,7 @@ impl Sink {
 
     /// Messages received so far: (bytes, envelope JSON), in arrival order.
     pub fn messages(&self) -> Vec<(Vec<u8>, serde_json::Value)> {
-        let mut names: Vec<String> = fs::read_dir(&self.dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".eml"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        sink_messages(&self.dir)
             .iter()
             .map(|name| {
                 let eml = fs::read(self.dir.join(name)).unwrap();
