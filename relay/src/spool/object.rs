@@ -200,7 +200,8 @@ impl ObjectCopy {
         if job.data_len <= SINGLE_PUT_MAX {
             let _permit = self.reserve(job.data_len).await;
             let bytes = read_at(&job.eml_file, 0, job.data_len).await?;
-            put_create(store, &data_key, bytes.into()).await?;
+            let put = put_create(store, &data_key, bytes.into()).await;
+            data_in_place(put, store, &data_key, job.data_len).await?;
         } else {
             // Multipart uploads cannot be conditional, so the parts go to a
             // staging key and a conditional copy creates the real one.
@@ -216,7 +217,7 @@ impl ObjectCopy {
             if let Err(err) = store.delete(&staging).await {
                 tracing::warn!(id = %job.id, error = %err, "cannot delete a staging object");
             }
-            result?;
+            data_in_place(result, store, &data_key, job.data_len).await?;
         }
         put_create(
             store,
@@ -268,6 +269,25 @@ impl ObjectCopy {
             }
         }
         Ok(())
+    }
+}
+
+/// The data object is written, or was already: two PUTs are not atomic, so
+/// an earlier attempt (cut off before its `.env`, e.g. by the store going
+/// down) may have left this message's `.eml`. One of the right length lets
+/// the `.env` go on; without this a repair would stop at the `.eml` forever.
+async fn data_in_place(
+    put: Result<(), CopyError>,
+    store: &AmazonS3,
+    key: &ObjectPath,
+    len: u64,
+) -> Result<(), CopyError> {
+    match put {
+        Err(err) if err.is_already_exists() => match store.head(key).await {
+            Ok(meta) if meta.size == len => Ok(()),
+            _ => Err(err),
+        },
+        other => other,
     }
 }
 
