@@ -9,8 +9,9 @@ their first --defer-times attempts; --data-delay stalls the reply to the data
 --data-delay at each message, so a test can slow the sink down and speed it up).
 --refuse-content refuses, after the data, messages whose bytes match it
 (554 5.7.1), and --defer-content defers them (451 4.7.1): a content scanner.
-The .json also records the client's EHLO name ("helo") and the arrival time
-("time", Unix seconds), so cluster tests can tell which relay delivered what, when.
+The .json also records the client's EHLO name ("helo"), its IP address ("peer")
+and the arrival time ("time", Unix seconds), so cluster tests can tell which
+relay delivered what, when.
 """
 import argparse
 import asyncio
@@ -75,7 +76,8 @@ class Handler:
         with open(base + ".json", "w") as f:
             json.dump({"mail_from": envelope.mail_from, "rcpt_tos": envelope.rcpt_tos,
                        "mail_options": envelope.mail_options,
-                       "helo": session.host_name, "time": time.time()}, f)
+                       "helo": session.host_name, "peer": session.peer[0] if session.peer else None,
+                       "time": time.time()}, f)
         os.rename(base + ".eml.tmp", base + ".eml")
         return "250 2.0.0 OK: queued as SINK%d" % self.count
 

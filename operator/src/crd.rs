@@ -105,7 +105,10 @@ pub struct MailQueueSpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0))]
     pub replicas: i32,
-    /// Relay container image (its `postern` binary runs `serve`).
+    /// Relay container image (its `postern` binary runs `serve`). Default:
+    /// `localhost/postern:<operator version>`, the name `deploy/image/build`
+    /// gives the image it builds; set it to where you pushed that image.
+    #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
     /// Pull policy of the relay image.
@@ -611,6 +614,11 @@ pub struct MailQueueStatus {
     /// `Ready`, `Progressing`, `Degraded`, `Draining`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// The relay image deploy/image/build makes for this version.
+pub fn default_image() -> String {
+    format!("localhost/postern:{}", env!("CARGO_PKG_VERSION"))
 }
 
 fn default_replicas() -> i32 {

@@ -114,11 +114,25 @@ impl Cluster {
     /// Starts a control plane in a new temporary directory and waits until it
     /// is ready (`/readyz`, the `default` ServiceAccount has its token).
     pub fn start() -> Cluster {
+        Cluster::start_in_mode(false)
+    }
+
+    /// Starts the control plane and a real node (`e2e/kube/cluster start
+    /// --node`): kubelet, containerd, kube-proxy, kube-scheduler, cluster DNS.
+    pub fn start_with_node() -> Cluster {
+        Cluster::start_in_mode(true)
+    }
+
+    fn start_in_mode(node: bool) -> Cluster {
         // One rustls provider for the process: the relay's object_store brings
         // ring beside kube's aws-lc-rs.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let bin = tools_dir().join("kube").join(KUBE_VERSION);
-        for name in ["kube-apiserver", "kube-controller-manager"] {
+        let mut binaries = vec!["kube-apiserver", "kube-controller-manager"];
+        if node {
+            binaries.extend(["kubelet", "kube-proxy", "kube-scheduler", "pause"]);
+        }
+        for name in binaries {
             assert!(
                 bin.join(name).is_file(),
                 "{} is missing: run e2e/install-deps (e2e/kube/install builds it from Debian's source package kubernetes)",
@@ -133,6 +147,7 @@ impl Cluster {
             .arg(repo_root().join("e2e/kube/cluster"))
             .arg("start")
             .arg(dir.path())
+            .args(node.then_some("--node"))
             .arg("--watch")
             .arg(std::process::id().to_string())
             .stdin(Stdio::null())
@@ -156,6 +171,54 @@ impl Cluster {
             ca: PathBuf::from(value("KUBE_CA")),
             dir: Some(dir),
         }
+    }
+
+    /// The node's own address (pods reach host services bound to it).
+    pub fn node_ip(&self) -> Ipv4Addr {
+        let output = Command::new("bash")
+            .arg(repo_root().join("e2e/kube/node"))
+            .arg("address")
+            .output()
+            .expect("runs e2e/kube/node");
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("the node address")
+    }
+
+    /// Imports docker-archive image tarballs into the node's containerd.
+    pub fn import_images(&self, archives: &[&Path]) {
+        let output = Command::new("bash")
+            .arg(repo_root().join("e2e/kube/cluster"))
+            .arg("import")
+            .arg(self.dir())
+            .args(archives)
+            .output()
+            .expect("runs e2e/kube/cluster import");
+        assert!(
+            output.status.success(),
+            "importing images failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Runs `ctr` against the node's containerd (namespace k8s.io); panics on failure.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let socket = self.dir().join("node/containerd/containerd.sock");
+        let output = Command::new("ctr")
+            .arg("--address")
+            .arg(&socket)
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("runs ctr (apt-get install containerd)");
+        assert!(
+            output.status.success(),
+            "ctr {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     /// The directory holding the cluster's state and logs.
@@ -1257,6 +1320,11 @@ pub struct Sink {
 impl Sink {
     /// Starts the sink on `addr`, storing messages in `dir`; waits until it listens.
     pub fn start(addr: SocketAddr, dir: &Path) -> Sink {
+        Sink::start_with(addr, dir, &[])
+    }
+
+    /// [`Sink::start`] with more of e2e/sink.py's options (`--delay-file F`, ...).
+    pub fn start_with(addr: SocketAddr, dir: &Path, options: &[&str]) -> Sink {
         std::fs::create_dir_all(dir).expect("sink dir");
         let mut process = Process::spawn(
             Command::new("python3")
@@ -1264,7 +1332,8 @@ impl Sink {
                 .arg("--listen")
                 .arg(addr.to_string())
                 .arg("--dir")
-                .arg(dir),
+                .arg(dir)
+                .args(options),
             dir.join("sink.log"),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
