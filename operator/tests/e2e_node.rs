@@ -331,6 +331,48 @@ fn describe(tally: &Tally) -> String {
 
 // --- the cluster ----------------------------------------------------------
 
+/// Where two JSON values differ, as paths with both values.
+fn json_diff(want: &Value, got: &Value, path: &str, out: &mut Vec<String>) {
+    match (want, got) {
+        (Value::Object(a), Value::Object(b)) => {
+            for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
+                let null = Value::Null;
+                json_diff(
+                    a.get(key).unwrap_or(&null),
+                    b.get(key).unwrap_or(&null),
+                    &format!("{path}.{key}"),
+                    out,
+                );
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (index, (x, y)) in a.iter().zip(b).enumerate() {
+                json_diff(x, y, &format!("{path}[{index}]"), out);
+            }
+        }
+        // 1 and 1.0 (the Rust types hold minimums as f64) are the same bound.
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {}
+        _ if want != got => out.push(format!("{path}: generated {want}, served {got}")),
+        _ => {}
+    }
+}
+
+/// Checks that an object is controlled by the MailQueue.
+fn assert_owned(cluster: &Cluster, resource: &str, name: &str, mq_uid: &str) {
+    let object = json(&cluster.kubectl(&["get", resource, name, "-n", NS, "-o", "json"]));
+    let owners = object["metadata"]["ownerReferences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        owners.iter().any(|owner| owner["kind"] == "MailQueue"
+            && owner["name"] == "mx"
+            && owner["uid"] == mq_uid
+            && owner["controller"] == true),
+        "{resource}/{name} is not owned by MailQueue mx ({mq_uid}): {owners:?}"
+    );
+}
+
 /// `kubectl get mq -n mail` columns of MailQueue `name` (with -o wide).
 fn mq_columns(cluster: &Cluster, name: &str) -> BTreeMap<String, String> {
     let table = cluster.kubectl(&["get", "mailqueues", "-n", NS, "-o", "wide"]);
@@ -676,6 +718,42 @@ async fn clustered_mailqueue_on_a_real_node() {
         helm_started.elapsed()
     ));
 
+    // The CRD as the chart installed it: kept on uninstall, served with the
+    // generated schema, columns and subresources (1.20 drops what it does not
+    // know without a word).
+    let crd = json(&cluster.kubectl(&["get", "crd", "mailqueues.postern.dev", "-o", "json"]));
+    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    let generated = serde_json::to_value(postern_operator::crd::crd()).unwrap();
+    for part in ["schema", "additionalPrinterColumns", "subresources"] {
+        let mut differences = Vec::new();
+        json_diff(
+            &generated["spec"]["versions"][0][part],
+            &crd["spec"]["versions"][0][part],
+            part,
+            &mut differences,
+        );
+        assert!(differences.is_empty(), "the CRD's {part} as served: {differences:#?}");
+    }
+    let can_delete = cluster.kubectl_output(
+        &cluster.kubeconfig,
+        &[
+            "auth",
+            "can-i",
+            "delete",
+            "statefulsets",
+            "-n",
+            NS,
+            "--as=system:serviceaccount:postern-system:postern",
+        ],
+        None,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&can_delete.stdout).trim(),
+        "no",
+        "the operator's RBAC must not delete what it owns (garbage collection does)"
+    );
+    report("the MailQueue CRD is served with the generated schema, columns and subresources, kept on uninstall; the operator's ServiceAccount may not delete StatefulSets");
+
     // A clustered MailQueue.
     cluster.kubectl(&["create", "namespace", NS]);
     cluster.kubectl(&[
@@ -709,6 +787,30 @@ async fn clustered_mailqueue_on_a_real_node() {
         columns["READY"],
         mq_started.elapsed()
     ));
+    let mq = json(&cluster.kubectl(&["get", "mailqueue", "mx", "-n", NS, "-o", "json"]));
+    let mq_uid = mq["metadata"]["uid"].as_str().unwrap().to_owned();
+    for (resource, name) in [
+        ("statefulset", "mx"),
+        ("service", "mx"),
+        ("service", "mx-peers"),
+        ("configmap", "mx-config"),
+        ("serviceaccount", "mx-relay"),
+        ("poddisruptionbudgets.v1beta1.policy", "mx"),
+    ] {
+        assert_owned(&cluster, resource, name, &mq_uid);
+    }
+    let headers: Vec<String> = cluster
+        .kubectl(&["get", "mq", "-n", NS, "-o", "wide"])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        headers,
+        ["NAME", "READY", "QUEUED", "OLDEST", "STATUS", "AGE", "IMAGE", "DRAINING"]
+    );
     let pods = relay_pods(&cluster);
     let relay_container = container_id(&cluster, "mx-0", NS);
     let (_, relay_ids) = process_ids(&cluster, &relay_container);
@@ -966,6 +1068,56 @@ async fn clustered_mailqueue_on_a_real_node() {
         columns.get("OLDEST"),
         columns["STATUS"]
     ));
+    // An invalid spec is reported and the operator goes on; fixed, it is ready.
+    cluster.kubectl(&[
+        "patch",
+        "mailqueue",
+        "mx",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ackPolicy":{"required":2,"copies":["local"]}}}"#,
+    ]);
+    until_mq(&cluster, "STATUS InvalidSpec", Duration::from_secs(60), |c| {
+        c.get("STATUS").map(String::as_str) == Some("InvalidSpec")
+    })
+    .await;
+    cluster.kubectl(&[
+        "patch",
+        "mailqueue",
+        "mx",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ackPolicy":{"required":2,"copies":["local","peer","objectStore"]}}}"#,
+    ]);
+    until_mq(&cluster, "STATUS RelaysReady again", Duration::from_secs(120), |c| {
+        c.get("STATUS").map(String::as_str) == Some("RelaysReady")
+    })
+    .await;
+    // Deleting the MailQueue: garbage collection removes what it owned.
+    cluster.kubectl(&["delete", "mailqueue", "mx", "-n", NS]);
+    eventually("garbage collection", Duration::from_secs(120), || async {
+        let out = cluster.kubectl(&[
+            "get",
+            "statefulsets,services,configmaps,serviceaccounts,poddisruptionbudgets.v1beta1.policy,pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/instance=mx",
+            "-o",
+            "name",
+        ]);
+        if out.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+    report("an invalid spec shows STATUS InvalidSpec and is RelaysReady again once fixed; deleting the MailQueue garbage-collects its StatefulSet, Services, ConfigMap, ServiceAccount, PodDisruptionBudget and pods (the spool claims stay)");
     report("NOT like production here: one node (pod anti-affinity cannot spread relays; a node failure is not simulated), cluster DNS is dnsmasq fed from the API instead of CoreDNS, hostPath volumes instead of a storage provisioner, etcd/S3/the next hop run on the host instead of in the cluster, images come from containerd's store instead of a registry, Kubernetes 1.20 (Debian's source)");
     drop(etcd);
     drop(moto);
