@@ -158,13 +158,24 @@ impl Default for LimitsConfig {
 
 /// Relay policy: recipients are accepted only for `relay_domains`, or from
 /// `trusted_networks`; everything else gets 554 5.7.1 (no open relay).
+/// Mail for this relay's own postmaster is the exception (see `postmaster`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// Domains we accept mail for from anyone (compared case-insensitively).
+    /// `postmaster@` one of them is relayed like any other address there.
     pub relay_domains: Vec<String>,
     /// Client networks allowed to relay to any domain. Default: loopback only.
     pub trusted_networks: Vec<IpNet>,
+    /// The mailbox (`local@domain`) that receives mail for this relay's own
+    /// postmaster: `RCPT TO:<postmaster>` (no domain) and
+    /// `postmaster@<hostname>`, which RFC 5321 §4.5.1 requires a relay to
+    /// accept from anyone. A relay has no mailboxes of its own, so the
+    /// envelope recipient becomes this address (the message is not changed)
+    /// and the address the client gave is kept as the recipient's ORCPT
+    /// (RFC 3461) unless the client sent one. Unset (the default), such
+    /// recipients get `550 5.1.1` saying so, and `postern config check` warns.
+    pub postmaster: Option<String>,
 }
 
 impl Default for PolicyConfig {
@@ -175,6 +186,7 @@ impl Default for PolicyConfig {
                 "127.0.0.0/8".parse().expect("valid network"),
                 "::1/128".parse().expect("valid network"),
             ],
+            postmaster: None,
         }
     }
 }
@@ -726,6 +738,20 @@ impl Config {
                 return invalid(format!("policy.relay_domains: {domain:?} is not a domain"));
             }
         }
+        if let Some(postmaster) = &self.policy.postmaster {
+            let mailbox = crate::smtp::params::Mailbox::parse(postmaster).map_err(|err| {
+                ConfigError::Invalid(format!(
+                    "policy.postmaster {postmaster:?} is not a mailbox local@domain ({err})"
+                ))
+            })?;
+            if mailbox.is_postmaster() && self.is_own_domain(&mailbox.domain) {
+                return invalid(format!(
+                    "policy.postmaster {postmaster:?} is this relay's own postmaster address \
+                     (hostname {:?}): name a mailbox the relay delivers elsewhere",
+                    self.hostname
+                ));
+            }
+        }
         let delivery = &self.delivery;
         if delivery.retry_schedule.is_empty() || delivery.retry_schedule.iter().any(|d| d.is_zero())
         {
@@ -878,6 +904,30 @@ impl Config {
         Ok(())
     }
 
+    /// Whether `domain` names this relay itself (`hostname`, compared
+    /// case-insensitively, a trailing dot ignored): its postmaster is
+    /// `policy.postmaster`.
+    pub fn is_own_domain(&self, domain: &str) -> bool {
+        domain
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(self.hostname.trim_end_matches('.'))
+    }
+
+    /// What is valid but probably not meant, one sentence each: `postern
+    /// config check` prints them and `postern serve` logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.policy.postmaster.is_none() {
+            warnings.push(format!(
+                "policy.postmaster is not set: mail to <postmaster> and <postmaster@{}> is \
+                 refused with 550 5.1.1, though RFC 5321 §4.5.1 requires accepting it; \
+                 set it to a mailbox that is read",
+                self.hostname
+            ));
+        }
+        warnings
+    }
+
     /// Copies written per message: each entry of `spool.copies`, `"peer"`
     /// counting `cluster.replicas` times.
     pub fn copy_count(&self) -> usize {
@@ -985,6 +1035,36 @@ mod tests {
     fn quorum_larger_than_copies_is_invalid() {
         let err = Config::parse("[spool]\ncopies = [\"local\"]\nrequired = 2\n").unwrap_err();
         assert!(err.to_string().contains("spool.required = 2"), "{err}");
+    }
+
+    #[test]
+    fn postmaster_is_a_mailbox_elsewhere_and_its_absence_is_a_warning() {
+        let config = Config::parse("hostname = \"mx.example.org\"\n").unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("policy.postmaster is not set")
+                && warnings[0].contains("<postmaster@mx.example.org>"),
+            "{warnings:?}"
+        );
+        let config = Config::parse(
+            "hostname = \"mx.example.org\"\n[policy]\npostmaster = \"ops@example.org\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.policy.postmaster.as_deref(), Some("ops@example.org"));
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+        for (value, needle) in [
+            ("ops", "is not a mailbox local@domain"),
+            ("<ops@example.org>", "is not a mailbox local@domain"),
+            ("PostMaster@MX.example.org", "this relay's own postmaster"),
+        ] {
+            let err = Config::parse(&format!(
+                "hostname = \"mx.example.org\"\n[policy]\npostmaster = {value:?}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(needle), "{value:?}: {err}");
+        }
     }
 
     #[test]

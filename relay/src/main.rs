@@ -82,7 +82,10 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
-            Ok(_) => {
+            Ok(config) => {
+                for warning in config.warnings() {
+                    eprintln!("{}: warning: {warning}", file.display());
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }

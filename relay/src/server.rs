@@ -15,6 +15,7 @@ use crate::admin::cluster::ClusterAdmin;
 use crate::admin::queue_service::QueueService;
 use crate::cluster::node::{ClusterNode, PeerNetwork};
 use crate::config::{Config, CopyKind};
+use crate::delivery::summary;
 use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
 use crate::inbound::{self, Listener};
@@ -38,6 +39,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Runs the relay until `shutdown` turns true.
 pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let resolv_conf = std::fs::read_to_string(summary::RESOLV_CONF).ok();
+    info!(
+        "delivery: {}",
+        summary::summary(&config, resolv_conf.as_deref())
+    );
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let peering = match &config.cluster {

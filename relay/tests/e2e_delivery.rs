@@ -167,6 +167,84 @@ fn delivers_to_an_smtp_sink_byte_for_byte_and_cleans_up() {
     );
 }
 
+/// swaks from 127.0.0.2, which these relays do not trust (only 127.0.0.1/32
+/// is), to `rcpt`; returns (success, swaks' transcript).
+fn swaks_untrusted(relay: &Relay, rcpt: &str, data: &[u8]) -> (bool, String) {
+    let work = tempfile::tempdir().unwrap();
+    // swaks sends the file and then CRLF.CRLF itself.
+    let file = write_file(work.path(), "data", data.strip_suffix(b"\r\n").unwrap());
+    run(Command::new(require_tool("swaks"))
+        .args(["--server", &relay.smtp.to_string()])
+        .args(["--local-interface", "127.0.0.2"])
+        .args(["--helo", "stranger.test", "--from", SENDER, "--to", rcpt])
+        .arg("--data")
+        .arg(format!("@{}", file.display())))
+}
+
+const UNTRUSTED_TOML: &str = "[policy]\ntrusted_networks = [\"127.0.0.1/32\"]\n";
+
+#[test]
+fn an_untrusted_clients_mail_to_the_postmaster_reaches_policy_postmaster() {
+    let sink = Sink::loopback(&[]);
+    let relay = delivering_relay(&format!(
+        "{UNTRUSTED_TOML}postmaster = \"ops@ops.test\"\n[delivery]\nrelayhost = \"{}\"\n",
+        sink.addr
+    ));
+    // 127.0.0.2 really is untrusted: other domains are refused.
+    let (ok, output) = swaks_untrusted(&relay, "someone@elsewhere.test", &message("denied"));
+    assert!(!ok, "relayed for an untrusted client:\n{output}");
+    assert!(
+        output.contains("554 5.7.1 <someone@elsewhere.test>: Relay access denied"),
+        "{output}"
+    );
+    for (rcpt, subject) in [
+        ("postmaster", "bare"),
+        ("PostMaster@postern.test", "qualified"),
+    ] {
+        let data = message(subject);
+        let (ok, output) = swaks_untrusted(&relay, rcpt, &data);
+        assert!(
+            ok,
+            "swaks to {rcpt}:\n{output}\nrelay log:\n{}",
+            relay.log()
+        );
+        assert!(
+            output.contains(&format!("RCPT TO:<{rcpt}>")) && output.contains("250 2.1.5"),
+            "{output}"
+        );
+        let id = queued_id(&output).unwrap_or_else(|| panic!("no `queued as`:\n{output}"));
+        // Delivered to the configured mailbox, the message as it was sent.
+        let got = wait_for(Duration::from_secs(20), || {
+            sink.messages_for("ops@ops.test")
+                .into_iter()
+                .find(|eml| contains(eml, format!("id {id}").as_bytes()))
+        })
+        .unwrap_or_else(|| panic!("{id} did not reach ops@ops.test; log:\n{}", relay.log()));
+        assert_eq!(strip_received(&got), &data[..]);
+    }
+    assert_eq!(sink.messages().len(), 2, "{:?}", sink.messages());
+    let log = relay.log();
+    assert!(
+        log.contains("postmaster mail goes to policy.postmaster client=127.0.0.2:"),
+        "{log}"
+    );
+}
+
+#[test]
+fn without_policy_postmaster_an_untrusted_client_is_told_why() {
+    let relay = delivering_relay(&format!("{UNTRUSTED_TOML}[delivery]\npaused = true\n"));
+    let (ok, output) = swaks_untrusted(&relay, "postmaster", &message("nobody"));
+    assert!(!ok, "accepted with no postmaster set:\n{output}");
+    assert!(
+        output.contains(
+            "550 5.1.1 <postmaster>: This relay has no postmaster mailbox: its operator has \
+             not set policy.postmaster"
+        ),
+        "{output}"
+    );
+    assert!(relay.committed().is_empty());
+}
+
 fn http_get_text(addr: SocketAddr, path: &str) -> String {
     let (status, body) = http_request(addr, "GET", path, &[], b"").unwrap();
     assert_eq!(status, 200);

@@ -197,6 +197,73 @@ async fn strangers_may_send_only_to_relay_domains() {
 }
 
 #[tokio::test]
+async fn strangers_reach_the_postmaster_whose_mail_goes_to_policy_postmaster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.policy.postmaster = Some("ops@ops.example".into());
+    let mut client = connect(listener(&config).await, "192.0.2.9:40000");
+    client.expect("220").await;
+    client
+        .send("EHLO stranger.example\r\nMAIL FROM:<s@stranger.example>\r\n")
+        .await;
+    client.expect("250 ").await;
+    client.expect("250 2.1.0").await;
+    client
+        .send("RCPT TO:<postmaster>\r\nRCPT TO:<Postmaster@MX.TEST>\r\nRCPT TO:<postmaster@elsewhere.example>\r\nDATA\r\n")
+        .await;
+    client.expect("250 2.1.5").await;
+    client.expect("250 2.1.5").await;
+    client
+        .expect("554 5.7.1 <postmaster@elsewhere.example>")
+        .await;
+    client.expect("354").await;
+    let body = "To: <postmaster>\r\nSubject: abuse report\r\n\r\nhi\r\n";
+    client.send(&format!("{body}.\r\n")).await;
+    let id = queued_id(&client.expect("250 2.0.0").await);
+
+    let spool = dir.path().join("spool");
+    let env: Envelope =
+        serde_json::from_slice(&std::fs::read(spool.join(format!("{id}.env"))).unwrap()).unwrap();
+    let recipients: Vec<(String, Option<String>)> = env
+        .recipients
+        .iter()
+        .map(|r| (r.address.address(), r.params.orcpt.clone()))
+        .collect();
+    assert_eq!(
+        recipients,
+        [
+            (
+                "ops@ops.example".to_owned(),
+                Some("rfc822;postmaster@mx.test".to_owned())
+            ),
+            (
+                "ops@ops.example".to_owned(),
+                Some("rfc822;Postmaster@MX.TEST".to_owned())
+            ),
+        ]
+    );
+    // The message is what the client sent, behind our trace header.
+    let eml = String::from_utf8(std::fs::read(spool.join(format!("{id}.eml"))).unwrap()).unwrap();
+    assert!(eml.starts_with("Received: "), "{eml}");
+    assert!(eml.ends_with(body), "{eml}");
+}
+
+#[tokio::test]
+async fn without_policy_postmaster_the_refusal_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path());
+    let mut client = connect(listener(&config).await, "192.0.2.9:40000");
+    client.expect("220").await;
+    client
+        .send("EHLO stranger.example\r\nMAIL FROM:<s@stranger.example>\r\nRCPT TO:<postmaster>\r\n")
+        .await;
+    client.expect("250 ").await;
+    client.expect("250 2.1.0").await;
+    let refusal = client.expect("550 5.1.1 <postmaster>: ").await;
+    assert!(refusal.contains("policy.postmaster"), "{refusal}");
+}
+
+#[tokio::test]
 async fn no_room_on_the_spool_disk_gives_452_at_mail() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());

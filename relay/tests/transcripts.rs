@@ -9,13 +9,18 @@
 //! - `CLOSED`   the server closed the connection here;
 //! - `COMMITTED n`  n messages were handed over for commit so far;
 //! - `| text`   a line (CRLF added) of the last committed message, in order;
+//! - `RECIPIENTS a, b ORCPT=x`  the envelope recipients of the last committed
+//!   message, in order, each with its ORCPT when it has one;
 //! - `CONFIG key=value`  session setting (max_recipients, max_message_size,
-//!   max_line_length, max_errors, starttls, auth_external, require_auth);
+//!   max_line_length, max_errors, starttls, auth_external, require_auth) or
+//!   `postmaster` (the relay policy's `policy.postmaster`);
 //! - `# …` comments and blank lines.
 //!
 //! The greeting is sent just before the first expected reply, so C lines above
 //! the first S line are input sent before the greeting. The test driver plays a
-//! simple policy: recipients at `denied.example` get 554 5.7.1, senders at
+//! simple policy, for a client that may not relay: the relay's own postmaster
+//! (`<postmaster>`, `postmaster@mx.test`) is decided by the real
+//! [`RelayPolicy`], recipients at `denied.example` get 554 5.7.1, senders at
 //! `full.example` get 452 4.3.1, every message gets `250 2.0.0 Ok: queued as
 //! TEST<n>`, AUTH EXTERNAL succeeds for the identity `alice` (or none asked)
 //! and gets 535 5.7.8 for any other.
@@ -23,10 +28,16 @@
 use std::collections::VecDeque;
 use std::path::Path;
 
+use postern::config::Config;
+use postern::inbound::policy::{RcptDecision, RelayPolicy};
+use postern::smtp::params::RcptParams;
 use postern::smtp::{Event, Reply, Session, SessionConfig, Verdict};
 
 struct Harness {
     session: Session,
+    policy: RelayPolicy,
+    /// Envelope recipients of each committed message, as `RECIPIENTS` shows them.
+    recipients: Vec<String>,
     started: bool,
     output: VecDeque<String>,
     closed: bool,
@@ -57,6 +68,23 @@ impl Harness {
                     };
                     self.session.decide(verdict);
                 }
+                Event::Rcpt {
+                    forward_path,
+                    params,
+                } if self.policy.is_own_postmaster(&forward_path) => {
+                    let decision = self.policy.decide(None, false, &forward_path, &params);
+                    match (decision.refusal(&forward_path), decision) {
+                        (Some(refusal), _) => self.session.decide(Verdict::Reply(refusal)),
+                        (
+                            None,
+                            RcptDecision::Postmaster {
+                                forward_path,
+                                params,
+                            },
+                        ) => self.session.accept_rcpt_as(forward_path, params),
+                        (None, _) => self.session.decide(Verdict::Accept),
+                    }
+                }
                 Event::Rcpt { forward_path, .. } => {
                     let verdict = if forward_path.domain == "denied.example" {
                         Verdict::Reply(Reply::new(554, "5.7.1", "Relay access denied"))
@@ -72,6 +100,14 @@ impl Harness {
                 Event::MessageData(bytes) => self.current.extend_from_slice(&bytes),
                 Event::MessageEnd => {
                     self.committed.push(std::mem::take(&mut self.current));
+                    let recipients: Vec<String> = self
+                        .session
+                        .transaction()
+                        .rcpts
+                        .iter()
+                        .map(|(mailbox, params)| recipient_label(mailbox.address(), params))
+                        .collect();
+                    self.recipients.push(recipients.join(", "));
                     let id = format!("TEST{}", self.committed.len());
                     self.session.decide(Verdict::Reply(Reply::new(
                         250,
@@ -96,6 +132,13 @@ impl Harness {
                 Event::Close => self.closed = true,
             }
         }
+    }
+}
+
+fn recipient_label(address: String, params: &RcptParams) -> String {
+    match &params.orcpt {
+        Some(orcpt) => format!("{address} ORCPT={orcpt}"),
+        None => address,
     }
 }
 
@@ -132,6 +175,8 @@ fn run_transcript(path: &Path) -> Result<(), String> {
         auth_external: false,
         require_auth: false,
     };
+    let mut relay = Config::default();
+    relay.hostname = config.hostname.clone();
     let mut pending_input: Vec<u8> = Vec::new();
     let mut expected_message: Option<Vec<u8>> = None;
     let mut harness: Option<Harness> = None;
@@ -156,12 +201,20 @@ fn run_transcript(path: &Path) -> Result<(), String> {
                 "starttls" => config.starttls = value.trim().parse().unwrap(),
                 "auth_external" => config.auth_external = value.trim().parse().unwrap(),
                 "require_auth" => config.require_auth = value.trim().parse().unwrap(),
+                "postmaster" => relay.policy.postmaster = Some(value.trim().to_owned()),
                 other => return Err(format!("{at}: unknown setting {other}")),
             }
             continue;
         }
+        if harness.is_none() {
+            relay
+                .validate()
+                .map_err(|err| format!("{at}: CONFIG: {err}"))?;
+        }
         let harness = harness.get_or_insert_with(|| Harness {
             session: Session::new(config.clone()),
+            policy: RelayPolicy::new(&relay).expect("validated"),
+            recipients: Vec::new(),
             started: false,
             output: VecDeque::new(),
             closed: false,
@@ -223,6 +276,15 @@ fn run_transcript(path: &Path) -> Result<(), String> {
             }
             if !harness.closed {
                 return Err(format!("{at}: expected the server to close the connection"));
+            }
+        } else if let Some(expected) = line.strip_prefix("RECIPIENTS ") {
+            match harness.recipients.last() {
+                Some(got) if got == expected => {}
+                got => {
+                    return Err(format!(
+                        "{at}: recipients of the last message: expected {expected:?}, got {got:?}"
+                    ))
+                }
             }
         } else if let Some(count) = line.strip_prefix("COMMITTED ") {
             let count: usize = count

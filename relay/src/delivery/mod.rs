@@ -5,4 +5,5 @@ pub mod dsn;
 pub mod engine;
 pub mod mx;
 pub mod route;
+pub mod summary;
 pub mod tls;

@@ -8,13 +8,14 @@ use tracing::{info, warn};
 
 use super::early::EarlyOutcome;
 use super::local::LocalUser;
+use super::policy::RcptDecision;
 use super::received::{received_header, TraceInfo};
 use super::tls::MaybeTls;
 use super::{Listener, Peer};
 use crate::metrics::Metrics;
 use crate::queue::schedule::now_ms;
 use crate::queue::state::{DeliveryState, RecipientState, Status};
-use crate::smtp::params::{MailParams, Mailbox};
+use crate::smtp::params::{MailParams, Mailbox, RcptParams};
 use crate::smtp::{Event, Reply, Session, Verdict};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
 use crate::spool::{Incoming, SpoolError};
@@ -151,10 +152,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 let verdict = self.check_mail(reverse_path.as_ref(), &params);
                 self.session.decide(verdict);
             }
-            Event::Rcpt { forward_path, .. } => {
-                let verdict = self.check_rcpt(&forward_path);
-                self.session.decide(verdict);
-            }
+            Event::Rcpt {
+                forward_path,
+                params,
+            } => self.check_rcpt(&forward_path, &params),
             Event::MessageStart => {
                 let verdict = self.start_message().await;
                 self.session.decide(verdict);
@@ -240,21 +241,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         Verdict::Accept
     }
 
-    fn check_rcpt(&self, rcpt: &Mailbox) -> Verdict {
-        if self
-            .listener
-            .policy
-            .may_relay(self.peer.ip(), self.user.is_some(), rcpt)
-        {
-            Verdict::Accept
-        } else {
+    /// Answers a paused RCPT with the relay policy's decision.
+    fn check_rcpt(&mut self, rcpt: &Mailbox, params: &RcptParams) {
+        let decision =
+            self.listener
+                .policy
+                .decide(self.peer.ip(), self.user.is_some(), rcpt, params);
+        if let Some(refusal) = decision.refusal(rcpt) {
             Metrics::count(&self.listener.metrics.refused);
-            info!(client = %self.client_label(), rcpt = %rcpt.address(), "refused RCPT: relay access denied");
-            Verdict::Reply(Reply::new(
-                554,
-                "5.7.1",
-                format!("<{}>: Relay access denied", rcpt.address()),
-            ))
+            let why = match decision {
+                RcptDecision::NoPostmaster => "postmaster mail, but policy.postmaster is not set",
+                _ => "relay access denied",
+            };
+            info!(client = %self.client_label(), rcpt = %rcpt.address(), "refused RCPT: {why}");
+            return self.session.decide(Verdict::Reply(refusal));
+        }
+        match decision {
+            RcptDecision::Postmaster {
+                forward_path,
+                params,
+            } => {
+                info!(client = %self.client_label(), rcpt = %rcpt.address(), to = %forward_path.address(), "postmaster mail goes to policy.postmaster");
+                self.session.accept_rcpt_as(forward_path, params);
+            }
+            _ => self.session.decide(Verdict::Accept),
         }
     }
 

@@ -82,7 +82,7 @@ impl Listener {
                 require_auth: false,
             },
             limits: config.limits.clone(),
-            policy: RelayPolicy::new(&config.policy),
+            policy: RelayPolicy::new(config).map_err(|err| err.to_string())?,
             spool,
             tls,
             connections,

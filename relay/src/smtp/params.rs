@@ -22,9 +22,25 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
-    /// `local@domain`.
+    /// Parses `local@domain` (no angle brackets), as configuration names a
+    /// mailbox; the syntax and length rules of RCPT TO apply, non-ASCII allowed.
+    pub fn parse(text: &str) -> Result<Mailbox, ParamError> {
+        parse_mailbox(text, true)
+    }
+
+    /// `local@domain`, or the bare local part for `<Postmaster>` without a
+    /// domain (RFC 5321 §4.1.1.3).
     pub fn address(&self) -> String {
+        if self.domain.is_empty() {
+            return self.local.clone();
+        }
         format!("{}@{}", self.local, self.domain)
+    }
+
+    /// Whether the local part is `postmaster`, which RFC 5321 §4.5.1 says
+    /// is compared without regard to case.
+    pub fn is_postmaster(&self) -> bool {
+        self.local.eq_ignore_ascii_case("postmaster")
     }
 
     /// The domain in lower case, for policy lookups.
@@ -521,9 +537,24 @@ mod tests {
         .unwrap();
         assert_eq!(params.notify, Some(vec![Notify::Success, Notify::Failure]));
         assert_eq!(params.orcpt.as_deref(), Some("rfc822;b@example.org"));
+        let (postmaster, _) = parse_rcpt("<Postmaster>", false).unwrap();
+        assert_eq!(postmaster.local, "Postmaster");
+        assert_eq!(postmaster.address(), "Postmaster");
+        assert!(postmaster.is_postmaster());
+        assert!(!parse_rcpt("<postmasters@x>", false)
+            .unwrap()
+            .0
+            .is_postmaster());
+    }
+
+    #[test]
+    fn configured_mailboxes_parse() {
+        let mailbox = Mailbox::parse("ops@example.org").unwrap();
+        assert_eq!(mailbox.address(), "ops@example.org");
+        assert_eq!(Mailbox::parse("ops").unwrap_err(), ParamError::BadPath);
         assert_eq!(
-            parse_rcpt("<Postmaster>", false).unwrap().0.local,
-            "Postmaster"
+            Mailbox::parse("<ops@example.org>").unwrap_err(),
+            ParamError::BadPath
         );
     }
 

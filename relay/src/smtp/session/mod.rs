@@ -56,7 +56,8 @@ pub enum Event {
         /// Its parameters.
         params: MailParams,
     },
-    /// A RCPT command passed syntax checks; decide with [`Verdict`].
+    /// A RCPT command passed syntax checks; decide with [`Verdict`], or
+    /// accept it for another mailbox with [`Session::accept_rcpt_as`].
     Rcpt {
         /// The forward path.
         forward_path: Mailbox,

@@ -1,6 +1,6 @@
 //! RCPT TO.
 
-use super::{Event, Pending, Reply, Session, Verdict};
+use super::{Event, Pending, Reply, Session, State, Verdict};
 use crate::smtp::params::{self, Mailbox, RcptParams};
 
 impl Session {
@@ -30,6 +30,17 @@ impl Session {
                 params,
             },
         );
+    }
+
+    /// Answers a paused RCPT by accepting it for `forward_path` with
+    /// `params` instead of what the client sent: the transaction records
+    /// these (mail for the relay's own postmaster goes to the mailbox
+    /// configured for it). Ignored unless the session waits on a RCPT.
+    pub fn accept_rcpt_as(&mut self, forward_path: Mailbox, params: RcptParams) {
+        if matches!(self.state, State::Paused(Pending::Rcpt(..))) {
+            self.state = State::Command;
+            self.rcpt_decided(forward_path, params, Verdict::Accept);
+        }
     }
 
     pub(super) fn rcpt_decided(&mut self, path: Mailbox, params: RcptParams, verdict: Verdict) {
