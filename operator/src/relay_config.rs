@@ -21,6 +21,10 @@ pub const DATA_DIR: &str = "/var/lib/postern";
 pub const CONFIG_DIR: &str = "/etc/postern";
 /// The configuration file's name in the ConfigMap.
 pub const CONFIG_FILE: &str = "postern.toml";
+/// How long a stopping relay answers new connections with 421 after its
+/// sessions ended (endpoint changes take a moment to reach kube-proxy).
+pub const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Container port of `/healthz`, `/readyz`, `/stats`, `/metrics`.
 pub const HTTP_PORT: u16 = 9325;
 /// Where listener TLS Secrets are mounted (`<dir>/<listener>/tls.crt`).
@@ -162,6 +166,10 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
         spec.limits.max_connections_per_ip,
         "limits.maxConnectionsPerIp",
     )?;
+    // A stopping relay's pod leaves the Service's endpoints at once, but
+    // kube-proxy on every node needs a moment to follow: until then new
+    // clients still reach it and should hear 421, not a refused connection.
+    config.limits.shutdown_linger = SHUTDOWN_LINGER;
 
     config.policy.relay_domains = spec.relay_domains.iter().map(|d| d.0.clone()).collect();
     config.policy.trusted_networks = spec

@@ -274,6 +274,8 @@ struct Tally {
     acked: usize,
     refused: BTreeMap<u16, usize>,
     broken: usize,
+    /// What the first few broken transactions saw.
+    broken_examples: BTreeSet<String>,
     lost: Vec<String>,
     duplicated: usize,
 }
@@ -312,7 +314,12 @@ async fn account(sink: &Sink, sent: &[Sent], timeout: Duration) -> Tally {
                 }
             }
             Outcome::Refused(code) => *tally.refused.entry(*code).or_default() += 1,
-            Outcome::Broken(_) => tally.broken += 1,
+            Outcome::Broken(why) => {
+                tally.broken += 1;
+                if tally.broken_examples.len() < 3 {
+                    tally.broken_examples.insert(why.clone());
+                }
+            }
         }
     }
     tally
@@ -320,12 +327,13 @@ async fn account(sink: &Sink, sent: &[Sent], timeout: Duration) -> Tally {
 
 fn describe(tally: &Tally) -> String {
     format!(
-        "{} acked, {} lost, {} duplicated; refused {:?}; {} connections broken or refused before a reply",
+        "{} acked, {} lost, {} duplicated; refused {:?}; {} connections broken or refused before a reply {:?}",
         tally.acked,
         tally.lost.len(),
         tally.duplicated,
         tally.refused,
-        tally.broken
+        tally.broken,
+        tally.broken_examples
     )
 }
 
@@ -843,9 +851,20 @@ async fn clustered_mailqueue_on_a_real_node() {
         "exec", "-n", NS, "mx-0", "--", "postern", "queue", "stats", "--cluster", "--config",
         "/etc/postern/postern.toml",
     ]);
-    for pod in ["mx-0", "mx-1", "mx-2"] {
-        assert!(cluster_stats.contains(pod), "queue stats --cluster names {pod}: {cluster_stats}");
+    // "Relays: mx-0, <peer>:9327, <peer>:9327": itself and both peers, found
+    // through the headless Service.
+    let relays: Vec<&str> = cluster_stats
+        .lines()
+        .find_map(|line| line.strip_prefix("Relays: "))
+        .unwrap_or_default()
+        .split(", ")
+        .collect();
+    assert_eq!(relays.len(), 3, "queue stats --cluster reaches 3 relays: {cluster_stats}");
+    for peer in &relays[1..] {
+        let ip = peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(peer);
+        assert!(pod_ips.contains(ip), "{peer} is not a relay pod: {cluster_stats}");
     }
+    assert!(!cluster_stats.contains("Not answering"), "{cluster_stats}");
     report(&format!(
         "claims {}; mx-peers.{NS}.svc.cluster.local → {peer_ips:?}; `postern queue stats --cluster` in mx-0 (kubectl exec) reaches all three relays over the peer channel",
         bound.join(", ")

@@ -138,6 +138,13 @@ pub struct LimitsConfig {
     /// Zero only refuses bytes already waiting when the greeting is sent.
     #[serde(with = "humantime_serde")]
     pub greet_pause: Duration,
+    /// After a shutdown signal, how long the listeners stay open answering
+    /// new connections with `421 4.3.2` even when no session is left, so
+    /// clients that a load balancer or kube-proxy still sends here (until
+    /// readiness has propagated) hear 421 instead of a refused connection.
+    /// The operator sets a few seconds; zero closes as soon as the sessions end.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_linger: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -152,6 +159,7 @@ impl Default for LimitsConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             greet_pause: Duration::ZERO,
+            shutdown_linger: Duration::ZERO,
         }
     }
 }

@@ -249,10 +249,18 @@ pub async fn serve<A: Acceptor>(
     // Meanwhile the socket stays open and new clients hear 421 4.3.2 (a load
     // balancer may still send some until readiness has propagated) instead of
     // a reset from a closed listener.
+    // The socket also stays open until `shutdown_linger` has passed, even with
+    // no session left.
     let hostname = listener.session_config.hostname.clone();
-    loop {
+    let linger = tokio::time::sleep(listener.limits.shutdown_linger);
+    tokio::pin!(linger);
+    let (mut sessions_done, mut lingered) = (false, false);
+    while !(sessions_done && lingered) {
         tokio::select! {
-            _ = done_rx.recv() => break,
+            done = done_rx.recv(), if !sessions_done => if done.is_none() {
+                sessions_done = true;
+            },
+            () = &mut linger, if !lingered => lingered = true,
             accepted = socket.accept() => if let Ok((mut stream, peer)) = accepted {
                 let reply = Reply::new(
                     421,
