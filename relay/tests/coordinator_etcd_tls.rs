@@ -5,10 +5,10 @@
 //! `[cluster]` settings (`etcd_ca`, `etcd_cert`, `etcd_key`, `etcd_user`,
 //! `etcd_password_file`); then each wrong piece fails with its own error.
 //!
-//! One etcd for this test binary. The CAs and certificates are made here
-//! (rcgen); etcd's users and roles are set up with the etcd-client API
-//! before `auth enable`: `root`, and `relay` whose role grants read and
-//! write on `/postern-test/` only. etcd must be installed (`bash
+//! One etcd for this test binary, its auth tokens valid for one second
+//! unused. The CAs and certificates are made here (rcgen); etcd's users and
+//! roles are set up with the etcd-client API before `auth enable`: `root`,
+//! and `relay` whose role grants read and write on `/postern-test/` only. etcd must be installed (`bash
 //! e2e/install-deps`); without it these tests fail, they never skip.
 
 #[path = "common/etcd.rs"]
@@ -121,6 +121,9 @@ fn setup() -> &'static Setup {
             cert: write(&dir, "server.crt", &server_cert),
             key: write(&dir, "server.key", &server_key),
             client_ca: ca_file.clone(),
+            // Tokens expire after a second unused, so the suite also shows
+            // that the client fetches a new one and carries on.
+            args: vec!["--auth-token-ttl".into(), "1".into()],
         };
         let setup = Setup {
             url: etcd_server::shared_tls(&server),

@@ -330,7 +330,11 @@ impl Etcd {
                     "the etcd password goes over plain http://: use https:// endpoints"
                 );
             }
-            connect = connect.with_user(user.name.clone(), user.password.clone());
+            // etcd's tokens expire (5 minutes unused by default, or at a
+            // fixed time with JWT): fetch a new one and retry the request.
+            connect = connect
+                .with_user(user.name.clone(), user.password.clone())
+                .with_auto_token_refresh(true);
         }
         let mut prefix = options.prefix;
         if !prefix.ends_with('/') {

@@ -33,6 +33,8 @@ pub struct ServerTls {
     pub key: PathBuf,
     /// PEM CA that signs the clients' certificates.
     pub client_ca: PathBuf,
+    /// More flags for etcd.
+    pub args: Vec<String>,
 }
 
 /// A running etcd.
@@ -102,7 +104,8 @@ fn spawn(dir: &Path, client_port: u16, peer_port: u16, tls: Option<(&ServerTls, 
             .args([
                 "--listen-metrics-urls",
                 &format!("http://127.0.0.1:{health_port}"),
-            ]);
+            ])
+            .args(&tls.args);
     }
     command
         .stdin(Stdio::null())
