@@ -414,9 +414,7 @@ impl ClusterConfig {
         }
         Ok(secret)
     }
-}
 
-impl ClusterConfig {
     /// How to reach etcd: the endpoints and prefix, and the TLS material and
     /// credentials read from their files now. Fails naming a file that cannot
     /// be read or holds nothing usable. The files are read when the relay
