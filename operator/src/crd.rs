@@ -174,9 +174,30 @@ pub struct MailQueueSpec {
     #[serde(default = "default_drain_timeout")]
     #[schemars(regex(pattern = DURATION))]
     pub drain_timeout: String,
-    /// Compute resources of the relay container.
+    /// Compute resources of the relay container. When absent the relays
+    /// request `cpu: 100m` and `memory: 128Mi` (enough for a lightly loaded
+    /// relay; set your own for real traffic) and have no limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// A NetworkPolicy for the relay pods, made by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<RelayNetworkPolicy>,
+}
+
+/// The relays' NetworkPolicy. The operator makes it (not the chart) because
+/// it is the one that knows each MailQueue's listener ports and which pods
+/// are its relays.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayNetworkPolicy {
+    /// Make a NetworkPolicy `<name>` that admits, to the relay pods, the SMTP
+    /// listeners' ports and the HTTP port (9325: health, `/stats` the
+    /// operator reads, `/metrics`) from anywhere, and the peer port (9327)
+    /// only from this MailQueue's own relays; all other ingress is dropped
+    /// (egress is not restricted). Needs a network plugin that enforces
+    /// NetworkPolicies. Turning it off deletes the policy the operator made.
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// Compute resources (`cpu`, `memory`, …) of the relay container.
@@ -473,13 +494,46 @@ pub struct Etcd {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
     pub peer_secret: Option<String>,
-    /// Not supported yet: the relay has no etcd authentication, so this is
-    /// ignored (the relays connect without credentials) and reported as a
-    /// Warning event (`Unsupported`). Meant for a Secret with the client
-    /// credentials (`username`, `password`, or `ca.crt`, `tls.crt`, `tls.key`).
+    /// TLS towards etcd: a Secret in the MailQueue's namespace with `ca.crt`,
+    /// the CA that signed etcd's server certificate (nothing else is
+    /// trusted), and `tls.crt` and `tls.key`, the relays' client certificate
+    /// for an etcd run with `--client-cert-auth` (as cert-manager writes a
+    /// Certificate's Secret). Every endpoint must then be `https://`, and an
+    /// `https://` endpoint needs it. Mounted read-only into the relay pods
+    /// under `/etc/postern/etcd/tls`; the operator never reads it. The relays
+    /// read it when they start: after renewing the certificate, restart them
+    /// (`kubectl rollout restart statefulset/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
+    pub tls_secret: Option<String>,
+    /// Whether `tlsSecret` holds a client certificate (`tls.crt`, `tls.key`)
+    /// the relays present. Default true; false when etcd does not ask for
+    /// client certificates and the Secret has only `ca.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_certificate: Option<bool>,
+    /// etcd authentication (`etcdctl auth enable`): a Secret in the
+    /// MailQueue's namespace with the keys `username` and `password` of an
+    /// etcd user whose role grants read and write on the prefix
+    /// `/postern/<namespace>/<name>/`. Mounted read-only into the relay pods
+    /// under `/etc/postern/etcd/auth` (both as files: nothing in the pods'
+    /// environment); the operator never reads it. Send it over TLS
+    /// (`tlsSecret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
+    pub auth_secret: Option<String>,
+    /// Deprecated and ignored: use `tlsSecret` and `authSecret`. Still
+    /// accepted so MailQueues that set it stay valid; setting it is reported
+    /// as a Warning event (`Deprecated`). It never had an effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
     pub credentials_secret: Option<String>,
+}
+
+impl Etcd {
+    /// Whether the relays present a client certificate from `tlsSecret`.
+    pub fn client_certificate(&self) -> bool {
+        self.tls_secret.is_some() && self.tls_client_certificate != Some(false)
+    }
 }
 
 /// Delivery settings.

@@ -1,7 +1,8 @@
 //! The reconcile loop: validate → build → server-side apply (one field
 //! manager) → status. It reads the StatefulSet and the relay pods (and each
 //! pod's `/stats`), plans the replicas so a scale-down drains first, applies
-//! every owned object, records events for what it did, and writes the status.
+//! every owned object (and deletes its NetworkPolicy when that is turned
+//! off), records events for what it did, and writes the status.
 //! An invalid MailQueue gets `Degraded` and waits for the next edit; it never
 //! stops the controller.
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -400,7 +402,7 @@ async fn apply_all(
     .await?;
     ctx.pdb
         .apply(
-            client,
+            client.clone(),
             namespace,
             &build::pod_disruption_budget(mq),
             &params,
@@ -411,7 +413,54 @@ async fn apply_all(
             ctx.pdb.api_resource().api_version,
             names.relay
         )))?;
+    let policies = Api::<NetworkPolicy>::namespaced(client, namespace);
+    if build::wants_network_policy(mq) {
+        apply(policies, &names.relay, &build::network_policy(mq), &params).await?;
+    } else {
+        remove_network_policy(&policies, mq, &names.relay).await?;
+    }
     Ok(statefulset)
+}
+
+/// Deletes the NetworkPolicy this MailQueue had while
+/// `spec.networkPolicy.enabled` was on. Server-side apply cannot remove an
+/// object and garbage collection only follows the MailQueue, so the operator
+/// deletes it; a policy of the same name it does not own (its controller is
+/// not this MailQueue) stays.
+async fn remove_network_policy(
+    policies: &Api<NetworkPolicy>,
+    mq: &MailQueue,
+    name: &str,
+) -> Result<(), Error> {
+    let Some(live) = policies
+        .get_opt(name)
+        .await
+        .map_err(kube_err(format!("get NetworkPolicy {name}")))?
+    else {
+        return Ok(());
+    };
+    let uid = mq.meta().uid.as_deref();
+    let ours = live
+        .owner_references()
+        .iter()
+        .any(|owner| owner.controller == Some(true) && Some(owner.uid.as_str()) == uid);
+    if !ours {
+        return Ok(());
+    }
+    let preconditions = kube::api::Preconditions {
+        uid: live.uid(),
+        ..kube::api::Preconditions::default()
+    };
+    let params = kube::api::DeleteParams {
+        preconditions: Some(preconditions),
+        ..kube::api::DeleteParams::default()
+    };
+    match policies.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone meanwhile, or replaced by another object: nothing of ours left.
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(err) => Err(kube_err(format!("delete NetworkPolicy {name}"))(err)),
+    }
 }
 
 async fn apply<K>(api: Api<K>, name: &str, object: &K, params: &PatchParams) -> Result<K, Error>
@@ -555,6 +604,7 @@ pub async fn run(
     .owns(api::<Service>(&client, &namespace), owned())
     .owns(api::<ConfigMap>(&client, &namespace), owned())
     .owns(api::<ServiceAccount>(&client, &namespace), owned())
+    .owns(api::<NetworkPolicy>(&client, &namespace), owned())
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {

@@ -41,6 +41,21 @@ pub const PEER_SECRET_DIR: &str = "/etc/postern/peer";
 /// The key of the peer Secret that holds the shared secret (also the file
 /// name under [`PEER_SECRET_DIR`]).
 pub const PEER_SECRET_KEY: &str = "secret";
+/// Where the `spec.etcd.tlsSecret` Secret is mounted.
+pub const ETCD_TLS_DIR: &str = "/etc/postern/etcd/tls";
+/// Keys of the etcd TLS Secret (cert-manager's names), also the file names
+/// under [`ETCD_TLS_DIR`]: the CA, then the client certificate and its key.
+pub const ETCD_CA_KEY: &str = "ca.crt";
+/// The client certificate's key in the etcd TLS Secret.
+pub const ETCD_CERT_KEY: &str = "tls.crt";
+/// The client key's key in the etcd TLS Secret.
+pub const ETCD_KEY_KEY: &str = "tls.key";
+/// Where the `spec.etcd.authSecret` Secret is mounted.
+pub const ETCD_AUTH_DIR: &str = "/etc/postern/etcd/auth";
+/// The etcd user's name in the auth Secret (and its file name).
+pub const ETCD_USERNAME_KEY: &str = "username";
+/// The etcd user's password in the auth Secret (and its file name).
+pub const ETCD_PASSWORD_KEY: &str = "password";
 
 /// Why a MailQueue cannot be turned into a relay configuration.
 #[derive(Debug, thiserror::Error)]
@@ -256,10 +271,11 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
         .and_then(|etcd| etcd.credentials_secret.as_ref())
     {
         warnings.push(Warning {
-            reason: "Unsupported",
+            reason: "Deprecated",
             message: format!(
-                "spec.etcd.credentialsSecret ({secret}) is not supported yet: the relay has no \
-                 etcd authentication and connects to etcd without credentials"
+                "spec.etcd.credentialsSecret ({secret}) is deprecated and ignored: set \
+                 spec.etcd.tlsSecret (ca.crt, tls.crt, tls.key) and spec.etcd.authSecret \
+                 (username, password) instead"
             ),
         });
     }
@@ -372,8 +388,9 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
 /// The `[cluster]` section of a clustered MailQueue: one etcd prefix per
 /// MailQueue, a wildcard peer listener (each relay advertises its pod name,
 /// which resolves to the pod's IP inside the pod), the headless Service as
-/// the peer list, and the shared secret from the mounted Secret. The member
-/// name stays unset, so every relay is its pod's name.
+/// the peer list, the shared secret and etcd's TLS files and credentials
+/// from the mounted Secrets. The member name stays unset, so every relay is
+/// its pod's name.
 fn cluster(mq: &MailQueue, etcd: &crd::Etcd, replicas: usize) -> Result<ClusterConfig, SpecError> {
     let name = mq.metadata.name.as_deref().unwrap_or_default();
     let namespace = mq.metadata.namespace.as_deref().unwrap_or("default");
@@ -386,10 +403,38 @@ fn cluster(mq: &MailQueue, etcd: &crd::Etcd, replicas: usize) -> Result<ClusterC
             ),
         ));
     }
+    for (index, endpoint) in etcd.endpoints.iter().enumerate() {
+        let https = endpoint.0.starts_with("https://");
+        if https && etcd.tls_secret.is_none() {
+            return Err(field(
+                "etcd.tlsSecret",
+                format!(
+                    "endpoint {:?} is https://: name a Secret whose {ETCD_CA_KEY:?} is the CA \
+                     that signed etcd's certificate",
+                    endpoint.0
+                ),
+            ));
+        }
+        if !https && etcd.tls_secret.is_some() {
+            return Err(field(
+                format!("etcd.endpoints[{index}]"),
+                format!("{:?} must be https:// when tlsSecret is set", endpoint.0),
+            ));
+        }
+    }
+    if etcd.tls_client_certificate.is_some() && etcd.tls_secret.is_none() {
+        return Err(field(
+            "etcd.tlsClientCertificate",
+            "says what tlsSecret holds, and tlsSecret is not set",
+        ));
+    }
     let peers = format!(
         "{}.{namespace}.svc:{PEER_PORT}",
         crate::build::Names::of(mq).peers
     );
+    let tls = PathBuf::from(ETCD_TLS_DIR);
+    let auth = PathBuf::from(ETCD_AUTH_DIR);
+    let client_certificate = etcd.client_certificate();
     Ok(ClusterConfig {
         etcd: etcd.endpoints.iter().map(|e| e.0.clone()).collect(),
         prefix: format!("/postern/{namespace}/{name}"),
@@ -397,6 +442,18 @@ fn cluster(mq: &MailQueue, etcd: &crd::Etcd, replicas: usize) -> Result<ClusterC
         peers: vec![peers],
         secret_file: Some(PathBuf::from(PEER_SECRET_DIR).join(PEER_SECRET_KEY)),
         replicas,
+        etcd_ca: etcd.tls_secret.as_ref().map(|_| tls.join(ETCD_CA_KEY)),
+        etcd_cert: client_certificate.then(|| tls.join(ETCD_CERT_KEY)),
+        etcd_key: client_certificate.then(|| tls.join(ETCD_KEY_KEY)),
+        // Both from files of the mounted Secret: the operator never sees them.
+        etcd_user_file: etcd
+            .auth_secret
+            .as_ref()
+            .map(|_| auth.join(ETCD_USERNAME_KEY)),
+        etcd_password_file: etcd
+            .auth_secret
+            .as_ref()
+            .map(|_| auth.join(ETCD_PASSWORD_KEY)),
         ..ClusterConfig::default()
     })
 }
@@ -644,19 +701,101 @@ mod tests {
         assert!(err.contains("spec.listeners[0].name"), "{err}");
     }
 
+    fn secured(etcd: serde_json::Value) -> MailQueue {
+        let mut mq = clustered(serde_json::json!({"copies": ["local"], "required": 1}));
+        let mut spec = serde_json::to_value(mq.spec.etcd.take().unwrap()).unwrap();
+        for (key, value) in etcd.as_object().unwrap() {
+            spec[key] = value.clone();
+        }
+        mq.spec.etcd = Some(serde_json::from_value(spec).unwrap());
+        mq
+    }
+
+    #[test]
+    fn etcd_tls_and_auth_secrets_become_file_paths() {
+        let mq = secured(serde_json::json!({
+            "endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"],
+            "tlsSecret": "etcd-client-tls",
+            "authSecret": "etcd-auth",
+        }));
+        let rendered = render(&mq).unwrap();
+        assert!(rendered.warnings.is_empty(), "{:?}", rendered.warnings);
+        let parsed = Config::parse(&rendered.toml).unwrap();
+        assert_eq!(parsed, rendered.config);
+        let cluster = parsed.cluster.unwrap();
+        let path = |p: &str| Some(PathBuf::from(p));
+        assert_eq!(cluster.etcd_ca, path("/etc/postern/etcd/tls/ca.crt"));
+        assert_eq!(cluster.etcd_cert, path("/etc/postern/etcd/tls/tls.crt"));
+        assert_eq!(cluster.etcd_key, path("/etc/postern/etcd/tls/tls.key"));
+        assert_eq!(
+            cluster.etcd_user, None,
+            "the user name is read from the Secret"
+        );
+        assert_eq!(
+            cluster.etcd_user_file,
+            path("/etc/postern/etcd/auth/username")
+        );
+        assert_eq!(
+            cluster.etcd_password_file,
+            path("/etc/postern/etcd/auth/password")
+        );
+
+        // Server verification only: no client certificate.
+        let mq = secured(serde_json::json!({
+            "endpoints": ["https://etcd:2379"],
+            "tlsSecret": "etcd-ca",
+            "tlsClientCertificate": false,
+        }));
+        let cluster = render(&mq).unwrap().config.cluster.unwrap();
+        assert_eq!(cluster.etcd_ca, path("/etc/postern/etcd/tls/ca.crt"));
+        assert_eq!((cluster.etcd_cert, cluster.etcd_key), (None, None));
+        assert_eq!(cluster.etcd_password_file, None);
+
+        // A user over plain http is the user's choice (etcd allows it).
+        let mq = secured(serde_json::json!({"authSecret": "etcd-auth"}));
+        let cluster = render(&mq).unwrap().config.cluster.unwrap();
+        assert_eq!(cluster.etcd_ca, None);
+        assert!(cluster.etcd_password_file.is_some());
+    }
+
+    #[test]
+    fn etcd_tls_mistakes_are_spec_errors() {
+        for (etcd, needle) in [
+            (
+                serde_json::json!({"endpoints": ["https://etcd:2379"]}),
+                "spec.etcd.tlsSecret",
+            ),
+            (
+                serde_json::json!({"endpoints": ["https://etcd-0:2379", "http://etcd-1:2379"],
+                                   "tlsSecret": "etcd-tls"}),
+                "spec.etcd.endpoints[1]",
+            ),
+            (
+                serde_json::json!({"tlsClientCertificate": true}),
+                "spec.etcd.tlsClientCertificate",
+            ),
+        ] {
+            let err = render(&secured(etcd.clone())).unwrap_err().to_string();
+            assert!(err.contains(needle), "{etcd}: {err}");
+        }
+    }
+
     #[test]
     fn etcd_credentials_and_an_unreachable_quorum_are_warnings() {
         let mut mq = clustered(serde_json::json!({"copies": ["local"], "required": 1}));
         mq.spec.etcd.as_mut().unwrap().credentials_secret = Some("etcd-client".into());
-        let warnings = render(&mq).unwrap().warnings;
+        let rendered = render(&mq).unwrap();
+        let warnings = rendered.warnings;
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert_eq!(warnings[0].reason, "Unsupported");
+        assert_eq!(warnings[0].reason, "Deprecated");
         assert!(
             warnings[0]
                 .message
-                .contains("credentialsSecret (etcd-client)"),
+                .contains("credentialsSecret (etcd-client) is deprecated and ignored"),
             "{warnings:?}"
         );
+        let cluster = rendered.config.cluster.unwrap();
+        assert_eq!((cluster.etcd_ca, cluster.etcd_password_file), (None, None));
 
         // Two peer replicas need three relays; with two, only two of the
         // three copies can confirm.

@@ -21,7 +21,12 @@ fn all_objects(mq: &MailQueue) -> String {
         serde_yaml::to_string(&build::stateful_set(mq, &config, mq.spec.replicas, grace)).unwrap(),
         serde_yaml::to_string(&build::pod_disruption_budget(mq)).unwrap(),
     ];
-    docs.iter().map(|doc| format!("---\n{doc}")).collect()
+    let policy = build::wants_network_policy(mq)
+        .then(|| serde_yaml::to_string(&build::network_policy(mq)).unwrap());
+    docs.iter()
+        .chain(policy.iter())
+        .map(|doc| format!("---\n{doc}"))
+        .collect()
 }
 
 #[test]
@@ -49,6 +54,7 @@ fn every_object_is_owned_by_the_mail_queue() {
             .metadata
             .owner_references,
         build::pod_disruption_budget(&mq).metadata.owner_references,
+        build::network_policy(&mq).metadata.owner_references,
     ];
     for owner in owners {
         let owner = owner.unwrap();
@@ -162,4 +168,185 @@ fn termination_grace_follows_the_drain_timeout() {
         serde_json::json!({"image": "postern:0.1.0", "drainTimeout": "2m30s"}),
     );
     assert_eq!(relay_config::drain_timeout(&mq).unwrap().as_secs(), 150);
+}
+
+fn pod_spec(mq: &MailQueue) -> k8s_openapi::api::core::v1::PodSpec {
+    let config = relay_config::render(mq).unwrap();
+    build::stateful_set(mq, &config, 2, 300)
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+}
+
+#[test]
+fn etcd_tls_and_auth_secrets_are_mounted_where_the_relay_reads_them() {
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    let etcd = mq.spec.etcd.clone().unwrap();
+    let cluster = relay_config::render(&mq).unwrap().config.cluster.unwrap();
+    let pod = pod_spec(&mq);
+    let mounted = |secret: &str| {
+        let volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(secret))
+            .unwrap_or_else(|| panic!("a volume of {secret}"));
+        let mount = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == volume.name)
+            .unwrap_or_else(|| panic!("{secret} is mounted"));
+        assert_eq!(mount.read_only, Some(true));
+        let source = volume.secret.as_ref().unwrap();
+        assert_eq!(source.default_mode, Some(0o440));
+        source
+            .items
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                assert_eq!(item.key, item.path);
+                std::path::Path::new(&mount.mount_path).join(&item.path)
+            })
+            .collect::<Vec<_>>()
+    };
+    // Every file the relay's [cluster] section names is a key of a Secret.
+    let tls = mounted(etcd.tls_secret.as_deref().unwrap());
+    assert_eq!(
+        tls,
+        [
+            cluster.etcd_ca.clone().unwrap(),
+            cluster.etcd_cert.clone().unwrap(),
+            cluster.etcd_key.clone().unwrap()
+        ]
+    );
+    let auth = mounted(etcd.auth_secret.as_deref().unwrap());
+    assert_eq!(
+        auth,
+        [
+            cluster.etcd_user_file.clone().unwrap(),
+            cluster.etcd_password_file.clone().unwrap()
+        ]
+    );
+    // Nothing of them in the environment.
+    let env = pod.containers[0].env.clone().unwrap_or_default();
+    assert!(env.iter().all(|e| !e.name.contains("ETCD")), "{env:?}");
+
+    // Only ca.crt when the Secret holds no client certificate.
+    let mut ca_only = mq.clone();
+    ca_only.spec.etcd.as_mut().unwrap().tls_client_certificate = Some(false);
+    let pod = pod_spec(&ca_only);
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "etcd-tls")
+        .unwrap();
+    let items = volume.secret.unwrap().items.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].key, "ca.crt");
+}
+
+#[test]
+fn relay_pods_run_under_runtime_default_seccomp_with_default_requests() {
+    let mq = common::mail_queue("mx", serde_json::json!({"image": "postern:0.1.0"}));
+    let pod = pod_spec(&mq);
+    let security = pod.security_context.unwrap();
+    assert_eq!(security.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert_eq!(security.run_as_non_root, Some(true));
+    let resources = pod.containers[0].resources.clone().unwrap();
+    let requests = resources.requests.unwrap();
+    assert_eq!(requests["cpu"].0, build::DEFAULT_CPU_REQUEST);
+    assert_eq!(requests["memory"].0, build::DEFAULT_MEMORY_REQUEST);
+    assert_eq!(resources.limits, None);
+
+    // The MailQueue's own resources replace the defaults entirely.
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    let resources = pod_spec(&mq).containers[0].resources.clone().unwrap();
+    assert_eq!(resources.requests.unwrap()["cpu"].0, "250m");
+    assert_eq!(resources.limits.unwrap()["memory"].0, "1Gi");
+}
+
+#[test]
+fn every_service_port_says_tcp() {
+    for mq in [
+        common::mail_queue("mx", serde_json::json!({"image": "postern:0.1.0"})),
+        common::mail_queue_from("charts/postern/examples/mailqueue.yaml"),
+    ] {
+        for service in [build::smtp_service(&mq), build::peer_service(&mq)] {
+            for port in service.spec.unwrap().ports.unwrap() {
+                assert_eq!(port.protocol.as_deref(), Some("TCP"), "{port:?}");
+            }
+        }
+        for port in build::network_policy(&mq)
+            .spec
+            .unwrap()
+            .ingress
+            .unwrap()
+            .into_iter()
+            .flat_map(|rule| rule.ports.unwrap())
+        {
+            assert_eq!(port.protocol.as_deref(), Some("TCP"), "{port:?}");
+        }
+    }
+}
+
+#[test]
+fn the_network_policy_opens_listeners_and_http_and_the_peer_port_to_relays_only() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    assert!(build::wants_network_policy(&mq));
+    let policy = build::network_policy(&mq);
+    assert_eq!(policy.metadata.name.as_deref(), Some("mx"));
+    let spec = policy.spec.unwrap();
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+    let relays = spec.pod_selector.unwrap().match_labels.unwrap();
+    assert_eq!(relays, build::selector_labels(&mq));
+    let ports = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        rule.ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| match p.port {
+                Some(IntOrString::Int(port)) => port,
+                ref other => panic!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    let ingress = spec.ingress.unwrap();
+    assert_eq!(ingress.len(), 2);
+    // Container ports (what a policy matches), not the Service's 25 and 587.
+    assert_eq!(ports(&ingress[0]), [2525, 2587, 9325]);
+    assert_eq!(ingress[0].from, None, "from anywhere");
+    assert_eq!(ports(&ingress[1]), [9327]);
+    let from = ingress[1].from.as_ref().unwrap();
+    assert_eq!(from.len(), 1);
+    assert_eq!(from[0].namespace_selector, None, "this namespace only");
+    assert_eq!(
+        from[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap(),
+        &build::selector_labels(&mq)
+    );
+
+    // Without etcd there is no peer port to admit; off by default.
+    let mq = common::mail_queue(
+        "mx",
+        serde_json::json!({"image": "postern:0.1.0", "networkPolicy": {"enabled": true}}),
+    );
+    let ingress = build::network_policy(&mq).spec.unwrap().ingress.unwrap();
+    assert_eq!(ingress.len(), 1);
+    assert_eq!(ports(&ingress[0]), [2525, 9325]);
+    let mq = common::mail_queue("mx", serde_json::json!({"image": "postern:0.1.0"}));
+    assert!(!build::wants_network_policy(&mq));
 }

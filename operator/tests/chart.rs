@@ -178,6 +178,8 @@ fn values_schema_rejects_unknown_and_mistyped_keys() {
         "image.tag=1",
         "metrics.port=0",
         "watchNamespace=Not_A_Namespace",
+        "serviceMonitor.interval=often",
+        "serviceMonitor.scrape=true",
     ] {
         let mut command = Command::new(tool("helm"));
         command.arg("template").arg(chart()).arg("--set").arg(bad);
@@ -214,16 +216,15 @@ fn rbac_is_least_privilege() {
                     assert_ne!(item, "*", "wildcard {key} in {rule}");
                 }
             }
+            // Owned objects go by garbage collection; the one exception is
+            // the NetworkPolicy, deleted when spec.networkPolicy is turned
+            // off (delete on it grants nothing patch does not).
+            let network_policies = rule["resources"] == serde_json::json!(["networkpolicies"]);
             for verb in rule["verbs"].as_array().unwrap() {
+                let verb = verb.as_str().unwrap();
                 assert!(
-                    ![
-                        "delete",
-                        "deletecollection",
-                        "escalate",
-                        "bind",
-                        "impersonate"
-                    ]
-                    .contains(&verb.as_str().unwrap()),
+                    !["deletecollection", "escalate", "bind", "impersonate"].contains(&verb)
+                        && (verb != "delete" || network_policies),
                     "{verb} in {rule}"
                 );
             }
@@ -267,4 +268,116 @@ fn operator_accepts_the_deployment_arguments() {
                 .arg("--help"),
         );
     }
+}
+
+fn render_with(values: &[&str]) -> Vec<Value> {
+    let mut command = Command::new(tool("helm"));
+    command
+        .args(["template", "postern", "--namespace", "postern-system"])
+        .arg(chart());
+    for value in values {
+        command.args(["--set", value]);
+    }
+    documents(&check(&mut command))
+}
+
+#[test]
+fn every_service_port_says_tcp() {
+    let mut services = 0;
+    for values in values_files() {
+        for doc in documents(&render(&values))
+            .iter()
+            .chain(render_with(&["serviceMonitor.enabled=true"]).iter())
+            .filter(|doc| doc["kind"] == "Service")
+        {
+            services += 1;
+            for port in doc["spec"]["ports"].as_array().unwrap() {
+                assert_eq!(port["protocol"], "TCP", "{doc}");
+            }
+        }
+    }
+    assert!(services > 0, "no Service rendered at all");
+}
+
+#[test]
+fn service_monitors_are_rendered_only_when_asked() {
+    let kinds = |docs: &[Value]| {
+        docs.iter()
+            .filter(|doc| doc["kind"] == "ServiceMonitor")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    for values in values_files() {
+        assert!(
+            kinds(&documents(&render(&values))).is_empty(),
+            "{}: a ServiceMonitor without serviceMonitor.enabled",
+            values.display()
+        );
+    }
+
+    check(
+        Command::new(tool("helm"))
+            .args(["lint", "--strict"])
+            .arg(chart())
+            .args(["--set", "serviceMonitor.enabled=true"]),
+    );
+    let docs = render_with(&[
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.labels.release=prometheus",
+    ]);
+    let monitors = kinds(&docs);
+    assert_eq!(monitors.len(), 2, "{monitors:?}");
+    for monitor in &monitors {
+        assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+        assert_eq!(monitor["metadata"]["namespace"], "postern-system");
+        assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+        let endpoint = &monitor["spec"]["endpoints"][0];
+        assert_eq!(endpoint["port"], "http");
+        assert_eq!(endpoint["path"], "/metrics");
+        assert_eq!(endpoint["interval"], "30s");
+    }
+
+    // The operator's: its metrics Service exists (even with
+    // metrics.service.enabled false) and matches the selector.
+    let operator = &monitors[0];
+    let service = docs
+        .iter()
+        .find(|doc| doc["kind"] == "Service")
+        .expect("the operator's metrics Service");
+    let selected = operator["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    for (key, value) in selected {
+        assert_eq!(&service["metadata"]["labels"][key], value, "{key}");
+    }
+    assert_eq!(service["spec"]["ports"][0]["name"], "http");
+
+    // The relays': the labels the operator puts on a MailQueue's headless
+    // Service, whose port "http" is the relays' 9325; every namespace.
+    let relays = &monitors[1];
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    let peers = postern_operator::build::peer_service(&mq);
+    let labels = peers.metadata.labels.unwrap();
+    for (key, value) in relays["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(labels.get(key).map(String::as_str), value.as_str(), "{key}");
+    }
+    assert!(peers
+        .spec
+        .unwrap()
+        .ports
+        .unwrap()
+        .iter()
+        .any(|p| p.name.as_deref() == Some("http") && p.port == 9325));
+    assert_eq!(relays["spec"]["namespaceSelector"]["any"], true);
+
+    // With watchNamespace, only that namespace.
+    let docs = render_with(&["serviceMonitor.enabled=true", "watchNamespace=mail"]);
+    let relays = &kinds(&docs)[1];
+    assert_eq!(
+        relays["spec"]["namespaceSelector"]["matchNames"],
+        serde_json::json!(["mail"])
+    );
 }

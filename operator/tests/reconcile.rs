@@ -211,7 +211,22 @@ impl ApiServer {
         assert_eq!(pdb_call.body["apiVersion"], pdb);
         assert_eq!(pdb_call.body["spec"]["maxUnavailable"], 1);
         assert_owned(&pdb_call.body, name);
+        self.expect_get_network_policy(name, None).await;
         sts.body
+    }
+
+    /// Expects the operator to look for the NetworkPolicy it would delete
+    /// (`spec.networkPolicy` off); answers with `existing` or 404.
+    async fn expect_get_network_policy(&mut self, name: &str, existing: Option<Value>) {
+        self.expect(
+            "GET",
+            &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/{name}"),
+            |_| match existing {
+                Some(policy) => (200, policy),
+                None => (404, not_found("networkpolicies.networking.k8s.io", name)),
+            },
+        )
+        .await;
     }
 
     async fn expect_get_statefulset(&mut self, name: &str, existing: Option<Value>) {
@@ -682,6 +697,7 @@ async fn a_clustered_mail_queue_applies_its_cluster_wiring() {
         Value::Null,
     )
     .await;
+    api.expect_get_network_policy("mx", None).await;
     api.expect_event("Normal", "Created").await;
     api.expect_status("mx").await;
     api.expect_no_more().await;
@@ -689,16 +705,16 @@ async fn a_clustered_mail_queue_applies_its_cluster_wiring() {
 }
 
 #[tokio::test]
-async fn etcd_credentials_the_relay_cannot_use_yet_are_reported() {
+async fn the_deprecated_etcd_credentials_secret_is_reported() {
     let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
     let mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 1,
                                "etcd": {"endpoints": ["http://etcd:2379"],
                                         "peerSecret": "mx-peer",
                                         "credentialsSecret": "etcd-client"}}));
     let task = run(&ctx, mq).await;
-    let note = api.expect_event("Warning", "Unsupported").await;
+    let note = api.expect_event("Warning", "Deprecated").await;
     assert!(
-        note.contains("spec.etcd.credentialsSecret") && note.contains("not supported yet"),
+        note.contains("spec.etcd.credentialsSecret") && note.contains("tlsSecret"),
         "{note}"
     );
     api.expect_get_statefulset("mx", None).await;
@@ -881,4 +897,102 @@ async fn a_spool_resize_keeps_the_live_volume_claims_and_says_so() {
     api.expect_status("mx").await;
     api.expect_no_more().await;
     task.await.unwrap().unwrap();
+}
+
+/// `spec.networkPolicy.enabled`: the policy is applied after the other
+/// objects; turned off, the operator deletes the policy it made (only
+/// that: a same-named policy another controller owns stays).
+#[tokio::test]
+async fn the_network_policy_is_applied_and_removed_when_turned_off() {
+    let spec = |enabled: bool| {
+        json!({"image": "postern:0.1.0", "replicas": 1,
+               "etcd": {"endpoints": ["http://etcd:2379"], "peerSecret": "mx-peer"},
+               "networkPolicy": {"enabled": enabled}})
+    };
+    let policy_path = format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/mx");
+    let pdb_path = format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/mx");
+
+    // On: applied, owned, and the peer port admits only the relays.
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let task = run(&ctx, mail_queue(spec(true))).await;
+    api.expect_get_statefulset("mx", None).await;
+    api.expect_list_pods("mx", vec![]).await;
+    apply_all_but_the_policy(&mut api).await;
+    api.expect_apply(&pdb_path, Value::Null).await;
+    let policy = api.expect_apply(&policy_path, Value::Null).await;
+    assert_owned(&policy.body, "mx");
+    assert_eq!(policy.body["kind"], "NetworkPolicy");
+    let ingress = policy.body["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 2, "{ingress:?}");
+    assert_eq!(
+        ingress[1]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "mx"
+    );
+    assert_eq!(ingress[1]["ports"][0]["port"], 9327);
+    api.expect_event("Normal", "Created").await;
+    api.expect_status("mx").await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+
+    // Off, with the operator's policy in place: deleted, on its uid.
+    let mq = mail_queue(spec(false));
+    let mut ours = serde_json::to_value(postern_operator::build::network_policy(&mq)).unwrap();
+    ours["metadata"]["uid"] = "11111111-0000-4000-8000-000000000001".into();
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", None).await;
+    api.expect_list_pods("mx", vec![]).await;
+    apply_all_but_the_policy(&mut api).await;
+    api.expect_apply(&pdb_path, Value::Null).await;
+    api.expect_get_network_policy("mx", Some(ours)).await;
+    let delete = api
+        .expect("DELETE", &policy_path, |_| {
+            (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+            )
+        })
+        .await;
+    assert_eq!(
+        delete.body["preconditions"]["uid"],
+        "11111111-0000-4000-8000-000000000001"
+    );
+    api.expect_event("Normal", "Created").await;
+    api.expect_status("mx").await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+
+    // Off, with someone else's policy of that name: left alone.
+    let foreign = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                         "metadata": {"name": "mx", "namespace": NS, "uid": "2"},
+                         "spec": {"podSelector": {}}});
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let task = run(&ctx, mq).await;
+    api.expect_get_statefulset("mx", None).await;
+    api.expect_list_pods("mx", vec![]).await;
+    apply_all_but_the_policy(&mut api).await;
+    api.expect_apply(&pdb_path, Value::Null).await;
+    api.expect_get_network_policy("mx", Some(foreign)).await;
+    api.expect_event("Normal", "Created").await;
+    api.expect_status("mx").await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+}
+
+/// The applies of a new MailQueue up to the StatefulSet, in order.
+async fn apply_all_but_the_policy(api: &mut ApiServer) {
+    let core = format!("/api/v1/namespaces/{NS}");
+    for path in [
+        format!("{core}/serviceaccounts/mx-relay"),
+        format!("{core}/configmaps/mx-config"),
+        format!("{core}/services/mx-peers"),
+        format!("{core}/services/mx"),
+    ] {
+        api.expect_apply(&path, Value::Null).await;
+    }
+    api.expect_apply(
+        &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/mx"),
+        sts_status(0, 0),
+    )
+    .await;
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::etcd::{EtcdIdentity, EtcdOptions, EtcdTls, EtcdUser};
+
 /// How long a client waits for the end-of-data reply (RFC 5321 §4.5.3.2.6).
 pub const CLIENT_END_OF_DATA_WAIT: Duration = Duration::from_secs(600);
 
@@ -321,8 +323,29 @@ pub struct ClusterConfig {
     /// Default: the machine's host name (a pod's name in Kubernetes), not
     /// `hostname`, which relays of one cluster often share.
     pub name: Option<String>,
-    /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`.
+    /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`; `https://` ones
+    /// need `etcd_ca`.
     pub etcd: Vec<String>,
+    /// PEM file of the CA certificate(s) that signed etcd's server
+    /// certificate. Required with `https://` endpoints and only allowed with
+    /// them: nothing else is trusted (no system roots), and the endpoint's
+    /// host (name or IP address) must be in etcd's certificate.
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate (chain) presented to etcd, for an etcd started
+    /// with `--client-cert-auth`; set with `etcd_key`, needs `etcd_ca`.
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of `etcd_cert` (PKCS#8, PKCS#1 or SEC1).
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user to authenticate as (etcd's `auth enable`); set with
+    /// `etcd_password_file`. Its roles must grant read and write on `prefix`.
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's name, instead of `etcd_user` (a mounted
+    /// Secret key); surrounding whitespace is ignored.
+    pub etcd_user_file: Option<PathBuf>,
+    /// File holding the etcd user's password; one trailing newline is
+    /// ignored. There is deliberately no way to write the password into this
+    /// TOML, and it is never logged.
+    pub etcd_password_file: Option<PathBuf>,
     /// Key prefix in etcd, so clusters can share one etcd.
     pub prefix: String,
     /// The membership lease's TTL: how long a dead relay keeps its spool.
@@ -354,6 +377,12 @@ impl Default for ClusterConfig {
         ClusterConfig {
             name: None,
             etcd: Vec::new(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_user: None,
+            etcd_user_file: None,
+            etcd_password_file: None,
             prefix: "/postern".into(),
             lease_ttl: Duration::from_secs(10),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 9327)),
@@ -405,6 +434,175 @@ impl ClusterConfig {
         }
         Ok(secret)
     }
+
+    /// How to reach etcd: the endpoints and prefix, and the TLS material and
+    /// credentials read from their files now. Fails naming a file that cannot
+    /// be read or holds nothing usable. The files are read when the relay
+    /// starts: replacing them (a renewed certificate, a new password) takes a
+    /// restart.
+    pub fn etcd_options(&self) -> Result<EtcdOptions, ConfigError> {
+        let mut options = EtcdOptions::new(self.etcd.clone(), self.prefix.clone());
+        let ca = self
+            .etcd_ca
+            .as_deref()
+            .map(|ca| read_pem(ca, Pem::Certificates))
+            .transpose()?;
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some(EtcdIdentity {
+                cert: read_pem(cert, Pem::Certificates)?,
+                key: read_pem(key, Pem::PrivateKey)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "cluster: etcd_cert and etcd_key must be set together".into(),
+                ))
+            }
+        };
+        options.tls =
+            match (ca, identity) {
+                (Some(ca), identity) => Some(EtcdTls { ca, identity }),
+                (None, None) => None,
+                (None, Some(_)) => return Err(ConfigError::Invalid(
+                    "cluster: etcd_cert needs etcd_ca (a client certificate is only sent over TLS)"
+                        .into(),
+                )),
+            };
+        let name = match (&self.etcd_user, &self.etcd_user_file) {
+            (Some(name), None) => Some(name.clone()),
+            (None, Some(path)) => {
+                let name = read_text(path)?.trim().to_owned();
+                if name.is_empty() {
+                    return Err(file_error(path, "the etcd user name is empty"));
+                }
+                Some(name)
+            }
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "cluster: set etcd_user or etcd_user_file, not both".into(),
+                ))
+            }
+        };
+        options.user = match (name, &self.etcd_password_file) {
+            (Some(name), Some(path)) => {
+                let text = read_text(path)?;
+                let password = text
+                    .strip_suffix('\n')
+                    .map(|text| text.strip_suffix('\r').unwrap_or(text))
+                    .unwrap_or(&text);
+                if password.is_empty() {
+                    return Err(file_error(path, "the etcd password is empty"));
+                }
+                Some(EtcdUser {
+                    name,
+                    password: password.to_owned(),
+                })
+            }
+            (None, None) => None,
+            _ => return Err(ConfigError::Invalid(ETCD_USER_AND_PASSWORD.into())),
+        };
+        Ok(options)
+    }
+
+    /// The rules of the etcd fields that need no file.
+    fn validate_etcd(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.etcd.is_empty() {
+            return invalid("cluster.etcd must name at least one endpoint".into());
+        }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return invalid("cluster: etcd_cert and etcd_key must be set together".into());
+        }
+        if self.etcd_user.is_some() && self.etcd_user_file.is_some() {
+            return invalid("cluster: set etcd_user or etcd_user_file, not both".into());
+        }
+        if self.etcd_user.as_deref().is_some_and(str::is_empty) {
+            return invalid("cluster.etcd_user must not be empty".into());
+        }
+        if (self.etcd_user.is_some() || self.etcd_user_file.is_some())
+            != self.etcd_password_file.is_some()
+        {
+            return invalid(ETCD_USER_AND_PASSWORD.into());
+        }
+        let tls = self.etcd_ca.is_some() || self.etcd_cert.is_some();
+        for endpoint in &self.etcd {
+            let https = endpoint.starts_with("https://");
+            if https && self.etcd_ca.is_none() {
+                return invalid(format!(
+                    "cluster.etcd: {endpoint:?} is https:// but cluster.etcd_ca is not set (the \
+                     CA that signed etcd's certificate; no other CA is trusted)"
+                ));
+            }
+            if tls && !https {
+                return invalid(format!(
+                    "cluster.etcd: {endpoint:?} is not https:// but cluster.{} is set: with TLS \
+                     every endpoint must be https://",
+                    if self.etcd_ca.is_some() {
+                        "etcd_ca"
+                    } else {
+                        "etcd_cert"
+                    }
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+const ETCD_USER_AND_PASSWORD: &str =
+    "cluster: etcd_user (or etcd_user_file) and etcd_password_file must be set together";
+
+/// What a PEM file must hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    /// One or more certificates.
+    Certificates,
+    /// One private key.
+    PrivateKey,
+}
+
+fn file_error(path: &Path, reason: impl Into<String>) -> ConfigError {
+    ConfigError::File {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads a PEM file and checks that it holds what `kind` says, so a wrong
+/// file is named at start instead of failing every TLS handshake later.
+fn read_pem(path: &Path, kind: Pem) -> Result<Vec<u8>, ConfigError> {
+    use rustls_pki_types::pem::{Error as PemError, PemObject};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    match kind {
+        Pem::Certificates => {
+            let certificates = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| file_error(path, format!("not a PEM certificate file: {err}")))?;
+            if certificates.is_empty() {
+                return Err(file_error(path, "holds no PEM certificate"));
+            }
+        }
+        Pem::PrivateKey => {
+            PrivateKeyDer::from_pem_slice(&bytes).map_err(|err| match err {
+                PemError::NoItemsFound => file_error(path, "holds no PEM private key"),
+                other => file_error(path, format!("not a PEM private key file: {other}")),
+            })?;
+        }
+    }
+    Ok(bytes)
 }
 
 /// Outbound delivery settings.
@@ -657,6 +855,14 @@ pub enum ConfigError {
     /// The values are individually valid but make no sense together.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A file the configuration names was read but holds nothing usable.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Config {
@@ -885,9 +1091,7 @@ impl Config {
                     "cluster.name {name:?}: use 1-128 of [A-Za-z0-9._-] (set cluster.name)"
                 ));
             }
-            if cluster.etcd.is_empty() {
-                return invalid("cluster.etcd must name at least one endpoint".into());
-            }
+            cluster.validate_etcd()?;
             if cluster.secret.is_some() == cluster.secret_file.is_some() {
                 return invalid("cluster: set exactly one of secret and secret_file".into());
             }
@@ -934,6 +1138,21 @@ impl Config {
             ));
         }
         warnings
+    }
+
+    /// Reads the files the relay needs at start, so a missing or unreadable
+    /// one is named before anything runs: the cluster's shared secret and
+    /// etcd's CA, client certificate and key, user and password files.
+    /// [`validate`](Self::validate) stays free of I/O because the operator
+    /// validates configurations whose files exist only inside the relay pods,
+    /// and `postern sendmail` loads this configuration as a user who may not
+    /// read them; `postern serve` and `postern config check` call this too.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        if let Some(cluster) = &self.cluster {
+            cluster.shared_secret()?;
+            cluster.etcd_options()?;
+        }
+        Ok(())
     }
 
     /// Copies written per message: each entry of `spool.copies`, `"peer"`
@@ -1139,6 +1358,163 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("cluster.name"), "{err}");
+    }
+
+    #[test]
+    fn etcd_tls_and_user_rules_are_enforced() {
+        let base = "[cluster]\nname = \"a\"\nsecret = \"0123456789abcdef\"\n";
+        let https = "etcd = [\"https://etcd:2379\"]\n";
+        let http = "etcd = [\"http://etcd:2379\"]\n";
+        for (extra, needle) in [
+            (
+                format!("{https}etcd_ca = \"/ca\"\netcd_cert = \"/crt\"\n"),
+                "etcd_cert and etcd_key must be set together",
+            ),
+            (
+                format!("{https}etcd_ca = \"/ca\"\netcd_key = \"/key\"\n"),
+                "etcd_cert and etcd_key must be set together",
+            ),
+            (
+                format!("{http}etcd_user = \"relay\"\n"),
+                "etcd_password_file must be set together",
+            ),
+            (
+                format!("{http}etcd_password_file = \"/pw\"\n"),
+                "etcd_password_file must be set together",
+            ),
+            (
+                format!(
+                    "{http}etcd_user = \"relay\"\netcd_user_file = \"/user\"\n\
+                     etcd_password_file = \"/pw\"\n"
+                ),
+                "etcd_user or etcd_user_file, not both",
+            ),
+            (
+                format!("{http}etcd_user = \"\"\netcd_password_file = \"/pw\"\n"),
+                "etcd_user must not be empty",
+            ),
+            (https.to_owned(), "cluster.etcd_ca is not set"),
+            (
+                format!("{http}etcd_ca = \"/ca\"\n"),
+                "is not https:// but cluster.etcd_ca is set",
+            ),
+            (
+                "etcd = [\"https://a:2379\", \"http://b:2379\"]\netcd_ca = \"/ca\"\n".to_owned(),
+                "\"http://b:2379\" is not https://",
+            ),
+            (
+                format!("{http}etcd_cert = \"/crt\"\netcd_key = \"/key\"\n"),
+                "is not https:// but cluster.etcd_cert is set",
+            ),
+        ] {
+            let err = Config::parse(&format!("{base}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+        // Validation reads no file: the operator validates configurations
+        // whose files exist only in the relay pods.
+        let config = Config::parse(&format!(
+            "{base}{https}etcd_ca = \"/nonexistent/ca.crt\"\netcd_cert = \"/nonexistent/tls.crt\"\n\
+             etcd_key = \"/nonexistent/tls.key\"\netcd_user_file = \"/nonexistent/username\"\n\
+             etcd_password_file = \"/nonexistent/password\"\n"
+        ))
+        .unwrap();
+        let err = config.check_files().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+    }
+
+    /// A `[cluster]` section with etcd TLS and a user, files in `dir`.
+    fn etcd_files(dir: &Path) -> ClusterConfig {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).unwrap();
+        let client = rcgen::generate_simple_self_signed(vec!["relay.test".to_owned()]).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        ClusterConfig {
+            etcd: vec!["https://etcd:2379".into()],
+            secret: Some("0123456789abcdef".into()),
+            etcd_ca: Some(write("ca.crt", &ca.cert.pem())),
+            etcd_cert: Some(write("tls.crt", &client.cert.pem())),
+            etcd_key: Some(write("tls.key", &client.signing_key.serialize_pem())),
+            etcd_user_file: Some(write("username", " relay\n")),
+            etcd_password_file: Some(write("password", "pass word\n")),
+            ..ClusterConfig::default()
+        }
+    }
+
+    #[test]
+    fn etcd_options_read_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = etcd_files(dir.path());
+        let options = cluster.etcd_options().unwrap();
+        let tls = options.tls.as_ref().unwrap();
+        assert!(String::from_utf8_lossy(&tls.ca).contains("BEGIN CERTIFICATE"));
+        let identity = tls.identity.as_ref().unwrap();
+        assert!(String::from_utf8_lossy(&identity.key).contains("PRIVATE KEY"));
+        let user = options.user.as_ref().unwrap();
+        assert_eq!(user.name, "relay");
+        // One trailing newline is the file's, the inner space the password's.
+        assert_eq!(user.password, "pass word");
+        let debug = format!("{options:?}");
+        assert!(!debug.contains("pass word"), "{debug}");
+        assert!(!debug.contains("PRIVATE KEY"), "{debug}");
+
+        let config = Config {
+            cluster: Some(cluster.clone()),
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        config.check_files().unwrap();
+        // The TOML names the password's file, never the password.
+        let toml = toml::to_string(&config).unwrap();
+        assert!(!toml.contains("pass word"), "{toml}");
+        assert_eq!(Config::parse(&toml).unwrap(), config);
+    }
+
+    #[test]
+    fn unusable_etcd_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = etcd_files(dir.path());
+        type Break = fn(&mut ClusterConfig, &Path);
+        let cases: [(&str, Break, &str); 5] = [
+            (
+                "missing CA",
+                |c, dir| c.etcd_ca = Some(dir.join("nope.crt")),
+                "nope.crt",
+            ),
+            (
+                "a key where the certificate belongs",
+                |c, _| c.etcd_cert = c.etcd_key.clone(),
+                "tls.key: holds no PEM certificate",
+            ),
+            (
+                "a certificate where the key belongs",
+                |c, _| c.etcd_key = c.etcd_cert.clone(),
+                "tls.crt: holds no PEM private key",
+            ),
+            (
+                "an empty password",
+                |c, dir| {
+                    std::fs::write(dir.join("empty"), "\n").unwrap();
+                    c.etcd_password_file = Some(dir.join("empty"));
+                },
+                "the etcd password is empty",
+            ),
+            (
+                "an unreadable password file",
+                |c, dir| c.etcd_password_file = Some(dir.join("no-password")),
+                "no-password",
+            ),
+        ];
+        for (what, change, needle) in cases {
+            let mut broken = cluster.clone();
+            change(&mut broken, dir.path());
+            let err = broken.etcd_options().unwrap_err().to_string();
+            assert!(err.contains(needle), "{what}: {err}");
+        }
     }
 
     #[test]

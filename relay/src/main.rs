@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Command::Sendmail { args } => postern::sendmail::main(args),
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => match Config::load(&file) {
+        } => match Config::load(&file).and_then(|config| config.check_files().map(|()| config)) {
             Ok(config) => {
                 for warning in config.warnings() {
                     eprintln!("{}: warning: {warning}", file.display());
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
             if relayhost.is_some() {
                 config.delivery.relayhost = relayhost;
             }
-            if let Err(err) = config.validate() {
+            if let Err(err) = config.validate().and_then(|()| config.check_files()) {
                 eprintln!("{err}");
                 return ExitCode::FAILURE;
             }

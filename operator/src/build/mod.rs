@@ -6,6 +6,7 @@
 //! apply rejects fields outside the server's schema.
 
 mod configmap;
+mod networkpolicy;
 mod pdb;
 mod serviceaccount;
 mod services;
@@ -19,10 +20,13 @@ use kube::{Resource, ResourceExt};
 use crate::crd::MailQueue;
 
 pub use configmap::config_map;
+pub use networkpolicy::{network_policy, wants_network_policy};
 pub use pdb::pod_disruption_budget;
 pub use serviceaccount::service_account;
 pub use services::{peer_service, smtp_service};
-pub use statefulset::{keep_spool_claim, stateful_set};
+pub use statefulset::{
+    keep_spool_claim, stateful_set, DEFAULT_CPU_REQUEST, DEFAULT_MEMORY_REQUEST,
+};
 
 /// Label on relay pods that the SMTP Service selects; a draining pod gets
 /// [`TRAFFIC_DRAIN`] so no new sessions reach it.
@@ -39,7 +43,7 @@ pub const CONFIG_HASH: &str = "postern.dev/config-hash";
 /// Names of the objects a MailQueue owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
-    /// StatefulSet, SMTP Service and PodDisruptionBudget.
+    /// StatefulSet, SMTP Service, PodDisruptionBudget and NetworkPolicy.
     pub relay: String,
     /// Headless Service giving each relay a stable DNS name for its peers.
     pub peers: String,

@@ -1,6 +1,9 @@
 //! The relays' StatefulSet: stable identities and one spool volume per relay,
 //! probes on the relay's health endpoints, a termination grace period long
-//! enough to drain, and the configuration hash on the pod template.
+//! enough to drain, and the configuration hash on the pod template. The pods
+//! run as a non-root user under the runtime's default seccomp profile, with a
+//! read-only root filesystem and no capabilities, and request modest
+//! resources when the MailQueue names none.
 
 use std::collections::BTreeMap;
 
@@ -8,9 +11,9 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdate
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -19,8 +22,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{labels, metadata, selector_labels, Names, CONFIG_HASH, TRAFFIC_LABEL, TRAFFIC_SERVE};
 use crate::crd::{MailQueue, PullPolicy};
 use crate::relay_config::{
-    RelayConfig, CONFIG_DIR, CONFIG_FILE, DATA_DIR, HTTP_PORT, PEER_PORT, PEER_PORT_NAME,
-    PEER_SECRET_DIR, PEER_SECRET_KEY, ROUTE_AUTH_DIR, TLS_DIR,
+    RelayConfig, CONFIG_DIR, CONFIG_FILE, DATA_DIR, ETCD_AUTH_DIR, ETCD_CA_KEY, ETCD_CERT_KEY,
+    ETCD_KEY_KEY, ETCD_PASSWORD_KEY, ETCD_TLS_DIR, ETCD_USERNAME_KEY, HTTP_PORT, PEER_PORT,
+    PEER_PORT_NAME, PEER_SECRET_DIR, PEER_SECRET_KEY, ROUTE_AUTH_DIR, TLS_DIR,
 };
 
 /// User and group the relay runs as (the distroless `nonroot` ids); the
@@ -29,6 +33,12 @@ const RELAY_UID: i64 = 65532;
 const SPOOL_VOLUME: &str = "spool";
 const CONFIG_VOLUME: &str = "config";
 const PEER_SECRET_VOLUME: &str = "peer-secret";
+const ETCD_TLS_VOLUME: &str = "etcd-tls";
+const ETCD_AUTH_VOLUME: &str = "etcd-auth";
+/// CPU the relay container requests when the MailQueue sets no `resources`.
+pub const DEFAULT_CPU_REQUEST: &str = "100m";
+/// Memory the relay container requests when the MailQueue sets no `resources`.
+pub const DEFAULT_MEMORY_REQUEST: &str = "128Mi";
 
 /// The StatefulSet of relays with `replicas` pods (reconcile decides the
 /// number: during a scale-down it stays above the spec until drained).
@@ -68,7 +78,7 @@ pub fn stateful_set(
     for listener in &spec.listeners {
         if let Some(secret) = &listener.tls_secret {
             let volume = format!("tls-{}", listener.name);
-            volumes.push(secret_volume(&volume, secret, None));
+            volumes.push(secret_volume(&volume, secret, &[]));
             mounts.push(VolumeMount {
                 name: volume,
                 mount_path: format!("{TLS_DIR}/{}", listener.name),
@@ -80,7 +90,7 @@ pub fn stateful_set(
     for (index, route) in spec.routes.iter().enumerate() {
         if let Some(secret) = &route.credentials_secret {
             let volume = format!("route-{index}");
-            volumes.push(secret_volume(&volume, secret, Some("auth")));
+            volumes.push(secret_volume(&volume, secret, &["auth"]));
             mounts.push(VolumeMount {
                 name: volume,
                 mount_path: format!("{ROUTE_AUTH_DIR}/{index}"),
@@ -97,7 +107,7 @@ pub fn stateful_set(
         volumes.push(secret_volume(
             PEER_SECRET_VOLUME,
             secret,
-            Some(PEER_SECRET_KEY),
+            &[PEER_SECRET_KEY],
         ));
         mounts.push(VolumeMount {
             name: PEER_SECRET_VOLUME.into(),
@@ -105,6 +115,34 @@ pub fn stateful_set(
             read_only: Some(true),
             ..VolumeMount::default()
         });
+    }
+    // etcd's CA, client certificate and credentials: files the relay's
+    // `[cluster]` section names (relay_config), never environment variables.
+    if let Some(etcd) = &spec.etcd {
+        let tls_keys: &[&str] = if etcd.client_certificate() {
+            &[ETCD_CA_KEY, ETCD_CERT_KEY, ETCD_KEY_KEY]
+        } else {
+            &[ETCD_CA_KEY]
+        };
+        for (volume, secret, keys, dir) in [
+            (ETCD_TLS_VOLUME, &etcd.tls_secret, tls_keys, ETCD_TLS_DIR),
+            (
+                ETCD_AUTH_VOLUME,
+                &etcd.auth_secret,
+                &[ETCD_USERNAME_KEY, ETCD_PASSWORD_KEY][..],
+                ETCD_AUTH_DIR,
+            ),
+        ] {
+            if let Some(secret) = secret {
+                volumes.push(secret_volume(volume, secret, keys));
+                mounts.push(VolumeMount {
+                    name: volume.into(),
+                    mount_path: dir.into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+            }
+        }
     }
 
     let mut env = Vec::new();
@@ -176,7 +214,11 @@ pub fn stateful_set(
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         volume_mounts: Some(mounts),
-        resources: spec.resources.as_ref().map(|r| r.to_requirements()),
+        resources: Some(
+            spec.resources
+                .as_ref()
+                .map_or_else(default_resources, |r| r.to_requirements()),
+        ),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -217,6 +259,10 @@ pub fn stateful_set(
             run_as_user: Some(RELAY_UID),
             run_as_group: Some(RELAY_UID),
             fs_group: Some(RELAY_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
             ..PodSecurityContext::default()
         }),
         containers: vec![container],
@@ -294,19 +340,36 @@ fn http_probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe 
     }
 }
 
-fn secret_volume(volume: &str, secret: &str, only_key: Option<&str>) -> Volume {
+/// Requests of a relay container whose MailQueue sets no `resources`:
+/// enough for the scheduler to place relays sensibly, no limits.
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity(DEFAULT_CPU_REQUEST.into())),
+            ("memory".to_owned(), Quantity(DEFAULT_MEMORY_REQUEST.into())),
+        ])),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// A volume of `secret`: only `keys` (each as a file of its name), or every
+/// key when `keys` is empty. A listed key missing from the Secret keeps the
+/// pod from starting, with an event that names it.
+fn secret_volume(volume: &str, secret: &str, keys: &[&str]) -> Volume {
     Volume {
         name: volume.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
             // Group-readable: the relay reads them through fsGroup.
             default_mode: Some(0o440),
-            items: only_key.map(|key| {
-                vec![KeyToPath {
-                    key: key.into(),
-                    path: key.into(),
-                    ..KeyToPath::default()
-                }]
+            items: (!keys.is_empty()).then(|| {
+                keys.iter()
+                    .map(|key| KeyToPath {
+                        key: (*key).into(),
+                        path: (*key).into(),
+                        ..KeyToPath::default()
+                    })
+                    .collect()
             }),
             ..SecretVolumeSource::default()
         }),

@@ -22,9 +22,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, KeyValue, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse, WatchOptions,
 };
 use tokio::sync::Mutex;
 
@@ -36,7 +36,8 @@ use super::{
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
-    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    /// Client URLs, e.g. `http://127.0.0.1:2379`; all `https://` when `tls`
+    /// is set (etcd-client refuses TLS options with an `http://` URL).
     pub endpoints: Vec<String>,
     /// Key prefix of this cluster; a `/` is appended if missing.
     pub prefix: String,
@@ -44,17 +45,72 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
+    /// TLS towards etcd; `None` for `http://` endpoints.
+    pub tls: Option<EtcdTls>,
+    /// The etcd user to authenticate as (etcd's `auth enable`). The client
+    /// gets a token when it connects and a new one whenever etcd refuses an
+    /// expired token.
+    pub user: Option<EtcdUser>,
 }
 
 impl EtcdOptions {
-    /// Options for `endpoints` under `prefix`, with 5 s timeouts.
+    /// Options for `endpoints` under `prefix`, with 5 s timeouts, without
+    /// TLS or a user.
     pub fn new(endpoints: Vec<String>, prefix: impl Into<String>) -> EtcdOptions {
         EtcdOptions {
             endpoints,
             prefix: prefix.into(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            tls: None,
+            user: None,
         }
+    }
+}
+
+/// TLS towards etcd, from PEM bytes. The server's certificate must be signed
+/// by `ca` and name the endpoint's host; no other root is trusted.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// PEM certificate(s) of the CA that signed etcd's server certificate.
+    pub ca: Vec<u8>,
+    /// The client certificate, for an etcd run with `--client-cert-auth`.
+    pub identity: Option<EtcdIdentity>,
+}
+
+/// A client certificate and its private key, PEM.
+#[derive(Clone)]
+pub struct EtcdIdentity {
+    /// PEM certificate chain, leaf first.
+    pub cert: Vec<u8>,
+    /// PEM private key.
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for EtcdIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdIdentity")
+            .field("cert", &format_args!("{} bytes", self.cert.len()))
+            .field("key", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+/// An etcd user and password.
+#[derive(Clone)]
+pub struct EtcdUser {
+    /// The user's name.
+    pub name: String,
+    /// The password; never logged.
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdUser")
+            .field("name", &self.name)
+            .field("password", &format_args!("<redacted>"))
+            .finish()
     }
 }
 
@@ -94,23 +150,153 @@ fn revision(value: i64) -> u64 {
 /// Maps a client error; `lease` names the lease a NotFound refers to.
 fn map_err(err: etcd_client::Error, lease: Option<LeaseId>) -> Error {
     use etcd_client::Error as E;
+    // etcd_client::Error has no source(): look into the variants that wrap one.
+    let inner: Option<&(dyn std::error::Error + 'static)> = match &err {
+        E::GRpcStatus(status) => Some(status),
+        E::TransportError(err) => Some(err),
+        E::IoError(err) => Some(err),
+        _ => None,
+    };
+    if let Some(tls) = inner.and_then(tls_failure) {
+        return Error::Tls(tls);
+    }
     match err {
         E::GRpcStatus(status) => match (status.code(), lease) {
             // etcd answers NotFound only for an unknown lease.
             (tonic::Code::NotFound, Some(lease)) => Error::LeaseExpired(lease),
+            // A user without a role on the prefix, or auth enabled and no
+            // (valid) user given.
+            (tonic::Code::PermissionDenied | tonic::Code::Unauthenticated, _) => {
+                Error::Unauthorized(describe_status(&status))
+            }
             (
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::Cancelled
                 | tonic::Code::Unknown,
                 _,
-            ) => Error::Unavailable(status.to_string()),
-            _ => Error::Backend(status.to_string()),
+            ) => Error::Unavailable(describe_status(&status)),
+            _ => Error::Backend(describe_status(&status)),
         },
-        E::TransportError(err) => Error::Unavailable(err.to_string()),
-        E::IoError(err) => Error::Unavailable(err.to_string()),
-        other => Error::Backend(other.to_string()),
+        E::TransportError(err) => Error::Unavailable(describe(&err)),
+        E::IoError(err) => Error::Unavailable(describe(&err)),
+        other => Error::Backend(describe(&other)),
     }
+}
+
+/// A status's message followed by its sources' (the transport error under
+/// an Unavailable says what failed), each said once.
+fn describe_status(status: &tonic::Status) -> String {
+    let mut text = if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        status.message().to_owned()
+    };
+    if let Some(source) = std::error::Error::source(status) {
+        append_sources(&mut text, source);
+    }
+    text
+}
+
+/// An error's message followed by its sources', each said once.
+fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    if let Some(source) = err.source() {
+        append_sources(&mut text, source);
+    }
+    text
+}
+
+fn append_sources(text: &mut String, first: &(dyn std::error::Error + 'static)) {
+    let mut source = Some(first);
+    while let Some(err) = source {
+        let message = err.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = err.source();
+    }
+}
+
+/// Why TLS with `endpoint` fails, from a handshake of our own with the same
+/// certificates, or `None` when it does not (or the endpoint cannot be
+/// reached at all). etcd refuses a client certificate, or its absence,
+/// after a TLS 1.3 handshake has completed on the client's side, with an
+/// alert that the gRPC client only reports as a closed connection; here the
+/// alert is read and named.
+async fn diagnose_tls(endpoint: &str, tls: &EtcdTls, wait: Duration) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+
+    let uri: tonic::codegen::http::Uri = endpoint.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(2379);
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&tls.ca) {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots);
+    let config = match &tls.identity {
+        Some(identity) => {
+            let chain = CertificateDer::pem_slice_iter(&identity.cert)
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_slice(&identity.key).ok()?;
+            match builder.with_client_auth_cert(chain, key) {
+                Ok(config) => config,
+                Err(err) => return Some(format!("the client certificate or key: {err}")),
+            }
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from(host.to_owned()).ok()?;
+    let tcp = tokio::time::timeout(wait, tokio::net::TcpStream::connect((host, port)))
+        .await
+        .ok()?
+        .ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut stream = match tokio::time::timeout(wait, connector.connect(name, tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => return tls_failure(&err),
+        Err(_) => return None,
+    };
+    // A server that accepted us waits for the client to speak; one that
+    // refuses sends its alert at once.
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(wait.min(Duration::from_secs(1)), stream.read(&mut byte)).await {
+        Ok(Err(err)) => tls_failure(&err),
+        _ => None,
+    }
+}
+
+/// The TLS error (from rustls) somewhere in `err`'s sources: the handshake
+/// failed, or the server ended the session with an alert (such as
+/// `CertificateRequired` when no client certificate was sent).
+fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // io::Error hides the error it wraps from source(): look inside.
+        if let Some(tls) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        next = err.source();
+    }
+    None
 }
 
 fn utf8(bytes: &[u8]) -> Result<&str, Error> {
@@ -118,24 +304,87 @@ fn utf8(bytes: &[u8]) -> Result<&str, Error> {
 }
 
 impl Etcd {
-    /// Connects (lazily: the first request opens the connection).
+    /// Connects: lazily without a user (the first request opens the
+    /// connection); with one, the connection is opened at once to
+    /// authenticate, so wrong credentials fail here with
+    /// [`Error::Unauthorized`] and an untrusted certificate or a refused
+    /// client certificate with [`Error::Tls`].
     pub async fn connect(options: EtcdOptions) -> Result<Etcd, Error> {
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             // HTTP/2 pings find a dead connection under a long-lived watch.
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
-        let client = tokio::time::timeout(
-            options.connect_timeout,
-            Client::connect(&options.endpoints, Some(connect)),
-        )
-        .await
-        .map_err(|_| Error::Unavailable("connecting to etcd timed out".into()))?
-        .map_err(|err| map_err(err, None))?;
+        if let Some(tls) = &options.tls {
+            let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+            if let Some(identity) = &tls.identity {
+                config = config.identity(Identity::from_pem(&identity.cert, &identity.key));
+            }
+            connect = connect.with_tls(config);
+        }
+        let authenticating = options.user.is_some();
+        if let Some(user) = &options.user {
+            if options.tls.is_none() {
+                tracing::warn!(
+                    user = %user.name,
+                    "the etcd password goes over plain http://: use https:// endpoints"
+                );
+            }
+            // etcd's tokens expire (5 minutes unused by default, or at a
+            // fixed time with JWT): fetch a new one and retry the request.
+            connect = connect
+                .with_user(user.name.clone(), user.password.clone())
+                .with_auto_token_refresh(true);
+        }
         let mut prefix = options.prefix;
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
+        let connected = tokio::time::timeout(options.connect_timeout, async {
+            let client = Client::connect(&options.endpoints, Some(connect))
+                .await
+                .map_err(|err| match map_err(err, None) {
+                    // The only request connect makes is etcd's Authenticate,
+                    // which answers InvalidArgument to a wrong user or password.
+                    Error::Backend(message) if authenticating => Error::Unauthorized(message),
+                    other => other,
+                })?;
+            if options.tls.is_some() && !authenticating {
+                // Nothing was sent yet: try the certificates (and a user
+                // named by the certificate) now rather than at the first
+                // delivery.
+                client
+                    .kv_client()
+                    .get(
+                        prefix.as_str(),
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await
+                    .map_err(|err| map_err(err, None))?;
+            }
+            Ok(client)
+        })
+        .await
+        .unwrap_or_else(|_| Err(Error::Unavailable("connecting to etcd timed out".into())));
+        let client = match (connected, &options.tls) {
+            (Err(Error::Unavailable(message)), Some(tls)) => {
+                // Refused client certificates under TLS 1.3 look like a
+                // closed connection to the gRPC client: find out.
+                let probes = options
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| diagnose_tls(endpoint, tls, options.connect_timeout));
+                let found = tokio::time::timeout(
+                    options.connect_timeout,
+                    futures::future::join_all(probes),
+                )
+                .await
+                .ok()
+                .and_then(|found| found.into_iter().flatten().next());
+                return Err(found.map_or(Error::Unavailable(message), Error::Tls));
+            }
+            (connected, _) => connected?,
+        };
         Ok(Etcd {
             client,
             prefix,

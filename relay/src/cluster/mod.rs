@@ -107,6 +107,17 @@ pub enum Error {
     /// request may or may not have been applied.
     #[error("coordinator unavailable: {0}")]
     Unavailable(String),
+    /// The service refused this relay's credentials (etcd: an unknown user
+    /// or a wrong password, no user while authentication is on, or a user
+    /// whose roles do not cover the prefix). Retrying does not help until
+    /// the credentials or the roles change.
+    #[error("coordinator refused access: {0}")]
+    Unauthorized(String),
+    /// The TLS session could not be set up: the service's certificate is not
+    /// signed by the configured CA or does not name its host, or the service
+    /// refused the client certificate (or its absence).
+    #[error("TLS with the coordinator failed: {0}")]
+    Tls(String),
     /// Any other backend failure.
     #[error("coordinator error: {0}")]
     Backend(String),

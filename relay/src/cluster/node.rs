@@ -221,8 +221,7 @@ impl ClusterNode {
                 task: Mutex::new(None),
                 info,
                 etcd: {
-                    let mut options =
-                        EtcdOptions::new(cluster.etcd.clone(), cluster.prefix.clone());
+                    let mut options = cluster.etcd_options()?;
                     // A commit that cannot finish well inside the lease is
                     // worth nothing: fail fast and stop delivering.
                     options.request_timeout = (cluster.lease_ttl / 3).min(options.request_timeout);
@@ -401,6 +400,16 @@ async fn run(inner: Arc<Inner>) {
     let coordinator: Arc<dyn Coordinator> = loop {
         match Etcd::connect(inner.etcd.clone()).await {
             Ok(etcd) => break Arc::new(etcd),
+            Err(err @ (Error::Unauthorized(_) | Error::Tls(_))) => {
+                // A configuration problem, not an outage: say so loudly, and
+                // keep trying (the user or its role may be created later).
+                tracing::error!(
+                    error = %err,
+                    "etcd refuses this relay (check cluster.etcd_ca, etcd_cert, etcd_key, \
+                     etcd_user and etcd's roles); accepting goes on, delivery waits"
+                );
+                tokio::time::sleep(inner.lease.retry_every.max(Duration::from_secs(10))).await;
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot reach etcd; accepting goes on, delivery waits");
                 tokio::time::sleep(inner.lease.retry_every).await;

@@ -22,10 +22,25 @@ use std::time::{Duration, Instant};
 const HINT: &str = "etcd is not installed: run `bash e2e/install-deps` (as root), \
                     which installs Debian's etcd-server";
 
+/// TLS for a server: its certificate and key, and the CA whose client
+/// certificates it requires (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// PEM server certificate; it must name 127.0.0.1 and, because etcd 3.4's
+    /// gateway presents it as a client certificate, allow client auth too.
+    pub cert: PathBuf,
+    /// PEM key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA that signs the clients' certificates.
+    pub client_ca: PathBuf,
+    /// More flags for etcd.
+    pub args: Vec<String>,
+}
+
 /// A running etcd.
 #[derive(Debug)]
 pub struct EtcdServer {
-    /// `http://127.0.0.1:PORT`, for clients.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for clients.
     pub client_url: String,
     /// Its client port.
     pub client_port: u16,
@@ -57,8 +72,12 @@ fn etcd_binary() -> PathBuf {
 
 /// Spawns etcd with its data in `dir`; killed by the kernel if the thread
 /// that spawned it ends (so spawn from a thread that outlives the use).
-fn spawn(dir: &Path, client_port: u16, peer_port: u16) -> Child {
-    let client = format!("http://127.0.0.1:{client_port}");
+/// With `tls`, clients must use https and present a certificate, and
+/// `/health` is served in plain http on `health_port` (otherwise on the
+/// client port).
+fn spawn(dir: &Path, client_port: u16, peer_port: u16, tls: Option<(&ServerTls, u16)>) -> Child {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client = format!("{scheme}://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
     let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
     let mut command = Command::new(etcd_binary());
@@ -72,7 +91,23 @@ fn spawn(dir: &Path, client_port: u16, peer_port: u16) -> Child {
         .args(["--initial-advertise-peer-urls", &peer])
         .args(["--initial-cluster", &format!("postern-test={peer}")])
         .args(["--initial-cluster-state", "new"])
-        .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
+        .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+    if let Some((tls, health_port)) = tls {
+        command
+            .arg("--cert-file")
+            .arg(&tls.cert)
+            .arg("--key-file")
+            .arg(&tls.key)
+            .arg("--trusted-ca-file")
+            .arg(&tls.client_ca)
+            .arg("--client-cert-auth")
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{health_port}"),
+            ])
+            .args(&tls.args);
+    }
+    command
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -125,7 +160,7 @@ impl EtcdServer {
     pub fn start() -> EtcdServer {
         let dir = tempfile::tempdir().unwrap();
         let (client_port, peer_port) = (free_port(), free_port());
-        let mut child = spawn(dir.path(), client_port, peer_port);
+        let mut child = spawn(dir.path(), client_port, peer_port, None);
         wait_healthy(&mut child, client_port, dir.path());
         EtcdServer {
             client_url: format!("http://127.0.0.1:{client_port}"),
@@ -175,24 +210,45 @@ extern "C" fn stop_shared() {
 /// The etcd shared by the tests of this binary (client URL), started once.
 pub fn shared() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Spawned from a thread that never ends: the kernel kills etcd when
-        // the spawning thread exits, and a test's thread ends with the test.
-        std::thread::spawn(move || {
-            let dir = tempfile::tempdir().unwrap().keep();
-            *SHARED_DIR.lock().unwrap() = Some(dir.clone());
-            let (client_port, peer_port) = (free_port(), free_port());
-            let mut child = spawn(&dir, client_port, peer_port);
-            SHARED_PID.store(child.id() as i32, Ordering::SeqCst);
-            // SAFETY: registers a plain extern "C" function.
-            unsafe { libc::atexit(stop_shared) };
-            wait_healthy(&mut child, client_port, &dir);
-            tx.send(format!("http://127.0.0.1:{client_port}")).unwrap();
-            loop {
-                std::thread::park();
-            }
-        });
-        rx.recv().expect("etcd did not start")
-    })
+    URL.get_or_init(|| start_shared(None))
+}
+
+/// Like [`shared`], with TLS and client certificates (`https://` URL); a
+/// test binary uses one of the two. `tls` is only read by the first call.
+pub fn shared_tls(tls: &ServerTls) -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| start_shared(Some(tls.clone())))
+}
+
+fn start_shared(tls: Option<ServerTls>) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Spawned from a thread that never ends: the kernel kills etcd when
+    // the spawning thread exits, and a test's thread ends with the test.
+    std::thread::spawn(move || {
+        let dir = tempfile::tempdir().unwrap().keep();
+        *SHARED_DIR.lock().unwrap() = Some(dir.clone());
+        let (client_port, peer_port) = (free_port(), free_port());
+        let health_port = if tls.is_some() {
+            free_port()
+        } else {
+            client_port
+        };
+        let mut child = spawn(
+            &dir,
+            client_port,
+            peer_port,
+            tls.as_ref().map(|tls| (tls, health_port)),
+        );
+        SHARED_PID.store(child.id() as i32, Ordering::SeqCst);
+        // SAFETY: registers a plain extern "C" function.
+        unsafe { libc::atexit(stop_shared) };
+        wait_healthy(&mut child, health_port, &dir);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tx.send(format!("{scheme}://127.0.0.1:{client_port}"))
+            .unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().expect("etcd did not start")
 }
