@@ -74,8 +74,8 @@ const URL: &str = r"^https?://[^\s]+$";
     printcolumn(
         name = "Status",
         type_ = "string",
-        description = "Reason of the Ready condition",
-        json_path = r#".status.conditions[?(@.type=="Ready")].reason"#
+        description = "Reason of the Degraded condition while it is true, else of the Ready condition",
+        json_path = ".status.state"
     ),
     printcolumn(
         name = "Age",
@@ -665,6 +665,11 @@ pub struct MailQueueStatus {
     /// Hash of the relay configuration the pods should run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// The STATUS column: the `Degraded` condition's reason while it is
+    /// true (`ImagePullFailed`, `PeerSecretMissing`, `EtcdUnreachable`, …),
+    /// else the `Ready` condition's reason (`RelaysReady`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     /// `Ready`, `Progressing`, `Degraded`, `Draining`.
     #[serde(default)]
     pub conditions: Vec<Condition>,

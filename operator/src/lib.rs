@@ -5,6 +5,7 @@
 pub mod build;
 pub mod crd;
 pub mod discovery;
+pub mod faults;
 pub mod http;
 pub mod leader;
 pub mod metrics;

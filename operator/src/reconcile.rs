@@ -4,7 +4,10 @@
 //! every owned object (and deletes its NetworkPolicy when that is turned
 //! off), records events for what it did, and writes the status.
 //! An invalid MailQueue gets `Degraded` and waits for the next edit; it never
-//! stops the controller.
+//! stops the controller. Faults of the relays (an image that cannot be
+//! pulled, a missing Secret, etcd unreachable: [`crate::faults`]) make it
+//! `Degraded` too, with a Warning event when one appears, and clear by
+//! themselves once fixed.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,8 +15,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event as CoreEvent, ObjectReference, Pod, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -25,6 +31,7 @@ use serde::Serialize;
 use crate::build::{self, Names, CONFIG_HASH, DRAINING_SINCE, TRAFFIC_DRAIN, TRAFFIC_LABEL};
 use crate::crd::{MailQueue, MailQueueStatus};
 use crate::discovery::PdbVersion;
+use crate::faults;
 use crate::metrics::Metrics;
 use crate::relay_config::{self, RelayConfig};
 use crate::scale::{self, PodState};
@@ -186,11 +193,22 @@ async fn reconcile_mail_queue(mq: &MailQueue, ctx: &Context) -> Result<Action, E
         config_hash: rendered.hash.clone(),
         ..Observed::default()
     };
+    let peer_secret = mq
+        .spec
+        .etcd
+        .as_ref()
+        .and_then(|etcd| etcd.peer_secret.as_deref());
     let mut states = Vec::new();
     for (ordinal, pod) in &relay_pods {
         let pod_name = pod.name_any();
+        observed
+            .faults
+            .extend(faults::container_faults(pod, peer_secret));
         let queue_depth = match ctx.stats.stats(pod).await {
             Ok(stats) => {
+                observed
+                    .faults
+                    .extend(faults::delivery_fault(&pod_name, &stats));
                 observed.queue_depth += stats.queue_depth;
                 if let Some(oldest) = stats.oldest_message_time {
                     observed.oldest_message =
@@ -217,6 +235,34 @@ async fn reconcile_mail_queue(mq: &MailQueue, ctx: &Context) -> Result<Action, E
             draining_since,
             queue_depth,
         });
+    }
+
+    // A pod stuck creating: the kubelet's FailedMount events name a missing
+    // Secret (the operator may not read Secrets themselves).
+    let creating: Vec<&Pod> = relay_pods
+        .iter()
+        .map(|(_, pod)| pod)
+        .filter(|pod| faults::creating(pod))
+        .collect();
+    if !creating.is_empty() {
+        let failed_mounts =
+            ListParams::default().fields("involvedObject.kind=Pod,reason=FailedMount");
+        match Api::<CoreEvent>::namespaced(client.clone(), &namespace)
+            .list(&failed_mounts)
+            .await
+        {
+            Ok(events) => {
+                for pod in creating {
+                    observed
+                        .faults
+                        .extend(faults::mount_faults(pod, &events.items, peer_secret));
+                }
+            }
+            // Not fatal: the status just says less (e.g. RBAC of an older chart).
+            Err(err) => {
+                tracing::warn!(mailqueue = %name, %namespace, "cannot list FailedMount events: {err}")
+            }
+        }
     }
 
     // Plan the number of relays: a scale-down drains before it removes.
@@ -342,6 +388,11 @@ async fn reconcile_mail_queue(mq: &MailQueue, ctx: &Context) -> Result<Action, E
     // Status.
     observed.statefulset = Some(applied);
     let status = status::observed_status(&observed, previous, now);
+    if let Some(fault) = new_fault(previous, &status, &observed) {
+        events
+            .warning(&fault.reason, "Observe", &fault.message)
+            .await;
+    }
     write_status(ctx, &namespace, &name, previous, &status).await?;
     // Look again soon while something changes or a relay's stats are missing.
     let busy = [status::PROGRESSING, status::DEGRADED, status::DRAINING]
@@ -533,6 +584,23 @@ async fn write_status(
         .await
         .map_err(kube_err("write MailQueue status"))?;
     Ok(())
+}
+
+/// The `Degraded` condition when it names a fault of the relays that the
+/// previous status did not (a new reason, or it was not degraded before).
+fn new_fault<'a>(
+    previous: Option<&MailQueueStatus>,
+    status: &'a MailQueueStatus,
+    observed: &Observed,
+) -> Option<&'a Condition> {
+    if observed.faults.is_empty() {
+        return None;
+    }
+    let degraded = status::condition(status, status::DEGRADED).filter(|c| c.status == "True")?;
+    let before = previous
+        .and_then(|previous| status::condition(previous, status::DEGRADED))
+        .filter(|c| c.status == "True");
+    (before.map(|c| &c.reason) != Some(&degraded.reason)).then_some(degraded)
 }
 
 fn pod_ready(pod: &Pod) -> bool {

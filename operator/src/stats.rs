@@ -1,5 +1,6 @@
-//! Reading a relay pod's `/stats` (readiness, queue depth, oldest message)
-//! over HTTP, behind a small trait so reconcile tests can script the answers.
+//! Reading a relay pod's `/stats` (readiness, queue depth, oldest message,
+//! whether delivery runs and why not) over HTTP, behind a small trait so
+//! reconcile tests can script the answers.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use serde::Deserialize;
 use crate::relay_config::HTTP_PORT;
 
 /// What a relay's `/stats` says.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct RelayStats {
     /// Whether the relay accepts mail.
     pub ready: bool,
@@ -23,6 +24,35 @@ pub struct RelayStats {
     /// Arrival of its oldest queued message.
     #[serde(default)]
     pub oldest_message_time: Option<Timestamp>,
+    /// Whether it delivers (absent from relays that predate the field).
+    #[serde(default)]
+    pub delivery: Option<DeliveryState>,
+    /// Why delivery is stalled, as the relay names it
+    /// ([`postern::health::StallReason`]: `etcd_unreachable`, `lease_expired`).
+    #[serde(default)]
+    pub delivery_reason: Option<String>,
+    /// The relay's sentence about its delivery (absent while running).
+    #[serde(default)]
+    pub delivery_message: Option<String>,
+}
+
+/// A relay's delivery state ([`postern::health::Delivery`] as `/stats` spells it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Delivering.
+    Running,
+    /// Paused by its configuration.
+    Paused,
+    /// Shutting down.
+    Draining,
+    /// Joining the cluster; nothing failed yet.
+    Joining,
+    /// Not delivering because of a fault (`delivery_reason`).
+    Stalled,
+    /// A state this operator does not know (a newer relay).
+    #[serde(other)]
+    Unknown,
 }
 
 /// Why a relay's stats could not be read.
@@ -200,7 +230,25 @@ mod tests {
             stats.oldest_message_time,
             Some("2026-01-01T11:59:00Z".parse().unwrap())
         );
+        assert_eq!(stats.delivery, None, "a relay before the delivery field");
         server.await.unwrap();
+    }
+
+    #[test]
+    fn a_stalled_relays_stats_parse() {
+        let stats: RelayStats = serde_json::from_str(
+            r#"{"ready":true,"queue_depth":3,"oldest_age_seconds":2.0,
+                "oldest_message_time":"2026-01-01T11:59:00Z","delivery":"stalled",
+                "delivery_reason":"etcd_unreachable",
+                "delivery_message":"etcd unreachable: cannot renew the lease: connection refused"}"#,
+        )
+        .unwrap();
+        assert_eq!(stats.delivery, Some(DeliveryState::Stalled));
+        assert_eq!(stats.delivery_reason.as_deref(), Some("etcd_unreachable"));
+        let newer: RelayStats =
+            serde_json::from_str(r#"{"ready":true,"queue_depth":0,"delivery":"hibernating"}"#)
+                .unwrap();
+        assert_eq!(newer.delivery, Some(DeliveryState::Unknown));
     }
 
     #[tokio::test]

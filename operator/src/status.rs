@@ -2,12 +2,18 @@
 //! counts, the queue totals and the four conditions (`Ready`, `Progressing`,
 //! `Degraded`, `Draining`), each with a reason and a message. A condition
 //! keeps its `lastTransitionTime` while its status stays the same.
+//!
+//! `Degraded` names the most important fault of the relays
+//! ([`crate::faults`]: an image that cannot be pulled, a missing Secret,
+//! etcd unreachable, …) and lists them all; `status.state`, the STATUS
+//! column, is its reason while it is true and `Ready`'s reason otherwise.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::MailQueueStatus;
+use crate::faults::{self, Fault};
 use crate::scale::Draining;
 
 /// Condition types.
@@ -40,6 +46,8 @@ pub struct Observed {
     pub draining: Vec<Draining>,
     /// Ready relays whose `/stats` could not be read, with why.
     pub stats_failures: Vec<(String, String)>,
+    /// What is wrong with the relay pods ([`crate::faults`]).
+    pub faults: Vec<Fault>,
 }
 
 /// The status after a successful reconcile.
@@ -129,25 +137,32 @@ pub fn observed_status(
         );
     }
 
-    if observed.stats_failures.is_empty() {
-        conditions.set(
-            DEGRADED,
-            false,
-            "AsExpected",
-            "the spec is valid and applied",
-        );
-    } else {
+    let stats_failures = (!observed.stats_failures.is_empty()).then(|| {
         let failures: Vec<String> = observed
             .stats_failures
             .iter()
             .map(|(pod, why)| format!("{pod}: {why}"))
             .collect();
-        conditions.set(
-            DEGRADED,
-            true,
-            "StatsUnavailable",
-            &format!("no /stats from ready relays ({})", failures.join("; ")),
-        );
+        format!("no /stats from ready relays ({})", failures.join("; "))
+    });
+    match (faults::summary(&observed.faults), stats_failures) {
+        (Some((kind, mut message)), stats_failures) => {
+            if let Some(stats_failures) = stats_failures {
+                message = format!("{message}; {stats_failures}");
+            }
+            conditions.set(DEGRADED, true, kind.reason(), &message);
+        }
+        (None, Some(stats_failures)) => {
+            conditions.set(DEGRADED, true, "StatsUnavailable", &stats_failures);
+        }
+        (None, None) => {
+            conditions.set(
+                DEGRADED,
+                false,
+                "AsExpected",
+                "the spec is valid and applied",
+            );
+        }
     }
 
     if observed.draining.is_empty() {
@@ -175,6 +190,7 @@ pub fn observed_status(
         oldest_message_time: observed.oldest_message.map(Time),
         draining: (!draining_names.is_empty()).then(|| draining_names.join(",")),
         config_hash: Some(observed.config_hash.clone()),
+        state: conditions.state(),
         conditions: conditions.into_vec(),
     }
 }
@@ -213,6 +229,7 @@ pub fn failed_status(
             conditions.set(kind, false, "Unknown", "not observed yet");
         }
     }
+    status.state = conditions.state();
     status.conditions = conditions.into_vec();
     status
 }
@@ -235,6 +252,15 @@ impl<'a> Conditions<'a> {
             now,
             set: previous.to_vec(),
         }
+    }
+
+    /// The STATUS column: `Degraded`'s reason while it is true, else `Ready`'s.
+    fn state(&self) -> Option<String> {
+        let find = |kind: &str| self.set.iter().find(|c| c.type_ == kind);
+        find(DEGRADED)
+            .filter(|c| c.status == "True")
+            .or_else(|| find(READY))
+            .map(|c| c.reason.clone())
     }
 
     fn has(&self, kind: &str) -> bool {
@@ -282,6 +308,7 @@ pub fn condition<'a>(status: &'a MailQueueStatus, kind: &str) -> Option<&'a Cond
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::faults::FaultKind;
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -409,5 +436,92 @@ mod tests {
         assert_eq!(degraded.reason, "InvalidSpec");
         assert_eq!(condition(&bad, READY).unwrap().reason, "InvalidSpec");
         assert_eq!(bad.conditions.len(), 4);
+        assert_eq!(bad.state.as_deref(), Some("InvalidSpec"));
+    }
+
+    fn fault(pod: &str, kind: FaultKind, cause: &str) -> Fault {
+        Fault {
+            pod: pod.into(),
+            kind,
+            cause: cause.into(),
+        }
+    }
+
+    #[test]
+    fn the_state_is_the_ready_reason_while_nothing_is_wrong() {
+        let status = observed_status(&observed(3, sts(3, 3, 3)), None, t("2026-01-01T12:00:00Z"));
+        assert_eq!(status.state.as_deref(), Some("RelaysReady"));
+        let status = observed_status(&observed(3, sts(3, 1, 3)), None, t("2026-01-01T12:00:00Z"));
+        assert_eq!(status.state.as_deref(), Some("RelaysNotReady"));
+    }
+
+    #[test]
+    fn an_image_that_cannot_be_pulled_is_degraded_and_shown_as_the_state() {
+        let mut obs = observed(2, sts(2, 0, 2));
+        obs.faults = vec![
+            fault(
+                "mx-0",
+                FaultKind::ImagePullFailed,
+                "image \"p:x\" cannot be pulled (ErrImagePull)",
+            ),
+            fault(
+                "mx-1",
+                FaultKind::ImagePullFailed,
+                "image \"p:x\" cannot be pulled (ErrImagePull)",
+            ),
+        ];
+        let status = observed_status(&obs, None, t("2026-01-01T12:00:00Z"));
+        let degraded = condition(&status, DEGRADED).unwrap();
+        assert_eq!(
+            (
+                degraded.status.as_str(),
+                degraded.reason.as_str(),
+                degraded.message.as_str()
+            ),
+            (
+                "True",
+                "ImagePullFailed",
+                "mx-0, mx-1: image \"p:x\" cannot be pulled (ErrImagePull)"
+            )
+        );
+        assert_eq!(status.state.as_deref(), Some("ImagePullFailed"));
+        assert_eq!(condition(&status, READY).unwrap().reason, "RelaysNotReady");
+    }
+
+    #[test]
+    fn etcd_unreachable_keeps_ready_and_recovers_when_the_fault_clears() {
+        let mut obs = observed(2, sts(2, 2, 2));
+        obs.faults = vec![fault(
+            "mx-1",
+            FaultKind::EtcdUnreachable,
+            "delivery stalled: etcd unreachable: connection refused",
+        )];
+        obs.stats_failures = vec![("mx-0".into(), "connection refused".into())];
+        let stalled = observed_status(&obs, None, t("2026-01-01T12:00:00Z"));
+        let degraded = condition(&stalled, DEGRADED).unwrap();
+        assert_eq!(degraded.reason, "EtcdUnreachable");
+        assert_eq!(
+            degraded.message,
+            "mx-1: delivery stalled: etcd unreachable: connection refused; \
+             no /stats from ready relays (mx-0: connection refused)"
+        );
+        assert_eq!(condition(&stalled, READY).unwrap().status, "True");
+        assert_eq!(stalled.state.as_deref(), Some("EtcdUnreachable"));
+
+        let healed = observed_status(
+            &observed(2, sts(2, 2, 2)),
+            Some(&stalled),
+            t("2026-01-01T12:03:00Z"),
+        );
+        let degraded = condition(&healed, DEGRADED).unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("False", "AsExpected")
+        );
+        assert_eq!(
+            degraded.last_transition_time,
+            Time(t("2026-01-01T12:03:00Z"))
+        );
+        assert_eq!(healed.state.as_deref(), Some("RelaysReady"));
     }
 }

@@ -43,7 +43,25 @@ impl StatsSource for FakeStats {
             ready: true,
             queue_depth: *depth,
             oldest_message_time: oldest.map(|t| t.parse().unwrap()),
+            ..RelayStats::default()
         });
+        Box::pin(async move {
+            answer.ok_or(StatsError::Http {
+                url: format!("http://{name}/stats"),
+                source: "connection refused".into(),
+            })
+        })
+    }
+}
+
+/// Whole `/stats` answers by pod name; a missing pod answers with a connection error.
+#[derive(Default)]
+struct ScriptedStats(HashMap<String, RelayStats>);
+
+impl StatsSource for ScriptedStats {
+    fn stats<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, Result<RelayStats, StatsError>> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let answer = self.0.get(&name).cloned();
         Box::pin(async move {
             answer.ok_or(StatsError::Http {
                 url: format!("http://{name}/stats"),
@@ -282,6 +300,10 @@ fn not_found(kind: &str, name: &str) -> Value {
 }
 
 fn context(pdb: PdbVersion, stats: FakeStats) -> (Arc<Context>, ApiServer) {
+    context_with(pdb, Arc::new(stats))
+}
+
+fn context_with(pdb: PdbVersion, stats: Arc<dyn StatsSource>) -> (Arc<Context>, ApiServer) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Context {
@@ -294,7 +316,7 @@ fn context(pdb: PdbVersion, stats: FakeStats) -> (Arc<Context>, ApiServer) {
             },
         ),
         pdb,
-        stats: Arc::new(stats),
+        stats,
         metrics: Arc::new(Metrics::default()),
         clock: Arc::new(|| NOW.parse().unwrap()),
         resync: REQUEUE_IDLE,
@@ -995,4 +1017,248 @@ async fn apply_all_but_the_policy(api: &mut ApiServer) {
         sts_status(0, 0),
     )
     .await;
+}
+
+/// A relay pod that is not running: its container waits with `reason`.
+fn waiting_pod(ordinal: i32, reason: &str, message: &str) -> Value {
+    let mut pod = pod(ordinal, None);
+    pod["metadata"]["uid"] = format!("uid-mx-{ordinal}").into();
+    pod["status"] = json!({
+        "phase": "Pending", "podIP": format!("10.0.0.{}", ordinal + 10),
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{"name": "relay", "image": "postern:nope", "imageID": "",
+                               "ready": false, "restartCount": 0,
+                               "state": {"waiting": {"reason": reason, "message": message}}}]});
+    pod
+}
+
+fn stalled(reason: &str, message: &str) -> RelayStats {
+    serde_json::from_value(
+        json!({"ready": true, "queue_depth": 4, "delivery": "stalled",
+                                  "delivery_reason": reason, "delivery_message": message}),
+    )
+    .unwrap()
+}
+
+fn running() -> RelayStats {
+    serde_json::from_value(json!({"ready": true, "queue_depth": 0, "delivery": "running"})).unwrap()
+}
+
+#[tokio::test]
+async fn an_image_that_cannot_be_pulled_is_degraded_once_reported_and_recovers() {
+    let mq = mail_queue(json!({"image": "postern:nope", "replicas": 2}));
+    let hash = relay_config::render(&mq).unwrap().hash;
+    let failing = || {
+        vec![
+            waiting_pod(
+                0,
+                "ImagePullBackOff",
+                "Back-off pulling image \"postern:nope\"",
+            ),
+            waiting_pod(1, "ErrImagePull", "rpc error: not found"),
+        ]
+    };
+
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", Some(statefulset(&mq, 2, &hash)))
+        .await;
+    api.expect_list_pods("mx", failing()).await;
+    api.expect_applies("mx", "policy/v1", sts_status(2, 0))
+        .await;
+    let note = api.expect_event("Warning", "ImagePullFailed").await;
+    let status = api.expect_status("mx").await;
+    api.expect_no_more().await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::requeue(REQUEUE_BUSY));
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "ImagePullFailed");
+    assert_eq!(
+        degraded["message"],
+        "mx-0: image \"postern:nope\" cannot be pulled (ImagePullBackOff: Back-off pulling \
+         image \"postern:nope\"); mx-1: image \"postern:nope\" cannot be pulled \
+         (ErrImagePull: rpc error: not found)"
+    );
+    assert_eq!(note, degraded["message"]);
+    assert_eq!(status["state"], "ImagePullFailed");
+    assert_eq!(condition(&status, "Ready")["reason"], "RelaysNotReady");
+
+    // Still failing: no second event, nothing new to write.
+    let mut mq = mq;
+    mq.status = Some(serde_json::from_value(status).unwrap());
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", Some(statefulset(&mq, 2, &hash)))
+        .await;
+    api.expect_list_pods("mx", failing()).await;
+    api.expect_applies("mx", "policy/v1", sts_status(2, 0))
+        .await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+
+    // The image is fixed: the pods run, Degraded clears, STATUS follows Ready.
+    let stats = FakeStats(HashMap::from([
+        ("mx-0".to_owned(), (0, None)),
+        ("mx-1".to_owned(), (0, None)),
+    ]));
+    let (ctx, mut api) = context(PdbVersion::V1, stats);
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", Some(statefulset(&mq, 2, &hash)))
+        .await;
+    api.expect_list_pods("mx", vec![pod(0, None), pod(1, None)])
+        .await;
+    api.expect_applies("mx", "policy/v1", sts_status(2, 2))
+        .await;
+    let status = api.expect_status("mx").await;
+    api.expect_no_more().await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::requeue(REQUEUE_IDLE));
+    assert_eq!(condition(&status, "Degraded")["status"], "False");
+    assert_eq!(condition(&status, "Degraded")["reason"], "AsExpected");
+    assert_eq!(condition(&status, "Degraded")["lastTransitionTime"], NOW);
+    assert_eq!(status["state"], "RelaysReady");
+}
+
+#[tokio::test]
+async fn a_missing_peer_secret_is_read_from_the_kubelets_failed_mount_events() {
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 1,
+                               "etcd": {"endpoints": ["http://etcd:2379"],
+                                        "peerSecret": "mx-peer"}}));
+    let hash = relay_config::render(&mq).unwrap().hash;
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", Some(statefulset(&mq, 1, &hash)))
+        .await;
+    api.expect_list_pods("mx", vec![waiting_pod(0, "ContainerCreating", "")])
+        .await;
+    let list = api
+        .expect("GET", &format!("/api/v1/namespaces/{NS}/events"), |_| {
+            let event = |uid: &str, message: &str| {
+                json!({"metadata": {"name": format!("mx-0.{uid}"), "namespace": NS},
+                       "involvedObject": {"kind": "Pod", "name": "mx-0", "uid": uid},
+                       "reason": "FailedMount", "type": "Warning", "message": message})
+            };
+            let items = vec![
+                event(
+                    "uid-mx-0",
+                    "MountVolume.SetUp failed for volume \"peer-secret\" : secret \"mx-peer\" not found",
+                ),
+                // The pod before this one (same name, other uid).
+                event(
+                    "uid-old",
+                    "MountVolume.SetUp failed for volume \"smtp-tls\" : secret \"gone\" not found",
+                ),
+            ];
+            (
+                200,
+                json!({"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items}),
+            )
+        })
+        .await;
+    assert!(
+        list.query
+            .contains("fieldSelector=involvedObject.kind%3DPod%2Creason%3DFailedMount"),
+        "{}",
+        list.query
+    );
+    api.expect_applies("mx", "policy/v1", sts_status(1, 0))
+        .await;
+    let note = api.expect_event("Warning", "PeerSecretMissing").await;
+    let status = api.expect_status("mx").await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["reason"], "PeerSecretMissing");
+    assert_eq!(
+        degraded["message"],
+        "mx-0: Secret \"mx-peer\" named by spec.etcd.peerSecret does not exist (FailedMount)"
+    );
+    assert_eq!(note, degraded["message"]);
+    assert_eq!(status["state"], "PeerSecretMissing");
+}
+
+#[tokio::test]
+async fn events_that_cannot_be_listed_leave_the_reconcile_running() {
+    let (ctx, mut api) = context(PdbVersion::V1, FakeStats::default());
+    let mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 1}));
+    let hash = relay_config::render(&mq).unwrap().hash;
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", Some(statefulset(&mq, 1, &hash)))
+        .await;
+    api.expect_list_pods("mx", vec![waiting_pod(0, "ContainerCreating", "")])
+        .await;
+    api.expect("GET", &format!("/api/v1/namespaces/{NS}/events"), |_| {
+        (
+            403,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "events is forbidden", "reason": "Forbidden", "code": 403}),
+        )
+    })
+    .await;
+    api.expect_applies("mx", "policy/v1", sts_status(1, 0))
+        .await;
+    let status = api.expect_status("mx").await;
+    api.expect_no_more().await;
+    task.await.unwrap().unwrap();
+    assert_eq!(condition(&status, "Degraded")["status"], "False");
+    assert_eq!(status["state"], "RelaysNotReady");
+}
+
+#[tokio::test]
+async fn a_relay_that_cannot_reach_etcd_degrades_the_mail_queue_but_not_its_readiness() {
+    let stats = ScriptedStats(HashMap::from([
+        (
+            "mx-0".to_owned(),
+            stalled(
+                "etcd_unreachable",
+                "etcd unreachable: renewing the lease got no answer within 600ms",
+            ),
+        ),
+        ("mx-1".to_owned(), running()),
+    ]));
+    let (ctx, mut api) = context_with(PdbVersion::V1, Arc::new(stats));
+    let mq = mail_queue(json!({"image": "postern:0.1.0", "replicas": 2,
+                               "etcd": {"endpoints": ["http://etcd:2379"],
+                                        "peerSecret": "mx-peer"}}));
+    let hash = relay_config::render(&mq).unwrap().hash;
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", Some(statefulset(&mq, 2, &hash)))
+        .await;
+    api.expect_list_pods("mx", vec![pod(0, None), pod(1, None)])
+        .await;
+    api.expect_applies("mx", "policy/v1", sts_status(2, 2))
+        .await;
+    let note = api.expect_event("Warning", "EtcdUnreachable").await;
+    let status = api.expect_status("mx").await;
+    api.expect_no_more().await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::requeue(REQUEUE_BUSY));
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["reason"], "EtcdUnreachable");
+    assert_eq!(
+        degraded["message"],
+        "mx-0: delivery stalled: etcd unreachable: renewing the lease got no answer within 600ms"
+    );
+    assert_eq!(note, degraded["message"]);
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(status["queueDepth"], 4);
+    assert_eq!(status["state"], "EtcdUnreachable");
+
+    // etcd is back: both relays run; the condition and STATUS recover.
+    let stats = ScriptedStats(HashMap::from([
+        ("mx-0".to_owned(), running()),
+        ("mx-1".to_owned(), running()),
+    ]));
+    let (ctx, mut api) = context_with(PdbVersion::V1, Arc::new(stats));
+    let mut mq = mq;
+    mq.status = Some(serde_json::from_value(status).unwrap());
+    let task = run(&ctx, mq.clone()).await;
+    api.expect_get_statefulset("mx", Some(statefulset(&mq, 2, &hash)))
+        .await;
+    api.expect_list_pods("mx", vec![pod(0, None), pod(1, None)])
+        .await;
+    api.expect_applies("mx", "policy/v1", sts_status(2, 2))
+        .await;
+    let status = api.expect_status("mx").await;
+    api.expect_no_more().await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::requeue(REQUEUE_IDLE));
+    assert_eq!(condition(&status, "Degraded")["status"], "False");
+    assert_eq!(status["state"], "RelaysReady");
 }

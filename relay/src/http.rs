@@ -1,7 +1,9 @@
 //! Health and metrics over HTTP: `/healthz` (the process runs), `/readyz`
 //! (it accepts mail: spool recovered, listeners bound, not draining),
 //! `/metrics` (Prometheus text format) and `/stats` (JSON for the operator:
-//! readiness, queue depth, oldest message).
+//! readiness, queue depth, oldest message, and whether delivery runs, see
+//! [`crate::health`]). Readiness is about accepting only: a relay whose
+//! delivery is stalled (etcd unreachable) stays ready.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,8 @@ use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::health::Health;
+use crate::metrics::{self, Metrics};
 
 /// Shared readiness flag.
 #[derive(Debug, Clone, Default)]
@@ -36,10 +39,12 @@ pub async fn serve(
     socket: TcpListener,
     readiness: Readiness,
     metrics: Arc<Metrics>,
+    health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stats_readiness = readiness.clone();
     let stats_metrics = Arc::clone(&metrics);
+    let stats_health = health.clone();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -49,6 +54,7 @@ pub async fn serve(
             get(move || {
                 let queue = stats_metrics.queue();
                 let ready = stats_readiness.is_ready();
+                let delivery = stats_health.delivery();
                 async move {
                     let oldest = (queue.depth > 0).then(|| {
                         let age = chrono::Duration::milliseconds(
@@ -57,12 +63,15 @@ pub async fn serve(
                         (chrono::Utc::now() - age)
                             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                     });
-                    let body = serde_json::json!({
+                    let mut body = serde_json::json!({
                         "ready": ready,
                         "queue_depth": queue.depth,
                         "oldest_age_seconds": queue.oldest_age_seconds,
                         "oldest_message_time": oldest,
                     });
+                    if let Some(object) = body.as_object_mut() {
+                        delivery.stats_fields(object);
+                    }
                     ([("content-type", "application/json")], format!("{body}\n"))
                 }
             }),
@@ -70,13 +79,9 @@ pub async fn serve(
         .route(
             "/metrics",
             get(move || {
-                let metrics = Arc::clone(&metrics);
-                async move {
-                    (
-                        [("content-type", "text/plain; version=0.0.4")],
-                        metrics.render(),
-                    )
-                }
+                let mut text = metrics.render();
+                metrics::render_delivery(&health.delivery(), &mut text);
+                async move { ([("content-type", "text/plain; version=0.0.4")], text) }
             }),
         );
     axum::serve(socket, app)

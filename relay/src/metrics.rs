@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::health::{Delivery, StallReason};
+
 /// A latency histogram with fixed buckets (seconds).
 #[derive(Debug)]
 pub struct Histogram {
@@ -60,6 +62,25 @@ const ACK_BUCKETS: &[f64] = &[
 const DELIVERY_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0,
 ];
+
+/// Appends `postern_delivery_stalled{reason="…"}`: 1 for the reason
+/// delivery is stalled by now, 0 for every other reason (so alerts and
+/// graphs see each series whether or not it fired).
+pub fn render_delivery(delivery: &Delivery, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP postern_delivery_stalled Whether delivery is stalled, by reason (the relay still accepts mail).\n# TYPE postern_delivery_stalled gauge"
+    );
+    let stalled = delivery.stall_reason();
+    for reason in StallReason::ALL {
+        let _ = writeln!(
+            out,
+            "postern_delivery_stalled{{reason=\"{}\"}} {}",
+            reason.as_str(),
+            u8::from(stalled == Some(reason))
+        );
+    }
+}
 
 /// Queue figures sampled when metrics are scraped.
 #[derive(Debug, Default, Clone, Copy)]
@@ -237,5 +258,23 @@ mod tests {
         assert!(text.contains("postern_ack_latency_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("postern_ack_latency_seconds_bucket{le=\"0.05\"} 2\n"));
         assert!(text.contains("postern_ack_latency_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn the_stalled_gauge_has_one_series_per_reason() {
+        let mut text = String::new();
+        render_delivery(
+            &Delivery::Stalled {
+                reason: StallReason::EtcdUnreachable,
+                message: "etcd unreachable: connection refused".into(),
+            },
+            &mut text,
+        );
+        assert!(text.contains("# TYPE postern_delivery_stalled gauge\n"));
+        assert!(text.contains("postern_delivery_stalled{reason=\"etcd_unreachable\"} 1\n"));
+        assert!(text.contains("postern_delivery_stalled{reason=\"lease_expired\"} 0\n"));
+        let mut text = String::new();
+        render_delivery(&Delivery::Paused, &mut text);
+        assert!(text.contains("postern_delivery_stalled{reason=\"etcd_unreachable\"} 0\n"));
     }
 }

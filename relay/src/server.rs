@@ -16,6 +16,7 @@ use crate::admin::queue_service::QueueService;
 use crate::cluster::node::{ClusterNode, PeerNetwork};
 use crate::config::{Config, CopyKind};
 use crate::delivery::summary;
+use crate::health::{ClusterDelivery, Health};
 use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
 use crate::inbound::{self, Listener};
@@ -152,6 +153,12 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     }
 
     let readiness = Readiness::default();
+    let health = Health::new(
+        config.delivery.paused,
+        cluster_node
+            .clone()
+            .map(|node| Arc::new(node) as Arc<dyn ClusterDelivery>),
+    );
     let http_socket = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot bind the health endpoint {}", config.http.listen))?;
@@ -159,6 +166,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         http_socket,
         readiness.clone(),
         Arc::clone(&metrics),
+        health.clone(),
         signalled(shutdown.clone()),
     ));
 
@@ -211,6 +219,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
 
     signalled(shutdown.clone()).await;
     readiness.set(false);
+    health.set_draining();
     info!(
         open = connections.open(),
         "shutting down: not accepting, waiting for sessions in progress"

@@ -1,11 +1,16 @@
 //! Faults against the real `postern` binary: SMTP smuggling over raw TCP,
 //! kill -9 after the 250 and during DATA, a real S3 server (moto) that goes
-//! away, and a spool disk (a small tmpfs) that fills up. The invariant under
-//! test: a message that got a 250 is never lost, and nothing else is kept.
+//! away, a spool disk (a small tmpfs) that fills up, and a real etcd that
+//! stops answering. The invariant under test: a message that got a 250 is
+//! never lost, and nothing else is kept; a fault that stops delivery shows in
+//! `/stats` and `/metrics`.
 
 mod common;
+#[path = "common/etcd.rs"]
+mod etcd_server;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -466,4 +471,97 @@ fn full_spool_disk_gives_452_and_loses_nothing() {
         relay.assert_spooled(id, data);
     }
     relay.kill9();
+}
+
+fn get_json(relay: &Relay, path: &str) -> serde_json::Value {
+    let (status, body) = http_request(relay.http, "GET", path, &[], b"").unwrap();
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path} is not JSON ({e})"))
+}
+
+fn metrics_text(relay: &Relay) -> String {
+    let (status, body) = http_request(relay.http, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    String::from_utf8(body).unwrap()
+}
+
+/// Waits until `/stats` says `delivery` is `state`; returns the stats.
+fn wait_delivery(relay: &Relay, state: &str, timeout: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(timeout, || {
+        last = get_json(relay, "/stats");
+        (last["delivery"] == state).then(|| last.clone())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "delivery not {state} within {timeout:?}; last /stats: {last}\nlog:\n{}",
+            relay.log()
+        )
+    })
+}
+
+/// A one-relay cluster on a real etcd. etcd stops answering (SIGSTOP): the
+/// relay keeps accepting and stays ready, and `/stats` and `/metrics` say
+/// delivery is stalled because etcd is unreachable; etcd answers again
+/// (SIGCONT): delivery runs again and the gauge drops to 0.
+#[test]
+fn etcd_unreachable_stalls_delivery_visibly_while_accepting_goes_on() {
+    let etcd = etcd_server::EtcdServer::start();
+    let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dead_hop = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let relay = Relay::start(RelayConfig {
+        copies: vec!["local"],
+        required: 1,
+        extra_toml: format!(
+            "[cluster]\nname = \"relay-status\"\netcd = [\"{}\"]\nprefix = \"/postern-status-test\"\n\
+             lease_ttl = \"3s\"\npeer_listen = \"{peer}\"\nsecret = \"0123456789abcdef-status-test\"\n\n\
+             [[route]]\ndomains = [\"example.net\"]\nnext_hop = \"{dead_hop}\"\n",
+            etcd.client_url
+        ),
+        ..RelayConfig::default()
+    });
+    let stats = wait_delivery(&relay, "running", Duration::from_secs(15));
+    assert!(stats.get("delivery_reason").is_none(), "{stats}");
+    assert!(
+        metrics_text(&relay).contains("postern_delivery_stalled{reason=\"etcd_unreachable\"} 0\n")
+    );
+
+    etcd.signal(libc::SIGSTOP);
+    // Renewals time out; safety ends a margin before the 3 s lease could expire.
+    let stats = wait_delivery(&relay, "stalled", Duration::from_secs(10));
+    eprintln!("etcd stopped: /stats {stats}");
+    assert_eq!(stats["delivery_reason"], "etcd_unreachable", "{stats}");
+    let why = stats["delivery_message"].as_str().unwrap();
+    assert!(
+        why.starts_with("etcd unreachable: ") && why.contains("renew"),
+        "{why}"
+    );
+    assert_eq!(stats["ready"], true, "{stats}");
+    let (readyz, _) = http_request(relay.http, "GET", "/readyz", &[], b"").unwrap();
+    assert_eq!(readyz, 200, "a relay without etcd stays ready for SMTP");
+    let reply = send(&relay, &message("accepted while etcd is stopped", 3));
+    assert_eq!(reply.code, 250, "{reply}");
+    let metrics = metrics_text(&relay);
+    assert!(
+        metrics.contains("postern_delivery_stalled{reason=\"etcd_unreachable\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("postern_delivery_stalled{reason=\"lease_expired\"} 0\n"),
+        "{metrics}"
+    );
+    // Still stalled a lease TTL later (nothing recovers by itself).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(get_json(&relay, "/stats")["delivery"], "stalled");
+
+    etcd.signal(libc::SIGCONT);
+    let stats = wait_delivery(&relay, "running", Duration::from_secs(20));
+    assert!(stats.get("delivery_message").is_none(), "{stats}");
+    assert_eq!(
+        stats["queue_depth"], 1,
+        "the message accepted meanwhile is queued: {stats}"
+    );
+    assert!(
+        metrics_text(&relay).contains("postern_delivery_stalled{reason=\"etcd_unreachable\"} 0\n")
+    );
 }

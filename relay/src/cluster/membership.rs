@@ -9,6 +9,10 @@
 //! The check is a clock comparison ([`Safety::is_safe`]), so a relay that
 //! wakes from SIGSTOP or a long pause is unsafe at once, before any task of
 //! its own has run.
+//!
+//! The status also keeps the last [`LeaseTrouble`] (a failed or timed-out
+//! request, or the service saying the lease is gone) until a grant or
+//! renewal succeeds again, so the relay can say why it stopped delivering.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +79,19 @@ pub struct LeaseStatus {
     /// Until when the lease is certainly alive; `None` once that has passed or
     /// the lease is known lost.
     pub safe_until: Option<Instant>,
+    /// What went wrong since the last successful grant or renewal, if anything.
+    pub trouble: Option<LeaseTrouble>,
+}
+
+/// Why the lease could not be granted or renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseTrouble {
+    /// A request failed or got no answer in time: the service is down,
+    /// stopped, partitioned away or refusing. Says which request and why.
+    Unreachable(String),
+    /// The service answered that the lease no longer exists (it expired
+    /// before a renewal reached it); a new one is being granted.
+    Expired,
 }
 
 impl LeaseStatus {
@@ -176,6 +193,7 @@ impl Membership {
             epoch: 0,
             lease: None,
             safe_until: None,
+            trouble: None,
         });
         let shared = Arc::new(Shared {
             coordinator,
@@ -319,7 +337,16 @@ fn renewed(shared: &Shared, sent: Instant, ttl: Duration) {
         if status.safe_until.is_none() || until > status.safe_until {
             status.safe_until = until;
         }
+        status.trouble = None;
         was_safe != status.is_safe()
+    });
+}
+
+/// Records what went wrong, without waking watchers (safety did not change).
+fn troubled(shared: &Shared, trouble: LeaseTrouble) {
+    shared.status.send_if_modified(|status| {
+        status.trouble = Some(trouble);
+        false
     });
 }
 
@@ -341,8 +368,23 @@ async fn renew(shared: Arc<Shared>) {
             .await;
             match joined {
                 Ok(Ok(lease)) => break (lease.id, sent, lease.ttl),
-                Ok(Err(err)) => tracing::warn!(member = %shared.id, error = %err, "cannot join"),
-                Err(_) => tracing::warn!(member = %shared.id, "joining timed out"),
+                Ok(Err(err)) => {
+                    tracing::warn!(member = %shared.id, error = %err, "cannot join");
+                    troubled(
+                        &shared,
+                        LeaseTrouble::Unreachable(format!("cannot join: {err}")),
+                    );
+                }
+                Err(_) => {
+                    tracing::warn!(member = %shared.id, "joining timed out");
+                    troubled(
+                        &shared,
+                        LeaseTrouble::Unreachable(format!(
+                            "joining got no answer within {:?}",
+                            options.request_timeout * 2
+                        )),
+                    );
+                }
             }
             tokio::time::sleep(options.retry_every).await;
         };
@@ -350,6 +392,7 @@ async fn renew(shared: Arc<Shared>) {
             status.epoch += 1;
             status.lease = Some(lease);
             status.safe_until = safe_until(sent, ttl, options.margin);
+            status.trouble = None;
         });
         tracing::info!(member = %shared.id, %lease, epoch = shared.status.borrow().epoch, "holding lease");
 
@@ -367,13 +410,27 @@ async fn renew(shared: Arc<Shared>) {
                     shared.status.send_modify(|status| {
                         status.lease = None;
                         status.safe_until = None;
+                        status.trouble = Some(LeaseTrouble::Expired);
                     });
                     break;
                 }
                 Ok(Err(err)) => {
-                    tracing::warn!(member = %shared.id, %lease, error = %err, "cannot renew")
+                    tracing::warn!(member = %shared.id, %lease, error = %err, "cannot renew");
+                    troubled(
+                        &shared,
+                        LeaseTrouble::Unreachable(format!("cannot renew the lease: {err}")),
+                    );
                 }
-                Err(_) => tracing::warn!(member = %shared.id, %lease, "renewal timed out"),
+                Err(_) => {
+                    tracing::warn!(member = %shared.id, %lease, "renewal timed out");
+                    troubled(
+                        &shared,
+                        LeaseTrouble::Unreachable(format!(
+                            "renewing the lease got no answer within {:?}",
+                            options.request_timeout
+                        )),
+                    );
+                }
             }
         }
     }

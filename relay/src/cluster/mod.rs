@@ -62,7 +62,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-pub use membership::{LeaseOptions, LeaseStatus, Membership, Safety};
+pub use membership::{LeaseOptions, LeaseStatus, LeaseTrouble, Membership, Safety};
 
 /// Why a coordination request failed. Callers match on the variant; backends
 /// map their private errors in.

@@ -42,8 +42,9 @@ use tokio::task::JoinHandle;
 use super::etcd::{Etcd, EtcdOptions};
 use super::membership::{LeaseOptions, Membership};
 use super::takeover::{list_messages, Orphans};
-use super::{Change, Claim, Coordinator, Error, MemberId, SpoolId};
+use super::{Change, Claim, Coordinator, Error, LeaseTrouble, MemberId, SpoolId};
 use crate::config::{Config, CopyKind};
+use crate::health::{ClusterDelivery, Delivery, StallReason};
 use crate::peer::store::{Header, ReplicaError, ReplicaStore};
 use crate::queue::state::DeliveryState;
 use crate::queue::{Ownership, OwnershipError, Queue};
@@ -172,6 +173,8 @@ struct Inner {
     task: Mutex<Option<JoinHandle<()>>>,
     info: String,
     etcd: EtcdOptions,
+    /// Why connecting to etcd failed last, before there is a membership.
+    connect_error: Mutex<Option<String>>,
 }
 
 impl ClusterNode {
@@ -227,6 +230,7 @@ impl ClusterNode {
                     options.request_timeout = (cluster.lease_ttl / 3).min(options.request_timeout);
                     options
                 },
+                connect_error: Mutex::new(None),
             }),
         };
         tracing::info!(member = %node.inner.member, spool = %current, "joining the cluster");
@@ -284,6 +288,41 @@ impl ClusterNode {
                     tracing::warn!(member = %self.inner.member, error = %err, "cannot revoke the lease; peers take over after its TTL")
                 }
             }
+        }
+    }
+}
+
+impl ClusterDelivery for ClusterNode {
+    fn delivery(&self) -> Delivery {
+        let Some(membership) = self.inner.membership.get() else {
+            return match self.inner.connect_error.lock().expect("node lock").clone() {
+                Some(why) => Delivery::Stalled {
+                    reason: StallReason::EtcdUnreachable,
+                    message: format!("etcd unreachable: {why}"),
+                },
+                None => Delivery::Joining,
+            };
+        };
+        let status = membership.status();
+        if status.is_safe() {
+            return Delivery::Running;
+        }
+        match status.trouble {
+            Some(LeaseTrouble::Unreachable(why)) => Delivery::Stalled {
+                reason: StallReason::EtcdUnreachable,
+                message: format!("etcd unreachable: {why}"),
+            },
+            Some(LeaseTrouble::Expired) => Delivery::Stalled {
+                reason: StallReason::LeaseExpired,
+                message: "the etcd lease expired; joining again".into(),
+            },
+            // Not renewed in time with no failure seen: the relay itself was
+            // paused (SIGSTOP, a stall of the host) past its safety margin.
+            None if status.epoch > 0 => Delivery::Stalled {
+                reason: StallReason::LeaseExpired,
+                message: "the etcd lease was not renewed in time".into(),
+            },
+            None => Delivery::Joining,
         }
     }
 }
@@ -412,6 +451,8 @@ async fn run(inner: Arc<Inner>) {
             }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot reach etcd; accepting goes on, delivery waits");
+                *inner.connect_error.lock().expect("node lock") =
+                    Some(format!("cannot connect: {err}"));
                 tokio::time::sleep(inner.lease.retry_every).await;
             }
         }

@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use super::memory::{Link, LinkState, Store};
 use super::takeover::Orphans;
-use super::{Change, Coordinator, Error, LeaseOptions, MemberId, Membership, SpoolId};
+use super::{
+    Change, Coordinator, Error, LeaseOptions, LeaseTrouble, MemberId, Membership, SpoolId,
+};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -197,6 +199,29 @@ async fn unsafe_then_healed_before_expiry_regains_the_same_lease() {
     let status = safety.wait_safe().await;
     assert_eq!(status.epoch, 1, "same lease, not a re-join");
     a.commit(&claim, "m1", put("yes")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_status_says_why_the_lease_is_not_held_until_it_is_again() {
+    let store = Store::new();
+    let (a, link_a) = relay(&store, "a", Duration::from_secs(1)).await;
+    assert_eq!(a.status().trouble, None);
+    let mut safety = a.safety();
+    link_a.cut();
+    safety.wait_unsafe().await;
+    match a.status().trouble {
+        Some(LeaseTrouble::Unreachable(why)) => {
+            assert!(why.starts_with("cannot renew the lease"), "{why}")
+        }
+        other => panic!("trouble after a cut: {other:?}"),
+    }
+    // Cut past the TTL: the lease is gone at the store; on healing the
+    // service says so, and a new lease clears the trouble.
+    tokio::time::sleep(TTL).await;
+    link_a.restore();
+    let status = safety.wait_safe().await;
+    assert_eq!(status.epoch, 2);
+    assert_eq!(a.status().trouble, None);
 }
 
 #[tokio::test(start_paused = true)]
