@@ -24,7 +24,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kube_harness::{eventually, http_get, report, repo_root, Cluster, Process, Sink};
+use kube_harness::{eventually, http_get, repo_root, report, Cluster, Process, Sink};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -77,7 +77,10 @@ fn wait_listening(addr: SocketAddr, process: &mut Process, what: &str) {
         if let Ok(Some(status)) = process.child.try_wait() {
             panic!("{what} exited ({status}):\n{}", process.log_tail(20));
         }
-        assert!(Instant::now() < deadline, "{what} does not listen on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} does not listen on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -85,7 +88,9 @@ fn wait_listening(addr: SocketAddr, process: &mut Process, what: &str) {
 /// One HTTP/1.0 request with an empty body; the status code.
 async fn http_request(addr: SocketAddr, method: &str, path: &str) -> u16 {
     use tokio::io::AsyncReadExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
     stream
         .write_all(
             format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")
@@ -243,7 +248,8 @@ fn arrivals(sink: &Sink) -> Vec<Arrival> {
         if path.extension().is_none_or(|ext| ext != "json") {
             continue;
         }
-        let Ok(meta) = serde_json::from_str::<Value>(&std::fs::read_to_string(&path).unwrap_or_default())
+        let Ok(meta) =
+            serde_json::from_str::<Value>(&std::fs::read_to_string(&path).unwrap_or_default())
         else {
             continue;
         };
@@ -252,7 +258,11 @@ fn arrivals(sink: &Sink) -> Vec<Arrival> {
             .split("with ESMTP id ")
             .nth(1)
             .or_else(|| eml.split(" id ").nth(1))
-            .map(|rest| rest.chars().take_while(|c| c.is_ascii_alphanumeric()).collect())
+            .map(|rest| {
+                rest.chars()
+                    .take_while(|c| c.is_ascii_alphanumeric())
+                    .collect()
+            })
             .unwrap_or_default();
         for rcpt in meta["rcpt_tos"].as_array().into_iter().flatten() {
             if let Some(marker) = rcpt.as_str().and_then(|r| r.strip_suffix("@example.net")) {
@@ -306,13 +316,11 @@ async fn account(sink: &Sink, sent: &[Sent], timeout: Duration) -> Tally {
     };
     for s in sent {
         match &s.outcome {
-            Outcome::Acked => {
-                match counts.get(&s.marker) {
-                    None => tally.lost.push(s.marker.clone()),
-                    Some(n) if *n > 1 => tally.duplicated += n - 1,
-                    Some(_) => {}
-                }
-            }
+            Outcome::Acked => match counts.get(&s.marker) {
+                None => tally.lost.push(s.marker.clone()),
+                Some(n) if *n > 1 => tally.duplicated += n - 1,
+                Some(_) => {}
+            },
             Outcome::Refused(code) => *tally.refused.entry(*code).or_default() += 1,
             Outcome::Broken(why) => {
                 tally.broken += 1;
@@ -448,11 +456,20 @@ fn relay_pods(cluster: &Cluster) -> BTreeMap<String, (String, bool, String)> {
                 .flatten()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True");
             (
-                pod["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+                pod["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
                 (
-                    pod["status"]["podIP"].as_str().unwrap_or_default().to_owned(),
+                    pod["status"]["podIP"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
                     ready,
-                    pod["metadata"]["uid"].as_str().unwrap_or_default().to_owned(),
+                    pod["metadata"]["uid"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
                 ),
             )
         })
@@ -503,7 +520,12 @@ fn process_ids(cluster: &Cluster, container: &str) -> (u32, String) {
     )
 }
 
-fn mailqueue_yaml(image: &str, node_ip: Ipv4Addr, ports: &HostPorts, max_recipients: u32) -> String {
+fn mailqueue_yaml(
+    image: &str,
+    node_ip: Ipv4Addr,
+    ports: &HostPorts,
+    max_recipients: u32,
+) -> String {
     format!(
         r#"apiVersion: postern.dev/v1alpha1
 kind: MailQueue
@@ -625,9 +647,15 @@ async fn clustered_mailqueue_on_a_real_node() {
     cluster.ctr(&["images", "tag", &relay_ref, &rolled_ref]);
     let images = cluster.ctr(&["images", "ls", "-q"]);
     for want in [&relay_ref, &format!("localhost/postern-operator:{VERSION}")] {
-        assert!(images.lines().any(|l| l == want), "{want} not in containerd: {images}");
+        assert!(
+            images.lines().any(|l| l == want),
+            "{want} not in containerd: {images}"
+        );
     }
-    for (name, path) in [("postern", &relay_image), ("postern-operator", &operator_image)] {
+    for (name, path) in [
+        ("postern", &relay_image),
+        ("postern-operator", &operator_image),
+    ] {
         report(&format!(
             "image localhost/{name}:{VERSION}: {:.1} MiB as an archive ({})",
             std::fs::metadata(path).unwrap().len() as f64 / 1048576.0,
@@ -651,22 +679,43 @@ async fn clustered_mailqueue_on_a_real_node() {
         Command::new("etcd")
             .arg("--name=relays")
             .arg(format!("--data-dir={}", work.path().join("etcd").display()))
-            .arg(format!("--listen-client-urls=http://{node_ip}:{}", ports.etcd))
-            .arg(format!("--advertise-client-urls=http://{node_ip}:{}", ports.etcd))
+            .arg(format!(
+                "--listen-client-urls=http://{node_ip}:{}",
+                ports.etcd
+            ))
+            .arg(format!(
+                "--advertise-client-urls=http://{node_ip}:{}",
+                ports.etcd
+            ))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"))
-            .arg(format!("--initial-cluster=relays=http://127.0.0.1:{etcd_peer}")),
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"
+            ))
+            .arg(format!(
+                "--initial-cluster=relays=http://127.0.0.1:{etcd_peer}"
+            )),
         work.path().join("etcd.log"),
     );
-    wait_listening(SocketAddr::new(node_ip.into(), ports.etcd), &mut etcd, "etcd");
+    wait_listening(
+        SocketAddr::new(node_ip.into(), ports.etcd),
+        &mut etcd,
+        "etcd",
+    );
     let mut moto = Process::spawn(
-        Command::new("moto_server")
-            .args(["-H", &node_ip.to_string(), "-p", &ports.s3.to_string()]),
+        Command::new("moto_server").args(["-H", &node_ip.to_string(), "-p", &ports.s3.to_string()]),
         work.path().join("moto.log"),
     );
     let s3_addr = SocketAddr::new(node_ip.into(), ports.s3);
-    wait_listening(s3_addr, &mut moto, "moto_server (pip install 'moto[server]')");
-    assert_eq!(http_request(s3_addr, "PUT", "/postern-e2e").await, 200, "bucket created");
+    wait_listening(
+        s3_addr,
+        &mut moto,
+        "moto_server (pip install 'moto[server]')",
+    );
+    assert_eq!(
+        http_request(s3_addr, "PUT", "/postern-e2e").await,
+        200,
+        "bucket created"
+    );
     let delay_file = work.path().join("sink-delay");
     let sink = Sink::start_with(
         SocketAddr::new(node_ip.into(), ports.sink),
@@ -695,20 +744,17 @@ async fn clustered_mailqueue_on_a_real_node() {
         "--timeout",
         "3m",
     ]);
-    let deployment = json(&cluster.kubectl(&[
-        "get",
-        "deployment",
-        "-n",
-        "postern-system",
-        "-o",
-        "json",
-    ]));
+    let deployment =
+        json(&cluster.kubectl(&["get", "deployment", "-n", "postern-system", "-o", "json"]));
     let operator_image_used = deployment["items"][0]["spec"]["template"]["spec"]["containers"][0]
         ["image"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    assert_eq!(operator_image_used, format!("localhost/postern-operator:{VERSION}"));
+    assert_eq!(
+        operator_image_used,
+        format!("localhost/postern-operator:{VERSION}")
+    );
     let leader = eventually("an operator leader", Duration::from_secs(60), || async {
         let leader = operator_leader(&cluster);
         if leader.is_empty() {
@@ -720,7 +766,10 @@ async fn clustered_mailqueue_on_a_real_node() {
     .await;
     let operator_container = container_id(&cluster, &leader, "postern-system");
     let (_, operator_ids) = process_ids(&cluster, &operator_container);
-    assert!(operator_ids.starts_with("uid=65532 gid=65532"), "{operator_ids}");
+    assert!(
+        operator_ids.starts_with("uid=65532 gid=65532"),
+        "{operator_ids}"
+    );
     report(&format!(
         "helm install charts/postern --wait: {:.1?}; 2 operator pods from {operator_image_used}, leader {leader}: {operator_ids}",
         helm_started.elapsed()
@@ -730,7 +779,10 @@ async fn clustered_mailqueue_on_a_real_node() {
     // generated schema, columns and subresources (1.20 drops what it does not
     // know without a word).
     let crd = json(&cluster.kubectl(&["get", "crd", "mailqueues.postern.dev", "-o", "json"]));
-    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
     let generated = serde_json::to_value(postern_operator::crd::crd()).unwrap();
     for part in ["schema", "additionalPrinterColumns", "subresources"] {
         let mut differences = Vec::new();
@@ -740,7 +792,10 @@ async fn clustered_mailqueue_on_a_real_node() {
             part,
             &mut differences,
         );
-        assert!(differences.is_empty(), "the CRD's {part} as served: {differences:#?}");
+        assert!(
+            differences.is_empty(),
+            "the CRD's {part} as served: {differences:#?}"
+        );
     }
     let can_delete = cluster.kubectl_output(
         &cluster.kubeconfig,
@@ -831,13 +886,23 @@ async fn clustered_mailqueue_on_a_real_node() {
         .into_iter()
         .flatten()
         .filter(|c| c["status"]["phase"] == "Bound")
-        .map(|c| format!("{}→{}", c["metadata"]["name"].as_str().unwrap_or(""), c["spec"]["volumeName"].as_str().unwrap_or("")))
+        .map(|c| {
+            format!(
+                "{}→{}",
+                c["metadata"]["name"].as_str().unwrap_or(""),
+                c["spec"]["volumeName"].as_str().unwrap_or("")
+            )
+        })
         .collect();
     assert_eq!(bound.len(), 3, "{claims}");
     // Peers find each other through cluster DNS (the headless Service).
     let peer_dns = Command::new("python3")
         .arg(repo_root().join("e2e/kube/dns-feed"))
-        .args(["--resolve", &format!("mx-peers.{NS}.svc.cluster.local"), "--server"])
+        .args([
+            "--resolve",
+            &format!("mx-peers.{NS}.svc.cluster.local"),
+            "--server",
+        ])
         .arg(node_ip.to_string())
         .output()
         .unwrap();
@@ -846,9 +911,21 @@ async fn clustered_mailqueue_on_a_real_node() {
         .map(str::to_owned)
         .collect();
     let pod_ips: BTreeSet<String> = pods.values().map(|(ip, _, _)| ip.clone()).collect();
-    assert_eq!(peer_ips, pod_ips, "mx-peers resolves to the relays' pod IPs");
+    assert_eq!(
+        peer_ips, pod_ips,
+        "mx-peers resolves to the relays' pod IPs"
+    );
     let cluster_stats = cluster.kubectl(&[
-        "exec", "-n", NS, "mx-0", "--", "postern", "queue", "stats", "--cluster", "--config",
+        "exec",
+        "-n",
+        NS,
+        "mx-0",
+        "--",
+        "postern",
+        "queue",
+        "stats",
+        "--cluster",
+        "--config",
         "/etc/postern/postern.toml",
     ]);
     // "Relays: mx-0, <peer>:9327, <peer>:9327": itself and both peers, found
@@ -859,10 +936,17 @@ async fn clustered_mailqueue_on_a_real_node() {
         .unwrap_or_default()
         .split(", ")
         .collect();
-    assert_eq!(relays.len(), 3, "queue stats --cluster reaches 3 relays: {cluster_stats}");
+    assert_eq!(
+        relays.len(),
+        3,
+        "queue stats --cluster reaches 3 relays: {cluster_stats}"
+    );
     for peer in &relays[1..] {
         let ip = peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(peer);
-        assert!(pod_ips.contains(ip), "{peer} is not a relay pod: {cluster_stats}");
+        assert!(
+            pod_ips.contains(ip),
+            "{peer} is not a relay pod: {cluster_stats}"
+        );
     }
     assert!(!cluster_stats.contains("Not answering"), "{cluster_stats}");
     report(&format!(
@@ -872,20 +956,37 @@ async fn clustered_mailqueue_on_a_real_node() {
 
     // Mail through the SMTP Service's ClusterIP (kube-proxy), from the host.
     let service = json(&cluster.kubectl(&["get", "service", "mx", "-n", NS, "-o", "json"]));
-    let cluster_ip: IpAddr = service["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    let cluster_ip: IpAddr = service["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let target = SocketAddr::new(cluster_ip, 25);
     let load = Load::start(target, 4, Duration::from_millis(250));
-    eventually("mail flowing through the Service", Duration::from_secs(60), || async {
-        let acked = load.snapshot().iter().filter(|s| matches!(s.outcome, Outcome::Acked)).count();
-        let delivered = arrivals(&sink).len();
-        if acked >= 20 && delivered >= 10 {
-            Ok(())
-        } else {
-            Err(format!("{acked} acked, {delivered} delivered: {:?}", load.snapshot().last()))
-        }
-    })
+    eventually(
+        "mail flowing through the Service",
+        Duration::from_secs(60),
+        || async {
+            let acked = load
+                .snapshot()
+                .iter()
+                .filter(|s| matches!(s.outcome, Outcome::Acked))
+                .count();
+            let delivered = arrivals(&sink).len();
+            if acked >= 20 && delivered >= 10 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{acked} acked, {delivered} delivered: {:?}",
+                    load.snapshot().last()
+                ))
+            }
+        },
+    )
     .await;
-    report(&format!("steady load: 4 SMTP sessions in a loop to the Service {target} (ClusterIP via kube-proxy)"));
+    report(&format!(
+        "steady load: 4 SMTP sessions in a loop to the Service {target} (ClusterIP via kube-proxy)"
+    ));
     let mut step_start = load.snapshot().len();
 
     // Step 1: a relay killed. The sink is slowed first, so the relays hold a backlog.
@@ -907,7 +1008,15 @@ async fn clustered_mailqueue_on_a_real_node() {
     let victim = container_id(&cluster, "mx-1", NS);
     let t_kill = now_unix();
     cluster.ctr(&["tasks", "kill", "-s", "SIGKILL", &victim]);
-    cluster.kubectl(&["delete", "pod", "mx-1", "-n", NS, "--grace-period=0", "--force"]);
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "mx-1",
+        "-n",
+        NS,
+        "--grace-period=0",
+        "--force",
+    ]);
     slow_sink(0.0);
     let takeover = eventually(
         "a peer delivering mx-1's mail",
@@ -968,26 +1077,45 @@ async fn clustered_mailqueue_on_a_real_node() {
     })
     .await;
     let old_leader = operator_leader(&cluster);
-    cluster.kubectl(&["delete", "pod", &old_leader, "-n", "postern-system", "--wait=false"]);
-    let new_leader = eventually("a new operator leader", Duration::from_secs(120), || async {
-        let leader = operator_leader(&cluster);
-        if !leader.is_empty() && leader != old_leader {
-            Ok(leader)
-        } else {
-            Err(leader)
-        }
-    })
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        &old_leader,
+        "-n",
+        "postern-system",
+        "--wait=false",
+    ]);
+    let new_leader = eventually(
+        "a new operator leader",
+        Duration::from_secs(120),
+        || async {
+            let leader = operator_leader(&cluster);
+            if !leader.is_empty() && leader != old_leader {
+                Ok(leader)
+            } else {
+                Err(leader)
+            }
+        },
+    )
     .await;
     slow_sink(0.0);
-    eventually("mx-2 gone and the StatefulSet at 2", Duration::from_secs(240), || async {
-        let sts = json(&cluster.kubectl(&["get", "statefulset", "mx", "-n", NS, "-o", "json"]));
-        let pods = relay_pods(&cluster);
-        if sts["spec"]["replicas"] == 2 && !pods.contains_key("mx-2") {
-            Ok(())
-        } else {
-            Err(format!("replicas {}, pods {:?}", sts["spec"]["replicas"], pods.keys()))
-        }
-    })
+    eventually(
+        "mx-2 gone and the StatefulSet at 2",
+        Duration::from_secs(240),
+        || async {
+            let sts = json(&cluster.kubectl(&["get", "statefulset", "mx", "-n", NS, "-o", "json"]));
+            let pods = relay_pods(&cluster);
+            if sts["spec"]["replicas"] == 2 && !pods.contains_key("mx-2") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "replicas {}, pods {:?}",
+                    sts["spec"]["replicas"],
+                    pods.keys()
+                ))
+            }
+        },
+    )
     .await;
     let drain_time = t_scale.elapsed();
     let sent = load.snapshot();
@@ -1007,12 +1135,20 @@ async fn clustered_mailqueue_on_a_real_node() {
 
     // Step 3: a rolling update, the configuration and then the image.
     let t_roll = Instant::now();
-    cluster.apply_yaml(&mailqueue_yaml(&relay_ref, node_ip, &ports, 500).replace("replicas: 3", "replicas: 2"));
+    cluster.apply_yaml(
+        &mailqueue_yaml(&relay_ref, node_ip, &ports, 500).replace("replicas: 3", "replicas: 2"),
+    );
     let config_hash = |cluster: &Cluster| {
         let sts = json(&cluster.kubectl(&["get", "statefulset", "mx", "-n", NS, "-o", "json"]));
         (
-            sts["status"]["updateRevision"].as_str().unwrap_or_default().to_owned(),
-            sts["status"]["currentRevision"].as_str().unwrap_or_default().to_owned(),
+            sts["status"]["updateRevision"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            sts["status"]["currentRevision"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             sts["status"]["updatedReplicas"].as_i64().unwrap_or(0),
             sts["status"]["readyReplicas"].as_i64().unwrap_or(0),
         )
@@ -1022,13 +1158,17 @@ async fn clustered_mailqueue_on_a_real_node() {
         let now = config_hash(cluster);
         now.0 != before.0 && now.0 == now.1 && now.2 == 2 && now.3 == 2
     };
-    eventually("the configuration rolled", Duration::from_secs(300), || async {
-        if rolled(&cluster, &before) {
-            Ok(())
-        } else {
-            Err(format!("{:?}", config_hash(&cluster)))
-        }
-    })
+    eventually(
+        "the configuration rolled",
+        Duration::from_secs(300),
+        || async {
+            if rolled(&cluster, &before) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", config_hash(&cluster)))
+            }
+        },
+    )
     .await;
     let config_roll = t_roll.elapsed();
     let before = config_hash(&cluster);
@@ -1044,21 +1184,39 @@ async fn clustered_mailqueue_on_a_real_node() {
     })
     .await;
     let roll_time = t_roll.elapsed();
-    until_mq(&cluster, "READY 2/2 after the roll", Duration::from_secs(60), |c| {
-        c.get("READY").map(String::as_str) == Some("2/2")
-            && c.get("IMAGE").map(String::as_str) == Some(rolled_ref.as_str())
-    })
+    until_mq(
+        &cluster,
+        "READY 2/2 after the roll",
+        Duration::from_secs(60),
+        |c| {
+            c.get("READY").map(String::as_str) == Some("2/2")
+                && c.get("IMAGE").map(String::as_str) == Some(rolled_ref.as_str())
+        },
+    )
     .await;
     let sent = load.stop().await;
     let tally = account(&sink, &sent[step_start..], Duration::from_secs(120)).await;
-    assert!(tally.lost.is_empty(), "rolling update lost {:?}", tally.lost);
-    let refused_other: Vec<u16> = tally.refused.keys().copied().filter(|c| *c != 421).collect();
+    assert!(
+        tally.lost.is_empty(),
+        "rolling update lost {:?}",
+        tally.lost
+    );
+    let refused_other: Vec<u16> = tally
+        .refused
+        .keys()
+        .copied()
+        .filter(|c| *c != 421)
+        .collect();
     report(&format!(
         "step 3, rolling update: configuration {config_roll:.1?}, then image localhost/postern:{ROLLED_TAG}, {roll_time:.1?} in all; {}{}",
         describe(&tally),
         if refused_other.is_empty() { String::new() } else { format!(" (replies other than 421: {refused_other:?})") }
     ));
-    assert!(refused_other.is_empty(), "clients saw replies other than 421 during the roll: {:?}", tally.refused);
+    assert!(
+        refused_other.is_empty(),
+        "clients saw replies other than 421 during the roll: {:?}",
+        tally.refused
+    );
 
     // All of it, once more over the whole run.
     let tally = account(&sink, &sent, Duration::from_secs(60)).await;
@@ -1098,9 +1256,12 @@ async fn clustered_mailqueue_on_a_real_node() {
         "-p",
         r#"{"spec":{"ackPolicy":{"required":2,"copies":["local"]}}}"#,
     ]);
-    until_mq(&cluster, "STATUS InvalidSpec", Duration::from_secs(60), |c| {
-        c.get("STATUS").map(String::as_str) == Some("InvalidSpec")
-    })
+    until_mq(
+        &cluster,
+        "STATUS InvalidSpec",
+        Duration::from_secs(60),
+        |c| c.get("STATUS").map(String::as_str) == Some("InvalidSpec"),
+    )
     .await;
     cluster.kubectl(&[
         "patch",
@@ -1112,9 +1273,12 @@ async fn clustered_mailqueue_on_a_real_node() {
         "-p",
         r#"{"spec":{"ackPolicy":{"required":2,"copies":["local","peer","objectStore"]}}}"#,
     ]);
-    until_mq(&cluster, "STATUS RelaysReady again", Duration::from_secs(120), |c| {
-        c.get("STATUS").map(String::as_str) == Some("RelaysReady")
-    })
+    until_mq(
+        &cluster,
+        "STATUS RelaysReady again",
+        Duration::from_secs(120),
+        |c| c.get("STATUS").map(String::as_str) == Some("RelaysReady"),
+    )
     .await;
     // Deleting the MailQueue: garbage collection removes what it owned.
     cluster.kubectl(&["delete", "mailqueue", "mx", "-n", NS]);
