@@ -421,8 +421,18 @@ async fn until_mq(
     timeout: Duration,
     check: impl Fn(&BTreeMap<String, String>) -> bool,
 ) -> BTreeMap<String, String> {
+    until_named_mq(cluster, "mx", what, timeout, check).await
+}
+
+async fn until_named_mq(
+    cluster: &Cluster,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&BTreeMap<String, String>) -> bool,
+) -> BTreeMap<String, String> {
     eventually(what, timeout, || async {
-        let columns = mq_columns(cluster, "mx");
+        let columns = mq_columns(cluster, name);
         if check(&columns) {
             Ok(columns)
         } else {
@@ -1245,6 +1255,115 @@ async fn clustered_mailqueue_on_a_real_node() {
         columns.get("OLDEST"),
         columns["STATUS"]
     ));
+    // Faults a newcomer makes, each shown in STATUS with the operator running
+    // on: an image that cannot be pulled, a peer Secret that does not exist,
+    // an etcd nobody answers at (the relays still accept mail).
+    let bad = |image: &str, peer_secret: &str, etcd_port: u16| {
+        mailqueue_yaml(image, node_ip, &ports, 1000)
+            .replace("name: mx\n", "name: bad\n")
+            .replace("replicas: 3", "replicas: 1")
+            .replace("peerSecret: mx-peer", &format!("peerSecret: {peer_secret}"))
+            .replace(
+                &format!("{node_ip}:{}\"", ports.etcd),
+                &format!("{node_ip}:{etcd_port}\""),
+            )
+    };
+    let closed_port = free_port_on(node_ip);
+    let fault_started = Instant::now();
+    cluster.apply_yaml(&bad("localhost/postern:no-such-tag", "mx-peer", ports.etcd));
+    let image_fault = until_named_mq(
+        &cluster,
+        "bad",
+        "STATUS ImagePullFailed",
+        Duration::from_secs(120),
+        |c| c.get("STATUS").map(String::as_str) == Some("ImagePullFailed"),
+    )
+    .await;
+    cluster.apply_yaml(&bad(&relay_ref, "bad-peer-missing", ports.etcd));
+    cluster.kubectl(&["delete", "pod", "bad-0", "-n", NS, "--wait=false"]);
+    until_named_mq(
+        &cluster,
+        "bad",
+        "STATUS PeerSecretMissing",
+        Duration::from_secs(120),
+        |c| c.get("STATUS").map(String::as_str) == Some("PeerSecretMissing"),
+    )
+    .await;
+    let degraded = |cluster: &Cluster| {
+        let mq = json(&cluster.kubectl(&["get", "mq", "bad", "-n", NS, "-o", "json"]));
+        mq["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Degraded")
+            .map(|c| format!("{}: {}", c["reason"], c["message"]))
+            .unwrap_or_default()
+    };
+    let secret_message = degraded(&cluster);
+    cluster.apply_yaml(&bad(&relay_ref, "mx-peer", closed_port));
+    cluster.kubectl(&["delete", "pod", "bad-0", "-n", NS, "--wait=false"]);
+    let etcd_fault = until_named_mq(
+        &cluster,
+        "bad",
+        "STATUS EtcdUnreachable with the relay ready",
+        Duration::from_secs(180),
+        |c| {
+            c.get("STATUS").map(String::as_str) == Some("EtcdUnreachable")
+                && c.get("READY").map(String::as_str) == Some("1/1")
+        },
+    )
+    .await;
+    let bad_ip: IpAddr = json(&cluster.kubectl(&["get", "pod", "bad-0", "-n", NS, "-o", "json"]))
+        ["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (_, bad_stats) = http_get(SocketAddr::new(bad_ip, 9325), "/stats")
+        .await
+        .unwrap();
+    let bad_stats = json(&bad_stats);
+    assert_eq!(bad_stats["delivery"], "stalled", "{bad_stats}");
+    assert_eq!(
+        bad_stats["delivery_reason"], "etcd_unreachable",
+        "{bad_stats}"
+    );
+    let (_, bad_metrics) = http_get(SocketAddr::new(bad_ip, 9325), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        bad_metrics.contains("postern_delivery_stalled{reason=\"etcd_unreachable\"} 1"),
+        "{bad_metrics}"
+    );
+    assert!(
+        matches!(
+            smtp_send(SocketAddr::new(bad_ip, 2525), "stalled").await,
+            Outcome::Acked
+        ),
+        "a relay that cannot reach etcd still accepts mail"
+    );
+    let operator_restarts =
+        json(&cluster.kubectl(&["get", "pods", "-n", "postern-system", "-o", "json"]))["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                p["status"]["containerStatuses"][0]["restartCount"]
+                    .as_i64()
+                    .unwrap_or(0)
+            })
+            .sum::<i64>();
+    assert_eq!(operator_restarts, 0, "the operator kept running");
+    cluster.kubectl(&["delete", "mq", "bad", "-n", NS]);
+    report(&format!(
+        "faults in STATUS ({:.0?} for all three): an image that cannot be pulled → {} (READY {}); a missing peer Secret → PeerSecretMissing ({secret_message}); etcd unreachable → {} with READY {}, the relay's /stats delivery=stalled reason=etcd_unreachable, postern_delivery_stalled{{reason=\"etcd_unreachable\"}} 1, and it still answers 250; the operator never restarted",
+        fault_started.elapsed(),
+        image_fault["STATUS"],
+        image_fault["READY"],
+        etcd_fault["STATUS"],
+        etcd_fault["READY"],
+    ));
+
     // An invalid spec is reported and the operator goes on; fixed, it is ready.
     cluster.kubectl(&[
         "patch",
