@@ -19,7 +19,7 @@ mod kube_harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1423,6 +1423,11 @@ async fn clustered_mailqueue_on_a_real_node() {
     report("NOT like production here: one node (pod anti-affinity cannot spread relays; a node failure is not simulated), cluster DNS is dnsmasq fed from the API instead of CoreDNS, hostPath volumes instead of a storage provisioner, etcd/S3/the next hop run on the host instead of in the cluster, images come from containerd's store instead of a registry, Kubernetes 1.20 (Debian's source)");
     drop(etcd);
     drop(moto);
-    report(&format!("tier done in {:.0?}", started.elapsed()));
-    let _ = Path::new("");
+    let stopping = Instant::now();
+    cluster.stop();
+    report(&format!(
+        "stopped the node and control plane in {:.0?}, nothing left behind (addresses, bridge, iptables, mounts, processes, kubelet's paths); tier done in {:.0?}",
+        stopping.elapsed(),
+        started.elapsed()
+    ));
 }

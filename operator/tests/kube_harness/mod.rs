@@ -260,6 +260,25 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Stops the cluster now and checks that the node left nothing behind
+    /// (`e2e/kube/node stop` names what it could not remove and fails).
+    pub fn stop(mut self) {
+        let Some(dir) = self.dir.take() else { return };
+        let output = Command::new("bash")
+            .arg(repo_root().join("e2e/kube/cluster"))
+            .arg("stop")
+            .arg(dir.path())
+            .output()
+            .expect("runs e2e/kube/cluster stop");
+        assert!(
+            output.status.success(),
+            "stopping the cluster left state behind:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let Some(dir) = self.dir.take() else { return };
