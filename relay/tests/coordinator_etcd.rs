@@ -8,6 +8,8 @@
 
 #[path = "common/etcd.rs"]
 mod etcd_server;
+#[path = "common/stall_proxy.rs"]
+mod stall_proxy;
 #[path = "coordinator_suite.rs"]
 mod suite;
 
@@ -17,65 +19,11 @@ use std::time::Duration;
 
 use postern::cluster::etcd::{Etcd, EtcdOptions};
 use postern::cluster::{Coordinator, LeaseOptions, Membership};
+use stall_proxy::Proxy;
 use suite::{member, Backend, Node};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// etcd's shortest lease (1.5 × its election timeout, rounded up).
 const TTL: Duration = Duration::from_secs(2);
-
-/// A TCP proxy to etcd. While cut it forwards nothing in either direction
-/// and holds new connections, like a network partition.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<watch::Sender<bool>>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(watch::Sender::new(false));
-        let switch = Arc::clone(&cut);
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let mut rx = switch.subscribe();
-                tokio::spawn(async move {
-                    if rx.wait_for(|cut| !cut).await.is_err() {
-                        return;
-                    }
-                    let Ok(outbound) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let (in_read, in_write) = inbound.into_split();
-                    let (out_read, out_write) = outbound.into_split();
-                    tokio::spawn(pump(in_read, out_write, rx.clone()));
-                    tokio::spawn(pump(out_read, in_write, rx));
-                });
-            }
-        });
-        Proxy { addr, cut }
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut cut: watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if cut.wait_for(|cut| !cut).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
-}
 
 struct EtcdBackend {
     upstream: SocketAddr,

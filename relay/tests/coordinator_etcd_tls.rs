@@ -13,10 +13,11 @@
 
 #[path = "common/etcd.rs"]
 mod etcd_server;
+#[path = "common/stall_proxy.rs"]
+mod stall_proxy;
 #[path = "coordinator_suite.rs"]
 mod suite;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -29,10 +30,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+use stall_proxy::Proxy;
 use suite::{Backend, Node};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// etcd's shortest lease (1.5 × its election timeout, rounded up).
 const TTL: Duration = Duration::from_secs(2);
@@ -203,58 +202,6 @@ fn options(cluster: &ClusterConfig) -> EtcdOptions {
 
 fn prefix() -> String {
     format!("{PREFIX}{:016x}/", rand::random::<u64>())
-}
-
-/// A TCP proxy to etcd (TLS passes through it untouched). While cut it
-/// forwards nothing and holds new connections, like a network partition.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<watch::Sender<bool>>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(watch::Sender::new(false));
-        let switch = Arc::clone(&cut);
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let mut rx = switch.subscribe();
-                tokio::spawn(async move {
-                    if rx.wait_for(|cut| !cut).await.is_err() {
-                        return;
-                    }
-                    let Ok(outbound) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let (in_read, in_write) = inbound.into_split();
-                    let (out_read, out_write) = outbound.into_split();
-                    tokio::spawn(pump(in_read, out_write, rx.clone()));
-                    tokio::spawn(pump(out_read, in_write, rx));
-                });
-            }
-        });
-        Proxy { addr, cut }
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut cut: watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if cut.wait_for(|cut| !cut).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown().await;
 }
 
 /// Every member connects with the full credentials, through its own proxy.
