@@ -605,6 +605,25 @@ fn operator_leader(cluster: &Cluster) -> String {
         .to_owned()
 }
 
+/// Waits until a relay's own /stats (at its pod IP) reports 3 or more
+/// messages queued.
+async fn wait_for_backlog(cluster: &Cluster, pod: &str) {
+    eventually(
+        &format!("a backlog on {pod}"),
+        Duration::from_secs(60),
+        || async {
+            let ip: IpAddr = relay_pods(cluster)[pod].0.parse().unwrap();
+            let (_, stats) = http_get(SocketAddr::new(ip, 9325), "/stats").await?;
+            if json(&stats)["queue_depth"].as_u64().unwrap_or(0) >= 3 {
+                Ok(())
+            } else {
+                Err(stats)
+            }
+        },
+    )
+    .await;
+}
+
 /// Queued spool ids of a relay, from its own admin socket (`kubectl exec`).
 fn queued_ids(cluster: &Cluster, pod: &str) -> BTreeSet<String> {
     let out = cluster.kubectl(&[
@@ -1001,17 +1020,7 @@ async fn clustered_mailqueue_on_a_real_node() {
 
     // Step 1: a relay killed. The sink is slowed first, so the relays hold a backlog.
     slow_sink(4.0);
-    eventually("a backlog on mx-1", Duration::from_secs(60), || async {
-        let ip: IpAddr = relay_pods(&cluster)["mx-1"].0.parse().unwrap();
-        let (_, stats) = http_get(SocketAddr::new(ip, 9325), "/stats").await?;
-        let depth = json(&stats)["queue_depth"].as_u64().unwrap_or(0);
-        if depth >= 3 {
-            Ok(())
-        } else {
-            Err(stats)
-        }
-    })
-    .await;
+    wait_for_backlog(&cluster, "mx-1").await;
     let dead_ids = queued_ids(&cluster, "mx-1");
     assert!(!dead_ids.is_empty(), "mx-1 has queued mail before it dies");
     let old_mx1 = relay_pods(&cluster)["mx-1"].clone();
@@ -1070,16 +1079,7 @@ async fn clustered_mailqueue_on_a_real_node() {
 
     // Step 2: scale down, and the operator's leader deleted midway.
     slow_sink(3.0);
-    eventually("a backlog on mx-2", Duration::from_secs(60), || async {
-        let ip: IpAddr = relay_pods(&cluster)["mx-2"].0.parse().unwrap();
-        let (_, stats) = http_get(SocketAddr::new(ip, 9325), "/stats").await?;
-        if json(&stats)["queue_depth"].as_u64().unwrap_or(0) >= 3 {
-            Ok(())
-        } else {
-            Err(stats)
-        }
-    })
-    .await;
+    wait_for_backlog(&cluster, "mx-2").await;
     let t_scale = Instant::now();
     cluster.kubectl(&["scale", "mq", "mx", "-n", NS, "--replicas=2"]);
     until_mq(&cluster, "DRAINING mx-2", Duration::from_secs(60), |c| {
