@@ -1082,9 +1082,20 @@ async fn clustered_mailqueue_on_a_real_node() {
     wait_for_backlog(&cluster, "mx-2").await;
     let t_scale = Instant::now();
     cluster.kubectl(&["scale", "mq", "mx", "-n", NS, "--replicas=2"]);
-    until_mq(&cluster, "DRAINING mx-2", Duration::from_secs(60), |c| {
-        c.get("DRAINING").is_some_and(|d| d.contains("mx-2"))
-    })
+    // QUEUED and OLDEST follow the relays' queues while mx-2 drains.
+    let draining = until_mq(
+        &cluster,
+        "DRAINING mx-2 with mail queued",
+        Duration::from_secs(60),
+        |c| {
+            c.get("DRAINING").is_some_and(|d| d.contains("mx-2"))
+                && c.get("QUEUED")
+                    .and_then(|q| q.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    > 0
+                && c.get("OLDEST").is_some_and(|o| !o.is_empty())
+        },
+    )
     .await;
     let old_leader = operator_leader(&cluster);
     cluster.kubectl(&[
@@ -1137,7 +1148,11 @@ async fn clustered_mailqueue_on_a_real_node() {
     })
     .await;
     report(&format!(
-        "step 2, kubectl scale mq mx --replicas=2 with mx-2 holding mail, and the operator leader {old_leader} deleted while mx-2 drained: {new_leader} took over and finished; drain time (scale → mx-2 gone) {drain_time:.1?}; READY {}; {}",
+        "step 2, kubectl scale mq mx --replicas=2 with mx-2 holding mail, and the operator leader {old_leader} deleted while mx-2 drained: {new_leader} took over and finished; drain time (scale → mx-2 gone) {drain_time:.1?}; while draining kubectl get mq showed READY {} QUEUED {} OLDEST {} DRAINING {}, then READY {}; {}",
+        draining["READY"],
+        draining["QUEUED"],
+        draining["OLDEST"],
+        draining["DRAINING"],
         columns["READY"],
         describe(&tally)
     ));
