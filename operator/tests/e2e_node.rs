@@ -624,6 +624,39 @@ async fn wait_for_backlog(cluster: &Cluster, pod: &str) {
     .await;
 }
 
+/// A pod's log with terminal colour codes taken out.
+fn plain_log(cluster: &Cluster, pod: &str) -> String {
+    let log = cluster.kubectl(&["logs", "-n", NS, pod]);
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ending with a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// The spool a relay joined the cluster with (its log's last "joining the
+/// cluster" line).
+fn joined_spool(cluster: &Cluster, pod: &str) -> String {
+    let log = plain_log(cluster, pod);
+    log.lines()
+        .filter(|l| l.contains("joining the cluster"))
+        .filter_map(|l| l.split("spool=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .last()
+        .unwrap_or_else(|| panic!("{pod} logged no 'joining the cluster': {log}"))
+        .to_owned()
+}
+
 /// Queued spool ids of a relay, from its own admin socket (`kubectl exec`).
 fn queued_ids(cluster: &Cluster, pod: &str) -> BTreeSet<String> {
     let out = cluster.kubectl(&[
@@ -1024,6 +1057,7 @@ async fn clustered_mailqueue_on_a_real_node() {
     let dead_ids = queued_ids(&cluster, "mx-1");
     assert!(!dead_ids.is_empty(), "mx-1 has queued mail before it dies");
     let old_mx1 = relay_pods(&cluster)["mx-1"].clone();
+    let old_spool = joined_spool(&cluster, "mx-1");
     let victim = container_id(&cluster, "mx-1", NS);
     let t_kill = now_unix();
     cluster.ctr(&["tasks", "kill", "-s", "SIGKILL", &victim]);
@@ -1062,19 +1096,34 @@ async fn clustered_mailqueue_on_a_real_node() {
         .iter()
         .filter(|a| dead_ids.contains(&a.spool_id) && a.peer == new_mx1_ip)
         .count();
-    let mx1_log = cluster.kubectl(&["logs", "-n", NS, "mx-1"]);
+    // The new mx-1 joined with a new spool; a peer took the old one over.
+    let new_spool = joined_spool(&cluster, "mx-1");
+    assert_ne!(new_spool, old_spool, "mx-1 came back with a new spool");
+    let taken_by: Vec<&str> = ["mx-0", "mx-2"]
+        .into_iter()
+        .filter(|pod| {
+            plain_log(&cluster, pod)
+                .lines()
+                .any(|l| l.contains("taking over spool") && l.contains(&old_spool))
+        })
+        .collect();
+    assert_eq!(
+        taken_by.len(),
+        1,
+        "one peer took spool {old_spool} over: {taken_by:?}"
+    );
     let sent = load.snapshot();
     let tally = account(&sink, &sent[step_start..], Duration::from_secs(120)).await;
     assert!(tally.lost.is_empty(), "pod kill lost {:?}", tally.lost);
     report(&format!(
-        "step 1, mx-1 killed (SIGKILL through containerd, pod force-deleted) with {} messages queued: a peer ({}) delivered its first one {:.1} s after the kill; mx-1 came back on its claim ({} of the dead relay's messages delivered by the new mx-1); {}",
+        "step 1, mx-1 killed (SIGKILL through containerd, pod force-deleted) with {} messages queued: a peer ({}) delivered its first one {:.1} s after the kill; {} took its spool {old_spool} over; mx-1 came back on its claim with spool {new_spool} ({} of the dead relay's messages delivered by the new mx-1); {}",
         dead_ids.len(),
         takeover.peer,
         takeover.time - t_kill,
+        taken_by[0],
         by_new_mx1,
         describe(&tally)
     ));
-    let _ = mx1_log;
     step_start = sent.len();
 
     // Step 2: scale down, and the operator's leader deleted midway.
