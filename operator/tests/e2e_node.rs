@@ -652,7 +652,7 @@ fn joined_spool(cluster: &Cluster, pod: &str) -> String {
         .filter(|l| l.contains("joining the cluster"))
         .filter_map(|l| l.split("spool=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next())
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("{pod} logged no 'joining the cluster': {log}"))
         .to_owned()
 }
