@@ -605,6 +605,35 @@ fn operator_leader(cluster: &Cluster) -> String {
         .to_owned()
 }
 
+/// The StatefulSet's update and current revisions, updated and ready replicas.
+fn revisions(cluster: &Cluster) -> (String, String, i64, i64) {
+    let sts = json(&cluster.kubectl(&["get", "statefulset", "mx", "-n", NS, "-o", "json"]));
+    let text = |key: &str| sts["status"][key].as_str().unwrap_or_default().to_owned();
+    let count = |key: &str| sts["status"][key].as_i64().unwrap_or(0);
+    (
+        text("updateRevision"),
+        text("currentRevision"),
+        count("updatedReplicas"),
+        count("readyReplicas"),
+    )
+}
+
+/// Applies a MailQueue of two relays and waits until its StatefulSet rolled
+/// to a new revision, both relays updated and ready.
+async fn apply_and_roll(cluster: &Cluster, yaml: &str, what: &str) {
+    let before = revisions(cluster);
+    cluster.apply_yaml(yaml);
+    eventually(what, Duration::from_secs(300), || async {
+        let now = revisions(cluster);
+        if now.0 != before.0 && now.0 == now.1 && now.2 == 2 && now.3 == 2 {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
+    })
+    .await;
+}
+
 /// Waits until a relay's own /stats (at its pod IP) reports 3 or more
 /// messages queued.
 async fn wait_for_backlog(cluster: &Cluster, pod: &str) {
@@ -1209,54 +1238,12 @@ async fn clustered_mailqueue_on_a_real_node() {
 
     // Step 3: a rolling update, the configuration and then the image.
     let t_roll = Instant::now();
-    cluster.apply_yaml(
-        &mailqueue_yaml(&relay_ref, node_ip, &ports, 500).replace("replicas: 3", "replicas: 2"),
-    );
-    let config_hash = |cluster: &Cluster| {
-        let sts = json(&cluster.kubectl(&["get", "statefulset", "mx", "-n", NS, "-o", "json"]));
-        (
-            sts["status"]["updateRevision"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            sts["status"]["currentRevision"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            sts["status"]["updatedReplicas"].as_i64().unwrap_or(0),
-            sts["status"]["readyReplicas"].as_i64().unwrap_or(0),
-        )
+    let two = |image: &str| {
+        mailqueue_yaml(image, node_ip, &ports, 500).replace("replicas: 3", "replicas: 2")
     };
-    let before = config_hash(&cluster);
-    let rolled = |cluster: &Cluster, before: &(String, String, i64, i64)| {
-        let now = config_hash(cluster);
-        now.0 != before.0 && now.0 == now.1 && now.2 == 2 && now.3 == 2
-    };
-    eventually(
-        "the configuration rolled",
-        Duration::from_secs(300),
-        || async {
-            if rolled(&cluster, &before) {
-                Ok(())
-            } else {
-                Err(format!("{:?}", config_hash(&cluster)))
-            }
-        },
-    )
-    .await;
+    apply_and_roll(&cluster, &two(&relay_ref), "the configuration rolled").await;
     let config_roll = t_roll.elapsed();
-    let before = config_hash(&cluster);
-    cluster.apply_yaml(
-        &mailqueue_yaml(&rolled_ref, node_ip, &ports, 500).replace("replicas: 3", "replicas: 2"),
-    );
-    eventually("the image rolled", Duration::from_secs(300), || async {
-        if rolled(&cluster, &before) {
-            Ok(())
-        } else {
-            Err(format!("{:?}", config_hash(&cluster)))
-        }
-    })
-    .await;
+    apply_and_roll(&cluster, &two(&rolled_ref), "the image rolled").await;
     let roll_time = t_roll.elapsed();
     until_mq(
         &cluster,
