@@ -1147,9 +1147,9 @@ async fn clustered_mailqueue_on_a_real_node() {
     let tally = account(&sink, &sent[step_start..], Duration::from_secs(120)).await;
     assert!(tally.lost.is_empty(), "pod kill lost {:?}", tally.lost);
     report(&format!(
-        "step 1, mx-1 killed (SIGKILL through containerd, pod force-deleted) with {} messages queued: {} delivered its first one {:.1} s after the kill; {} took its spool {old_spool} over; mx-1 came back on its claim with spool {new_spool} ({} of the dead relay's messages delivered by the new mx-1); {}",
+        "step 1, mx-1 killed (SIGKILL through containerd, pod force-deleted) with {} messages queued: the relay at {} delivered its first one {:.1} s after the kill; {} took its spool {old_spool} over; mx-1 came back on its claim with spool {new_spool} ({} of the dead relay's messages delivered by the new mx-1); {}",
         dead_ids.len(),
-        format!("the relay at {}", takeover.peer),
+        takeover.peer,
         takeover.time - t_kill,
         taken_by[0],
         by_new_mx1,
