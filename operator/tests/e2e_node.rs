@@ -605,6 +605,29 @@ fn operator_leader(cluster: &Cluster) -> String {
         .to_owned()
 }
 
+/// Sets mx's ack policy to 2 of `copies` (a JSON list) and waits until its
+/// STATUS column reads `status`.
+async fn set_copies_until(cluster: &Cluster, copies: &str, status: &str) {
+    let patch = format!(r#"{{"spec":{{"ackPolicy":{{"required":2,"copies":{copies}}}}}}}"#);
+    cluster.kubectl(&[
+        "patch",
+        "mailqueue",
+        "mx",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        &patch,
+    ]);
+    until_mq(
+        cluster,
+        &format!("STATUS {status}"),
+        Duration::from_secs(120),
+        |c| c.get("STATUS").map(String::as_str) == Some(status),
+    )
+    .await;
+}
+
 /// The StatefulSet's update and current revisions, updated and ready replicas.
 fn revisions(cluster: &Cluster) -> (String, String, i64, i64) {
     let sts = json(&cluster.kubectl(&["get", "statefulset", "mx", "-n", NS, "-o", "json"]));
@@ -1418,40 +1441,8 @@ async fn clustered_mailqueue_on_a_real_node() {
     ));
 
     // An invalid spec is reported and the operator goes on; fixed, it is ready.
-    cluster.kubectl(&[
-        "patch",
-        "mailqueue",
-        "mx",
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"ackPolicy":{"required":2,"copies":["local"]}}}"#,
-    ]);
-    until_mq(
-        &cluster,
-        "STATUS InvalidSpec",
-        Duration::from_secs(60),
-        |c| c.get("STATUS").map(String::as_str) == Some("InvalidSpec"),
-    )
-    .await;
-    cluster.kubectl(&[
-        "patch",
-        "mailqueue",
-        "mx",
-        "-n",
-        NS,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"ackPolicy":{"required":2,"copies":["local","peer","objectStore"]}}}"#,
-    ]);
-    until_mq(
-        &cluster,
-        "STATUS RelaysReady again",
-        Duration::from_secs(120),
-        |c| c.get("STATUS").map(String::as_str) == Some("RelaysReady"),
-    )
-    .await;
+    set_copies_until(&cluster, r#"["local"]"#, "InvalidSpec").await;
+    set_copies_until(&cluster, r#"["local","peer","objectStore"]"#, "RelaysReady").await;
     // Deleting the MailQueue: garbage collection removes what it owned.
     cluster.kubectl(&["delete", "mailqueue", "mx", "-n", NS]);
     eventually("garbage collection", Duration::from_secs(120), || async {
