@@ -232,8 +232,8 @@ pub struct SpoolConfig {
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
-            copies: vec![CopyKind::Local, CopyKind::ObjectStore],
-            required: 2,
+            copies: vec![CopyKind::Local],
+            required: 1,
             deadline: Duration::from_secs(30),
             reserve_bytes: 16 * 1024 * 1024,
         }
@@ -1137,7 +1137,57 @@ impl Config {
                 self.hostname
             ));
         }
+        if self.spool.copies.contains(&CopyKind::ObjectStore)
+            && matches!(self.object_store, ObjectStoreConfig::Local { path: None })
+        {
+            warnings.push(format!(
+                "spool.copies has \"object_store\" in the data directory ({}), on the same \
+                 disk as the local spool: the second copy costs a write and an fsync per \
+                 message and survives nothing the first does not; set object_store.path to \
+                 another disk, use S3, or drop it",
+                self.local_object_dir().display()
+            ));
+        }
         warnings
+    }
+
+    /// What the ack policy promises, for the start-up log: how many copies
+    /// are durable before 250 and what an acknowledged message survives.
+    pub fn durability_summary(&self) -> String {
+        let copies = self.copy_count();
+        let required = self.spool.required;
+        let names: Vec<String> = self
+            .spool
+            .copies
+            .iter()
+            .map(|kind| match kind {
+                CopyKind::Local => "local spool".to_owned(),
+                CopyKind::ObjectStore => match &self.object_store {
+                    ObjectStoreConfig::S3 { bucket, .. } => format!("S3 bucket {bucket}"),
+                    ObjectStoreConfig::Local { .. } => {
+                        format!("directory {}", self.local_object_dir().display())
+                    }
+                },
+                CopyKind::Peer => format!(
+                    "{} peer replica(s)",
+                    self.cluster.as_ref().map_or(1, |c| c.replicas)
+                ),
+            })
+            .collect();
+        let survives = if required == 1 {
+            "a crash or power loss of this relay, not the loss of the place holding its copy"
+                .to_owned()
+        } else {
+            format!(
+                "a crash or power loss, and the loss of any {} of the places holding its copies",
+                required - 1
+            )
+        };
+        format!(
+            "250 after {required} of {copies} copies are durable (fsync'd) [{}]; an acknowledged \
+             message survives {survives}",
+            names.join(", ")
+        )
     }
 
     /// Reads the files the relay needs at start, so a missing or unreadable
@@ -1239,7 +1289,10 @@ mod tests {
         let config = Config::parse("").unwrap();
         assert_eq!(config.listeners[0].address.to_string(), "127.0.0.1:2525");
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:9325");
-        assert_eq!(config.spool.required, 2);
+        // One durable local copy, as Postfix keeps: a second copy on the
+        // same disk would survive nothing the first does not.
+        assert_eq!(config.spool.copies, vec![CopyKind::Local]);
+        assert_eq!(config.spool.required, 1);
         assert_eq!(config.admin.listen, None);
         assert_eq!(
             config.admin_socket(),
@@ -1249,6 +1302,33 @@ mod tests {
             config.local_object_dir(),
             PathBuf::from("./postern-data/objects")
         );
+    }
+
+    #[test]
+    fn the_start_up_log_says_what_the_ack_policy_survives() {
+        let single = Config::parse("").unwrap();
+        let text = single.durability_summary();
+        assert!(text.starts_with("250 after 1 of 1 copies"), "{text}");
+        assert!(text.contains("not the loss of the place"), "{text}");
+        assert!(!single.warnings().iter().any(|w| w.contains("same disk")));
+
+        let same_disk =
+            Config::parse("[spool]\ncopies = [\"local\", \"object_store\"]\nrequired = 2\n")
+                .unwrap();
+        assert!(same_disk
+            .durability_summary()
+            .contains("the loss of any 1 of the places"));
+        assert!(
+            same_disk.warnings().iter().any(|w| w.contains("same disk")),
+            "{:?}",
+            same_disk.warnings()
+        );
+        let elsewhere = Config::parse(
+            "[spool]\ncopies = [\"local\", \"object_store\"]\nrequired = 2\n\
+             [object_store]\nkind = \"local\"\npath = \"/mnt/other\"\n",
+        )
+        .unwrap();
+        assert!(!elsewhere.warnings().iter().any(|w| w.contains("same disk")));
     }
 
     #[test]

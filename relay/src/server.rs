@@ -45,6 +45,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         "delivery: {}",
         summary::summary(&config, resolv_conf.as_deref())
     );
+    info!("spool: {}", config.durability_summary());
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }

@@ -182,17 +182,21 @@ fn serve_with_flags_only_runs_the_embedded_default() {
     let reply = client.send_mail("<sender@example.org>", &["<rcpt@example.net>"], &data);
     assert_eq!(reply.code, 250, "{reply}\n{}", log());
     let id = reply.queued_id();
-    // The embedded default: the local spool and a local-directory object store.
+    // The embedded default: one durable local copy, no object store.
     assert!(
         data_dir.join("spool").join(format!("{id}.env")).is_file(),
         "{:?}",
         files_under(&data_dir)
     );
-    let objects = files_under(&data_dir.join("objects"));
     assert!(
-        objects.iter().any(|f| f.ends_with(&format!("{id}.eml"))),
-        "no object-store copy under {}/objects: {objects:?}",
-        data_dir.display()
+        files_under(&data_dir.join("objects")).is_empty(),
+        "the default wrote an object-store copy: {:?}",
+        files_under(&data_dir)
+    );
+    let line = log();
+    assert!(
+        line.contains("copies=[Local]"),
+        "the start-up log does not name the one local copy:\n{line}"
     );
 }
 

@@ -16,6 +16,9 @@ fn config(root: &std::path::Path) -> Config {
         ..Config::default()
     };
     config.spool.reserve_bytes = 0;
+    // Both copies: these tests check the local-directory object store too.
+    config.spool.copies = vec![CopyKind::Local, CopyKind::ObjectStore];
+    config.spool.required = 2;
     config
 }
 

@@ -1,14 +1,17 @@
 //! The queue: durable per-recipient state, the retry schedule and the scheduler
 //! that hands due messages to the delivery engine.
 //!
-//! Every outcome is persisted (the state file) before the next step; when all
-//! recipients are final, failures are reported in one DSN (queued through the
-//! same durable path) and every copy of the message is removed.
+//! Every outcome is persisted before the next step: a deferral or failure in
+//! the state file, a delivery to every recipient by removing the message
+//! (outside a cluster no state file is written for it). When all recipients
+//! are final, failures are reported in one DSN (queued through the same
+//! durable path) and every copy of the message is removed. A due index keeps
+//! the scheduler's work proportional to what is due, not to the queue.
 
 pub mod schedule;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -110,6 +113,11 @@ struct Inner {
     hostname: String,
     metrics: Arc<Metrics>,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// When each message is next due, so the scheduler looks only at what
+    /// is due instead of the whole queue. Lazy: a key may be stale (the
+    /// message gone, busy, held or due later), and is checked when popped.
+    /// Locked after `entries` when both are held.
+    due: Mutex<BTreeSet<(u64, String)>>,
     wake: Notify,
     workers: Arc<Semaphore>,
     ownership: OnceLock<Arc<dyn Ownership>>,
@@ -183,6 +191,10 @@ impl Queue {
                     std::fs::remove_file(config.data_dir.join("state").join(format!("{id}.json")));
             }
         }
+        let due = entries
+            .values()
+            .map(|e| (e.state.next_attempt_ms, e.envelope.id.clone()))
+            .collect();
         Ok(Queue {
             inner: Arc::new(Inner {
                 spool,
@@ -192,6 +204,7 @@ impl Queue {
                 hostname: config.hostname.clone(),
                 metrics,
                 entries: Mutex::new(entries),
+                due: Mutex::new(due),
                 wake: Notify::new(),
                 workers: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
                 ownership: OnceLock::new(),
@@ -260,11 +273,13 @@ impl Queue {
     pub fn submit_with_state(&self, envelope: Envelope, state: DeliveryState) {
         let id = envelope.id.clone();
         let eml_path = self.inner.spool.message_path(&id);
+        let at = state.next_attempt_ms;
         self.inner
             .entries
             .lock()
             .expect("queue lock")
-            .insert(id, entry(envelope, state, eml_path));
+            .insert(id.clone(), entry(envelope, state, eml_path));
+        self.schedule(id, at);
         self.update_gauges();
         self.inner.wake.notify_one();
     }
@@ -288,7 +303,10 @@ impl Queue {
             match entries.entry(id) {
                 std::collections::btree_map::Entry::Occupied(_) => false,
                 std::collections::btree_map::Entry::Vacant(vacant) => {
+                    let at = state.next_attempt_ms;
+                    let id = vacant.key().clone();
                     vacant.insert(entry(envelope, state, eml_path));
+                    self.schedule(id, at);
                     true
                 }
             }
@@ -346,6 +364,7 @@ impl Queue {
     pub fn unmark_busy(&self, id: &str) {
         if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(id) {
             entry.in_flight = false;
+            self.schedule(id.to_owned(), entry.state.next_attempt_ms);
         }
         self.inner.wake.notify_one();
     }
@@ -460,6 +479,7 @@ impl Queue {
         let mut next_due = u64::MAX;
         let due: Vec<String> = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
+            let mut index = self.inner.due.lock().expect("queue lock");
             let mut due = Vec::new();
             let lagging = self.commits_lagging();
             let mut stalled = self
@@ -473,23 +493,40 @@ impl Queue {
                     .store(false, std::sync::atomic::Ordering::Relaxed);
                 stalled = false;
             }
-            for (id, entry) in entries.iter_mut() {
+            let mut waiting = Vec::new();
+            while let Some((at, _)) = index.first() {
+                if *at > now {
+                    next_due = next_due.min(*at);
+                    break;
+                }
+                let Some((_, id)) = index.pop_first() else {
+                    break;
+                };
+                // Gone, busy or held: scheduled again when that ends.
+                let Some(entry) = entries.get_mut(&id) else {
+                    continue;
+                };
                 if entry.in_flight || entry.state.held {
+                    continue;
+                }
+                if entry.state.next_attempt_ms > now {
+                    // A stale key: the message was put off since.
+                    index.insert((entry.state.next_attempt_ms, id));
                     continue;
                 }
                 if ((stalled || lagging) && !entry.uncommitted)
                     || !self.may_deliver(&entry.envelope.spool)
                 {
                     // Waiting for the cluster, not for a time: look again soon.
-                    next_due = next_due.min(now + 200);
+                    waiting.push(id);
                     continue;
                 }
-                if entry.state.next_attempt_ms <= now {
-                    entry.in_flight = true;
-                    due.push(id.clone());
-                } else {
-                    next_due = next_due.min(entry.state.next_attempt_ms);
-                }
+                entry.in_flight = true;
+                due.push(id);
+            }
+            if !waiting.is_empty() {
+                next_due = next_due.min(now + 200);
+                index.extend(waiting.into_iter().map(|id| (now + 200, id)));
             }
             due
         };
@@ -589,7 +626,21 @@ impl Queue {
                 .await;
         }
         let mut uncommitted = false;
-        if let Err(err) = self.inner.states.save(id, &state).await {
+        // Outside a cluster a message delivered to everyone needs no state
+        // file: removing its `.env` next is what records that it is done (a
+        // crash in between delivers it again, as it would have before the
+        // state file was renamed into place).
+        let skip_save = self.inner.ownership.get().is_none()
+            && state
+                .recipients
+                .iter()
+                .all(|r| r.status == Status::Delivered);
+        let saved = if skip_save {
+            Ok(())
+        } else {
+            self.inner.states.save(id, &state).await
+        };
+        if let Err(err) = saved {
             // Not persisted: keep it in memory and retry soon; never drop the message.
             warn!(id, "cannot save delivery state: {err}");
             state.next_attempt_ms = now + 1000;
@@ -620,9 +671,11 @@ impl Queue {
         if let Some(entry) = entries.get_mut(id) {
             // `hold` may have been set while we were delivering.
             state.held |= entry.state.held;
+            let at = state.next_attempt_ms;
             entry.state = state;
             entry.in_flight = false;
             entry.uncommitted = uncommitted;
+            self.schedule(id.to_owned(), at);
         }
     }
 
@@ -633,6 +686,7 @@ impl Queue {
             entry.in_flight = false;
             entry.uncommitted |= uncommitted;
             entry.state.next_attempt_ms = entry.state.next_attempt_ms.max(next_ms);
+            self.schedule(id.to_owned(), entry.state.next_attempt_ms);
         }
     }
 
@@ -849,10 +903,16 @@ impl Queue {
         Ok(())
     }
 
+    /// Puts message `id` in the due index at `at` (Unix ms).
+    fn schedule(&self, id: String, at: u64) {
+        self.inner.due.lock().expect("queue lock").insert((at, id));
+    }
+
     fn update_gauges(&self) {
         let entries = self.inner.entries.lock().expect("queue lock");
         let now = now_ms();
-        let oldest = entries.values().map(|e| e.arrival_ms).min().unwrap_or(now);
+        // Ids sort by arrival (spool::id), so the first is the oldest.
+        let oldest = entries.values().next().map_or(now, |e| e.arrival_ms);
         self.inner.metrics.set_queue(QueueGauges {
             depth: entries.len() as u64,
             oldest_age_seconds: now.saturating_sub(oldest) as f64 / 1000.0,
@@ -894,6 +954,7 @@ impl Queue {
         for (key, entry) in entries.iter_mut() {
             if id.is_none_or(|id| id == key) && !entry.state.held {
                 entry.state.next_attempt_ms = now;
+                self.schedule(key.clone(), now);
                 count += 1;
             }
         }
@@ -917,6 +978,7 @@ impl Queue {
             entry.state.held = held;
             if !held {
                 entry.state.next_attempt_ms = now_ms();
+                self.schedule(id.to_owned(), entry.state.next_attempt_ms);
             }
             entry.state.clone()
         };

@@ -171,13 +171,21 @@ impl StateStore {
         self.sync.sync().await
     }
 
-    /// Removes the state of a finished message.
+    /// Removes the state of a finished message (most have none: see
+    /// `Queue::attempt`), syncing the directory only when one was there.
     pub async fn remove(&self, id: &str) -> io::Result<()> {
         let path = self.path(id);
-        tokio::task::spawn_blocking(move || remove_if_present(&path))
-            .await
-            .map_err(io::Error::other)??;
-        self.sync.sync().await
+        let existed = tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err),
+        })
+        .await
+        .map_err(io::Error::other)??;
+        if existed {
+            self.sync.sync().await?;
+        }
+        Ok(())
     }
 
     /// Ids that have a state file.

@@ -109,6 +109,8 @@ struct Inner {
     copies: Vec<Arc<dyn CopyTarget>>,
     /// Whether the local `.eml` is a copy (else only staging for the others).
     keep_local: bool,
+    /// Group-commits fsyncs of the spool directory (commits and removals).
+    dir_sync: Arc<DirSync>,
     object: Option<Arc<ObjectCopy>>,
     background: Background,
     /// The spool new messages go into (see [`Spool::rotate`]).
@@ -201,6 +203,7 @@ impl Spool {
             ids: id::IdGenerator::new(),
             copies,
             keep_local: config.spool.copies.contains(&CopyKind::Local),
+            dir_sync: sync,
             object,
             background: Background::default(),
             current: std::sync::Mutex::new(String::new()),

@@ -3,7 +3,7 @@
 
 use object_store::ObjectStoreExt;
 
-use super::fsync::{remove_if_present, sync_dir};
+use super::fsync::remove_if_present;
 use super::{Spool, SpoolError};
 
 impl Spool {
@@ -13,14 +13,14 @@ impl Spool {
         self.copies_settled(id).await;
         let env = self.envelope_path(id);
         let eml = self.message_path(id);
-        let dir = self.dir().to_owned();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             remove_if_present(&env)?;
-            remove_if_present(&eml)?;
-            sync_dir(&dir)
+            remove_if_present(&eml)
         })
         .await
         .map_err(std::io::Error::other)??;
+        // Shared with the commits and removals around it (group commit).
+        self.inner.dir_sync.sync().await?;
         if let Some(store) = self.object_store() {
             for envelope_part in [true, false] {
                 if let Some(key) = self.object_key(spool, id, envelope_part) {
