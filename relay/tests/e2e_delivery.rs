@@ -167,6 +167,61 @@ fn delivers_to_an_smtp_sink_byte_for_byte_and_cleans_up() {
     );
 }
 
+/// Start reads no message body (so a deep queue is back at once); a byte
+/// flipped on disk while the relay was down is found before delivery: that
+/// message goes to quarantine with a log line, the others are delivered.
+#[test]
+fn a_byte_flipped_while_down_is_quarantined_before_delivery_not_sent() {
+    let sink = Sink::loopback(&[]);
+    let mut relay = Relay::start(RelayConfig {
+        copies: vec!["local"],
+        required: 1,
+        ..RelayConfig::default()
+    });
+    submit(&relay, &["rcpt@dest.test"], &message("intact"));
+    let bad = submit(&relay, &["other@dest.test"], &message("damaged"));
+    relay.stop();
+    let eml = relay.data_dir.join("spool").join(format!("{bad}.eml"));
+    let mut bytes = fs::read(&eml).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x20;
+    fs::write(&eml, bytes).unwrap();
+    let config = fs::read_to_string(&relay.config_path).unwrap().replace(
+        "[delivery]\npaused = true\n",
+        &format!("[delivery]\nrelayhost = \"{}\"\n", sink.addr),
+    );
+    fs::write(&relay.config_path, config).unwrap();
+    relay.restart();
+
+    sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
+    let quarantine = relay.data_dir.join("quarantine");
+    let quarantined = wait_for(Duration::from_secs(20), || {
+        let files = files_under(&quarantine);
+        (files.len() == 2).then_some(files)
+    })
+    .unwrap_or_else(|| panic!("nothing quarantined; log:\n{}", relay.log()));
+    assert!(
+        quarantined.iter().all(|f| f.starts_with(&bad)),
+        "{quarantined:?}"
+    );
+    let log = relay.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("quarantining a damaged spool record")
+                && l.contains(&bad)
+                && l.contains("SHA-256")),
+        "{log}"
+    );
+    assert!(sink.messages_for("other@dest.test").is_empty());
+    assert!(
+        wait_for(Duration::from_secs(10), || queue_is_empty(&relay)
+            .then_some(()))
+        .is_some(),
+        "{:?}",
+        files_under(&relay.data_dir)
+    );
+}
+
 /// swaks from 127.0.0.2, which these relays do not trust (only 127.0.0.1/32
 /// is), to `rcpt`; returns (success, swaks' transcript).
 fn swaks_untrusted(relay: &Relay, rcpt: &str, data: &[u8]) -> (bool, String) {

@@ -47,6 +47,9 @@ pub struct Entry {
     pub eml_path: PathBuf,
     /// The latest state is saved locally but not yet committed to the cluster.
     pub uncommitted: bool,
+    /// Recovered at start, whose data's digest has not been checked yet
+    /// (done before its first delivery).
+    pub unverified: bool,
 }
 
 /// Why the cluster refused a state commit.
@@ -182,7 +185,9 @@ impl Queue {
                 .filter(|state| state.recipients.len() == envelope.recipients.len())
                 .unwrap_or_else(|| DeliveryState::new(envelope.recipients.len(), now));
             let eml_path = spool.message_path(&envelope.id);
-            entries.insert(envelope.id.clone(), entry(envelope, state, eml_path));
+            let mut recovered = entry(envelope, state, eml_path);
+            recovered.unverified = true;
+            entries.insert(recovered.envelope.id.clone(), recovered);
         }
         // State left behind by a message that was removed (crash between steps).
         if let Ok(ids) = states.ids() {
@@ -547,7 +552,7 @@ impl Queue {
 
     /// One delivery attempt of message `id`.
     async fn attempt(&self, id: &str) {
-        let Some((envelope, mut state, arrival_ms, eml, uncommitted)) = ({
+        let Some((envelope, mut state, arrival_ms, eml, uncommitted, unverified)) = ({
             let entries = self.inner.entries.lock().expect("queue lock");
             entries.get(id).map(|e| {
                 (
@@ -556,11 +561,15 @@ impl Queue {
                     e.arrival_ms,
                     e.eml_path.clone(),
                     e.uncommitted,
+                    e.unverified,
                 )
             })
         }) else {
             return;
         };
+        if unverified && !self.verified(&envelope).await {
+            return;
+        }
         // A state the cluster has not seen yet goes first: delivering again
         // before it is committed would widen the window for duplicates.
         if uncommitted && self.commit(&envelope, Some(&state)).await.is_err() {
@@ -676,6 +685,31 @@ impl Queue {
             entry.in_flight = false;
             entry.uncommitted = uncommitted;
             self.schedule(id.to_owned(), at);
+        }
+    }
+
+    /// Checks the digest of a message recovered at start before its first
+    /// delivery; a damaged one leaves the queue (it is in quarantine).
+    async fn verified(&self, envelope: &Envelope) -> bool {
+        let id = envelope.id.as_str();
+        match self.inner.spool.verify_or_quarantine(envelope).await {
+            Ok(true) => {
+                if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(id) {
+                    entry.unverified = false;
+                }
+                true
+            }
+            Ok(false) => {
+                self.inner.entries.lock().expect("queue lock").remove(id);
+                let _ = self.inner.states.remove(id).await;
+                self.update_gauges();
+                false
+            }
+            Err(err) => {
+                warn!(id, "cannot check the message's data: {err}");
+                self.release_attempt(id, now_ms() + 1000, false);
+                false
+            }
         }
     }
 
@@ -1041,5 +1075,6 @@ fn entry(envelope: Envelope, state: DeliveryState, eml_path: PathBuf) -> Entry {
         in_flight: false,
         eml_path,
         uncommitted: false,
+        unverified: false,
     }
 }

@@ -77,21 +77,54 @@ pub fn create_eml(path: &Path) -> io::Result<File> {
 /// blocks on the disk.
 #[derive(Debug)]
 pub struct Writer {
-    file: File,
+    /// The `.eml`: open, or only named until the first write reaches the
+    /// disk (a message that fits the buffer is created, written and hashed
+    /// in one blocking call at the end).
+    file: Target,
     buf: Vec<u8>,
     hasher: Sha256,
     /// Octets accepted so far (buffered included).
     len: u64,
 }
 
+/// Where a [`Writer`]'s bytes go.
+#[derive(Debug)]
+enum Target {
+    /// A file already created.
+    Open(File),
+    /// A file to create (with [`create_eml`]) at the first write.
+    Named(PathBuf),
+}
+
 impl Writer {
     /// Wraps a freshly created `.eml`.
     pub fn new(file: File) -> Writer {
+        Writer::with_target(Target::Open(file))
+    }
+
+    /// A writer that creates the `.eml` at `path` (never reusing a name)
+    /// when the first bytes go to disk.
+    pub fn create_at(path: PathBuf) -> Writer {
+        Writer::with_target(Target::Named(path))
+    }
+
+    fn with_target(file: Target) -> Writer {
         Writer {
             file,
             buf: Vec::with_capacity(BUFFER_CAP),
             hasher: Sha256::new(),
             len: 0,
+        }
+    }
+
+    /// Blocking: the open file, created now if it was only named.
+    fn file(&mut self) -> io::Result<&mut File> {
+        if let Target::Named(path) = &self.file {
+            self.file = Target::Open(create_eml(path)?);
+        }
+        match &mut self.file {
+            Target::Open(file) => Ok(file),
+            Target::Named(_) => unreachable!("opened above"),
         }
     }
 
@@ -115,16 +148,21 @@ impl Writer {
     /// Blocking: hashes and writes the buffered bytes.
     pub fn flush_blocking(&mut self) -> io::Result<()> {
         self.hasher.update(&self.buf);
-        self.file.write_all(&self.buf)?;
+        let buf = std::mem::take(&mut self.buf);
+        let written = self.file().and_then(|file| file.write_all(&buf));
+        self.buf = buf;
         self.buf.clear();
-        Ok(())
+        written
     }
 
     /// Blocking: writes the tail and returns the file, length and hex digest.
     pub fn finish_blocking(mut self) -> io::Result<(File, u64, String)> {
         self.flush_blocking()?;
         let digest = hex::encode(self.hasher.finalize());
-        Ok((self.file, self.len, digest))
+        match self.file {
+            Target::Open(file) => Ok((file, self.len, digest)),
+            Target::Named(_) => unreachable!("flush_blocking opened it"),
+        }
     }
 }
 

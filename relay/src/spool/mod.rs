@@ -229,25 +229,20 @@ impl Spool {
         Ok(())
     }
 
-    /// Starts receiving a message: assigns its id and opens its `.eml`.
+    /// Starts receiving a message: assigns its id; its `.eml` is created
+    /// when the first bytes go to disk (see [`Writer::create_at`]).
     ///
     /// Fails with `NoRoom` when the disk is already down to the reserve.
     pub async fn begin(&self) -> Result<Incoming, SpoolError> {
         let id = self.inner.ids.next_id();
         let path = local::eml_path(&self.inner.dir, &id);
-        let spool = self.clone();
-        let (path, file) = tokio::task::spawn_blocking(move || -> Result<_, SpoolError> {
-            spool.check_room(0)?;
-            let file = local::create_eml(&path)?;
-            Ok((path, file))
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        // statvfs reads counters the kernel keeps in memory: no disk wait.
+        self.check_room(0)?;
         Ok(Incoming {
             spool: self.clone(),
             id,
+            writer: Some(Writer::create_at(path.clone())),
             path,
-            writer: Some(Writer::new(file)),
             unchecked: 0,
             armed: true,
         })
@@ -261,6 +256,24 @@ impl Spool {
     /// Where damaged records go (`data_dir/quarantine`).
     pub fn quarantine_dir(&self) -> &std::path::Path {
         &self.inner.quarantine_dir
+    }
+
+    /// Checks the length and digest of message `envelope.id`'s `.eml`
+    /// against its envelope (start checks only the length); a damaged one
+    /// is moved to quarantine with a log line, and `false` returned.
+    pub async fn verify_or_quarantine(&self, envelope: &Envelope) -> Result<bool, SpoolError> {
+        let (dir, quarantine_dir) = (self.inner.dir.clone(), self.inner.quarantine_dir.clone());
+        let envelope = envelope.clone();
+        tokio::task::spawn_blocking(move || match recovery::verify_data(&dir, &envelope) {
+            Ok(()) => Ok(true),
+            Err(damage) => {
+                tracing::error!(id = %envelope.id, reason = %damage, "quarantining a damaged spool record");
+                recovery::quarantine_message(&dir, &quarantine_dir, &envelope.id)?;
+                Ok(false)
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// The local `.eml` of message `id`.

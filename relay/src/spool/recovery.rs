@@ -1,7 +1,10 @@
 //! Recovery on start: decides, file by file, what a crash left in the local
-//! spool. A `.env` whose `.eml` is whole is a committed message; damaged
-//! records go to quarantine (never deleted, never a crash loop); uncommitted
-//! leftovers (`.eml` without `.env`, `.env.tmp`) are removed.
+//! spool. A `.env` whose `.eml` has the recorded length is a committed
+//! message; damaged records go to quarantine (never deleted, never a crash
+//! loop); uncommitted leftovers (`.eml` without `.env`, `.env.tmp`) are
+//! removed. Start reads no message body: the digest of each recovered
+//! message is checked before its first delivery ([`verify_data`]), so a
+//! deep queue is accepting again in the time it takes to list it.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -138,11 +141,16 @@ pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
     if envelope.id != stem {
         return Err(Damage::WrongId(envelope.id));
     }
-    let mut file = match File::open(eml_path(spool_dir, stem)) {
+    let file = match File::open(eml_path(spool_dir, stem)) {
         Ok(file) => file,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Damage::NoData),
         Err(err) => return Err(Damage::DataUnreadable(err)),
     };
+    check_length(&file, &envelope)?;
+    Ok(envelope)
+}
+
+fn check_length(file: &File, envelope: &Envelope) -> Result<(), Damage> {
     let actual = file.metadata().map_err(Damage::DataUnreadable)?.len();
     if actual != envelope.data_len {
         return Err(Damage::Length {
@@ -150,14 +158,34 @@ pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
             actual,
         });
     }
+    Ok(())
+}
+
+/// Blocking: checks that message `envelope.id`'s `.eml` has the length and
+/// SHA-256 its envelope records (recovery checks only the length).
+pub fn verify_data(spool_dir: &Path, envelope: &Envelope) -> Result<(), Damage> {
+    let mut file = match File::open(eml_path(spool_dir, &envelope.id)) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Damage::NoData),
+        Err(err) => return Err(Damage::DataUnreadable(err)),
+    };
+    check_length(&file, envelope)?;
     let digest = sha256_of(&mut file).map_err(Damage::DataUnreadable)?;
     if !digest.eq_ignore_ascii_case(&envelope.data_sha256) {
         return Err(Damage::Digest {
-            expected: envelope.data_sha256,
+            expected: envelope.data_sha256.clone(),
             actual: digest,
         });
     }
-    Ok(envelope)
+    Ok(())
+}
+
+/// Blocking: moves message `id`'s files into quarantine, durably.
+pub fn quarantine_message(spool_dir: &Path, quarantine_dir: &Path, id: &str) -> io::Result<()> {
+    std::fs::create_dir_all(quarantine_dir)?;
+    quarantine(spool_dir, quarantine_dir, id)?;
+    sync_dir(spool_dir)?;
+    sync_dir(quarantine_dir)
 }
 
 fn sha256_of(file: &mut File) -> io::Result<String> {
@@ -324,8 +352,25 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupted_data_file_is_quarantined() {
-        quarantines(|dir, id| std::fs::write(eml_path(dir, id), b"BAD message\r\n").unwrap());
+    fn a_corrupted_data_file_is_found_before_delivery_not_at_start() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let good = committed(&dirs, &ids, b"good\r\n");
+        let bad = committed(&dirs, &ids, b"bad message\r\n");
+        // Same length, one byte flipped: start reads no body, so it is kept.
+        std::fs::write(eml_path(&dirs.spool, &bad), b"BAD message\r\n").unwrap();
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(found.quarantined, 0);
+        assert_eq!(found.messages.len(), 2);
+        verify_data(&dirs.spool, &found.messages[0]).unwrap();
+        let damage = verify_data(&dirs.spool, &found.messages[1]).unwrap_err();
+        assert!(matches!(damage, Damage::Digest { .. }), "{damage}");
+        assert_eq!(found.messages[0].id, good);
+        quarantine_message(&dirs.spool, &dirs.quarantine, &bad).unwrap();
+        let mut expected = vec![format!("{bad}.env"), format!("{bad}.eml")];
+        expected.sort();
+        assert_eq!(quarantined(&dirs), expected);
+        assert!(!spool_files(&dirs).iter().any(|f| f.starts_with(&bad)));
     }
 
     #[test]
