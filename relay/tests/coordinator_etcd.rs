@@ -89,6 +89,7 @@ conformance!(
     release_frees_the_claim_at_once,
     unrenewable_lease_is_unsafe_before_expiry,
     snapshot_commit_load_retire,
+    batched_commits_are_one_revision_and_fenced_whole,
     watch_resumes_after_a_revision,
 );
 

@@ -181,6 +181,50 @@ pub async fn stale_token_is_fenced<B: Backend>(backend: &B) {
     }
 }
 
+/// `commit_many` applies every change (one transaction) under a current claim,
+/// and none under a stale one (the batch is fenced as a whole).
+pub async fn batched_commits_are_one_revision_and_fenced_whole<B: Backend>(backend: &B) {
+    let (a, node_a) = join(backend, "a").await;
+    let (b, _) = join(backend, "b").await;
+    let x = spool("x");
+    let old = a.claim(&x).await.unwrap();
+    a.commit(&old, "m0", put("pending")).await.unwrap();
+    let batch: Vec<(String, Change)> = (1..=50)
+        .map(|n| (format!("m{n}"), put("delivered")))
+        .chain([("m0".to_owned(), Change::Delete)])
+        .collect();
+    let before = node_a.coordinator.snapshot().await.unwrap().revision;
+    let revision = a.commit_many(&old, &batch).await.unwrap();
+    // (Other tests share the etcd server, so later revisions may be theirs.)
+    assert!(revision > before, "{revision:?} after {before:?}");
+    let all = node_a.coordinator.load(&x, "").await.unwrap();
+    assert_eq!(all.len(), 50);
+    assert!(all
+        .iter()
+        .all(|(k, v)| k != "m0" && v == &Bytes::from("delivered")));
+
+    let lease = a.status().lease.unwrap();
+    drop(a);
+    node_a.coordinator.revoke(lease).await.unwrap();
+    let new = b.claim(&x).await.unwrap();
+    let late: Vec<(String, Change)> = vec![
+        ("m1".to_owned(), Change::Delete),
+        ("m99".to_owned(), put("late")),
+    ];
+    match node_a.coordinator.commit_many(&old, &late).await {
+        Err(Error::Fenced { current, .. }) => assert_eq!(current, Some(new.token)),
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    let all = node_a.coordinator.load(&x, "").await.unwrap();
+    assert_eq!(all.len(), 50, "a fenced batch changed something: {all:?}");
+    // Invalid keys are refused before anything is sent.
+    assert!(matches!(
+        b.commit_many(&new, &[("has space".to_owned(), Change::Delete)])
+            .await,
+        Err(Error::InvalidName(_))
+    ));
+}
+
 /// A member that stops renewing (crashed) disappears after its TTL, not
 /// before; another member's watch sees it leave and its claims released.
 pub async fn lease_expiry_is_seen_by_watchers<B: Backend>(backend: &B) {

@@ -735,6 +735,25 @@ impl Coordinator for Etcd {
         Ok(header_revision(&response))
     }
 
+    async fn commit_many(
+        &self,
+        claim: &Claim,
+        changes: &[(String, Change)],
+    ) -> Result<Revision, Error> {
+        let prefix = self.state_prefix(&claim.spool);
+        let mut ops = Vec::with_capacity(changes.len());
+        for (key, change) in changes {
+            valid_state_key(key)?;
+            let key = format!("{prefix}{key}");
+            ops.push(match change {
+                Change::Put(value) => TxnOp::put(key, value.to_vec(), None),
+                Change::Delete => TxnOp::delete(key, None),
+            });
+        }
+        let response = self.fenced(claim, ops).await?;
+        Ok(header_revision(&response))
+    }
+
     async fn load(&self, spool: &SpoolId, prefix: &str) -> Result<Vec<(String, Bytes)>, Error> {
         let base = self.state_prefix(spool);
         let mut kv = self.client.kv_client();

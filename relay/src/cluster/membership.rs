@@ -287,6 +287,16 @@ impl Membership {
         self.shared.coordinator.commit(claim, key, change).await
     }
 
+    /// [`Coordinator::commit_many`] under this relay's lease.
+    pub async fn commit_many(
+        &self,
+        claim: &Claim,
+        changes: &[(String, Change)],
+    ) -> Result<Revision, Error> {
+        self.safe_lease()?;
+        self.shared.coordinator.commit_many(claim, changes).await
+    }
+
     /// Checks that the claim is current and this relay safe.
     pub async fn check(&self, claim: &Claim) -> Result<(), Error> {
         self.safe_lease()?;

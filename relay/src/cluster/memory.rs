@@ -542,6 +542,36 @@ impl Coordinator for SingleNode {
         .await
     }
 
+    async fn commit_many(
+        &self,
+        claim: &Claim,
+        changes: &[(String, Change)],
+    ) -> Result<Revision, Error> {
+        for (key, _) in changes {
+            valid_state_key(key)?;
+        }
+        let changes = changes.to_vec();
+        self.request(|store| {
+            store.with(|state| {
+                state.current(claim)?;
+                let revision = state.next_revision();
+                for (key, change) in changes {
+                    let key = (claim.spool.clone(), key);
+                    match change {
+                        Change::Put(value) => {
+                            state.values.insert(key, value);
+                        }
+                        Change::Delete => {
+                            state.values.remove(&key);
+                        }
+                    }
+                }
+                Ok(revision)
+            })
+        })
+        .await
+    }
+
     async fn load(&self, spool: &SpoolId, prefix: &str) -> Result<Vec<(String, Bytes)>, Error> {
         self.request(|store| {
             store.with(|state| {

@@ -50,6 +50,7 @@ pub mod etcd;
 pub mod membership;
 pub mod memory;
 pub mod node;
+pub mod state_commits;
 pub mod takeover;
 
 #[cfg(test)]
@@ -393,6 +394,15 @@ pub trait Coordinator: Send + Sync + fmt::Debug + 'static {
     /// Applies `change` to the state key `key` of the claim's spool iff the
     /// claim is still current, atomically. Returns the revision of the change.
     async fn commit(&self, claim: &Claim, key: &str, change: Change) -> Result<Revision, Error>;
+
+    /// Applies every change (each to its state key of the claim's spool, no
+    /// key twice) iff the claim is still current: all of them atomically in
+    /// one revision, or none. At most [`state_commits::MAX_CHANGES`].
+    async fn commit_many(
+        &self,
+        claim: &Claim,
+        changes: &[(String, Change)],
+    ) -> Result<Revision, Error>;
 
     /// The committed state keys of `spool` that start with `prefix` (all of
     /// them for `""`), by key. Needs no claim: the new owner reads what the

@@ -39,6 +39,8 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::state_commits::{Apply, CommitFailure, StateCommits};
+
 use super::etcd::{Etcd, EtcdOptions};
 use super::membership::{LeaseOptions, Membership};
 use super::takeover::{list_messages, Orphans};
@@ -175,6 +177,44 @@ struct Inner {
     etcd: EtcdOptions,
     /// Why connecting to etcd failed last, before there is a membership.
     connect_error: Mutex<Option<String>>,
+    /// The queue's state changes, group-committed per spool.
+    state_commits: Arc<StateCommits>,
+}
+
+/// How [`StateCommits`] applies a batch: one fenced transaction under this
+/// relay's current claim on the spool; a stale claim is dropped.
+fn apply_state_changes(inner: std::sync::Weak<Inner>) -> Apply {
+    Arc::new(move |spool: String, changes: Vec<(String, Change)>| {
+        let inner = inner.clone();
+        Box::pin(async move {
+            let inner = inner
+                .upgrade()
+                .ok_or_else(|| CommitFailure::Unavailable("the relay is stopping".into()))?;
+            let membership = inner
+                .membership
+                .get()
+                .ok_or_else(|| CommitFailure::Unavailable("not joined yet".into()))?;
+            let claim = inner
+                .held
+                .lock()
+                .expect("node lock")
+                .get(&spool)
+                .cloned()
+                .ok_or_else(|| CommitFailure::Lost(spool.clone()))?;
+            match membership.commit_many(&claim, &changes).await {
+                Ok(_) => Ok(()),
+                Err(Error::Fenced { .. }) => {
+                    let mut held = inner.held.lock().expect("node lock");
+                    // Only the claim this batch used: a newer one stays.
+                    if held.get(&spool) == Some(&claim) {
+                        held.remove(&spool);
+                    }
+                    Err(CommitFailure::Lost(spool))
+                }
+                Err(err) => Err(CommitFailure::Unavailable(err.to_string())),
+            }
+        })
+    })
 }
 
 impl ClusterNode {
@@ -206,8 +246,16 @@ impl ClusterNode {
         .to_string();
         let mut lease = LeaseOptions::new(cluster.lease_ttl);
         lease.request_timeout = lease.request_timeout.min(Duration::from_secs(2));
+        let etcd = {
+            let mut options = cluster.etcd_options()?;
+            // A commit that cannot finish well inside the lease is
+            // worth nothing: fail fast and stop delivering.
+            options.request_timeout = (cluster.lease_ttl / 3).min(options.request_timeout);
+            options
+        };
         let node = ClusterNode {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|inner| Inner {
+                state_commits: StateCommits::new(apply_state_changes(inner.clone())),
                 member,
                 spool,
                 queue,
@@ -223,13 +271,7 @@ impl ClusterNode {
                 adopting: tokio::sync::Mutex::new(()),
                 task: Mutex::new(None),
                 info,
-                etcd: {
-                    let mut options = cluster.etcd_options()?;
-                    // A commit that cannot finish well inside the lease is
-                    // worth nothing: fail fast and stop delivering.
-                    options.request_timeout = (cluster.lease_ttl / 3).min(options.request_timeout);
-                    options
-                },
+                etcd,
                 connect_error: Mutex::new(None),
             }),
         };
@@ -355,19 +397,6 @@ impl Ownership for ClusterNode {
             // No spool, no claim: only the local state file records it.
             return Ok(());
         }
-        let membership = self
-            .inner
-            .membership
-            .get()
-            .ok_or_else(|| OwnershipError::Unavailable("not joined yet".into()))?;
-        let claim = self
-            .inner
-            .held
-            .lock()
-            .expect("node lock")
-            .get(spool)
-            .cloned()
-            .ok_or_else(|| OwnershipError::Lost(spool.to_owned()))?;
         let change = match state {
             Some(state) => Change::Put(Bytes::from(
                 serde_json::to_vec(state)
@@ -375,12 +404,15 @@ impl Ownership for ClusterNode {
             )),
             None => Change::Delete,
         };
-        match membership.commit(&claim, id, change).await {
-            Ok(_) => Ok(()),
-            Err(Error::Fenced { .. }) => {
-                self.inner.held.lock().expect("node lock").remove(spool);
-                Err(OwnershipError::Lost(spool.to_owned()))
-            }
+        // Group-committed with the other changes to this spool's state.
+        match self
+            .inner
+            .state_commits
+            .commit(spool, id.to_owned(), change)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(CommitFailure::Lost(spool)) => Err(OwnershipError::Lost(spool)),
             Err(err) => Err(OwnershipError::Unavailable(err.to_string())),
         }
     }

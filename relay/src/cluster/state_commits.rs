@@ -1,0 +1,295 @@
+//! Group commit of delivery-state changes: the changes to one spool's state
+//! that arrive while a fenced transaction for that spool is in flight go
+//! together in the next one, so the coordinator sees one write per batch
+//! instead of one per change. The claim's token still fences every batch.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use super::Change;
+
+/// Most changes in one transaction (etcd refuses more than `--max-txn-ops`,
+/// 128 by default).
+pub const MAX_CHANGES: usize = 100;
+
+/// Why a batch was not applied; every change in the batch gets it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitFailure {
+    /// The claim is stale (or gone): the spool is no longer this relay's.
+    #[error("spool {0} is no longer ours")]
+    Lost(String),
+    /// The coordinator could not apply it now.
+    #[error("cannot commit now: {0}")]
+    Unavailable(String),
+}
+
+/// Applies one batch of changes to `spool`'s state in one fenced transaction.
+pub type Apply = Arc<
+    dyn Fn(String, Vec<(String, Change)>) -> BoxFuture<'static, Result<(), CommitFailure>>
+        + Send
+        + Sync,
+>;
+
+type Waiter = oneshot::Sender<Result<(), CommitFailure>>;
+
+/// Changes waiting for a spool's next transaction.
+#[derive(Default)]
+struct Waiting {
+    changes: Vec<(String, Change, Waiter)>,
+}
+
+/// The group committer; one per relay.
+pub struct StateCommits {
+    apply: Apply,
+    /// Spools with a transaction in flight, and what waits for the next one.
+    spools: Mutex<HashMap<String, Waiting>>,
+    changes: AtomicU64,
+    transactions: AtomicU64,
+}
+
+impl std::fmt::Debug for StateCommits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateCommits")
+            .field("changes", &self.changes.load(Ordering::Relaxed))
+            .field("transactions", &self.transactions.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateCommits {
+    /// A committer that applies batches with `apply`.
+    pub fn new(apply: Apply) -> Arc<StateCommits> {
+        Arc::new(StateCommits {
+            apply,
+            spools: Mutex::new(HashMap::new()),
+            changes: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
+        })
+    }
+
+    /// Applies `change` to state key `key` of `spool`; returns once the
+    /// transaction that carried it was applied (or failed).
+    pub async fn commit(
+        self: &Arc<Self>,
+        spool: &str,
+        key: String,
+        change: Change,
+    ) -> Result<(), CommitFailure> {
+        let (done, result) = oneshot::channel();
+        let lead = {
+            let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
+            match spools.get_mut(spool) {
+                // A transaction is in flight: join the next one.
+                Some(waiting) => {
+                    waiting.changes.push((key, change, done));
+                    false
+                }
+                None => {
+                    spools.insert(
+                        spool.to_owned(),
+                        Waiting {
+                            changes: vec![(key, change, done)],
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        if lead {
+            // Its own task, so a caller that goes away cannot strand the others.
+            tokio::spawn(Arc::clone(self).drive(spool.to_owned()));
+        }
+        result
+            .await
+            .unwrap_or_else(|_| Err(CommitFailure::Unavailable("state commit task ended".into())))
+    }
+
+    /// (changes asked for, transactions sent) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.changes.load(Ordering::Relaxed),
+            self.transactions.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Sends `spool`'s waiting changes, a batch at a time, until none wait.
+    async fn drive(self: Arc<Self>, spool: String) {
+        loop {
+            let batch: Vec<(String, Change, Waiter)> = {
+                let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(waiting) = spools.get_mut(&spool) else {
+                    return;
+                };
+                if waiting.changes.is_empty() {
+                    spools.remove(&spool);
+                    return;
+                }
+                let take = waiting.changes.len().min(MAX_CHANGES);
+                waiting.changes.drain(..take).collect()
+            };
+            // One change per key, the latest (a transaction may not name a
+            // key twice); the callers' order is kept.
+            let mut changes: Vec<(String, Change)> = Vec::with_capacity(batch.len());
+            let mut index: HashMap<&str, usize> = HashMap::new();
+            for (key, change, _) in &batch {
+                match index.get(key.as_str()) {
+                    Some(&at) => changes[at].1 = change.clone(),
+                    None => {
+                        index.insert(key, changes.len());
+                        changes.push((key.clone(), change.clone()));
+                    }
+                }
+            }
+            self.changes
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.transactions.fetch_add(1, Ordering::Relaxed);
+            let result = (self.apply)(spool.clone(), changes).await;
+            for (_, _, done) in batch {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    type Seen = Arc<Mutex<Vec<(String, Vec<(String, Change)>)>>>;
+
+    /// A committer whose first transaction waits for `release`; every
+    /// transaction is recorded in `seen` and answered with `answer`.
+    fn held_committer(
+        answer: Result<(), CommitFailure>,
+    ) -> (Arc<StateCommits>, Seen, oneshot::Sender<()>) {
+        let seen: Seen = Arc::default();
+        let (release, released) = oneshot::channel::<()>();
+        let released = Arc::new(Mutex::new(Some(released)));
+        let apply: Apply = {
+            let seen = Arc::clone(&seen);
+            Arc::new(move |spool, changes| {
+                let first = seen.lock().unwrap().is_empty();
+                seen.lock().unwrap().push((spool, changes));
+                let gate = if first {
+                    released.lock().unwrap().take()
+                } else {
+                    None
+                };
+                let answer = answer.clone();
+                Box::pin(async move {
+                    if let Some(gate) = gate {
+                        let _ = gate.await;
+                    }
+                    answer
+                })
+            })
+        };
+        (StateCommits::new(apply), seen, release)
+    }
+
+    fn put(text: &'static str) -> Change {
+        Change::Put(Bytes::from_static(text.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn changes_arriving_during_a_transaction_share_the_next_one() {
+        let (commits, seen, release) = held_committer(Ok(()));
+        let first = tokio::spawn({
+            let commits = Arc::clone(&commits);
+            async move { commits.commit("s1", "m0".into(), put("a")).await }
+        });
+        while seen.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let mut later: Vec<_> = (1..=30)
+            .map(|n| {
+                let commits = Arc::clone(&commits);
+                tokio::spawn(async move { commits.commit("s1", format!("m{n}"), put("b")).await })
+            })
+            .collect();
+        // The same key twice in one batch: only the latest change is sent.
+        later.push(tokio::spawn({
+            let commits = Arc::clone(&commits);
+            async move { commits.commit("s1", "m1".into(), Change::Delete).await }
+        }));
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for task in later {
+            task.await.unwrap().unwrap();
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.len(),
+            2,
+            "one transaction held, one for the 31 behind it"
+        );
+        assert_eq!(seen[1].1.len(), 30);
+        assert_eq!(seen[1].1[0], ("m1".to_owned(), Change::Delete));
+        assert_eq!(commits.counts(), (32, 2));
+    }
+
+    #[tokio::test]
+    async fn spools_commit_independently_and_a_batch_is_bounded() {
+        let (commits, seen, release) = held_committer(Ok(()));
+        let held = tokio::spawn({
+            let commits = Arc::clone(&commits);
+            async move { commits.commit("s1", "m".into(), put("a")).await }
+        });
+        while seen.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Another spool is not held back by s1's transaction.
+        commits.commit("s2", "m".into(), put("b")).await.unwrap();
+        let behind: Vec<_> = (0..MAX_CHANGES + 5)
+            .map(|n| {
+                let commits = Arc::clone(&commits);
+                tokio::spawn(async move { commits.commit("s1", format!("k{n}"), put("c")).await })
+            })
+            .collect();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        for task in behind {
+            task.await.unwrap().unwrap();
+        }
+        let sizes: Vec<(String, usize)> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(spool, changes)| (spool.clone(), changes.len()))
+            .collect();
+        assert_eq!(
+            sizes,
+            vec![
+                ("s1".to_owned(), 1),
+                ("s2".to_owned(), 1),
+                ("s1".to_owned(), MAX_CHANGES),
+                ("s1".to_owned(), 5)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fenced_batch_fails_every_change_in_it() {
+        let (commits, _seen, release) = held_committer(Err(CommitFailure::Lost("s1".to_owned())));
+        release.send(()).unwrap();
+        let results = futures::future::join_all(
+            (0..5).map(|n| commits.commit("s1", format!("m{n}"), Change::Delete)),
+        )
+        .await;
+        assert!(results
+            .iter()
+            .all(|r| *r == Err(CommitFailure::Lost("s1".to_owned()))));
+    }
+}
