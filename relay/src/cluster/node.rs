@@ -397,13 +397,17 @@ impl Ownership for ClusterNode {
             // No spool, no claim: only the local state file records it.
             return Ok(());
         }
-        let change = match state {
-            Some(state) => Change::Put(Bytes::from(
-                serde_json::to_vec(state)
-                    .map_err(|e| OwnershipError::Unavailable(e.to_string()))?,
-            )),
-            None => Change::Delete,
+        let Some(state) = state else {
+            // Every copy is gone: forgetting the state can wait for the next
+            // transaction (a key left behind names a message no owner finds).
+            self.inner
+                .state_commits
+                .commit_later(spool, id.to_owned(), Change::Delete);
+            return Ok(());
         };
+        let change = Change::Put(Bytes::from(
+            serde_json::to_vec(state).map_err(|e| OwnershipError::Unavailable(e.to_string()))?,
+        ));
         // Group-committed with the other changes to this spool's state.
         match self
             .inner

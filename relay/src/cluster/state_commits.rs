@@ -2,6 +2,13 @@
 //! that arrive while a fenced transaction for that spool is in flight go
 //! together in the next one, so the coordinator sees one write per batch
 //! instead of one per change. The claim's token still fences every batch.
+//!
+//! Changes nobody waits for ([`StateCommits::commit_later`]: forgetting the
+//! state of a message whose copies are all gone) ride along with the next
+//! batch, or go on their own once [`MAX_CHANGES`] of them wait or
+//! [`LATER_EVERY`] has passed. One lost (the relay dies first, or the
+//! transaction fails) leaves a key whose message no longer exists: a later
+//! owner finds no copy of it, and retiring the spool removes it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +22,9 @@ use super::Change;
 /// Most changes in one transaction (etcd refuses more than `--max-txn-ops`,
 /// 128 by default).
 pub const MAX_CHANGES: usize = 100;
+
+/// How long a change nobody waits for may wait for company.
+pub const LATER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a batch was not applied; every change in the batch gets it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,16 +47,20 @@ pub type Apply = Arc<
 
 type Waiter = oneshot::Sender<Result<(), CommitFailure>>;
 
-/// Changes waiting for a spool's next transaction.
+/// Changes waiting for a spool's next transaction, in the order they came;
+/// those without a waiter were asked for with `commit_later`.
 #[derive(Default)]
 struct Waiting {
-    changes: Vec<(String, Change, Waiter)>,
+    changes: Vec<(String, Change, Option<Waiter>)>,
+    /// A task is sending this spool's batches.
+    running: bool,
 }
 
 /// The group committer; one per relay.
 pub struct StateCommits {
     apply: Apply,
-    /// Spools with a transaction in flight, and what waits for the next one.
+    /// Per spool: what waits for the next transaction, and whether one is
+    /// being sent.
     spools: Mutex<HashMap<String, Waiting>>,
     changes: AtomicU64,
     transactions: AtomicU64,
@@ -62,14 +76,63 @@ impl std::fmt::Debug for StateCommits {
 }
 
 impl StateCommits {
-    /// A committer that applies batches with `apply`.
+    /// A committer that applies batches with `apply`; sends the changes
+    /// nobody waits for every [`LATER_EVERY`] (needs a Tokio runtime).
     pub fn new(apply: Apply) -> Arc<StateCommits> {
-        Arc::new(StateCommits {
+        let commits = Arc::new(StateCommits {
             apply,
             spools: Mutex::new(HashMap::new()),
             changes: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
-        })
+        });
+        let weak = Arc::downgrade(&commits);
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + LATER_EVERY;
+            let mut tick = tokio::time::interval_at(start, LATER_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(commits) = weak.upgrade() else {
+                    return;
+                };
+                commits.send_later();
+            }
+        });
+        commits
+    }
+
+    /// Queues `change` to state key `key` of `spool` without waiting: it
+    /// goes with the spool's next transaction (see the module's notes).
+    pub fn commit_later(self: &Arc<Self>, spool: &str, key: String, change: Change) {
+        let lead = {
+            let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
+            let waiting = spools.entry(spool.to_owned()).or_default();
+            waiting.changes.push((key, change, None));
+            let lead = !waiting.running && waiting.changes.len() >= MAX_CHANGES;
+            waiting.running |= lead;
+            lead
+        };
+        if lead {
+            tokio::spawn(Arc::clone(self).drive(spool.to_owned()));
+        }
+    }
+
+    /// Starts a transaction for every spool whose changes nobody waits for.
+    fn send_later(self: &Arc<Self>) {
+        let idle: Vec<String> = {
+            let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
+            spools
+                .iter_mut()
+                .filter(|(_, waiting)| !waiting.running && !waiting.changes.is_empty())
+                .map(|(spool, waiting)| {
+                    waiting.running = true;
+                    spool.clone()
+                })
+                .collect()
+        };
+        for spool in idle {
+            tokio::spawn(Arc::clone(self).drive(spool));
+        }
     }
 
     /// Applies `change` to state key `key` of `spool`; returns once the
@@ -83,22 +146,10 @@ impl StateCommits {
         let (done, result) = oneshot::channel();
         let lead = {
             let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
-            match spools.get_mut(spool) {
-                // A transaction is in flight: join the next one.
-                Some(waiting) => {
-                    waiting.changes.push((key, change, done));
-                    false
-                }
-                None => {
-                    spools.insert(
-                        spool.to_owned(),
-                        Waiting {
-                            changes: vec![(key, change, done)],
-                        },
-                    );
-                    true
-                }
-            }
+            let waiting = spools.entry(spool.to_owned()).or_default();
+            // With a transaction in flight this joins the next one.
+            waiting.changes.push((key, change, Some(done)));
+            !std::mem::replace(&mut waiting.running, true)
         };
         if lead {
             // Its own task, so a caller that goes away cannot strand the others.
@@ -120,7 +171,7 @@ impl StateCommits {
     /// Sends `spool`'s waiting changes, a batch at a time, until none wait.
     async fn drive(self: Arc<Self>, spool: String) {
         loop {
-            let batch: Vec<(String, Change, Waiter)> = {
+            let batch: Vec<(String, Change, Option<Waiter>)> = {
                 let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(waiting) = spools.get_mut(&spool) else {
                     return;
@@ -149,8 +200,13 @@ impl StateCommits {
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             self.transactions.fetch_add(1, Ordering::Relaxed);
             let result = (self.apply)(spool.clone(), changes).await;
+            if let Err(err) = &result {
+                tracing::debug!(%spool, "state changes not committed: {err}");
+            }
             for (_, _, done) in batch {
-                let _ = done.send(result.clone());
+                if let Some(done) = done {
+                    let _ = done.send(result.clone());
+                }
             }
         }
     }
@@ -278,6 +334,46 @@ mod tests {
                 ("s1".to_owned(), 5)
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_nobody_waits_for_ride_along_or_go_after_a_while() {
+        let (commits, seen, release) = held_committer(Ok(()));
+        release.send(()).unwrap();
+        commits.commit_later("s1", "gone1".into(), Change::Delete);
+        commits.commit_later("s1", "gone2".into(), Change::Delete);
+        tokio::task::yield_now().await;
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "sent before anything needed it"
+        );
+        // A waited-for change takes them along, in order, in one transaction.
+        commits.commit("s1", "m".into(), put("a")).await.unwrap();
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap().1,
+            vec![
+                ("gone1".to_owned(), Change::Delete),
+                ("gone2".to_owned(), Change::Delete),
+                ("m".to_owned(), put("a"))
+            ]
+        );
+        // Alone, they go within LATER_EVERY.
+        commits.commit_later("s2", "gone3".into(), Change::Delete);
+        tokio::time::sleep(LATER_EVERY * 2).await;
+        assert_eq!(
+            seen.lock().unwrap().last().unwrap(),
+            &("s2".to_owned(), vec![("gone3".to_owned(), Change::Delete)])
+        );
+        // MAX_CHANGES of them go at once.
+        let before = seen.lock().unwrap().len();
+        for n in 0..MAX_CHANGES {
+            commits.commit_later("s3", format!("k{n}"), Change::Delete);
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(seen.lock().unwrap().len(), before + 1);
+        assert_eq!(commits.counts(), (MAX_CHANGES as u64 + 4, 3));
     }
 
     #[tokio::test]
