@@ -13,7 +13,7 @@ use object_store::path::Path as ObjectPath;
 use postern::cluster::memory::Store;
 use postern::cluster::takeover::{list_messages, take_over, TakeoverError};
 use postern::cluster::{Change, Error, LeaseOptions, MemberId, Membership, SpoolId};
-use postern::config::Config;
+use postern::config::{Config, CopyKind};
 use postern::spool::Spool;
 
 fn config(root: &std::path::Path) -> Config {
@@ -22,6 +22,9 @@ fn config(root: &std::path::Path) -> Config {
         ..Config::default()
     };
     config.spool.reserve_bytes = 0;
+    // The dead relay kept an object copy (a local directory here).
+    config.spool.copies = vec![CopyKind::Local, CopyKind::ObjectStore];
+    config.spool.required = 2;
     config
 }
 
