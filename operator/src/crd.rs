@@ -702,8 +702,11 @@ fn default_copies() -> Vec<CopyKind> {
     vec![CopyKind::Local, CopyKind::ObjectStore]
 }
 
+/// Both default copies: a MailQueue's mail must outlive its node, so the
+/// object-store copy is confirmed too (the relay's own single-node default
+/// is one local copy).
 fn default_required() -> i32 {
-    SpoolConfig::default().required as i32
+    2
 }
 
 fn default_peer_replicas() -> i32 {

@@ -725,14 +725,7 @@ impl Coordinator for Etcd {
     }
 
     async fn commit(&self, claim: &Claim, key: &str, change: Change) -> Result<Revision, Error> {
-        valid_state_key(key)?;
-        let key = format!("{}{key}", self.state_prefix(&claim.spool));
-        let op = match change {
-            Change::Put(value) => TxnOp::put(key, value.to_vec(), None),
-            Change::Delete => TxnOp::delete(key, None),
-        };
-        let response = self.fenced(claim, vec![op]).await?;
-        Ok(header_revision(&response))
+        self.commit_many(claim, &[(key.to_owned(), change)]).await
     }
 
     async fn commit_many(

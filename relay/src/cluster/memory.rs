@@ -522,24 +522,7 @@ impl Coordinator for SingleNode {
     }
 
     async fn commit(&self, claim: &Claim, key: &str, change: Change) -> Result<Revision, Error> {
-        valid_state_key(key)?;
-        self.request(|store| {
-            store.with(|state| {
-                state.current(claim)?;
-                let revision = state.next_revision();
-                let key = (claim.spool.clone(), key.to_owned());
-                match change {
-                    Change::Put(value) => {
-                        state.values.insert(key, value);
-                    }
-                    Change::Delete => {
-                        state.values.remove(&key);
-                    }
-                }
-                Ok(revision)
-            })
-        })
-        .await
+        self.commit_many(claim, &[(key.to_owned(), change)]).await
     }
 
     async fn commit_many(

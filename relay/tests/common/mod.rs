@@ -236,20 +236,32 @@ impl Relay {
             .data_dir
             .clone()
             .unwrap_or_else(|| work.path().join("data"));
-        let smtp = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = work.path().join("postern.toml");
-        fs::write(&config_path, render_config(&config, &data_dir, smtp, http)).unwrap();
         let mut relay = Relay {
-            smtp,
-            http,
+            smtp: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             config_path,
             log_path: work.path().join("postern.log"),
             child: None,
             work,
         };
-        relay.spawn();
+        // A free port may be taken by a parallel test between our probe and
+        // the relay's bind: then try again on new ones.
+        for attempt in 1.. {
+            relay.smtp = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            relay.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            fs::write(
+                &relay.config_path,
+                render_config(&config, &relay.data_dir, relay.smtp, relay.http),
+            )
+            .unwrap();
+            match relay.try_spawn() {
+                Ok(()) => break,
+                Err(exited) if attempt < 5 && exited.contains("Address already in use") => {}
+                Err(exited) => panic!("{exited}"),
+            }
+        }
         relay
     }
 
@@ -260,6 +272,14 @@ impl Relay {
     }
 
     fn spawn(&mut self) {
+        if let Err(exited) = self.try_spawn() {
+            panic!("{exited}");
+        }
+    }
+
+    /// Starts the binary and waits until it is ready; `Err` with its log
+    /// when it exited first.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -286,24 +306,24 @@ impl Relay {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", postern_bin().display()));
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "postern exited with {status} before it was ready; log:\n{}",
                     self.log()
-                );
+                ));
             }
             if matches!(
                 http_request(self.http, "GET", "/readyz", &[], b""),
                 Ok((200, _))
             ) {
-                return;
+                return Ok(());
             }
             if start.elapsed() > Duration::from_secs(30) {
                 panic!(
