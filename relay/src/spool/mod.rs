@@ -9,7 +9,7 @@
 //! spool/<id>.env.tmp      only while committing
 //! spool/.lock             held (flock) by the relay that owns the spool
 //! quarantine/             damaged records found by recovery, kept for a human
-//! objects/messages/<id>.{eml,env}   the local-directory object store (default)
+//! objects/messages/<id>.{eml,env}   the local-directory object store (when configured)
 //! ```
 //!
 //! In S3 the object copy is `<prefix>/messages/<id>.eml` and `.env`;
