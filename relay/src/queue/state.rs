@@ -1,8 +1,8 @@
 //! Durable per-recipient delivery state, kept apart from the immutable
 //! `.eml`/`.env` (DESIGN.md §2.5): `<data_dir>/state/<id>.json`, replaced
 //! atomically (write, fsync, rename, fsync the directory) before the next step.
-//! Only messages that are not finished after an attempt (or need a DSN) have
-//! one: a message delivered to everyone is simply removed (`Queue::attempt`).
+//! Outside a cluster a message delivered to every recipient gets none: it
+//! is removed at once (`Queue::attempt`).
 
 use std::io;
 use std::path::{Path, PathBuf};
