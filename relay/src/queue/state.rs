@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spool::fsync::{remove_if_present, write_synced, DirSync};
+use crate::spool::fsync::{remove_existing, remove_if_present, write_synced, DirSync};
 
 /// Version written by this build.
 pub const STATE_VERSION: u32 = 1;
@@ -177,13 +177,9 @@ impl StateStore {
     /// `Queue::attempt`), syncing the directory only when one was there.
     pub async fn remove(&self, id: &str) -> io::Result<()> {
         let path = self.path(id);
-        let existed = tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(err) => Err(err),
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let existed = tokio::task::spawn_blocking(move || remove_existing(&path))
+            .await
+            .map_err(io::Error::other)??;
         if existed {
             self.sync.sync().await?;
         }

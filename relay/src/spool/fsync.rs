@@ -118,9 +118,15 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Removes a file; one that is already gone is not an error.
 pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    remove_existing(path).map(drop)
+}
+
+/// [`remove_if_present`], saying whether there was a file to remove.
+pub fn remove_existing(path: &Path) -> io::Result<bool> {
     match std::fs::remove_file(path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(err),
     }
 }
 

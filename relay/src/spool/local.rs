@@ -96,6 +96,19 @@ enum Target {
     Named(PathBuf),
 }
 
+impl Target {
+    /// Blocking: the open file, created now if it was only named.
+    fn open(&mut self) -> io::Result<&mut File> {
+        if let Target::Named(path) = self {
+            *self = Target::Open(create_eml(path)?);
+        }
+        match self {
+            Target::Open(file) => Ok(file),
+            Target::Named(_) => unreachable!("opened above"),
+        }
+    }
+}
+
 impl Writer {
     /// Wraps a freshly created `.eml`.
     pub fn new(file: File) -> Writer {
@@ -114,17 +127,6 @@ impl Writer {
             buf: Vec::with_capacity(BUFFER_CAP),
             hasher: Sha256::new(),
             len: 0,
-        }
-    }
-
-    /// Blocking: the open file, created now if it was only named.
-    fn file(&mut self) -> io::Result<&mut File> {
-        if let Target::Named(path) = &self.file {
-            self.file = Target::Open(create_eml(path)?);
-        }
-        match &mut self.file {
-            Target::Open(file) => Ok(file),
-            Target::Named(_) => unreachable!("opened above"),
         }
     }
 
@@ -148,11 +150,9 @@ impl Writer {
     /// Blocking: hashes and writes the buffered bytes.
     pub fn flush_blocking(&mut self) -> io::Result<()> {
         self.hasher.update(&self.buf);
-        let buf = std::mem::take(&mut self.buf);
-        let written = self.file().and_then(|file| file.write_all(&buf));
-        self.buf = buf;
+        self.file.open()?.write_all(&self.buf)?;
         self.buf.clear();
-        written
+        Ok(())
     }
 
     /// Blocking: writes the tail and returns the file, length and hex digest.

@@ -141,13 +141,16 @@ pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
     if envelope.id != stem {
         return Err(Damage::WrongId(envelope.id));
     }
-    let file = match File::open(eml_path(spool_dir, stem)) {
-        Ok(file) => file,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Damage::NoData),
-        Err(err) => return Err(Damage::DataUnreadable(err)),
-    };
-    check_length(&file, &envelope)?;
+    check_length(&open_data(spool_dir, stem)?, &envelope)?;
     Ok(envelope)
+}
+
+/// Opens message `id`'s `.eml`; missing or unreadable is damage.
+fn open_data(spool_dir: &Path, id: &str) -> Result<File, Damage> {
+    File::open(eml_path(spool_dir, id)).map_err(|err| match err.kind() {
+        io::ErrorKind::NotFound => Damage::NoData,
+        _ => Damage::DataUnreadable(err),
+    })
 }
 
 fn check_length(file: &File, envelope: &Envelope) -> Result<(), Damage> {
@@ -164,11 +167,7 @@ fn check_length(file: &File, envelope: &Envelope) -> Result<(), Damage> {
 /// Blocking: checks that message `envelope.id`'s `.eml` has the length and
 /// SHA-256 its envelope records (recovery checks only the length).
 pub fn verify_data(spool_dir: &Path, envelope: &Envelope) -> Result<(), Damage> {
-    let mut file = match File::open(eml_path(spool_dir, &envelope.id)) {
-        Ok(file) => file,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(Damage::NoData),
-        Err(err) => return Err(Damage::DataUnreadable(err)),
-    };
+    let mut file = open_data(spool_dir, &envelope.id)?;
     check_length(&file, envelope)?;
     let digest = sha256_of(&mut file).map_err(Damage::DataUnreadable)?;
     if !digest.eq_ignore_ascii_case(&envelope.data_sha256) {
