@@ -227,6 +227,13 @@ pub struct SpoolConfig {
     /// Free space the spool disk must keep beyond a message before it is taken
     /// (452 4.3.1 otherwise).
     pub reserve_bytes: u64,
+    /// How long a batch of object-store copies stays open after its first
+    /// message before it goes up as one segment object; unset: 50 ms when
+    /// every copy must confirm (the 250 waits for it), else 200 ms.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub segment_window: Option<Duration>,
+    /// Size at which a batch of object-store copies goes up at once.
+    pub segment_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -236,6 +243,8 @@ impl Default for SpoolConfig {
             required: 1,
             deadline: Duration::from_secs(30),
             reserve_bytes: 16 * 1024 * 1024,
+            segment_window: None,
+            segment_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -946,6 +955,17 @@ impl Config {
         }
         if spool.deadline.is_zero() {
             return invalid("spool.deadline must be positive".into());
+        }
+        if spool
+            .segment_window
+            .is_some_and(|w| w.is_zero() || w >= spool.deadline)
+        {
+            return invalid(
+                "spool.segment_window must be positive and below spool.deadline".into(),
+            );
+        }
+        if spool.segment_bytes == 0 {
+            return invalid("spool.segment_bytes must be positive".into());
         }
         for domain in &self.policy.relay_domains {
             if domain.is_empty() || domain.len() > 255 || domain.contains(['@', ' ']) {

@@ -79,6 +79,9 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     );
 
     let metrics = Arc::new(Metrics::default());
+    if peering.is_none() {
+        release_finished_segments(&spool, &recovered.messages);
+    }
     let queue = Queue::open(
         &config,
         spool.clone(),
@@ -274,4 +277,27 @@ async fn wait_for_signal() {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
     }
+}
+
+/// Outside a cluster: the object-store segments written before this start
+/// hold finished messages (all those recovery did not find); releasing them
+/// deletes the segments that hold nothing else. In the background: accepting
+/// mail does not wait for the listing.
+fn release_finished_segments(spool: &Spool, recovered: &[crate::spool::envelope::Envelope]) {
+    let Some(objects) = spool.object_copy().cloned() else {
+        return;
+    };
+    let live: std::collections::HashSet<String> = recovered.iter().map(|e| e.id.clone()).collect();
+    tokio::spawn(async move {
+        match objects.list_spool("").await {
+            Ok(_) => {
+                objects
+                    .release_foreign_unless("", |id| live.contains(id))
+                    .await
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot list the object store; finished segments stay until the next start")
+            }
+        }
+    });
 }

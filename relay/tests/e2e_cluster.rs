@@ -98,11 +98,11 @@ fn steady_cluster_delivers_everything_once_and_removes_the_copies() {
         .filter_map(|s| s.id().map(str::to_owned))
         .collect();
     let left = common::wait_for(secs(20), || {
-        let left: Vec<String> = cluster.s3_envelopes().intersection(&ids).cloned().collect();
+        let left: Vec<String> = cluster.s3_messages().intersection(&ids).cloned().collect();
         left.is_empty().then_some(())
     });
     if left.is_none() {
-        let left: Vec<String> = cluster.s3_envelopes().intersection(&ids).cloned().collect();
+        let left: Vec<String> = cluster.s3_messages().intersection(&ids).cloned().collect();
         let moto = cluster.moto.log();
         let mut report = format!(
             "S3 copies of {} of the {} delivered messages were not removed within 20 s:\n",
@@ -370,30 +370,13 @@ fn s3_down_with_two_of_three_accepting_continues_and_repair_uploads_the_missing_
         .filter_map(|s| s.id().map(str::to_owned))
         .collect();
     let repaired = common::wait_for(secs(30), || {
-        let keys = cluster.s3_keys();
-        let missing: Vec<&String> = wanted
-            .iter()
-            .filter(|id| {
-                !keys
-                    .iter()
-                    .any(|k| k.ends_with(&format!("/messages/{id}.env")))
-                    || !keys
-                        .iter()
-                        .any(|k| k.ends_with(&format!("/messages/{id}.eml")))
-            })
-            .collect();
-        missing.is_empty().then_some(())
+        let held = cluster.s3_messages();
+        wanted.iter().all(|id| held.contains(id)).then_some(())
     });
     if repaired.is_none() {
+        let held = cluster.s3_messages();
+        let missing: Vec<&String> = wanted.iter().filter(|id| !held.contains(*id)).collect();
         let keys = cluster.s3_keys();
-        let missing: Vec<&String> = wanted
-            .iter()
-            .filter(|id| {
-                !keys
-                    .iter()
-                    .any(|k| k.ends_with(&format!("/messages/{id}.env")))
-            })
-            .collect();
         panic!(
             "repair did not upload the S3 copies of {} of the {} messages accepted while S3 was down \
              within 30 s (e.g. {:?}); the bucket has {} keys, e.g. {:?}",

@@ -279,18 +279,23 @@ fn s3_quorum_gets_both_copies_and_451_when_s3_is_down() {
     let id = reply.queued_id();
     relay.assert_spooled(&id, &data);
     let keys = moto.list(BUCKET);
-    for suffix in [".eml", ".env"] {
-        let key = keys
-            .iter()
-            .find(|k| k.ends_with(&format!("{id}{suffix}")))
-            .unwrap_or_else(|| panic!("no {id}{suffix} in bucket {BUCKET}: {keys:?}"));
-        if suffix == ".eml" {
-            assert!(
-                moto.get(BUCKET, key) == relay.eml(&id),
-                "S3 copy of {id}.eml differs from the spool copy"
-            );
-        }
-    }
+    let held: Vec<common::SegmentMessage> = keys
+        .iter()
+        .filter(|k| k.ends_with(".seg"))
+        .flat_map(|k| common::segment_messages(&moto.get(BUCKET, k)))
+        .collect();
+    let (_, envelope, data) = held
+        .iter()
+        .find(|(held_id, _, _)| *held_id == id)
+        .unwrap_or_else(|| panic!("no segment in bucket {BUCKET} holds {id}: {keys:?}"));
+    assert!(
+        *data == relay.eml(&id),
+        "S3 copy of {id}'s data differs from the spool copy"
+    );
+    assert!(
+        String::from_utf8_lossy(envelope).contains(&id),
+        "S3 copy of {id}'s envelope does not name it"
+    );
 
     // S3 goes away: the quorum cannot be met, so 451 within the deadline and
     // nothing committed.

@@ -51,18 +51,20 @@ async fn commit_writes_both_copies_with_the_same_bytes() {
         vec![format!("{id}.eml"), format!("{id}.env")]
     );
 
-    let objects = root.path().join("objects/messages");
-    assert_eq!(
-        std::fs::read(objects.join(format!("{id}.eml"))).unwrap(),
-        data
-    );
-    let object_env: Envelope =
-        serde_json::from_slice(&std::fs::read(objects.join(format!("{id}.env"))).unwrap()).unwrap();
+    // The object copy: one segment file holding the message.
+    let (object_env, object_data) = spool
+        .object_copy()
+        .unwrap()
+        .read(&id)
+        .await
+        .unwrap()
+        .expect("an object copy");
+    assert!(object_data == data);
+    let object_env: Envelope = serde_json::from_slice(&object_env).unwrap();
     assert_eq!(object_env, expected);
-    assert_eq!(
-        files(&objects),
-        vec![format!("{id}.eml"), format!("{id}.env")]
-    );
+    let segments = files(&root.path().join("objects/segments"));
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    assert!(segments[0].ends_with(".seg"), "{segments:?}");
 
     assert_eq!(spool.committed().await.unwrap(), vec![expected]);
 }
@@ -203,11 +205,14 @@ async fn without_a_local_copy_the_spool_file_is_only_staging() {
     assert_eq!(committed.confirmed, vec![CopyKind::ObjectStore]);
     spool.drain().await;
     assert!(files(spool.dir()).is_empty());
-    let objects = root.path().join("objects/messages");
-    assert_eq!(
-        std::fs::read(objects.join(format!("{}.eml", committed.id))).unwrap(),
-        data
-    );
+    let (_, object_data) = spool
+        .object_copy()
+        .unwrap()
+        .read(&committed.id)
+        .await
+        .unwrap()
+        .expect("an object copy");
+    assert!(object_data == data);
 }
 
 #[tokio::test]
@@ -216,11 +221,11 @@ async fn a_failed_object_copy_fails_the_quorum_and_takes_back_the_local_copy() {
     let (spool, _) = Spool::open(&config(root.path())).await.unwrap();
     let mut incoming = spool.begin().await.unwrap();
     incoming.write(&message(2_000)).await.unwrap();
-    // Someone else's object under our id: the object copy must refuse to
-    // overwrite it, and the quorum of two is lost.
-    let objects = root.path().join("objects/messages");
-    let squatter = objects.join(format!("{}.eml", incoming.id()));
-    std::fs::write(&squatter, b"not ours").unwrap();
+    // The object directory is replaced by a file: the object copy cannot
+    // be written, and the quorum of two is lost.
+    let segments = root.path().join("objects/segments");
+    std::fs::remove_dir(&segments).unwrap();
+    std::fs::write(&segments, b"not a directory").unwrap();
     let id = incoming.id().to_owned();
     let err = incoming.commit(envelope()).await.unwrap_err();
     match err {
@@ -230,15 +235,14 @@ async fn a_failed_object_copy_fails_the_quorum_and_takes_back_the_local_copy() {
             ..
         } => {
             assert_eq!(required, 2);
-            assert!(detail.contains("already exists"), "{detail}");
+            assert!(detail.contains("ObjectStore"), "{detail}");
         }
         other => panic!("unexpected {other}"),
     }
     assert!(files(spool.dir()).is_empty(), "{:?}", files(spool.dir()));
     spool.drain().await;
-    // What we did not write stays.
-    assert_eq!(std::fs::read(&squatter).unwrap(), b"not ours");
-    assert!(!objects.join(format!("{id}.env")).exists());
+    assert!(!spool.object_copy().unwrap().holds(&id));
+    assert_eq!(std::fs::read(&segments).unwrap(), b"not a directory");
 }
 
 #[tokio::test]

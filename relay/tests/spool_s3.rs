@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStore;
 use postern::config::{Config, CopyKind, ObjectStoreConfig};
 use postern::spool::{Spool, SpoolError};
 use suite::{files, message, receive};
@@ -168,36 +168,22 @@ async fn a_quorum_of_local_and_s3_has_both_copies_with_equal_bytes() {
     confirmed.sort_by_key(|k| format!("{k:?}"));
     assert_eq!(confirmed, vec![CopyKind::Local, CopyKind::ObjectStore]);
 
-    let store = spool.object_store().unwrap();
-    let eml = store
-        .get(&spool.object_key("", &id, false).unwrap())
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let copy = spool.object_copy().unwrap();
+    let (env, eml) = copy.read(&id).await.unwrap().expect("an object copy");
     assert_eq!(
         &eml[..],
         &std::fs::read(spool.message_path(&id)).unwrap()[..]
     );
     assert_eq!(&eml[..], &data[..]);
-    let env = store
-        .get(&spool.object_key("", &id, true).unwrap())
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
     assert_eq!(
         &env[..],
         &std::fs::read(spool.envelope_path(&id)).unwrap()[..]
     );
-    assert_eq!(
-        keys(&spool).await,
-        vec![
-            format!("relay-a/messages/{id}.eml"),
-            format!("relay-a/messages/{id}.env")
-        ]
+    let keys = keys(&spool).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(
+        keys[0].starts_with("relay-a/segments/") && keys[0].ends_with(".seg"),
+        "{keys:?}"
     );
 }
 
@@ -239,7 +225,7 @@ async fn with_s3_down_a_quorum_of_two_fails_in_time_and_leaves_no_committed_copy
     let _moto = Moto::start_on(port);
     spool.drain().await;
     let left = keys(&spool).await;
-    assert!(!left.iter().any(|k| k.ends_with(".env")), "{left:?}");
+    assert!(!left.iter().any(|k| k.ends_with(".seg")), "{left:?}");
     assert!(files(spool.dir()).is_empty(), "{:?}", files(spool.dir()));
 }
 

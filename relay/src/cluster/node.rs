@@ -34,8 +34,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -43,7 +41,7 @@ use super::state_commits::{Apply, CommitFailure, StateCommits};
 
 use super::etcd::{Etcd, EtcdOptions};
 use super::membership::{LeaseOptions, Membership};
-use super::takeover::{list_messages, Orphans};
+use super::takeover::Orphans;
 use super::{Change, Claim, Coordinator, Error, LeaseTrouble, MemberId, SpoolId};
 use crate::config::{Config, CopyKind};
 use crate::health::{ClusterDelivery, Delivery, StallReason};
@@ -51,6 +49,7 @@ use crate::peer::store::{Header, ReplicaError, ReplicaStore};
 use crate::queue::state::DeliveryState;
 use crate::queue::{Ownership, OwnershipError, Queue};
 use crate::spool::envelope::Envelope;
+use crate::spool::object::ObjectCopy;
 use crate::spool::quorum::CopyJob;
 use crate::spool::Spool;
 
@@ -162,7 +161,8 @@ struct Inner {
     replica_store: Arc<ReplicaStore>,
     /// The object store and the prefix under which `spools/` lives (S3 only:
     /// a local directory is not shared).
-    objects: Option<(Arc<dyn ObjectStore>, ObjectPath)>,
+    /// The S3 copy, read when taking spools over and repairing.
+    objects: Option<Arc<ObjectCopy>>,
     copies: Vec<CopyKind>,
     replicas: usize,
     repair_every: Duration,
@@ -235,10 +235,10 @@ impl ClusterNode {
         let member = MemberId::new(cluster.member_name())?;
         let current = new_spool_name(&member);
         spool.rotate(current.clone()).await;
-        let objects = spool.object_copy().and_then(|copy| {
-            let prefix = copy.s3_prefix()?.clone();
-            Some((spool.object_store()?, prefix))
-        });
+        let objects = spool
+            .object_copy()
+            .filter(|copy| copy.s3_prefix().is_some())
+            .cloned();
         let info = serde_json::json!({
             "peer": cluster.advertised(),
             "smtp": config.listeners.first().map(|l| l.address.to_string()),
@@ -532,6 +532,7 @@ async fn run(inner: Arc<Inner>) {
                 async move { repair(&inner).await }
             }
         }),
+        tokio::spawn(forget_finished(Arc::clone(&inner))),
     ]);
     let mut status: watch::Receiver<()> = status_changes(&membership);
     let mut epoch = 0;
@@ -597,6 +598,20 @@ fn status_changes(membership: &Membership) -> watch::Receiver<()> {
         }
     });
     rx
+}
+
+/// Forgets the final states of messages whose segments are gone, each with
+/// the next state transaction of its spool.
+async fn forget_finished(inner: Arc<Inner>) {
+    let Some(objects) = inner.objects.clone() else {
+        return;
+    };
+    let mut finished = objects.finished();
+    while let Some((spool, ids)) = finished.recv().await {
+        for id in ids {
+            inner.state_commits.commit_later(&spool, id, Change::Delete);
+        }
+    }
 }
 
 /// A lease was granted: claim the current spool (a fresh one after a lost
@@ -680,9 +695,8 @@ async fn gather(inner: &Inner, spool: &str) -> BTreeMap<String, Vec<Source>> {
             found.entry(id).or_default().push(Source::Replica);
         }
     }
-    if let Some((store, prefix)) = &inner.objects {
-        let spool_prefix = prefix.clone().join("spools").join(spool);
-        match list_messages(store.as_ref(), &spool_prefix).await {
+    if let Some(objects) = &inner.objects {
+        match objects.list_spool(spool).await {
             Ok(ids) => {
                 for id in ids {
                     found.entry(id).or_default().push(Source::Object);
@@ -820,10 +834,14 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
 }
 
 /// Removes the copies of a message whose committed state is final; `true`
-/// when all are gone and its state was forgotten.
+/// when all are gone and its state was forgotten. A segment still holding
+/// it keeps the state until the segment goes (then the object copy says so).
 async fn finish_leftover(inner: &Inner, spool: &str, id: &str) -> bool {
-    let local_removed = inner.spool.remove(spool, id).await.is_ok();
+    let local_removed = inner.spool.remove_local(id).await.is_ok();
     let all = remove_replicas(inner, spool, id).await && local_removed;
+    if inner.spool.release_object(id, all).await {
+        return false;
+    }
     let claim = inner.held.lock().expect("node lock").get(spool).cloned();
     match (all, inner.membership.get(), claim) {
         (true, Some(membership), Some(claim)) => {
@@ -883,22 +901,10 @@ fn read_envelope(path: &Path) -> Result<Envelope, String> {
 /// replicas (the `.eml` streamed, checked against the envelope, fsync'd,
 /// then the `.env`).
 async fn fetch_object(inner: &Inner, spool: &str, id: &str) -> Result<(), String> {
-    let (store, prefix) = inner.objects.as_ref().ok_or("no object store")?;
-    let messages = crate::spool::object::ObjectCopy::messages_prefix(prefix, spool);
-    let envelope_json = store
-        .get(&messages.clone().join(format!("{id}.env").as_str()))
-        .await
-        .map_err(|e| e.to_string())?
-        .bytes()
-        .await
-        .map_err(|e| e.to_string())?;
+    let objects = inner.objects.as_ref().ok_or("no object store")?;
+    let (envelope_json, data) = objects.open(id).await.map_err(|e| e.to_string())?;
     let envelope: Envelope = serde_json::from_slice(&envelope_json).map_err(|e| e.to_string())?;
-    let data = store
-        .get(&messages.join(format!("{id}.eml").as_str()))
-        .await
-        .map_err(|e| e.to_string())?
-        .into_stream()
-        .map(|chunk| chunk.map_err(|e| ReplicaError::Stream(e.to_string())));
+    let data = data.map(|chunk| chunk.map_err(|e| ReplicaError::Stream(e.to_string())));
     let header = Header {
         id: id.to_owned(),
         envelope_json,
@@ -959,6 +965,14 @@ async fn retire(inner: &Inner, membership: &Membership, spool: &str) {
     let Some(claim) = inner.held.lock().expect("node lock").get(spool).cloned() else {
         return;
     };
+    // Segments first: a spool retired with a segment left would leave it
+    // to nobody.
+    if let Some(objects) = &inner.objects {
+        if let Err(err) = objects.drop_spool(spool).await {
+            tracing::warn!(spool, error = %err, "cannot delete the segments of a finished spool; retiring it later");
+            return;
+        }
+    }
     match membership.coordinator().retire(&claim).await {
         Ok(()) => {
             tracing::info!(spool, "spool finished and retired");
@@ -995,15 +1009,6 @@ async fn repair(inner: &Arc<Inner>) {
         if ids.is_empty() {
             continue;
         }
-        let in_objects: Option<Vec<String>> = match (&inner.objects, wants_object) {
-            (Some((store, prefix)), true) => list_messages(
-                store.as_ref(),
-                &prefix.clone().join("spools").join(spool.as_str()),
-            )
-            .await
-            .ok(),
-            _ => None,
-        };
         let mut on_peers: HashMap<String, usize> = HashMap::new();
         if wants_peer {
             for addr in &peer_addresses {
@@ -1014,8 +1019,6 @@ async fn repair(inner: &Arc<Inner>) {
                 }
             }
         }
-        let in_objects: Option<std::collections::HashSet<String>> =
-            in_objects.map(|ids| ids.into_iter().collect());
         let mut wanting = Vec::new();
         for id in ids {
             let Some(entry) = inner.queue.get(&id) else {
@@ -1024,7 +1027,11 @@ async fn repair(inner: &Arc<Inner>) {
             if entry.in_flight {
                 continue;
             }
-            let missing_object = in_objects.as_ref().is_some_and(|ids| !ids.contains(&id));
+            let missing_object = wants_object
+                && inner
+                    .objects
+                    .as_ref()
+                    .is_some_and(|objects| !objects.holds(&id));
             // The relay delivering from a local spool copy counts itself out:
             // peers hold replicas, the origin its local copy.
             let peer_copies = on_peers.get(&id).copied().unwrap_or(0);

@@ -1,7 +1,7 @@
 //! Taking over the spools of relays that are gone: [`Orphans`] claims every
 //! spool that loses its owner, and [`take_over`] gathers what the new owner
-//! needs to deliver one: the claim, the spool's message ids from the object
-//! store, and the state its previous owners committed.
+//! needs to deliver one: the claim, the spool's message ids from its
+//! segments in the object store, and the state its previous owners committed.
 //!
 //! [`super::node`] runs them for a live relay.
 
@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
-use object_store::path::Path as ObjectPath;
-use object_store::ObjectStore;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::membership::Membership;
 use super::{Claim, Error, Event, SpoolId};
+use crate::spool::object::ObjectCopy;
 
 /// Why a takeover could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -35,69 +34,27 @@ pub enum TakeoverError {
 pub struct Takeover {
     /// The claim every state change must be committed under.
     pub claim: Claim,
-    /// Ids of the spool's committed messages (those with a `.env`), sorted
-    /// (ids are time-ordered, so oldest first).
+    /// Ids of the spool's live messages in its segments, sorted (ids are
+    /// time-ordered, so oldest first).
     pub messages: Vec<String>,
     /// State committed by earlier owners, by message id.
     pub states: BTreeMap<String, Bytes>,
 }
 
-/// The ids of committed messages among object keys under `messages`: a key
-/// `<messages>/<id>.env` commits message `<id>` (its `.eml` was written first).
-/// Pure, so the rule is tested without a store.
-pub fn message_ids<'a>(
-    messages: &ObjectPath,
-    keys: impl IntoIterator<Item = &'a ObjectPath>,
-) -> Vec<String> {
-    let mut ids: Vec<String> = keys
-        .into_iter()
-        .filter_map(|key| {
-            let mut parts = key.prefix_match(messages)?;
-            let name = parts.next()?;
-            if parts.next().is_some() {
-                return None;
-            }
-            let id = name.as_ref().strip_suffix(".env")?;
-            let plain = !id.is_empty()
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
-            plain.then(|| id.to_owned())
-        })
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ids
-}
-
-/// Lists the committed messages under `<prefix>/messages/` of `store`.
-pub async fn list_messages(
-    store: &dyn ObjectStore,
-    prefix: &ObjectPath,
-) -> Result<Vec<String>, object_store::Error> {
-    let messages = prefix.clone().join("messages");
-    let keys: Vec<ObjectPath> = store
-        .list(Some(&messages))
-        .map_ok(|meta| meta.location)
-        .try_collect()
-        .await?;
-    Ok(message_ids(&messages, &keys))
-}
-
 /// Claims `spool` and gathers what delivering it needs: its messages from
-/// `store` under `prefix` (the dead relay's object-store prefix) and the
-/// state committed under earlier claims. Fails with `Error::Claimed` when
-/// another relay won the spool.
+/// the segments `objects` lists for it (the dead relay's object copy) and
+/// the state committed under earlier claims. Fails with `Error::Claimed`
+/// when another relay won the spool.
 pub async fn take_over(
     membership: &Membership,
     spool: &SpoolId,
-    store: &dyn ObjectStore,
-    prefix: &ObjectPath,
+    objects: &ObjectCopy,
+    listed_as: &str,
 ) -> Result<Takeover, TakeoverError> {
     let claim = membership.claim(spool).await?;
     // Listed after the claim: the previous owner can no longer commit, and
     // messages it accepted meanwhile are in the listing or in its own next spool.
-    let messages = list_messages(store, prefix).await?;
+    let messages = objects.list_spool(listed_as).await?;
     let states = membership
         .coordinator()
         .load(spool, "")
@@ -210,32 +167,5 @@ async fn follow(membership: Arc<Membership>, tx: mpsc::Sender<Claim>, retry_ever
                 () = safety.wait_unsafe() => break,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn message_ids_are_the_committed_envelopes_under_the_prefix() {
-        let messages = ObjectPath::from("relays/a/messages");
-        let keys: Vec<ObjectPath> = [
-            "relays/a/messages/01B.env",
-            "relays/a/messages/01B.eml",
-            "relays/a/messages/01A.env",
-            // Data whose envelope never arrived: not committed.
-            "relays/a/messages/01C.eml",
-            // Another relay's, a staging object, a nested key, odd names.
-            "relays/b/messages/01D.env",
-            "relays/a/staging/01E.eml",
-            "relays/a/messages/sub/01F.env",
-            "relays/a/messages/.env",
-            "relays/a/messages/01G.env.tmp",
-        ]
-        .into_iter()
-        .map(ObjectPath::from)
-        .collect();
-        assert_eq!(message_ids(&messages, &keys), ["01A", "01B"]);
     }
 }

@@ -795,23 +795,28 @@ impl Queue {
         Ok(())
     }
 
-    /// Removes every copy of a finished message: local and object store here,
-    /// replicas through the cluster ([`Ownership::remove_remote`]). The
-    /// cluster forgets its state only when all went, so a copy left behind
-    /// on an unreachable relay is recognised as finished by a later owner.
+    /// Removes every copy of a finished message: the local one here,
+    /// replicas through the cluster ([`Ownership::remove_remote`]), then
+    /// releases its object copy. The cluster forgets its state only when all
+    /// went, so a copy left behind on an unreachable relay is recognised as
+    /// finished by a later owner; an object copy goes with its segment, and
+    /// the state with it (the cluster node hears of that from the object copy).
     async fn remove_copies(&self, envelope: &Envelope) {
         let spool = &self.inner.spool;
         let mut all_removed = true;
-        if let Err(err) = spool.remove(&envelope.spool, &envelope.id).await {
+        if let Err(err) = spool.remove_local(&envelope.id).await {
             warn!(id = %envelope.id, "cannot remove finished message: {err}");
             all_removed = false;
         }
-        if let Some(ownership) = self.inner.ownership.get() {
-            if ownership.remove_remote(&envelope.spool, &envelope.id).await && all_removed {
-                let _ = ownership
-                    .commit_state(&envelope.spool, &envelope.id, None)
-                    .await;
-            }
+        let ownership = self.inner.ownership.get();
+        if let Some(ownership) = ownership {
+            all_removed &= ownership.remove_remote(&envelope.spool, &envelope.id).await;
+        }
+        let in_segment = spool.release_object(&envelope.id, all_removed).await;
+        if let (Some(ownership), true, false) = (ownership, all_removed, in_segment) {
+            let _ = ownership
+                .commit_state(&envelope.spool, &envelope.id, None)
+                .await;
         }
     }
 

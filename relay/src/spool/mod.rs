@@ -9,11 +9,13 @@
 //! spool/<id>.env.tmp      only while committing
 //! spool/.lock             held (flock) by the relay that owns the spool
 //! quarantine/             damaged records found by recovery, kept for a human
-//! objects/messages/<id>.{eml,env}   the local-directory object store (when configured)
+//! objects/segments/<seq>.seg   the local-directory object store (when configured)
 //! ```
 //!
-//! In S3 the object copy is `<prefix>/messages/<id>.eml` and `.env`;
-//! `<prefix>/staging/` briefly holds large messages during upload.
+//! In S3 the object copy is segments of many messages each,
+//! `<prefix>/segments/<seq>.seg` (`<prefix>/spools/<spool>/segments/` in a
+//! cluster; see [`object`] and [`segment`]); `<prefix>/staging/` briefly
+//! holds large segments during upload.
 
 pub mod envelope;
 pub mod fsync;
@@ -23,6 +25,7 @@ pub mod object;
 pub mod quorum;
 pub mod recovery;
 pub mod remove;
+pub mod segment;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,7 +35,7 @@ use crate::config::{Config, CopyKind};
 use envelope::Envelope;
 use fsync::{remove_if_present, DirSync};
 use local::{LocalCopy, Writer};
-use object::{ObjectCopy, Part};
+use object::ObjectCopy;
 use quorum::{Background, CopyJob, CopyTarget, Policy};
 
 /// Most commits that may run at once (far above any connection limit).
@@ -317,25 +320,7 @@ impl Spool {
 
     /// The object store holding the object copies, when the policy has one.
     pub fn object_store(&self) -> Option<Arc<dyn object_store::ObjectStore>> {
-        let object = self.inner.object.as_ref()?;
-        match object.store() {
-            Ok(store) => Some(store),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot open the object store for reading");
-                None
-            }
-        }
-    }
-
-    /// The object key of message `id`'s data (`envelope = false`) or envelope.
-    pub fn object_key(
-        &self,
-        spool: &str,
-        id: &str,
-        envelope: bool,
-    ) -> Option<object_store::path::Path> {
-        let part = if envelope { Part::Envelope } else { Part::Data };
-        Some(self.inner.object.as_ref()?.key(spool, id, part))
+        Some(self.inner.object.as_ref()?.store())
     }
 
     /// The object-store copy, when the policy has one.

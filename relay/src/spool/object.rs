@@ -1,59 +1,68 @@
-//! The object-store copy: `<prefix>/messages/<id>.eml`, then `<id>.env`, both
-//! created only if absent, in S3 (the `object_store` crate) or in a local
-//! directory (our own backend, because `object_store`'s LocalFileSystem does
-//! not fsync).
+//! The object-store copy, in segments: many messages per object, each
+//! message's envelope and wire-format data contiguous, an index at the end
+//! ([`super::segment`]). Keys are `<prefix>/spools/<spool>/segments/<seq>.seg`
+//! in a cluster and `<prefix>/segments/<seq>.seg` outside one, `<seq>` a
+//! fresh time-ordered id; every object is created only if absent.
 //!
-//! The bytes are read from the local `.eml` after the data ended. Memory stays
-//! bounded: S3 uploads draw on a shared byte budget, messages above
-//! [`SINGLE_PUT_MAX`] go up in parts, and the directory backend copies
-//! file-to-file in the kernel.
+//! A write joins the open batch of its spool. The batch closes when its
+//! window ends (the first message's arrival plus `spool.segment_window`) or
+//! when it holds `spool.segment_bytes`; then it goes up in one PUT (in parts
+//! above [`SINGLE_PUT_MAX`]) and every write in it returns, all with the
+//! same outcome. So a 250 that counts on this copy waits for the flush that
+//! covers its message, and no more than one PUT goes out per window and spool.
+//!
+//! This relay keeps an index of the segments it knows (its own, and those it
+//! listed when it took a spool over): which messages each holds and which of
+//! those are still live. Finishing a message releases it; a segment whose
+//! messages are all released is deleted, and only then may the cluster forget
+//! the final states of its messages (a later owner that finds a segment must
+//! be able to tell finished messages from new ones). [`ObjectCopy::finished`]
+//! hands those out.
+//!
+//! The backends are S3 (the `object_store` crate) and a local directory (our
+//! own writer, because `object_store`'s LocalFileSystem does not fsync; its
+//! reader serves the directory). Memory stays bounded: uploads draw on a
+//! shared byte budget and large segments go up in parts.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, S3CopyIfNotExists};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::fsync::{remove_if_present, rename_noreplace, DirSync};
-use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
+use super::id::IdGenerator;
+use super::quorum::{CopyError, CopyJob, CopyTarget};
+use super::segment::{self, SegmentError, Slot};
 use crate::config::{Config, CopyKind, ObjectStoreConfig};
 
-/// Largest message uploaded with one PUT; larger ones go up in parts.
+/// Largest segment uploaded with one PUT; larger ones go up in parts.
 pub const SINGLE_PUT_MAX: u64 = 8 * 1024 * 1024;
 
 /// Size of each part of a multipart upload (S3 wants at least 5 MiB).
 pub const PART_SIZE: u64 = 8 * 1024 * 1024;
 
-/// Message bytes all S3 uploads together may hold in memory, in KiB.
+/// Message bytes all uploads together may hold in memory, in KiB.
 const MEMORY_BUDGET_KIB: u32 = 64 * 1024;
 
-/// Which part of a message an object holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Part {
-    /// `<id>.eml`.
-    Data,
-    /// `<id>.env`.
-    Envelope,
-}
-
-impl Part {
-    fn extension(self) -> &'static str {
-        match self {
-            Part::Data => "eml",
-            Part::Envelope => "env",
-        }
-    }
-}
+/// Keys of deleted segments remembered, so a listing taken before a delete
+/// cannot bring a segment back into the index.
+const DELETED_REMEMBERED: usize = 65_536;
 
 #[derive(Debug)]
 enum Backend {
@@ -64,14 +73,201 @@ enum Backend {
     Dir {
         root: PathBuf,
         sync: Arc<DirSync>,
+        reader: Arc<object_store::local::LocalFileSystem>,
     },
 }
 
-/// The object-store copy of messages.
+/// A write waiting in an open batch.
+struct Waiting {
+    job: Arc<CopyJob>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The open batch of one spool.
+#[derive(Default)]
+struct Batch {
+    generation: u64,
+    bytes: u64,
+    waiting: Vec<Waiting>,
+}
+
+/// One segment this relay knows of.
 #[derive(Debug)]
+struct Segment {
+    spool: String,
+    size: u64,
+    slots: HashMap<String, Slot>,
+    /// Messages not yet released.
+    live: HashSet<String>,
+    /// Released messages whose final state may be forgotten once the
+    /// segment is gone.
+    forget: Vec<String>,
+    /// A delete is running.
+    deleting: bool,
+    /// Listed, not written by this process.
+    foreign: bool,
+}
+
+/// What this relay knows about segments.
+#[derive(Debug, Default)]
+struct SegmentIndex {
+    segments: HashMap<ObjectPath, Segment>,
+    /// Segments holding each live message (two after a crash between a
+    /// copy and the delete of the segment it was copied from).
+    by_id: HashMap<String, Vec<ObjectPath>>,
+    /// Messages in an open batch or a flush.
+    pending: HashSet<String>,
+    /// Recently deleted segments, oldest first.
+    deleted: VecDeque<ObjectPath>,
+    deleted_set: HashSet<ObjectPath>,
+    /// Empty segments whose delete failed; retried on the next release.
+    undeleted: bool,
+}
+
+impl SegmentIndex {
+    /// Records a segment (idempotent); ids already released are not revived.
+    fn insert(&mut self, key: ObjectPath, spool: &str, size: u64, slots: Vec<Slot>, foreign: bool) {
+        if self.segments.contains_key(&key) || self.deleted_set.contains(&key) {
+            return;
+        }
+        let live: HashSet<String> = slots.iter().map(|s| s.id.clone()).collect();
+        for id in &live {
+            self.by_id.entry(id.clone()).or_default().push(key.clone());
+        }
+        let slots = slots.into_iter().map(|s| (s.id.clone(), s)).collect();
+        self.segments.insert(
+            key,
+            Segment {
+                spool: spool.to_owned(),
+                size,
+                slots,
+                live,
+                forget: Vec::new(),
+                deleting: false,
+                foreign,
+            },
+        );
+    }
+
+    /// Releases `id` from every segment holding it; returns the segments
+    /// that became empty (now marked deleting) and whether any held it.
+    fn release(&mut self, id: &str, forget: bool) -> (Vec<ObjectPath>, bool) {
+        let Some(keys) = self.by_id.remove(id) else {
+            return (Vec::new(), false);
+        };
+        let mut empty = Vec::new();
+        for key in keys {
+            if let Some(segment) = self.segments.get_mut(&key) {
+                segment.live.remove(id);
+                if forget {
+                    segment.forget.push(id.to_owned());
+                }
+                if segment.live.is_empty() && !segment.deleting {
+                    segment.deleting = true;
+                    empty.push(key);
+                }
+            }
+        }
+        (empty, true)
+    }
+
+    /// Empty segments not being deleted (after failed deletes).
+    fn take_undeleted(&mut self) -> Vec<ObjectPath> {
+        if !std::mem::take(&mut self.undeleted) {
+            return Vec::new();
+        }
+        let mut keys = Vec::new();
+        for (key, segment) in &mut self.segments {
+            if segment.live.is_empty() && !segment.deleting {
+                segment.deleting = true;
+                keys.push(key.clone());
+            }
+        }
+        keys
+    }
+
+    /// Forgets a deleted segment; returns its spool and the ids whose state
+    /// may go now.
+    fn deleted(&mut self, key: &ObjectPath) -> Option<(String, Vec<String>)> {
+        let segment = self.segments.remove(key)?;
+        self.deleted.push_back(key.clone());
+        self.deleted_set.insert(key.clone());
+        while self.deleted.len() > DELETED_REMEMBERED {
+            if let Some(old) = self.deleted.pop_front() {
+                self.deleted_set.remove(&old);
+            }
+        }
+        Some((segment.spool, segment.forget))
+    }
+}
+
+/// A spool and the messages of it whose final state may be forgotten.
+pub type Finished = (String, Vec<String>);
+
+/// Settings of the batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// How long a batch stays open after its first message.
+    pub window: Duration,
+    /// Size at which a batch closes at once.
+    pub max_bytes: u64,
+}
+
+impl Batching {
+    /// The batching `config` asks for: `spool.segment_window`, else 50 ms
+    /// when every copy must confirm (a 250 waits for the flush) and 200 ms
+    /// when the ack policy can do without this copy (it is written behind).
+    pub fn from_config(config: &Config) -> Batching {
+        let spool = &config.spool;
+        let window = spool
+            .segment_window
+            .unwrap_or(if spool.required >= spool.copies.len() {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(200)
+            });
+        Batching {
+            window,
+            max_bytes: spool.segment_bytes,
+        }
+    }
+}
+
+/// The object-store copy of messages.
 pub struct ObjectCopy {
     backend: Backend,
     budget: Semaphore,
+    batching: Batching,
+    seq: IdGenerator,
+    generation: AtomicU64,
+    batches: Mutex<HashMap<String, Batch>>,
+    index: Mutex<SegmentIndex>,
+    finished: Mutex<Option<mpsc::UnboundedSender<Finished>>>,
+}
+
+impl std::fmt::Debug for ObjectCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectCopy")
+            .field("backend", &self.backend)
+            .field("batching", &self.batching)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One piece of a segment's bytes.
+enum Piece {
+    Bytes(Bytes),
+    /// The first `len` octets of a file.
+    File(Arc<File>, u64),
+}
+
+impl Piece {
+    fn len(&self) -> u64 {
+        match self {
+            Piece::Bytes(bytes) => bytes.len() as u64,
+            Piece::File(_, len) => *len,
+        }
+    }
 }
 
 impl ObjectCopy {
@@ -81,11 +277,15 @@ impl ObjectCopy {
         let backend = match &config.object_store {
             ObjectStoreConfig::Local { .. } => {
                 let root = config.local_object_dir();
-                let messages = root.join("messages");
-                std::fs::create_dir_all(&messages)?;
+                let segments = root.join("segments");
+                std::fs::create_dir_all(&segments)?;
                 Backend::Dir {
+                    reader: Arc::new(
+                        object_store::local::LocalFileSystem::new_with_prefix(&root)
+                            .map_err(io::Error::other)?,
+                    ),
                     root,
-                    sync: DirSync::new(messages),
+                    sync: DirSync::new(segments),
                 }
             }
             ObjectStoreConfig::S3 {
@@ -136,28 +336,26 @@ impl ObjectCopy {
         Ok(ObjectCopy {
             backend,
             budget: Semaphore::new(MEMORY_BUDGET_KIB as usize),
+            batching: Batching::from_config(config),
+            seq: IdGenerator::new(),
+            generation: AtomicU64::new(0),
+            batches: Mutex::new(HashMap::new()),
+            index: Mutex::new(SegmentIndex::default()),
+            finished: Mutex::new(None),
         })
     }
 
-    /// The key of one part of message `id` of `spool`, relative to the store:
-    /// `<prefix>/spools/<spool>/messages/<id>.<ext>` in S3 (so the relay that
-    /// takes a spool over lists exactly its messages), `<prefix>/messages/`
-    /// for a relay outside a cluster. The local-directory backend serves one
-    /// machine and keeps one flat `messages/` directory.
-    pub fn key(&self, spool: &str, id: &str, part: Part) -> ObjectPath {
-        let name = format!("{id}.{}", part.extension());
+    /// Where the segments of `spool` live: `<prefix>/spools/<spool>/segments`
+    /// in S3 (so the relay that takes a spool over lists exactly its
+    /// messages), `<prefix>/segments` for a relay outside a cluster, and
+    /// `segments` in the local-directory backend, which serves one machine.
+    pub fn segments_prefix(&self, spool: &str) -> ObjectPath {
         match &self.backend {
-            Backend::S3 { prefix, .. } => Self::messages_prefix(prefix, spool).join(name.as_str()),
-            Backend::Dir { .. } => ObjectPath::from("messages").join(name.as_str()),
-        }
-    }
-
-    /// Where the messages of `spool` live under `prefix`.
-    pub fn messages_prefix(prefix: &ObjectPath, spool: &str) -> ObjectPath {
-        if spool.is_empty() {
-            prefix.clone().join("messages")
-        } else {
-            prefix.clone().join("spools").join(spool).join("messages")
+            Backend::S3 { prefix, .. } if !spool.is_empty() => {
+                prefix.clone().join("spools").join(spool).join("segments")
+            }
+            Backend::S3 { prefix, .. } => prefix.clone().join("segments"),
+            Backend::Dir { .. } => ObjectPath::from("segments"),
         }
     }
 
@@ -170,76 +368,415 @@ impl ObjectCopy {
         }
     }
 
-    /// The store, for readers (the delivery engine, repair, tests). The local
-    /// backend is served by `object_store`'s LocalFileSystem over the same
-    /// directory.
-    pub fn store(&self) -> io::Result<Arc<dyn ObjectStore>> {
+    /// The store, for readers (repair, takeover, tests).
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
         match &self.backend {
-            Backend::S3 { store, .. } => Ok(Arc::clone(store) as Arc<dyn ObjectStore>),
-            Backend::Dir { root, .. } => Ok(Arc::new(
-                object_store::local::LocalFileSystem::new_with_prefix(root)
-                    .map_err(io::Error::other)?,
-            )),
+            Backend::S3 { store, .. } => Arc::clone(store) as Arc<dyn ObjectStore>,
+            Backend::Dir { reader, .. } => Arc::clone(reader) as Arc<dyn ObjectStore>,
         }
     }
 
-    fn staging_key(prefix: &ObjectPath, id: &str) -> ObjectPath {
-        prefix
-            .clone()
-            .join("staging")
-            .join(format!("{id}.eml").as_str())
+    /// The settings batches are closed by.
+    pub fn batching(&self) -> Batching {
+        self.batching
     }
 
-    async fn write_s3(
-        &self,
-        store: &AmazonS3,
-        prefix: &ObjectPath,
-        job: &CopyJob,
-    ) -> Result<(), CopyError> {
-        let data_key = self.key(&job.spool, &job.id, Part::Data);
-        if job.data_len <= SINGLE_PUT_MAX {
-            let _permit = self.reserve(job.data_len).await;
-            let bytes = read_at(&job.eml_file, 0, job.data_len).await?;
-            let put = put_create(store, &data_key, bytes.into()).await;
-            data_in_place(put, store, &data_key, job.data_len).await?;
-        } else {
-            // Multipart uploads cannot be conditional, so the parts go to a
-            // staging key and a conditional copy creates the real one.
-            let staging = Self::staging_key(prefix, &job.id);
-            let result = self.upload_parts(store, &staging, job).await;
-            let result = match result {
-                Ok(()) => store
-                    .copy_if_not_exists(&staging, &data_key)
-                    .await
-                    .map_err(CopyError::from),
-                Err(err) => Err(err),
-            };
-            if let Err(err) = store.delete(&staging).await {
-                tracing::warn!(id = %job.id, error = %err, "cannot delete a staging object");
-            }
-            data_in_place(result, store, &data_key, job.data_len).await?;
-        }
-        put_create(
-            store,
-            &self.key(&job.spool, &job.id, Part::Envelope),
-            job.envelope_json.clone().into(),
+    /// From now on, the spools and ids whose final state may be forgotten
+    /// because the segments holding them are gone. One subscriber (the
+    /// cluster node); outside a cluster nobody asks.
+    pub fn finished(&self) -> mpsc::UnboundedReceiver<Finished> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.finished.lock().expect("object lock") = Some(tx);
+        rx
+    }
+
+    /// Whether a known segment holds message `id` (repair writes the copy
+    /// of a message that has none).
+    pub fn holds(&self, id: &str) -> bool {
+        self.index
+            .lock()
+            .expect("object lock")
+            .by_id
+            .contains_key(id)
+    }
+
+    /// How many segments this relay knows and their total size in octets.
+    pub fn segments(&self) -> (usize, u64) {
+        let index = self.index.lock().expect("object lock");
+        (
+            index.segments.len(),
+            index.segments.values().map(|s| s.size).sum(),
         )
-        .await
+    }
+
+    fn location(&self, id: &str) -> Option<(ObjectPath, Slot)> {
+        let index = self.index.lock().expect("object lock");
+        let key = index.by_id.get(id)?.first()?.clone();
+        let slot = index.segments.get(&key)?.slots.get(id)?.clone();
+        Some((key, slot))
+    }
+
+    /// The envelope JSON and the data of message `id`, read with ranged GETs
+    /// from the segment holding it; `None` when no known segment does.
+    pub async fn read(&self, id: &str) -> Result<Option<(Bytes, Bytes)>, object_store::Error> {
+        let Some((key, slot)) = self.location(id) else {
+            return Ok(None);
+        };
+        let store = self.store();
+        let envelope = store.get_range(&key, slot.envelope_range()).await?;
+        let data = store.get_range(&key, slot.data_range()).await?;
+        Ok(Some((envelope, data)))
+    }
+
+    /// The envelope JSON of message `id` and its data as a stream (for the
+    /// relay that copies it here to deliver it).
+    pub async fn open(
+        &self,
+        id: &str,
+    ) -> Result<(Bytes, BoxStream<'static, object_store::Result<Bytes>>), object_store::Error> {
+        let Some((key, slot)) = self.location(id) else {
+            return Err(object_store::Error::NotFound {
+                path: id.to_owned(),
+                source: "no known segment holds the message".into(),
+            });
+        };
+        let store = self.store();
+        let envelope = store.get_range(&key, slot.envelope_range()).await?;
+        let options = GetOptions::default().with_range(Some(slot.data_range()));
+        let data = store.get_opts(&key, options).await?.into_stream();
+        Ok((envelope, data))
+    }
+
+    /// Lists the segments of `spool`, reads the index of each one not known
+    /// yet (one ranged GET of its tail, two for a long index) and returns the
+    /// live messages they hold, sorted. A segment whose index is damaged is
+    /// left where it is, logged, and its messages are not counted: the other
+    /// copies serve them.
+    pub async fn list_spool(&self, spool: &str) -> Result<Vec<String>, object_store::Error> {
+        let prefix = self.segments_prefix(spool);
+        let store = self.store();
+        let metas: Vec<object_store::ObjectMeta> = store.list(Some(&prefix)).try_collect().await?;
+        for meta in metas {
+            let key = meta.location;
+            if !key.as_ref().ends_with(".seg") {
+                continue;
+            }
+            {
+                let index = self.index.lock().expect("object lock");
+                if index.segments.contains_key(&key) || index.deleted_set.contains(&key) {
+                    continue;
+                }
+            }
+            match read_index(store.as_ref(), &key, meta.size).await {
+                Ok(slots) => self
+                    .index
+                    .lock()
+                    .expect("object lock")
+                    .insert(key, spool, meta.size, slots, true),
+                Err(IndexError::Store(object_store::Error::NotFound { .. })) => {}
+                Err(IndexError::Store(err)) => return Err(err),
+                Err(IndexError::Damaged(err)) => {
+                    tracing::error!(key = %key, error = %err, "a damaged segment in the object store; leaving it, its messages come from the other copies");
+                }
+            }
+        }
+        let index = self.index.lock().expect("object lock");
+        let mut ids: Vec<String> = index
+            .segments
+            .values()
+            .filter(|s| s.spool == spool)
+            .flat_map(|s| s.live.iter().cloned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Releases every message of `spool`'s listed segments (not written by
+    /// this process) for which `live` says no (after a restart outside a
+    /// cluster: what recovery did not find was finished), so they go.
+    pub async fn release_foreign_unless(&self, spool: &str, live: impl Fn(&str) -> bool) {
+        let ids: Vec<String> = {
+            let index = self.index.lock().expect("object lock");
+            index
+                .segments
+                .values()
+                .filter(|s| s.spool == spool && s.foreign)
+                .flat_map(|s| s.live.iter().filter(|id| !live(id)).cloned())
+                .collect()
+        };
+        for id in ids {
+            self.release(&id, true).await;
+        }
+    }
+
+    /// Releases message `id`: it is finished (or was never acknowledged).
+    /// Segments left without a live message are deleted. Returns whether a
+    /// segment held it: then, with `forget_state`, its final state may be
+    /// forgotten only once [`ObjectCopy::finished`] names it.
+    pub async fn release(&self, id: &str, forget_state: bool) -> bool {
+        let (mut empty, held) = {
+            let mut index = self.index.lock().expect("object lock");
+            let (empty, held) = index.release(id, forget_state);
+            (empty, held)
+        };
+        empty.extend(self.index.lock().expect("object lock").take_undeleted());
+        for key in empty {
+            self.delete_segment(&key).await;
+        }
+        held
+    }
+
+    /// Deletes every segment of `spool` (it was retired: all its messages
+    /// are finished) and forgets them.
+    pub async fn drop_spool(&self, spool: &str) -> Result<(), object_store::Error> {
+        let prefix = self.segments_prefix(spool);
+        let store = self.store();
+        let keys: Vec<ObjectPath> = store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await?;
+        for key in keys {
+            self.delete_object(&key).await?;
+            let mut index = self.index.lock().expect("object lock");
+            if let Some(segment) = index.segments.get(&key) {
+                for id in segment.slots.keys().cloned().collect::<Vec<_>>() {
+                    index.by_id.remove(&id);
+                }
+            }
+            index.deleted(&key);
+        }
+        Ok(())
+    }
+
+    async fn delete_segment(&self, key: &ObjectPath) {
+        match self.delete_object(key).await {
+            Ok(()) => {
+                let gone = self.index.lock().expect("object lock").deleted(key);
+                if let Some((spool, forget)) = gone {
+                    tracing::debug!(key = %key, finished = forget.len(), "segment deleted");
+                    if !forget.is_empty() {
+                        if let Some(tx) = &*self.finished.lock().expect("object lock") {
+                            let _ = tx.send((spool, forget));
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(key = %key, error = %err, "cannot delete a finished segment; trying again later");
+                let mut index = self.index.lock().expect("object lock");
+                if let Some(segment) = index.segments.get_mut(key) {
+                    segment.deleting = false;
+                }
+                index.undeleted = true;
+            }
+        }
+    }
+
+    async fn delete_object(&self, key: &ObjectPath) -> Result<(), object_store::Error> {
+        let result = match &self.backend {
+            Backend::S3 { store, .. } => store.delete(key).await,
+            Backend::Dir { root, .. } => {
+                let path = root.join(key.as_ref());
+                tokio::task::spawn_blocking(move || remove_if_present(&path))
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "dir",
+                        source: Box::new(e),
+                    })?
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "dir",
+                        source: Box::new(e),
+                    })
+            }
+        };
+        match result {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Adds `job` to its spool's open batch and waits for the flush.
+    async fn write_batched(self: Arc<Self>, job: Arc<CopyJob>) -> Result<(), CopyError> {
+        {
+            let mut index = self.index.lock().expect("object lock");
+            if index.by_id.contains_key(&job.id) || !index.pending.insert(job.id.clone()) {
+                return Err(CopyError::AlreadyExists {
+                    key: format!("object copy of {}", job.id),
+                });
+            }
+        }
+        let (done, outcome) = oneshot::channel();
+        let spool = job.spool.clone();
+        let size = job.envelope_json.len() as u64 + job.data_len;
+        enum Next {
+            FlushNow(Batch),
+            Timer(u64),
+            Wait,
+        }
+        let next = {
+            let mut batches = self.batches.lock().expect("object lock");
+            let batch = batches.entry(spool.clone()).or_default();
+            let first = batch.waiting.is_empty();
+            if first {
+                batch.generation = self.generation.fetch_add(1, Ordering::Relaxed);
+            }
+            batch.bytes += size;
+            batch.waiting.push(Waiting { job, done });
+            if batch.bytes >= self.batching.max_bytes {
+                Next::FlushNow(std::mem::take(batch))
+            } else if first {
+                Next::Timer(batch.generation)
+            } else {
+                Next::Wait
+            }
+        };
+        match next {
+            Next::FlushNow(batch) => {
+                tokio::spawn(Arc::clone(&self).flush(spool, batch));
+            }
+            Next::Timer(generation) => {
+                let copy = Arc::clone(&self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(copy.batching.window).await;
+                    let batch = {
+                        let mut batches = copy.batches.lock().expect("object lock");
+                        match batches.get_mut(&spool) {
+                            Some(batch)
+                                if batch.generation == generation && !batch.waiting.is_empty() =>
+                            {
+                                Some(std::mem::take(batch))
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some(batch) = batch {
+                        copy.flush(spool, batch).await;
+                    }
+                });
+            }
+            Next::Wait => {}
+        }
+        match outcome.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(CopyError::Io(io::Error::other(err))),
+            Err(_) => Err(CopyError::Io(io::Error::other(
+                "the segment flush was dropped",
+            ))),
+        }
+    }
+
+    /// Uploads one closed batch as a segment and answers every write in it.
+    async fn flush(self: Arc<Self>, spool: String, batch: Batch) {
+        let key = self
+            .segments_prefix(&spool)
+            .join(format!("{}.seg", self.seq.next_id()).as_str());
+        let slots = segment::layout(batch.waiting.iter().map(|w| {
+            (
+                w.job.id.clone(),
+                w.job.envelope_json.len() as u64,
+                w.job.data_len,
+            )
+        }));
+        let mut pieces = Vec::with_capacity(batch.waiting.len() * 2 + 1);
+        for waiting in &batch.waiting {
+            pieces.push(Piece::Bytes(waiting.job.envelope_json.clone()));
+            pieces.push(Piece::File(
+                Arc::clone(&waiting.job.eml_file),
+                waiting.job.data_len,
+            ));
+        }
+        pieces.push(Piece::Bytes(segment::trailer(&slots).into()));
+        let pieces = Arc::new(pieces);
+        let size: u64 = pieces.iter().map(Piece::len).sum();
+        let result = self.upload(&key, &pieces, size).await;
+        {
+            let mut index = self.index.lock().expect("object lock");
+            for waiting in &batch.waiting {
+                index.pending.remove(&waiting.job.id);
+            }
+            if result.is_ok() {
+                index.insert(key.clone(), &spool, size, slots, false);
+            }
+        }
+        match &result {
+            Ok(()) => {
+                tracing::debug!(key = %key, messages = batch.waiting.len(), size, "segment written");
+            }
+            Err(err) => {
+                tracing::warn!(key = %key, messages = batch.waiting.len(), error = %err, "segment upload failed")
+            }
+        }
+        for waiting in batch.waiting {
+            let _ = waiting
+                .done
+                .send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+    }
+
+    async fn upload(
+        &self,
+        key: &ObjectPath,
+        pieces: &Arc<Vec<Piece>>,
+        size: u64,
+    ) -> Result<(), CopyError> {
+        match &self.backend {
+            Backend::S3 { store, prefix } => {
+                if size <= SINGLE_PUT_MAX {
+                    let _permit = self.reserve(size).await;
+                    let bytes = read_pieces(pieces, 0, size).await?;
+                    let opts = PutOptions {
+                        mode: PutMode::Create,
+                        ..PutOptions::default()
+                    };
+                    store.put_opts(key, bytes.into(), opts).await?;
+                    Ok(())
+                } else {
+                    // Multipart uploads cannot be conditional, so the parts go
+                    // to a staging key and a conditional copy creates the real one.
+                    let staging = prefix
+                        .clone()
+                        .join("staging")
+                        .join(key.filename().unwrap_or("segment").to_owned().as_str());
+                    let result = self.upload_parts(store, &staging, pieces, size).await;
+                    let result = match result {
+                        Ok(()) => store
+                            .copy_if_not_exists(&staging, key)
+                            .await
+                            .map_err(CopyError::from),
+                        Err(err) => Err(err),
+                    };
+                    if let Err(err) = store.delete(&staging).await {
+                        tracing::warn!(key = %staging, error = %err, "cannot delete a staging object");
+                    }
+                    result
+                }
+            }
+            Backend::Dir { root, sync, .. } => {
+                let path = root.join(key.as_ref());
+                let pieces = Arc::clone(pieces);
+                tokio::task::spawn_blocking(move || write_segment_file(&path, &pieces)).await??;
+                sync.sync().await?;
+                Ok(())
+            }
+        }
     }
 
     async fn upload_parts(
         &self,
         store: &AmazonS3,
         key: &ObjectPath,
-        job: &CopyJob,
+        pieces: &Arc<Vec<Piece>>,
+        size: u64,
     ) -> Result<(), CopyError> {
         let mut upload = store.put_multipart(key).await?;
         let mut offset = 0;
         let result = async {
-            while offset < job.data_len {
-                let len = PART_SIZE.min(job.data_len - offset);
+            while offset < size {
+                let len = PART_SIZE.min(size - offset);
                 let _permit = self.reserve(len).await;
-                let bytes = read_at(&job.eml_file, offset, len).await?;
+                let bytes = read_pieces(pieces, offset, len).await?;
                 upload.put_part(PutPayload::from(bytes)).await?;
                 offset += len;
             }
@@ -260,60 +797,105 @@ impl ObjectCopy {
             .await
             .expect("the upload budget is never closed")
     }
+}
 
-    async fn remove_s3(store: &AmazonS3, keys: [ObjectPath; 3]) -> Result<(), CopyError> {
-        for key in keys {
-            match store.delete(&key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(err) => return Err(err.into()),
-            }
+/// Why a segment's index could not be read.
+enum IndexError {
+    Store(object_store::Error),
+    Damaged(SegmentError),
+}
+
+/// Reads the index of the segment at `key` of `size` octets: its tail first,
+/// then more of it when the index is longer than the tail read.
+async fn read_index(
+    store: &dyn ObjectStore,
+    key: &ObjectPath,
+    size: u64,
+) -> Result<Vec<Slot>, IndexError> {
+    let mut want = segment::TAIL_READ.min(size);
+    loop {
+        let tail = store
+            .get_range(key, size - want..size)
+            .await
+            .map_err(IndexError::Store)?;
+        match segment::parse_tail(&tail, size) {
+            Err(SegmentError::NeedMore(more)) if want + more <= size => want += more,
+            Ok(slots) => return Ok(slots),
+            Err(err) => return Err(IndexError::Damaged(err)),
         }
-        Ok(())
     }
 }
 
-/// The data object is written, or was already: two PUTs are not atomic, so
-/// an earlier attempt (cut off before its `.env`, e.g. by the store going
-/// down) may have left this message's `.eml`. One of the right length lets
-/// the `.env` go on; without this a repair would stop at the `.eml` forever.
-async fn data_in_place(
-    put: Result<(), CopyError>,
-    store: &AmazonS3,
-    key: &ObjectPath,
-    len: u64,
-) -> Result<(), CopyError> {
-    match put {
-        Err(err) if err.is_already_exists() => match store.head(key).await {
-            Ok(meta) if meta.size == len => Ok(()),
-            _ => Err(err),
-        },
-        other => other,
-    }
-}
-
-async fn put_create(
-    store: &AmazonS3,
-    key: &ObjectPath,
-    payload: PutPayload,
-) -> Result<(), CopyError> {
-    let opts = PutOptions {
-        mode: PutMode::Create,
-        ..PutOptions::default()
-    };
-    store.put_opts(key, payload, opts).await?;
-    Ok(())
-}
-
-/// Reads `len` bytes at `offset` of `file` on a blocking thread.
-async fn read_at(file: &Arc<File>, offset: u64, len: u64) -> io::Result<Bytes> {
-    let file = Arc::clone(file);
+/// Reads `len` octets at `offset` of the concatenation of `pieces`, on a
+/// blocking thread.
+async fn read_pieces(pieces: &Arc<Vec<Piece>>, offset: u64, len: u64) -> io::Result<Bytes> {
+    let pieces = Arc::clone(pieces);
     tokio::task::spawn_blocking(move || {
         let mut buf = PageBuf::new(len as usize)?;
-        file.read_exact_at(buf.as_mut(), offset)?;
+        let out = buf.as_mut();
+        let mut at = 0u64; // start of the current piece
+        for piece in pieces.iter() {
+            let piece_len = piece.len();
+            let start = offset.max(at);
+            let end = (offset + len).min(at + piece_len);
+            if start < end {
+                let dest = &mut out[(start - offset) as usize..(end - offset) as usize];
+                match piece {
+                    Piece::Bytes(bytes) => {
+                        dest.copy_from_slice(&bytes[(start - at) as usize..(end - at) as usize])
+                    }
+                    Piece::File(file, _) => file.read_exact_at(dest, start - at)?,
+                }
+            }
+            at += piece_len;
+        }
         Ok(Bytes::from_owner(buf))
     })
     .await
     .map_err(io::Error::other)?
+}
+
+/// Blocking: writes `pieces` to a private temp file beside `path`, fsyncs it
+/// and names it `path` unless that exists.
+fn write_segment_file(path: &std::path::Path, pieces: &[Piece]) -> Result<(), CopyError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("no directory"))?;
+    let tmp = dir.join(format!(".{:016x}.tmp", rand::random::<u64>()));
+    let result = (|| -> Result<(), CopyError> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        for piece in pieces {
+            match piece {
+                Piece::Bytes(bytes) => io::Write::write_all(&mut file, bytes)?,
+                Piece::File(source, len) => {
+                    // Positional reads: the handle is shared, its offset is not ours.
+                    let mut chunk = vec![0u8; (*len).min(256 * 1024) as usize];
+                    let mut at = 0u64;
+                    while at < *len {
+                        let n = ((*len - at) as usize).min(chunk.len());
+                        source.read_exact_at(&mut chunk[..n], at)?;
+                        io::Write::write_all(&mut file, &chunk[..n])?;
+                        at += n as u64;
+                    }
+                }
+            }
+        }
+        file.sync_data()?;
+        match rename_noreplace(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                Err(CopyError::AlreadyExists {
+                    key: path.display().to_string(),
+                })
+            }
+            Err(err) => Err(err.into()),
+        }
+    })();
+    let _ = remove_if_present(&tmp);
+    result
 }
 
 /// A buffer in its own anonymous mapping, so its memory goes back to the
@@ -381,163 +963,24 @@ impl Drop for PageBuf {
     }
 }
 
-/// Blocking: writes a private temp file in `dir` with what `fill` writes and
-/// fsyncs it; returns its path.
-fn stage(
-    dir: &std::path::Path,
-    name: &str,
-    fill: impl FnOnce(&mut File) -> io::Result<()>,
-) -> io::Result<PathBuf> {
-    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        fill(&mut file)?;
-        file.sync_data()
-    })();
-    match result {
-        Ok(()) => Ok(tmp),
-        Err(err) => {
-            let _ = remove_if_present(&tmp);
-            Err(err)
-        }
-    }
-}
-
-/// Blocking: moves the staged `.eml` and then `.env` into place, never over
-/// an existing object; on failure nothing of ours stays visible.
-fn place(
-    dir: &std::path::Path,
-    id: &str,
-    eml_tmp: &std::path::Path,
-    env_tmp: &std::path::Path,
-) -> Result<(), CopyError> {
-    let exists = |path: PathBuf| CopyError::AlreadyExists {
-        key: path.display().to_string(),
-    };
-    let eml = dir.join(format!("{id}.eml"));
-    let env = dir.join(format!("{id}.env"));
-    match rename_noreplace(eml_tmp, &eml) {
-        Ok(()) => {}
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return Err(exists(eml)),
-        Err(err) => return Err(err.into()),
-    }
-    match rename_noreplace(env_tmp, &env) {
-        Ok(()) => Ok(()),
-        Err(err) => {
-            // The `.eml` is ours (it did not exist), so it may go.
-            let _ = remove_if_present(&eml);
-            if err.kind() == io::ErrorKind::AlreadyExists {
-                Err(exists(env))
-            } else {
-                Err(err.into())
-            }
-        }
-    }
-}
-
 impl CopyTarget for ObjectCopy {
     fn kind(&self) -> CopyKind {
         CopyKind::ObjectStore
     }
 
     fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
-        Box::pin(async move {
-            match &self.backend {
-                Backend::S3 { store, prefix } => self.write_s3(store, prefix, &job).await,
-                Backend::Dir { sync, .. } => {
-                    let dir = sync.dir().to_owned();
-                    // Both parts are written and fsync'd side by side, then
-                    // named in order (`.eml` first) and made durable with one
-                    // group-committed directory fsync.
-                    let data = {
-                        let (dir, job) = (dir.clone(), Arc::clone(&job));
-                        tokio::task::spawn_blocking(move || {
-                            stage(&dir, &format!("{}.eml", job.id), |file| {
-                                // Opened afresh for a private offset; io::copy
-                                // moves the bytes in the kernel (copy_file_range).
-                                let mut source = File::open(&job.eml_path)?;
-                                let copied = io::copy(&mut source, file)?;
-                                if copied != job.data_len {
-                                    return Err(io::Error::new(
-                                        io::ErrorKind::UnexpectedEof,
-                                        format!(
-                                            "{} has {copied} octets, expected {}",
-                                            job.eml_path.display(),
-                                            job.data_len
-                                        ),
-                                    ));
-                                }
-                                Ok(())
-                            })
-                        })
-                    };
-                    let envelope = {
-                        let (dir, job) = (dir.clone(), Arc::clone(&job));
-                        tokio::task::spawn_blocking(move || {
-                            stage(&dir, &format!("{}.env", job.id), |file| {
-                                io::Write::write_all(file, &job.envelope_json)
-                            })
-                        })
-                    };
-                    let (data, envelope) = tokio::join!(data, envelope);
-                    let (eml_tmp, env_tmp) = match (joined(data), joined(envelope)) {
-                        (Ok(eml_tmp), Ok(env_tmp)) => (eml_tmp, env_tmp),
-                        (Ok(tmp), Err(err)) | (Err(err), Ok(tmp)) => {
-                            let _ = remove_if_present(&tmp);
-                            return Err(err);
-                        }
-                        (Err(err), Err(_)) => return Err(err),
-                    };
-                    let id = job.id.clone();
-                    let placed = tokio::task::spawn_blocking(move || {
-                        let placed = place(&dir, &id, &eml_tmp, &env_tmp);
-                        let _ = remove_if_present(&eml_tmp);
-                        let _ = remove_if_present(&env_tmp);
-                        placed
-                    })
-                    .await?;
-                    placed?;
-                    sync.sync().await?;
-                    Ok(())
-                }
-            }
-        })
+        Box::pin(self.write_batched(job))
     }
 
+    /// Takes back the copy of a message that was never acknowledged.
     fn remove(
         self: Arc<Self>,
-        spool: String,
+        _spool: String,
         id: String,
     ) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
-            match &self.backend {
-                Backend::S3 { store, prefix } => {
-                    let keys = [
-                        self.key(&spool, &id, Part::Envelope),
-                        self.key(&spool, &id, Part::Data),
-                        Self::staging_key(prefix, &id),
-                    ];
-                    Self::remove_s3(store, keys).await
-                }
-                Backend::Dir { sync, .. } => {
-                    let dir = sync.dir().to_owned();
-                    let id2 = id.clone();
-                    tokio::task::spawn_blocking(move || {
-                        remove_if_present(&dir.join(format!("{id2}.env")))
-                    })
-                    .await??;
-                    sync.sync().await?;
-                    let dir = sync.dir().to_owned();
-                    tokio::task::spawn_blocking(move || {
-                        remove_if_present(&dir.join(format!("{id}.eml")))
-                    })
-                    .await??;
-                    Ok(())
-                }
-            }
+            self.release(&id, false).await;
+            Ok(())
         })
     }
 }

@@ -1,15 +1,14 @@
-//! Removing a finished message from every copy: `.env` first (uncommitting
-//! it), then `.eml`, locally and in the object store.
-
-use object_store::ObjectStoreExt;
+//! Removing a finished message: the local `.env` first (uncommitting it),
+//! then the `.eml`; then releasing its object copy, whose segment goes once
+//! none of its messages is live.
 
 use super::fsync::remove_if_present;
 use super::{Spool, SpoolError};
 
 impl Spool {
-    /// Removes the local and object-store copies of message `id` of `spool`.
-    /// Copies already gone are not an error.
-    pub async fn remove(&self, spool: &str, id: &str) -> Result<(), SpoolError> {
+    /// Removes the local copy of message `id` (waiting first for copies
+    /// still being written). A copy already gone is not an error.
+    pub async fn remove_local(&self, id: &str) -> Result<(), SpoolError> {
         self.copies_settled(id).await;
         let env = self.envelope_path(id);
         let eml = self.message_path(id);
@@ -21,24 +20,24 @@ impl Spool {
         .map_err(std::io::Error::other)??;
         // Shared with the commits and removals around it (group commit).
         self.inner.dir_sync.sync().await?;
-        if let Some(store) = self.object_store() {
-            for envelope_part in [true, false] {
-                if let Some(key) = self.object_key(spool, id, envelope_part) {
-                    match store.delete(&key).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        // Reported, so a cluster keeps the message's final
-                        // state: a later owner that finds this copy then
-                        // knows it is finished instead of delivering it again.
-                        Err(err) => {
-                            tracing::warn!(id, key = %key, "cannot delete object copy: {err}");
-                            return Err(SpoolError::Io(std::io::Error::other(format!(
-                                "cannot delete object copy {key}: {err}"
-                            ))));
-                        }
-                    }
-                }
-            }
-        }
         Ok(())
+    }
+
+    /// Releases the object copy of finished message `id`. Returns whether a
+    /// segment held it: then its final state must stay until the segment is
+    /// gone ([`super::object::ObjectCopy::finished`] says when), and only if
+    /// `forget_state` (every other copy went).
+    pub async fn release_object(&self, id: &str, forget_state: bool) -> bool {
+        match &self.inner.object {
+            Some(object) => object.release(id, forget_state).await,
+            None => false,
+        }
+    }
+
+    /// Removes the local copy of message `id` and releases its object copy.
+    pub async fn remove(&self, id: &str) -> Result<(), SpoolError> {
+        let local = self.remove_local(id).await;
+        self.release_object(id, local.is_ok()).await;
+        local
     }
 }

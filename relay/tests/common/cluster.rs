@@ -998,15 +998,15 @@ repair_interval = "2s"
         }
     }
 
-    /// Message ids with an `.env` object (`…/messages/<id>.env`) in the bucket.
-    pub fn s3_envelopes(&self) -> std::collections::BTreeSet<String> {
+    /// Ids of the messages the segment objects in the bucket hold.
+    pub fn s3_messages(&self) -> std::collections::BTreeSet<String> {
         self.s3_keys()
             .iter()
-            .filter_map(|key| {
-                let (dir, file) = key.rsplit_once('/')?;
-                dir.ends_with("messages")
-                    .then(|| file.strip_suffix(".env").map(str::to_owned))?
-            })
+            .filter(|key| key.ends_with(".seg"))
+            // Deleted between the listing and the GET: holds nothing.
+            .filter_map(|key| super::s3_get(self.moto_addr, BUCKET, key))
+            .flat_map(|object| super::segment_messages(&object))
+            .map(|(id, _, _)| id)
             .collect()
     }
 

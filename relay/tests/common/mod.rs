@@ -862,26 +862,10 @@ impl Moto {
             .collect()
     }
 
-    /// An object's bytes. moto answers anonymous GETs with 403 but checks no
-    /// signatures, so any SigV4-shaped Authorization header will do.
+    /// An object's bytes.
     pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
-        let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
-                    SignedHeaders=host, Signature=00";
-        let (status, body) = http_request(
-            self.addr,
-            "GET",
-            &format!("/{bucket}/{key}"),
-            &[("Authorization", auth)],
-            b"",
-        )
-        .unwrap();
-        assert_eq!(
-            status,
-            200,
-            "GET {bucket}/{key}: {}",
-            String::from_utf8_lossy(&body)
-        );
-        body
+        s3_get(self.addr, bucket, key)
+            .unwrap_or_else(|| panic!("GET {bucket}/{key}: no such object"))
     }
 
     /// Kills the server (the S3 endpoint then refuses connections).
@@ -992,4 +976,48 @@ pub fn traversable(dir: &Path) {
             fs::set_permissions(ancestor, fs::Permissions::from_mode(mode | 0o011)).unwrap();
         }
     }
+}
+
+/// An object's bytes from the S3 server at `addr`, `None` when it is absent.
+/// moto answers anonymous GETs with 403 but checks no signatures, so any
+/// SigV4-shaped Authorization header will do.
+pub fn s3_get(addr: SocketAddr, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
+                SignedHeaders=host, Signature=00";
+    let (status, body) = http_request(
+        addr,
+        "GET",
+        &format!("/{bucket}/{key}"),
+        &[("Authorization", auth)],
+        b"",
+    )
+    .unwrap();
+    if status == 404 {
+        return None;
+    }
+    assert_eq!(
+        status,
+        200,
+        "GET {bucket}/{key}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    Some(body)
+}
+
+/// One message of a segment object: id, envelope JSON, data.
+pub type SegmentMessage = (String, Vec<u8>, Vec<u8>);
+
+/// The messages a whole segment object holds, read through its index.
+pub fn segment_messages(object: &[u8]) -> Vec<SegmentMessage> {
+    let slots = postern::spool::segment::parse_tail(object, object.len() as u64)
+        .unwrap_or_else(|err| panic!("not a segment object: {err}"));
+    let part =
+        |range: std::ops::Range<u64>| object[range.start as usize..range.end as usize].to_vec();
+    slots
+        .into_iter()
+        .map(|slot| {
+            let (envelope, data) = (part(slot.envelope_range()), part(slot.data_range()));
+            (slot.id, envelope, data)
+        })
+        .collect()
 }
