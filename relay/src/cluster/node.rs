@@ -37,7 +37,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::state_commits::{Apply, CommitFailure, StateCommits};
+use super::state_commits::{Apply, CommitFailure, Linger, StateCommits};
 
 use super::etcd::{Etcd, EtcdOptions};
 use super::membership::{LeaseOptions, Membership};
@@ -130,6 +130,10 @@ impl PeerAccess for PeerNetwork {
 /// Longest wait for a peer's answer to a listing or removal (a stopped
 /// peer accepts connections and never answers).
 const PEER_CALL: Duration = Duration::from_secs(2);
+
+/// How long a batch of delivery-state changes waits for company (well
+/// under the queue's `COMMIT_LAG`, after which deliveries pause).
+const STATE_LINGER: Duration = Duration::from_millis(10);
 
 /// Where a copy of a message was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,7 +259,13 @@ impl ClusterNode {
         };
         let node = ClusterNode {
             inner: Arc::new_cyclic(|inner| Inner {
-                state_commits: StateCommits::new(apply_state_changes(inner.clone())),
+                state_commits: StateCommits::new(
+                    apply_state_changes(inner.clone()),
+                    Linger {
+                        window: STATE_LINGER,
+                        enough: crate::queue::COMMITS_AHEAD,
+                    },
+                ),
                 member,
                 spool,
                 queue,

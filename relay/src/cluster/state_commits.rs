@@ -3,6 +3,11 @@
 //! together in the next one, so the coordinator sees one write per batch
 //! instead of one per change. The claim's token still fences every batch.
 //!
+//! A batch lingers: it is sent once [`Linger::enough`] waited-for changes
+//! are in it, or [`Linger::window`] after the driver started on it, so a
+//! relay delivering steadily sends one transaction per `enough` outcomes
+//! rather than one per transaction's round trip.
+//!
 //! Changes nobody waits for ([`StateCommits::commit_later`]: forgetting the
 //! state of a message whose copies are all gone) ride along with the next
 //! batch, or go on their own once [`MAX_CHANGES`] of them wait or
@@ -24,6 +29,24 @@ pub const MAX_CHANGES: usize = 100;
 
 /// How long a change nobody waits for may wait for company.
 pub const LATER_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When a batch stops waiting for company.
+#[derive(Debug, Clone, Copy)]
+pub struct Linger {
+    /// Longest wait before a batch goes.
+    pub window: std::time::Duration,
+    /// Waited-for changes that send a batch at once (the most the queue
+    /// lets wait, so nobody else can come).
+    pub enough: usize,
+}
+
+impl Linger {
+    /// No lingering: a batch goes as soon as its driver starts.
+    pub const NONE: Linger = Linger {
+        window: std::time::Duration::ZERO,
+        enough: 1,
+    };
+}
 
 /// Why a batch was not applied; every change in the batch gets it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +81,9 @@ struct Waiting {
 /// The group committer; one per relay.
 pub struct StateCommits {
     apply: Apply,
+    linger: Linger,
+    /// Woken whenever a waited-for change arrives.
+    arrived: tokio::sync::Notify,
     /// Per spool: what waits for the next transaction, and whether one is
     /// being sent.
     spools: Mutex<HashMap<String, Waiting>>,
@@ -70,11 +96,14 @@ impl std::fmt::Debug for StateCommits {
 }
 
 impl StateCommits {
-    /// A committer that applies batches with `apply`; sends the changes
-    /// nobody waits for every [`LATER_EVERY`] (needs a Tokio runtime).
-    pub fn new(apply: Apply) -> Arc<StateCommits> {
+    /// A committer that applies batches with `apply`, lingering as
+    /// `linger` says; sends the changes nobody waits for every
+    /// [`LATER_EVERY`] (needs a Tokio runtime).
+    pub fn new(apply: Apply, linger: Linger) -> Arc<StateCommits> {
         let commits = Arc::new(StateCommits {
             apply,
+            linger,
+            arrived: tokio::sync::Notify::new(),
             spools: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&commits);
@@ -143,6 +172,7 @@ impl StateCommits {
             waiting.changes.push((key, change, Some(done)));
             !std::mem::replace(&mut waiting.running, true)
         };
+        self.arrived.notify_waiters();
         if lead {
             // Its own task, so a caller that goes away cannot strand the others.
             tokio::spawn(Arc::clone(self).drive(spool.to_owned()));
@@ -152,9 +182,39 @@ impl StateCommits {
             .unwrap_or_else(|_| Err(CommitFailure::Unavailable("state commit task ended".into())))
     }
 
+    /// Waits until `spool`'s next batch has enough waited-for changes, is
+    /// full, or the linger window has passed.
+    async fn linger(&self, spool: &str) {
+        if self.linger.window.is_zero() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + self.linger.window;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let ready = {
+                let spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
+                spools.get(spool).is_none_or(|waiting| {
+                    waiting.changes.len() >= MAX_CHANGES
+                        || waiting
+                            .changes
+                            .iter()
+                            .filter(|(_, _, done)| done.is_some())
+                            .count()
+                            >= self.linger.enough
+                })
+            };
+            if ready || tokio::time::timeout_at(until, arrived).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Sends `spool`'s waiting changes, a batch at a time, until none wait.
     async fn drive(self: Arc<Self>, spool: String) {
         loop {
+            self.linger(&spool).await;
             let batch: Vec<(String, Change, Option<Waiter>)> = {
                 let mut spools = self.spools.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(waiting) = spools.get_mut(&spool) else {
@@ -227,7 +287,7 @@ mod tests {
                 })
             })
         };
-        (StateCommits::new(apply), seen, release)
+        (StateCommits::new(apply, Linger::NONE), seen, release)
     }
 
     fn put(text: &'static str) -> Change {
@@ -372,5 +432,47 @@ mod tests {
         assert!(results
             .iter()
             .all(|r| *r == Err(CommitFailure::Lost("s1".to_owned()))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_lingers_for_company_until_enough_or_the_window_ends() {
+        let seen: Seen = Arc::default();
+        let apply: Apply = {
+            let seen = Arc::clone(&seen);
+            Arc::new(move |spool, changes| {
+                seen.lock().unwrap().push((spool, changes));
+                Box::pin(async { Ok(()) })
+            })
+        };
+        let window = std::time::Duration::from_millis(20);
+        let commits = StateCommits::new(apply, Linger { window, enough: 4 });
+        let spawn = |key: &str| {
+            let (commits, key) = (Arc::clone(&commits), key.to_owned());
+            tokio::spawn(async move { commits.commit("s1", key, put("a")).await })
+        };
+        // Three arrive within the window: nothing goes until it ends, then
+        // all three go together.
+        let started = tokio::time::Instant::now();
+        let first: Vec<_> = ["a", "b", "c"].into_iter().map(spawn).collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(seen.lock().unwrap().is_empty(), "sent before the window ended");
+        for task in first {
+            task.await.unwrap().unwrap();
+        }
+        assert!(started.elapsed() >= window);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(seen.lock().unwrap()[0].1.len(), 3);
+        // Four (enough) go at once, without waiting out the window.
+        let started = tokio::time::Instant::now();
+        let second: Vec<_> = ["d", "e", "f", "g"].into_iter().map(spawn).collect();
+        for task in second {
+            task.await.unwrap().unwrap();
+        }
+        assert!(started.elapsed() < window, "{:?}", started.elapsed());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].1.len(), 4);
     }
 }

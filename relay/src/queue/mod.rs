@@ -142,7 +142,7 @@ const COMMIT_LAG: Duration = Duration::from_millis(100);
 
 /// How many state commits may be under way before new deliveries wait: the
 /// most deliveries whose outcome a partition can keep from the cluster.
-const COMMITS_AHEAD: usize = 16;
+pub const COMMITS_AHEAD: usize = 16;
 
 /// A bounded memory of ids, oldest forgotten first.
 #[derive(Debug, Default)]
