@@ -234,6 +234,10 @@ pub struct SpoolConfig {
     pub segment_window: Option<Duration>,
     /// Size at which a batch of object-store copies goes up at once.
     pub segment_bytes: u64,
+    /// Age after which a segment whose live messages hold less than half its
+    /// bytes has them copied into a new segment, so it can go.
+    #[serde(with = "humantime_serde")]
+    pub segment_forward_after: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -245,6 +249,7 @@ impl Default for SpoolConfig {
             reserve_bytes: 16 * 1024 * 1024,
             segment_window: None,
             segment_bytes: 4 * 1024 * 1024,
+            segment_forward_after: Duration::from_secs(3600),
         }
     }
 }
@@ -963,6 +968,9 @@ impl Config {
             return invalid(
                 "spool.segment_window must be positive and below spool.deadline".into(),
             );
+        }
+        if spool.segment_forward_after.is_zero() {
+            return invalid("spool.segment_forward_after must be positive".into());
         }
         if spool.segment_bytes == 0 {
             return invalid("spool.segment_bytes must be positive".into());

@@ -125,6 +125,12 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         cluster_node = Some(node);
     }
 
+    let forwarding = spool.object_copy().is_some().then(|| {
+        tokio::spawn(forward_stale_segments(
+            queue.clone(),
+            config.spool.segment_forward_after,
+        ))
+    });
     let queue_task = tokio::spawn({
         let queue = queue.clone();
         let shutdown = signalled(shutdown.clone());
@@ -236,6 +242,9 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         );
     }
     let _ = queue_task.await;
+    if let Some(forwarding) = forwarding {
+        forwarding.abort();
+    }
     // Copies still being written after their 250 (the ones beyond the quorum)
     // finish before we exit.
     if tokio::time::timeout(DRAIN_GRACE, spool.drain())
@@ -300,4 +309,14 @@ fn release_finished_segments(spool: &Spool, recovered: &[crate::spool::envelope:
             }
         }
     });
+}
+
+/// Copies long-queued messages out of mostly finished segments, checking
+/// every quarter of `after` (at most every minute).
+async fn forward_stale_segments(queue: Queue, after: Duration) {
+    let every = (after / 4).min(Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(every).await;
+        queue.forward_stale_segments(after).await;
+    }
 }

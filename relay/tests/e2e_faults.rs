@@ -267,6 +267,116 @@ fn s3_relay(moto: &Moto, copies: Vec<&'static str>, required: usize) -> Relay {
     })
 }
 
+/// Segments in S3: messages accepted together share one object, and a
+/// message that stays deferred is copied forward so the segment it shared
+/// with finished messages goes; the bucket then holds little more than the
+/// live message (the storage target: live bytes at least half of it).
+#[test]
+fn a_long_deferred_message_is_copied_forward_and_its_old_segment_goes() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let sink = common::mail::Sink::loopback(&["--defer", "^stuck@", "--defer-times", "1000"]);
+    let relay = Relay::start(RelayConfig {
+        copies: vec!["local", "object_store"],
+        required: 2,
+        deadline: "5s",
+        object_store: ObjectStore::S3 {
+            endpoint: moto.endpoint(),
+            bucket: BUCKET.into(),
+        },
+        spool_toml: "segment_window = \"300ms\"\nsegment_forward_after = \"2s\"\n".into(),
+        extra_toml: format!(
+            "[delivery]\nrelayhost = \"{}\"\nretry_schedule = [\"1s\"]\n",
+            sink.addr
+        ),
+        ..RelayConfig::default()
+    });
+    // Twenty sessions at once, one message each; one to a recipient the
+    // sink keeps deferring.
+    let sessions: Vec<_> = (0..20)
+        .map(|n| {
+            let smtp_addr = relay.smtp;
+            std::thread::spawn(move || {
+                let rcpt = if n == 7 {
+                    "<stuck@example.net>".to_owned()
+                } else {
+                    format!("<r{n}@example.net>")
+                };
+                let mut smtp = Smtp::connect(smtp_addr);
+                smtp.ehlo();
+                let data = format!(
+                    "Subject: segment {n}\r\n\r\n{}",
+                    "body line\r\n".repeat(200)
+                );
+                let reply =
+                    smtp.send_mail("<sender@example.org>", &[rcpt.as_str()], data.as_bytes());
+                assert_eq!(reply.code, 250, "{reply}");
+                (n, reply.queued_id())
+            })
+        })
+        .collect();
+    let ids: Vec<(usize, String)> = sessions.into_iter().map(|t| t.join().unwrap()).collect();
+    let stuck = ids.iter().find(|(n, _)| *n == 7).unwrap().1.clone();
+    let segments = |moto: &Moto| -> Vec<(String, Vec<common::SegmentMessage>)> {
+        moto.list(BUCKET)
+            .into_iter()
+            .filter(|k| k.ends_with(".seg"))
+            .filter_map(|k| {
+                let object = common::s3_get(moto.addr, BUCKET, &k)?;
+                Some((k, common::segment_messages(&object)))
+            })
+            .collect()
+    };
+    let first = segments(&moto);
+    let held: usize = first.iter().map(|(_, m)| m.len()).sum();
+    assert!(
+        first.len() <= 4 && held >= 19,
+        "20 messages accepted together went into {} segments holding {held}",
+        first.len()
+    );
+    for n in (0..20).filter(|n| *n != 7) {
+        sink.wait_for_rcpt(&format!("r{n}@example.net"), Duration::from_secs(30));
+    }
+    // The finished messages are released; the segment the stuck one shares
+    // stays until the copy-forward moves it out, then it goes.
+    let moved = wait_for(Duration::from_secs(30), || {
+        let now = segments(&moto);
+        let only_stuck = now.len() == 1
+            && now[0].1.len() == 1
+            && now[0].1[0].0 == stuck
+            && !first.iter().any(|(k, _)| *k == now[0].0);
+        only_stuck.then_some(now)
+    });
+    let Some(now) = moved else {
+        panic!(
+            "the bucket does not hold the stuck message alone in a new segment: {:?}\nrelay log:\n{}",
+            segments(&moto)
+                .iter()
+                .map(|(k, m)| (k.clone(), m.iter().map(|x| x.0.clone()).collect::<Vec<_>>()))
+                .collect::<Vec<_>>(),
+            relay.log()
+        );
+    };
+    let (_, envelope, data) = &now[0].1[0];
+    assert!(
+        *data == relay.eml(&stuck),
+        "the copied-forward data differs"
+    );
+    let live = (envelope.len() + data.len()) as f64;
+    let total: usize = moto
+        .list(BUCKET)
+        .iter()
+        .filter_map(|k| common::s3_get(moto.addr, BUCKET, k))
+        .map(|o| o.len())
+        .sum();
+    eprintln!("bucket: {total} octets, live message {live} octets");
+    assert!(
+        live / total as f64 >= 0.5,
+        "live bytes are {live} of the bucket's {total}"
+    );
+    assert!(relay.log().contains("copied long-queued messages forward"));
+}
+
 #[test]
 fn s3_quorum_gets_both_copies_and_451_when_s3_is_down() {
     let mut moto = Moto::start();

@@ -235,4 +235,41 @@ pub async fn object_copy_conformance(config: &Config) {
         .unwrap();
     assert_eq!(object(&copy, &big.id).await, None);
     assert!(segment_keys(&copy, "").await.is_empty());
+
+    // Copy-forward: a segment mostly finished lets its last live message
+    // move into a new segment, and then goes.
+    let ten: Vec<_> = (0..10)
+        .map(|n| job(staging.path(), &message(5_000 + n)))
+        .collect();
+    let writes = ten
+        .iter()
+        .map(|job| Arc::clone(&copy).write(Arc::clone(job)));
+    for result in futures::future::join_all(writes).await {
+        result.unwrap();
+    }
+    // Not stale while half its bytes are live.
+    assert!(copy.stale_segments(std::time::Duration::ZERO).is_empty());
+    for job in &ten[..9] {
+        copy.release(&job.id, true).await;
+    }
+    let before = segment_keys(&copy, "").await;
+    let stale = copy.stale_segments(std::time::Duration::ZERO);
+    assert_eq!(stale.len(), before.len(), "{stale:?}");
+    assert!(stale.iter().all(|(_, ids)| ids == &[ten[9].id.clone()]));
+    // Young segments are not stale.
+    assert!(copy
+        .stale_segments(std::time::Duration::from_secs(3600))
+        .is_empty());
+    Arc::clone(&copy)
+        .forward(Arc::clone(&ten[9]))
+        .await
+        .unwrap();
+    let after = segment_keys(&copy, "").await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(!before.contains(&after[0]), "{before:?} {after:?}");
+    let (env, data) = object(&copy, &ten[9].id).await.unwrap();
+    assert_eq!(env, ten[9].envelope_json.to_vec());
+    assert!(data == std::fs::read(&ten[9].eml_path).unwrap());
+    copy.release(&ten[9].id, true).await;
+    assert!(segment_keys(&copy, "").await.is_empty());
 }

@@ -133,7 +133,7 @@ const PEER_CALL: Duration = Duration::from_secs(2);
 
 /// How long a batch of delivery-state changes waits for company (well
 /// under the queue's `COMMIT_LAG`, after which deliveries pause).
-const STATE_LINGER: Duration = Duration::from_millis(10);
+const STATE_LINGER: Duration = Duration::from_millis(40);
 
 /// Where a copy of a message was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1079,7 +1079,10 @@ async fn repair_one(
     missing_peer: bool,
 ) {
     let id = &entry.envelope.id;
-    let Ok(job) = copy_job(&entry.eml_path, &entry.envelope).await else {
+    let envelope = &entry.envelope;
+    let Ok(job) =
+        CopyJob::from_files(&envelope.spool, id, &entry.eml_path, envelope.data_len).await
+    else {
         return;
     };
     let job = Arc::new(job);
@@ -1104,21 +1107,6 @@ async fn repair_one(
             }
         }
     }
-}
-
-/// A copy job for a message already on disk here.
-async fn copy_job(eml_path: &Path, envelope: &Envelope) -> std::io::Result<CopyJob> {
-    let env_path = eml_path.with_extension("env");
-    let envelope_json = tokio::fs::read(&env_path).await?;
-    let file = std::fs::File::open(eml_path)?;
-    Ok(CopyJob {
-        spool: envelope.spool.clone(),
-        id: envelope.id.clone(),
-        eml_path: eml_path.to_owned(),
-        eml_file: Arc::new(file),
-        data_len: envelope.data_len,
-        envelope_json: envelope_json.into(),
-    })
 }
 
 #[cfg(test)]

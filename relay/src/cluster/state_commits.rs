@@ -457,7 +457,10 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert!(seen.lock().unwrap().is_empty(), "sent before the window ended");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "sent before the window ended"
+        );
         for task in first {
             task.await.unwrap().unwrap();
         }

@@ -365,6 +365,66 @@ impl Queue {
         }
     }
 
+    /// Copies the live messages of stale object-store segments (see
+    /// [`ObjectCopy::stale_segments`](crate::spool::object::ObjectCopy::stale_segments))
+    /// into new segments, so the old ones go. Each message is busy while it
+    /// moves; one being delivered is left for the next round. Returns how
+    /// many moved.
+    pub async fn forward_stale_segments(&self, after: Duration) -> usize {
+        let Some(objects) = self.inner.spool.object_copy().cloned() else {
+            return 0;
+        };
+        let ids: Vec<String> = objects
+            .stale_segments(after)
+            .into_iter()
+            .flat_map(|(_, ids)| ids)
+            .collect();
+        let mut moved = 0;
+        for chunk in ids.chunks(256) {
+            let forwards = chunk.iter().map(|id| {
+                let objects = Arc::clone(&objects);
+                async move {
+                    let entry = self.get(id)?;
+                    if !self.mark_busy(id) {
+                        return None;
+                    }
+                    let envelope = &entry.envelope;
+                    let result = match crate::spool::quorum::CopyJob::from_files(
+                        &envelope.spool,
+                        id,
+                        &entry.eml_path,
+                        envelope.data_len,
+                    )
+                    .await
+                    {
+                        Ok(job) => objects.forward(Arc::new(job)).await,
+                        Err(err) => Err(err.into()),
+                    };
+                    self.unmark_busy(id);
+                    match result {
+                        Ok(()) => Some(()),
+                        Err(err) => {
+                            warn!(%id, error = %err, "cannot copy a message forward into a new segment");
+                            None
+                        }
+                    }
+                }
+            });
+            moved += futures::future::join_all(forwards)
+                .await
+                .into_iter()
+                .flatten()
+                .count();
+        }
+        if moved > 0 {
+            info!(
+                moved,
+                "copied long-queued messages forward into new segments"
+            );
+        }
+        moved
+    }
+
     /// Ends [`mark_busy`](Queue::mark_busy).
     pub fn unmark_busy(&self, id: &str) {
         if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(id) {

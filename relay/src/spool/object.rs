@@ -106,6 +106,19 @@ struct Segment {
     deleting: bool,
     /// Listed, not written by this process.
     foreign: bool,
+    /// When it was written, Unix ms.
+    written_ms: u64,
+}
+
+impl Segment {
+    /// Octets of its live messages.
+    fn live_bytes(&self) -> u64 {
+        self.live
+            .iter()
+            .filter_map(|id| self.slots.get(id))
+            .map(|slot| slot.envelope.1 + slot.data.1)
+            .sum()
+    }
 }
 
 /// What this relay knows about segments.
@@ -126,7 +139,15 @@ struct SegmentIndex {
 
 impl SegmentIndex {
     /// Records a segment (idempotent); ids already released are not revived.
-    fn insert(&mut self, key: ObjectPath, spool: &str, size: u64, slots: Vec<Slot>, foreign: bool) {
+    fn insert(
+        &mut self,
+        key: ObjectPath,
+        spool: &str,
+        size: u64,
+        slots: Vec<Slot>,
+        foreign: bool,
+        written_ms: u64,
+    ) {
         if self.segments.contains_key(&key) || self.deleted_set.contains(&key) {
             return;
         }
@@ -145,6 +166,7 @@ impl SegmentIndex {
                 forget: Vec::new(),
                 deleting: false,
                 foreign,
+                written_ms,
             },
         );
     }
@@ -169,6 +191,27 @@ impl SegmentIndex {
             }
         }
         (empty, true)
+    }
+
+    /// Moves live message `id` to segment `to` alone: every other segment
+    /// holding it lets go of it. Returns the segments that became empty.
+    fn moved(&mut self, id: &str, to: &ObjectPath) -> Vec<ObjectPath> {
+        let Some(keys) = self.by_id.get_mut(id) else {
+            return Vec::new();
+        };
+        let old: Vec<ObjectPath> = keys.iter().filter(|k| *k != to).cloned().collect();
+        keys.retain(|k| k == to);
+        let mut empty = Vec::new();
+        for key in old {
+            if let Some(segment) = self.segments.get_mut(&key) {
+                segment.live.remove(id);
+                if segment.live.is_empty() && !segment.deleting {
+                    segment.deleting = true;
+                    empty.push(key);
+                }
+            }
+        }
+        empty
     }
 
     /// Empty segments not being deleted (after failed deletes).
@@ -468,11 +511,14 @@ impl ObjectCopy {
                 }
             }
             match read_index(store.as_ref(), &key, meta.size).await {
-                Ok(slots) => self
-                    .index
-                    .lock()
-                    .expect("object lock")
-                    .insert(key, spool, meta.size, slots, true),
+                Ok(slots) => self.index.lock().expect("object lock").insert(
+                    key,
+                    spool,
+                    meta.size,
+                    slots,
+                    true,
+                    meta.last_modified.timestamp_millis().max(0) as u64,
+                ),
                 Err(IndexError::Store(object_store::Error::NotFound { .. })) => {}
                 Err(IndexError::Store(err)) => return Err(err),
                 Err(IndexError::Damaged(err)) => {
@@ -550,6 +596,51 @@ impl ObjectCopy {
         Ok(())
     }
 
+    /// Segments written more than `after` ago whose live messages hold less
+    /// than half their bytes, each with those messages: copying these
+    /// forward into a new segment lets the old one go, so a message that
+    /// stays deferred never pins the storage of the many finished around it.
+    pub fn stale_segments(&self, after: Duration) -> Vec<(ObjectPath, Vec<String>)> {
+        let before = now_ms().saturating_sub(after.as_millis() as u64);
+        let index = self.index.lock().expect("object lock");
+        index
+            .segments
+            .iter()
+            .filter(|(_, s)| {
+                s.written_ms <= before
+                    && !s.deleting
+                    && !s.live.is_empty()
+                    && s.live_bytes() * 2 < s.size
+            })
+            .map(|(key, s)| {
+                let mut ids: Vec<String> = s.live.iter().cloned().collect();
+                ids.sort();
+                (key.clone(), ids)
+            })
+            .collect()
+    }
+
+    /// Copies live message `job.id` into a new segment (with the messages
+    /// of its window), then lets go of it in the segments that held it;
+    /// those left empty are deleted. The caller keeps the message from being
+    /// finished meanwhile (the queue marks it busy).
+    pub async fn forward(self: Arc<Self>, job: Arc<CopyJob>) -> Result<(), CopyError> {
+        let id = job.id.clone();
+        Arc::clone(&self).write_batched(job, true).await?;
+        let empty = {
+            let mut index = self.index.lock().expect("object lock");
+            let to = index.by_id.get(&id).and_then(|keys| keys.last()).cloned();
+            match to {
+                Some(to) => index.moved(&id, &to),
+                None => Vec::new(),
+            }
+        };
+        for key in empty {
+            self.delete_segment(&key).await;
+        }
+        Ok(())
+    }
+
     async fn delete_segment(&self, key: &ObjectPath) {
         match self.delete_object(key).await {
             Ok(()) => {
@@ -597,11 +688,17 @@ impl ObjectCopy {
         }
     }
 
-    /// Adds `job` to its spool's open batch and waits for the flush.
-    async fn write_batched(self: Arc<Self>, job: Arc<CopyJob>) -> Result<(), CopyError> {
+    /// Adds `job` to its spool's open batch and waits for the flush; a
+    /// message some segment holds already is refused unless `forward`.
+    async fn write_batched(
+        self: Arc<Self>,
+        job: Arc<CopyJob>,
+        forward: bool,
+    ) -> Result<(), CopyError> {
         {
             let mut index = self.index.lock().expect("object lock");
-            if index.by_id.contains_key(&job.id) || !index.pending.insert(job.id.clone()) {
+            let held = index.by_id.contains_key(&job.id);
+            if held != forward || !index.pending.insert(job.id.clone()) {
                 return Err(CopyError::AlreadyExists {
                     key: format!("object copy of {}", job.id),
                 });
@@ -697,7 +794,7 @@ impl ObjectCopy {
                 index.pending.remove(&waiting.job.id);
             }
             if result.is_ok() {
-                index.insert(key.clone(), &spool, size, slots, false);
+                index.insert(key.clone(), &spool, size, slots, false, now_ms());
             }
         }
         match &result {
@@ -797,6 +894,14 @@ impl ObjectCopy {
             .await
             .expect("the upload budget is never closed")
     }
+}
+
+/// The wall clock in Unix ms.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Why a segment's index could not be read.
@@ -969,7 +1074,7 @@ impl CopyTarget for ObjectCopy {
     }
 
     fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
-        Box::pin(self.write_batched(job))
+        Box::pin(self.write_batched(job, false))
     }
 
     /// Takes back the copy of a message that was never acknowledged.

@@ -78,6 +78,28 @@ pub struct CopyJob {
     pub envelope_json: Bytes,
 }
 
+impl CopyJob {
+    /// A job for a message already on disk here: its data at `eml_path`,
+    /// its envelope beside it (`.env`).
+    pub async fn from_files(
+        spool: &str,
+        id: &str,
+        eml_path: &std::path::Path,
+        data_len: u64,
+    ) -> std::io::Result<CopyJob> {
+        let envelope_json = tokio::fs::read(eml_path.with_extension("env")).await?;
+        let file = std::fs::File::open(eml_path)?;
+        Ok(CopyJob {
+            spool: spool.to_owned(),
+            id: id.to_owned(),
+            eml_path: eml_path.to_owned(),
+            eml_file: Arc::new(file),
+            data_len,
+            envelope_json: envelope_json.into(),
+        })
+    }
+}
+
 /// One durable copy of messages.
 ///
 /// `write` returns `Ok` only once `.eml` and then `.env` are durable (fsync'd

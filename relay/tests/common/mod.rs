@@ -184,6 +184,8 @@ pub struct RelayConfig {
     pub extra_toml: String,
     /// TOML inside the `[[listener]]` table (e.g. `scanners = [...]`).
     pub listener_toml: String,
+    /// TOML inside the `[spool]` table (e.g. `segment_forward_after = "2s"`).
+    pub spool_toml: String,
 }
 
 impl Default for RelayConfig {
@@ -198,6 +200,7 @@ impl Default for RelayConfig {
             data_dir: None,
             extra_toml: "[delivery]\npaused = true\n".into(),
             listener_toml: String::new(),
+            spool_toml: String::new(),
         }
     }
 }
@@ -509,6 +512,7 @@ fn render_config(
     if let Some(reserve) = config.reserve_bytes {
         out += &format!("reserve_bytes = {reserve}\n");
     }
+    out += &config.spool_toml;
     out += "\n[object_store]\n";
     match &config.object_store {
         ObjectStore::Local => out += "kind = \"local\"\n",
