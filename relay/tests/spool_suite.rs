@@ -13,7 +13,7 @@ use object_store::ObjectStoreExt;
 use postern::config::Config;
 use postern::smtp::params::Mailbox;
 use postern::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
-use postern::spool::object::{ObjectCopy, SINGLE_PUT_MAX};
+use postern::spool::object::{ObjectCopy, SegmentEvent, SINGLE_PUT_MAX};
 use postern::spool::quorum::{CopyJob, CopyTarget};
 use postern::spool::Spool;
 use sha2::{Digest, Sha256};
@@ -272,4 +272,51 @@ pub async fn object_copy_conformance(config: &Config) {
     assert!(data == std::fs::read(&ten[9].eml_path).unwrap());
     copy.release(&ten[9].id, true).await;
     assert!(segment_keys(&copy, "").await.is_empty());
+
+    // In a cluster spool: a message refused after its copy landed in a
+    // segment that stays is reported withdrawn (to be recorded final); the
+    // states of released messages may go once their segment is gone.
+    let mut events = copy.events();
+    let in_spool = |data: &[u8]| {
+        let mut job = Arc::try_unwrap(job(staging.path(), data)).unwrap();
+        job.spool = "s1".into();
+        Arc::new(job)
+    };
+    let (refused, kept) = (in_spool(&message(3_000)), in_spool(&message(4_000)));
+    let (a, b) = tokio::join!(
+        Arc::clone(&copy).write(Arc::clone(&refused)),
+        Arc::clone(&copy).write(Arc::clone(&kept))
+    );
+    a.unwrap();
+    b.unwrap();
+    if segment_keys(&copy, "s1").await.len() == 1 {
+        Arc::clone(&copy)
+            .remove("s1".into(), refused.id.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            events.try_recv().unwrap(),
+            SegmentEvent::Withdrawn("s1".into(), refused.id.clone())
+        );
+        copy.release(&kept.id, true).await;
+        let mut forgotten = match events.try_recv().unwrap() {
+            SegmentEvent::Forget(spool, ids) if spool == "s1" => ids,
+            other => panic!("expected Forget, got {other:?}"),
+        };
+        forgotten.sort();
+        let mut both = vec![refused.id.clone(), kept.id.clone()];
+        both.sort();
+        assert_eq!(forgotten, both);
+    } else {
+        // Two windows: each alone, so nothing stays to be withdrawn.
+        Arc::clone(&copy)
+            .remove("s1".into(), refused.id.clone())
+            .await
+            .unwrap();
+        copy.release(&kept.id, true).await;
+        while let Ok(event) = events.try_recv() {
+            assert!(matches!(event, SegmentEvent::Forget(..)), "{event:?}");
+        }
+    }
+    assert!(segment_keys(&copy, "s1").await.is_empty());
 }

@@ -49,7 +49,7 @@ use crate::peer::store::{Header, ReplicaError, ReplicaStore};
 use crate::queue::state::DeliveryState;
 use crate::queue::{Ownership, OwnershipError, Queue};
 use crate::spool::envelope::Envelope;
-use crate::spool::object::ObjectCopy;
+use crate::spool::object::{ObjectCopy, SegmentEvent};
 use crate::spool::quorum::CopyJob;
 use crate::spool::Spool;
 
@@ -542,7 +542,7 @@ async fn run(inner: Arc<Inner>) {
                 async move { repair(&inner).await }
             }
         }),
-        tokio::spawn(forget_finished(Arc::clone(&inner))),
+        tokio::spawn(record_segment_events(Arc::clone(&inner))),
     ]);
     let mut status: watch::Receiver<()> = status_changes(&membership);
     let mut epoch = 0;
@@ -610,16 +610,30 @@ fn status_changes(membership: &Membership) -> watch::Receiver<()> {
     rx
 }
 
-/// Forgets the final states of messages whose segments are gone, each with
-/// the next state transaction of its spool.
-async fn forget_finished(inner: Arc<Inner>) {
+/// Records what the object copy reports about messages in segments, each
+/// change with the next state transaction of its spool: final states
+/// forgotten once their segments are gone, and refused messages whose copy
+/// stays in a segment recorded as final (no recipients left).
+async fn record_segment_events(inner: Arc<Inner>) {
     let Some(objects) = inner.objects.clone() else {
         return;
     };
-    let mut finished = objects.finished();
-    while let Some((spool, ids)) = finished.recv().await {
-        for id in ids {
-            inner.state_commits.commit_later(&spool, id, Change::Delete);
+    let mut events = objects.events();
+    let withdrawn =
+        Bytes::from(serde_json::to_vec(&DeliveryState::new(0, 0)).expect("a state serializes"));
+    while let Some(event) = events.recv().await {
+        match event {
+            SegmentEvent::Forget(spool, ids) => {
+                for id in ids {
+                    inner.state_commits.commit_later(&spool, id, Change::Delete);
+                }
+            }
+            SegmentEvent::Withdrawn(spool, id) => {
+                tracing::info!(%spool, %id, "a refused message stays in a segment; recording it as final");
+                inner
+                    .state_commits
+                    .commit_later(&spool, id, Change::Put(withdrawn.clone()));
+            }
         }
     }
 }

@@ -16,7 +16,7 @@
 //! those are still live. Finishing a message releases it; a segment whose
 //! messages are all released is deleted, and only then may the cluster forget
 //! the final states of its messages (a later owner that finds a segment must
-//! be able to tell finished messages from new ones). [`ObjectCopy::finished`]
+//! be able to tell finished messages from new ones). [`ObjectCopy::events`]
 //! hands those out.
 //!
 //! The backends are S3 (the `object_store` crate) and a local directory (our
@@ -244,8 +244,17 @@ impl SegmentIndex {
     }
 }
 
-/// A spool and the messages of it whose final state may be forgotten.
-pub type Finished = (String, Vec<String>);
+/// What the cluster must record about messages in segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentEvent {
+    /// The segments holding these messages of the spool are gone: their
+    /// final states may be forgotten.
+    Forget(String, Vec<String>),
+    /// This message of the spool was refused (its quorum was lost) after its
+    /// copy landed in a segment that stays for other messages: a later owner
+    /// that lists the segment must find it final, not new.
+    Withdrawn(String, String),
+}
 
 /// Settings of the batches.
 #[derive(Debug, Clone, Copy)]
@@ -285,7 +294,7 @@ pub struct ObjectCopy {
     generation: AtomicU64,
     batches: Mutex<HashMap<String, Batch>>,
     index: Mutex<SegmentIndex>,
-    finished: Mutex<Option<mpsc::UnboundedSender<Finished>>>,
+    events: Mutex<Option<mpsc::UnboundedSender<SegmentEvent>>>,
 }
 
 impl std::fmt::Debug for ObjectCopy {
@@ -384,7 +393,7 @@ impl ObjectCopy {
             generation: AtomicU64::new(0),
             batches: Mutex::new(HashMap::new()),
             index: Mutex::new(SegmentIndex::default()),
-            finished: Mutex::new(None),
+            events: Mutex::new(None),
         })
     }
 
@@ -424,13 +433,19 @@ impl ObjectCopy {
         self.batching
     }
 
-    /// From now on, the spools and ids whose final state may be forgotten
-    /// because the segments holding them are gone. One subscriber (the
-    /// cluster node); outside a cluster nobody asks.
-    pub fn finished(&self) -> mpsc::UnboundedReceiver<Finished> {
+    /// From now on, what the cluster must record about messages in
+    /// segments ([`SegmentEvent`]). One subscriber (the cluster node);
+    /// outside a cluster nobody asks.
+    pub fn events(&self) -> mpsc::UnboundedReceiver<SegmentEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.finished.lock().expect("object lock") = Some(tx);
+        *self.events.lock().expect("object lock") = Some(tx);
         rx
+    }
+
+    fn send(&self, event: SegmentEvent) {
+        if let Some(tx) = &*self.events.lock().expect("object lock") {
+            let _ = tx.send(event);
+        }
     }
 
     /// Whether a known segment holds message `id` (repair writes the copy
@@ -556,16 +571,28 @@ impl ObjectCopy {
         }
     }
 
-    /// Releases message `id`: it is finished (or was never acknowledged).
-    /// Segments left without a live message are deleted. Returns whether a
-    /// segment held it: then, with `forget_state`, its final state may be
-    /// forgotten only once [`ObjectCopy::finished`] names it.
+    /// Releases message `id`: it is finished. Segments left without a live
+    /// message are deleted. Returns whether a segment held it: then, with
+    /// `forget_state`, its final state may be forgotten only once
+    /// [`ObjectCopy::events`] says so.
     pub async fn release(&self, id: &str, forget_state: bool) -> bool {
-        let (mut empty, held) = {
+        self.release_as(id, forget_state, None).await
+    }
+
+    /// [`release`](ObjectCopy::release); for a message of cluster spool
+    /// `withdrawn` that was never acknowledged, a segment that stays with
+    /// other messages first gets it recorded as final.
+    async fn release_as(&self, id: &str, forget_state: bool, withdrawn: Option<&str>) -> bool {
+        let (mut empty, held, stays) = {
             let mut index = self.index.lock().expect("object lock");
+            let keys = index.by_id.get(id).cloned().unwrap_or_default();
             let (empty, held) = index.release(id, forget_state);
-            (empty, held)
+            let stays = keys.iter().any(|key| !empty.contains(key));
+            (empty, held, stays)
         };
+        if let (Some(spool), true) = (withdrawn, stays) {
+            self.send(SegmentEvent::Withdrawn(spool.to_owned(), id.to_owned()));
+        }
         empty.extend(self.index.lock().expect("object lock").take_undeleted());
         for key in empty {
             self.delete_segment(&key).await;
@@ -648,9 +675,7 @@ impl ObjectCopy {
                 if let Some((spool, forget)) = gone {
                     tracing::debug!(key = %key, finished = forget.len(), "segment deleted");
                     if !forget.is_empty() {
-                        if let Some(tx) = &*self.finished.lock().expect("object lock") {
-                            let _ = tx.send((spool, forget));
-                        }
+                        self.send(SegmentEvent::Forget(spool, forget));
                     }
                 }
             }
@@ -1077,14 +1102,17 @@ impl CopyTarget for ObjectCopy {
         Box::pin(self.write_batched(job, false))
     }
 
-    /// Takes back the copy of a message that was never acknowledged.
+    /// Takes back the copy of a message that was never acknowledged (its
+    /// quorum was lost): released, and recorded as final in the cluster
+    /// when its segment stays.
     fn remove(
         self: Arc<Self>,
-        _spool: String,
+        spool: String,
         id: String,
     ) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
-            self.release(&id, false).await;
+            let withdrawn = (!spool.is_empty()).then_some(spool.as_str());
+            self.release_as(&id, true, withdrawn).await;
             Ok(())
         })
     }
