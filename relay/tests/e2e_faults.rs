@@ -40,12 +40,15 @@ fn send(relay: &Relay, data: &[u8]) -> Reply {
     reply
 }
 
-/// Files in the spool and the local object store that belong to no committed message.
+/// Files in the spool and the local object store that belong to no committed
+/// message: spool files named after another id, and segments holding none
+/// of the committed messages. Segments are released in the background
+/// after a restart, so this waits a few seconds for them to go.
 fn strays(relay: &Relay) -> Vec<String> {
-    let committed = relay.committed();
-    let mut out = Vec::new();
-    for dir in [relay.spool_dir(), relay.objects_dir()] {
-        for file in files_under(&dir) {
+    let find = || {
+        let committed = relay.committed();
+        let mut out = Vec::new();
+        for file in files_under(&relay.spool_dir()) {
             let name = Path::new(&file)
                 .file_name()
                 .unwrap()
@@ -53,11 +56,40 @@ fn strays(relay: &Relay) -> Vec<String> {
                 .into_owned();
             // `.lock` guards the spool against a second relay on the same directory.
             if name != ".lock" && !committed.iter().any(|id| name.starts_with(id.as_str())) {
-                out.push(dir.join(file).display().to_string());
+                out.push(relay.spool_dir().join(file).display().to_string());
             }
         }
-    }
-    out
+        for file in files_under(&relay.objects_dir()) {
+            let path = relay.objects_dir().join(&file);
+            let live = file.ends_with(".seg")
+                && std::fs::read(&path).is_ok_and(|object| {
+                    segment_messages(&object)
+                        .iter()
+                        .any(|(id, _, _)| committed.contains(id))
+                });
+            if !live {
+                out.push(path.display().to_string());
+            }
+        }
+        out
+    };
+    wait_for(Duration::from_secs(5), || {
+        let found = find();
+        found.is_empty().then_some(found)
+    })
+    .unwrap_or_else(find)
+}
+
+/// The object copy of message `id` (data) in the local-directory object
+/// store's segments.
+fn object_copy(relay: &Relay, id: &str) -> Option<Vec<u8>> {
+    files_under(&relay.objects_dir())
+        .iter()
+        .filter(|file| file.ends_with(".seg"))
+        .filter_map(|file| std::fs::read(relay.objects_dir().join(file)).ok())
+        .flat_map(|object| segment_messages(&object))
+        .find(|(held, _, _)| held == id)
+        .map(|(_, _, data)| data)
 }
 
 // ---------------------------------------------------------------- smuggling
@@ -197,12 +229,12 @@ fn kill9_right_after_250_loses_nothing() {
         );
         relay.assert_spooled(id, data);
         // The object-store copy (a local directory here) holds the same bytes.
-        let objects = files_under(&relay.objects_dir());
-        let key = objects
-            .iter()
-            .find(|f| f.ends_with(&format!("{id}.eml")))
-            .unwrap_or_else(|| panic!("no object-store copy of {id}.eml in {objects:?}"));
-        let copy = std::fs::read(relay.objects_dir().join(key)).unwrap();
+        let copy = object_copy(&relay, id).unwrap_or_else(|| {
+            panic!(
+                "no object-store copy of {id} in {:?}",
+                files_under(&relay.objects_dir())
+            )
+        });
         assert!(
             copy == relay.eml(id),
             "object-store copy of {id} differs from the spool copy"

@@ -213,8 +213,8 @@ impl PeerClient {
         tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir))
             .await
             .map_err(std::io::Error::other)??;
-        let sync = DirSync::new(dest_dir.to_owned());
-        write_replica(dest_dir, &sync, &self.writing, header, data).await?;
+        let files = DirSync::filesystem(dest_dir.to_owned())?;
+        write_replica(dest_dir, &files, &self.writing, header, data).await?;
         Ok((eml_path(dest_dir, id), envelope_json))
     }
 

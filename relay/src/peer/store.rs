@@ -3,11 +3,14 @@
 //! `Replicate` or is fetched by [`PeerClient::fetch`](super::PeerClient::fetch).
 //!
 //! A replica is written like the local spool commits a message: the `.eml`
-//! is created (never reused), filled as the data streams in, checked against
-//! the announced length and SHA-256 and fsync'd; then the envelope goes to
-//! `<id>.env.tmp`, is fsync'd and renamed to `<id>.env` without replacing
-//! anything, and the directory is fsync'd. Only then is the write confirmed.
-//! Whatever fails (or is cancelled) before the rename leaves no file behind.
+//! is created (never reused), filled as the data streams in and checked
+//! against the announced length and SHA-256; then the envelope goes to
+//! `<id>.env.tmp` and is renamed to `<id>.env` without replacing anything,
+//! and a group-committed `syncfs(2)` makes all of it durable, shared with
+//! every replica written meanwhile (so the replicas streamed to a peer at
+//! once cost it one sync). Only then is the write confirmed. Whatever fails
+//! (or is cancelled) before the rename leaves no file behind; a failed sync
+//! takes the replica back.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,7 +24,7 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
 use super::{valid_spool, CHUNK};
-use crate::spool::fsync::{remove_if_present, rename_noreplace, sync_dir, write_synced, DirSync};
+use crate::spool::fsync::{remove_if_present, rename_noreplace, sync_dir, write_new, DirSync};
 use crate::spool::id;
 use crate::spool::local::{available_bytes, create_eml, eml_path, env_path, env_tmp_path, Writer};
 
@@ -252,8 +255,8 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Writes the replica `header` describes into `dir` (which must exist) from
-/// `data`, durably: returns once `<id>.eml` and `<id>.env` are fsync'd and
-/// `sync` has fsync'd `dir`.
+/// `data`, durably: returns once `files` (a [`DirSync::filesystem`] of
+/// `dir`'s filesystem) has synced `<id>.eml` and `<id>.env`.
 ///
 /// An identical replica already committed is [`Written::AlreadyThere`]; one
 /// with different envelope bytes is [`ReplicaError::AlreadyExists`]. A
@@ -264,7 +267,7 @@ async fn blocking<T: Send + 'static>(
 /// [`Writing::cancel`] keeps it from committing.
 pub async fn write_replica<S>(
     dir: &Path,
-    sync: &Arc<DirSync>,
+    files: &Arc<DirSync>,
     writing: &Writing,
     header: Header,
     data: S,
@@ -310,9 +313,9 @@ where
         .await?
     };
     let Some(file) = prepared else {
-        // Committed by an earlier attempt; make sure its names are durable
-        // before confirming again.
-        sync.sync().await?;
+        // Committed by an earlier attempt; make sure it is durable before
+        // confirming again.
+        files.sync().await?;
         return Ok(Written::AlreadyThere);
     };
     let mut leftovers = Leftovers {
@@ -350,7 +353,7 @@ where
     let expected_sha = header.data_sha256.map(|s| s.to_ascii_lowercase());
     let envelope = header.envelope_json;
     let commit_id = id.clone();
-    let (commit_eml, commit_tmp) = (eml.clone(), tmp.clone());
+    let (commit_eml, commit_tmp, commit_env) = (eml.clone(), tmp.clone(), env.clone());
     blocking(move || {
         let mut leftovers = Leftovers {
             paths: vec![commit_eml, commit_tmp.clone()],
@@ -370,12 +373,12 @@ where
                 });
             }
         }
-        file.sync_data()?;
-        write_synced(&commit_tmp, &envelope)?;
+        drop(file);
+        write_new(&commit_tmp, &envelope)?;
         guard.commit(&commit_id, || {
-            rename_noreplace(&commit_tmp, &env).map_err(|err| {
+            rename_noreplace(&commit_tmp, &commit_env).map_err(|err| {
                 if err.kind() == io::ErrorKind::AlreadyExists {
-                    io::Error::new(err.kind(), format!("{} appeared", env.display()))
+                    io::Error::new(err.kind(), format!("{} appeared", commit_env.display()))
                 } else {
                     err
                 }
@@ -385,7 +388,12 @@ where
         Ok(())
     })
     .await?;
-    sync.sync().await?;
+    if let Err(err) = files.sync().await {
+        // Named but maybe not durable: not a replica anyone may count on.
+        let _ = remove_if_present(&env);
+        let _ = remove_if_present(&eml);
+        return Err(err.into());
+    }
     Ok(Written::Stored)
 }
 
@@ -486,6 +494,8 @@ pub struct ReplicaStore {
     root: PathBuf,
     /// One group committer per spool directory.
     syncs: Mutex<HashMap<String, Arc<DirSync>>>,
+    /// `syncfs` rounds of the replicas' filesystem (writes).
+    files: Arc<DirSync>,
     writing: Writing,
 }
 
@@ -524,8 +534,9 @@ impl ReplicaStore {
             tracing::info!(removed, "removed partial replicas");
         }
         Ok(ReplicaStore {
-            root,
             syncs: Mutex::new(HashMap::new()),
+            files: DirSync::filesystem(root.clone())?,
+            root,
             writing: Writing::default(),
         })
     }
@@ -572,8 +583,7 @@ impl ReplicaStore {
             Ok(())
         })
         .await?;
-        let sync = self.sync_of(spool, &dir);
-        write_replica(&dir, &sync, &self.writing, header, data).await
+        write_replica(&dir, &self.files, &self.writing, header, data).await
     }
 
     /// Ids of the committed replicas of `spool`, sorted.

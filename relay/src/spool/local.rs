@@ -1,7 +1,8 @@
 //! The local spool: streams a message into `<id>.eml` through a bounded
 //! buffer, watches disk space while doing so, and commits the local copy by
-//! writing `<id>.env` (temp file, fsync, rename, group-committed directory
-//! fsync).
+//! writing `<id>.env` (temp file, rename) and then waiting for a
+//! group-committed `syncfs(2)` that makes the data, the envelope and both
+//! names durable at once, for every message committed meanwhile.
 //!
 //! Layout under `data_dir/spool/`: `<id>.eml` (wire-format bytes), `<id>.env`
 //! (the envelope; its presence commits the message) and, only during a
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::fsync::{remove_if_present, write_synced, DirSync};
+use super::fsync::{remove_if_present, write_new, DirSync};
 use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
 use crate::config::CopyKind;
 
@@ -171,15 +172,20 @@ impl Writer {
 #[derive(Debug)]
 pub struct LocalCopy {
     dir: PathBuf,
+    /// Directory fsyncs (removals).
     sync: Arc<DirSync>,
+    /// `syncfs` rounds of the spool's filesystem (commits).
+    files: Arc<DirSync>,
 }
 
 impl LocalCopy {
-    /// The copy in the spool directory `sync.dir()`.
-    pub fn new(sync: Arc<DirSync>) -> LocalCopy {
+    /// The copy in the spool directory `sync.dir()`; `files` syncs its
+    /// filesystem ([`DirSync::filesystem`]).
+    pub fn new(sync: Arc<DirSync>, files: Arc<DirSync>) -> LocalCopy {
         LocalCopy {
             dir: sync.dir().to_owned(),
             sync,
+            files,
         }
     }
 }
@@ -193,28 +199,26 @@ impl CopyTarget for LocalCopy {
         Box::pin(async move {
             let dir = self.dir.clone();
             let tmp = env_tmp_path(&dir, &job.id);
-            // The two fsyncs run side by side (they can share a journal commit,
-            // and the disk queue); only the rename has to wait for both.
-            let data = {
-                let job = Arc::clone(&job);
-                tokio::task::spawn_blocking(move || job.eml_file.sync_data())
-            };
-            let envelope = {
+            let env = env_path(&dir, &job.id);
+            let named = {
                 let (job, tmp) = (Arc::clone(&job), tmp.clone());
-                tokio::task::spawn_blocking(move || write_synced(&tmp, &job.envelope_json))
+                tokio::task::spawn_blocking(move || {
+                    write_new(&tmp, &job.envelope_json)?;
+                    std::fs::rename(&tmp, &env)
+                })
             };
-            let (data, envelope) = tokio::join!(data, envelope);
-            if let Err(err) = joined(data).and(joined(envelope)) {
+            if let Err(err) = joined(named.await) {
                 let _ = remove_if_present(&tmp);
                 return Err(err);
             }
-            let env = env_path(&dir, &job.id);
-            tokio::task::spawn_blocking(move || std::fs::rename(&tmp, &env)).await??;
-            // One directory fsync makes both names durable: the `.eml` created
-            // at `begin` and the renamed `.env`. A crash before it returns may
-            // leave a `.env` whose `.eml` name was lost; recovery quarantines
-            // that, and the client never got its 250.
-            self.sync.sync().await?;
+            // One syncfs makes the `.eml` (data and name) and the `.env`
+            // durable, shared with every commit that named its `.env` before
+            // it started. A crash before it returns may leave a `.env` whose
+            // data did not all reach the disk: the client never got its 250,
+            // and recovery (length) or the check before the first delivery
+            // (SHA-256) quarantines it. A failed sync fails the commit; the
+            // quorum then takes the copy back.
+            self.files.sync().await?;
             Ok(())
         })
     }
@@ -302,7 +306,10 @@ mod tests {
             data_len,
             envelope_json: bytes::Bytes::from_static(b"{}"),
         });
-        let copy = Arc::new(LocalCopy::new(DirSync::new(dir.path().to_owned())));
+        let copy = Arc::new(LocalCopy::new(
+            DirSync::new(dir.path().to_owned()),
+            DirSync::filesystem(dir.path().to_owned()).unwrap(),
+        ));
         Arc::clone(&copy).write(job).await.unwrap();
         assert_eq!(std::fs::read(env_path(dir.path(), id)).unwrap(), b"{}");
         assert!(!env_tmp_path(dir.path(), id).exists());

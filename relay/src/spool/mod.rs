@@ -176,6 +176,7 @@ impl Spool {
         }
 
         let sync = DirSync::new(dir.clone());
+        let files = DirSync::filesystem(dir.clone())?;
         let object = if config.spool.copies.contains(&CopyKind::ObjectStore) {
             Some(Arc::new(ObjectCopy::from_config(config)?))
         } else {
@@ -187,7 +188,10 @@ impl Spool {
             .iter()
             .flat_map(|kind| match kind {
                 CopyKind::Local => {
-                    vec![Arc::new(LocalCopy::new(Arc::clone(&sync))) as Arc<dyn CopyTarget>]
+                    vec![
+                        Arc::new(LocalCopy::new(Arc::clone(&sync), Arc::clone(&files)))
+                            as Arc<dyn CopyTarget>,
+                    ]
                 }
                 CopyKind::ObjectStore => {
                     vec![Arc::clone(object.as_ref().expect("built above")) as Arc<dyn CopyTarget>]
