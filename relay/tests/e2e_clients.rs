@@ -251,12 +251,18 @@ fn postfix_relays_through_postern_as_its_relayhost() {
         env.contains("sender") && env.contains("rcpt"),
         "envelope: {env}"
     );
-    let log = postfix.maillog();
-    assert!(
-        log.contains(&format!("relay=127.0.0.1[127.0.0.1]:{}", relay.smtp.port()))
-            && log.contains("status=sent"),
-        "postfix did not log the delivery to postern:\n{log}"
-    );
+    // The message is committed here a moment before Postfix hears 250 and logs it.
+    let delivered_to = format!("relay=127.0.0.1[127.0.0.1]:{}", relay.smtp.port());
+    let logged = wait_for(Duration::from_secs(10), || {
+        let log = postfix.maillog();
+        (log.contains(&delivered_to) && log.contains("status=sent")).then_some(log)
+    });
+    let log = logged.unwrap_or_else(|| {
+        panic!(
+            "postfix did not log the delivery to postern:\n{}",
+            postfix.maillog()
+        )
+    });
     assert!(
         log.contains(&format!("queued as {id}")),
         "postfix log lacks postern's reply:\n{log}"

@@ -143,16 +143,23 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     assert_eq!(env.reverse_path.unwrap().address(), "a@example.org");
     assert_eq!(env.client.helo, "client.example");
 
-    // The object-store copy holds the same bytes.
-    let objects = walk(&config.local_object_dir());
-    let object_eml = objects
-        .iter()
-        .find(|p| p.file_name().unwrap().to_string_lossy() == format!("{id}.eml"))
-        .expect("object copy of the .eml");
-    assert_eq!(std::fs::read(object_eml).unwrap(), eml);
-    assert!(objects
-        .iter()
-        .any(|p| p.file_name().unwrap().to_string_lossy() == format!("{id}.env")));
+    // The object-store copy: a segment holding the same bytes and envelope.
+    let segments: Vec<PathBuf> = walk(&config.local_object_dir())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let object = std::fs::read(&segments[0]).unwrap();
+    let slots =
+        postern::spool::segment::parse_tail(&object, object.len() as u64).expect("a segment");
+    assert_eq!(slots.len(), 1);
+    assert_eq!(slots[0].id, id);
+    let range = |r: std::ops::Range<u64>| &object[r.start as usize..r.end as usize];
+    assert_eq!(range(slots[0].data_range()), &eml[..]);
+    assert_eq!(
+        range(slots[0].envelope_range()),
+        &std::fs::read(dir.path().join("spool").join(format!("{id}.env"))).unwrap()[..]
+    );
     client.send("QUIT\r\n").await;
     client.expect("221").await;
 }
