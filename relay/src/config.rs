@@ -213,6 +213,21 @@ pub enum CopyKind {
     Peer,
 }
 
+/// How the local spool makes a commit durable.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// One `syncfs(2)` of the spool's filesystem per round of commits (group
+    /// commit). Fastest when `data_dir` is a filesystem of its own (a
+    /// Kubernetes volume); on a filesystem shared with heavy writers each
+    /// round also waits for their data.
+    #[default]
+    Filesystem,
+    /// `fdatasync` of each message's files and a group-committed directory
+    /// fsync: costs do not depend on anyone else's writes.
+    Files,
+}
+
 /// The ack policy: which copies are written and how many must confirm before 250.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -227,6 +242,8 @@ pub struct SpoolConfig {
     /// Free space the spool disk must keep beyond a message before it is taken
     /// (452 4.3.1 otherwise).
     pub reserve_bytes: u64,
+    /// How a local commit is made durable (`filesystem` or `files`).
+    pub sync: SyncMode,
     /// How long a batch of object-store copies stays open after its first
     /// message before it goes up as one segment object; unset: 50 ms when
     /// every copy must confirm (the 250 waits for it), else 200 ms.
@@ -247,6 +264,7 @@ impl Default for SpoolConfig {
             required: 1,
             deadline: Duration::from_secs(30),
             reserve_bytes: 16 * 1024 * 1024,
+            sync: SyncMode::Filesystem,
             segment_window: None,
             segment_bytes: 4 * 1024 * 1024,
             segment_forward_after: Duration::from_secs(3600),

@@ -294,3 +294,19 @@ async fn a_spool_is_owned_by_one_relay_at_a_time() {
     drop(spool);
     Spool::open(&config).await.unwrap();
 }
+
+#[tokio::test]
+async fn with_files_synced_one_by_one_a_commit_is_recovered_the_same() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = config(root.path());
+    config.spool.sync = postern::config::SyncMode::Files;
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let data = message(70_000);
+    let id = receive(&spool, &data, 4096).await.unwrap().id;
+    assert_eq!(std::fs::read(spool.message_path(&id)).unwrap(), data);
+    assert!(!files(spool.dir()).iter().any(|f| f.ends_with(".tmp")));
+    drop(spool);
+    let (_, recovered) = Spool::open(&config).await.unwrap();
+    let ids: Vec<&str> = recovered.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, vec![id.as_str()]);
+}

@@ -2,7 +2,10 @@
 //! buffer, watches disk space while doing so, and commits the local copy by
 //! writing `<id>.env` (temp file, rename) and then waiting for a
 //! group-committed `syncfs(2)` that makes the data, the envelope and both
-//! names durable at once, for every message committed meanwhile.
+//! names durable at once, for every message committed meanwhile
+//! (`spool.sync = "filesystem"`); or, with `spool.sync = "files"`, by
+//! fsyncing the `.eml` and the `.env`'s temp file, renaming it, and waiting
+//! for a group-committed directory fsync.
 //!
 //! Layout under `data_dir/spool/`: `<id>.eml` (wire-format bytes), `<id>.env`
 //! (the envelope; its presence commits the message) and, only during a
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::fsync::{remove_if_present, write_new, DirSync};
+use super::fsync::{remove_if_present, write_new, write_synced, DirSync};
 use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
 use crate::config::CopyKind;
 
@@ -174,19 +177,53 @@ pub struct LocalCopy {
     dir: PathBuf,
     /// Directory fsyncs (removals).
     sync: Arc<DirSync>,
-    /// `syncfs` rounds of the spool's filesystem (commits).
-    files: Arc<DirSync>,
+    /// `syncfs` rounds of the spool's filesystem (commits); `None`: each
+    /// commit fsyncs its own files.
+    files: Option<Arc<DirSync>>,
 }
 
 impl LocalCopy {
     /// The copy in the spool directory `sync.dir()`; `files` syncs its
-    /// filesystem ([`DirSync::filesystem`]).
-    pub fn new(sync: Arc<DirSync>, files: Arc<DirSync>) -> LocalCopy {
+    /// filesystem ([`DirSync::filesystem`]), or each commit fsyncs its own
+    /// files when it is `None`.
+    pub fn new(sync: Arc<DirSync>, files: Option<Arc<DirSync>>) -> LocalCopy {
         LocalCopy {
             dir: sync.dir().to_owned(),
             sync,
             files,
         }
+    }
+}
+
+impl LocalCopy {
+    /// Commits with fsyncs of this message's own files (`spool.sync =
+    /// "files"`): the `.eml` and the `.env`'s temp file side by side (they
+    /// can share a journal commit), then the rename and a group-committed
+    /// directory fsync that makes both names durable.
+    async fn write_files_synced(
+        &self,
+        job: &Arc<CopyJob>,
+        tmp: PathBuf,
+        env: PathBuf,
+    ) -> Result<(), CopyError> {
+        let data = {
+            let job = Arc::clone(job);
+            tokio::task::spawn_blocking(move || job.eml_file.sync_data())
+        };
+        let envelope = {
+            let (job, tmp) = (Arc::clone(job), tmp.clone());
+            tokio::task::spawn_blocking(move || write_synced(&tmp, &job.envelope_json))
+        };
+        let (data, envelope) = tokio::join!(data, envelope);
+        if let Err(err) = joined(data).and(joined(envelope)) {
+            let _ = remove_if_present(&tmp);
+            return Err(err);
+        }
+        tokio::task::spawn_blocking(move || std::fs::rename(&tmp, &env)).await??;
+        // A crash before this returns may leave a `.env` whose `.eml` name
+        // was lost; recovery quarantines that, and the client never got its 250.
+        self.sync.sync().await?;
+        Ok(())
     }
 }
 
@@ -200,6 +237,9 @@ impl CopyTarget for LocalCopy {
             let dir = self.dir.clone();
             let tmp = env_tmp_path(&dir, &job.id);
             let env = env_path(&dir, &job.id);
+            let Some(files) = &self.files else {
+                return self.write_files_synced(&job, tmp, env).await;
+            };
             let named = {
                 let (job, tmp) = (Arc::clone(&job), tmp.clone());
                 tokio::task::spawn_blocking(move || {
@@ -218,7 +258,7 @@ impl CopyTarget for LocalCopy {
             // and recovery (length) or the check before the first delivery
             // (SHA-256) quarantines it. A failed sync fails the commit; the
             // quorum then takes the copy back.
-            self.files.sync().await?;
+            files.sync().await?;
             Ok(())
         })
     }
@@ -297,23 +337,27 @@ mod tests {
         let path = eml_path(dir.path(), id);
         let mut writer = Writer::new(create_eml(&path).unwrap());
         writer.push(b"Subject: x\r\n\r\nbody\r\n");
-        let (file, data_len, _) = writer.finish_blocking().unwrap();
-        let job = Arc::new(CopyJob {
-            spool: String::new(),
-            id: id.into(),
-            eml_path: path.clone(),
-            eml_file: Arc::new(file),
-            data_len,
-            envelope_json: bytes::Bytes::from_static(b"{}"),
-        });
-        let copy = Arc::new(LocalCopy::new(
-            DirSync::new(dir.path().to_owned()),
-            DirSync::filesystem(dir.path().to_owned()).unwrap(),
-        ));
-        Arc::clone(&copy).write(job).await.unwrap();
-        assert_eq!(std::fs::read(env_path(dir.path(), id)).unwrap(), b"{}");
-        assert!(!env_tmp_path(dir.path(), id).exists());
-        copy.remove(String::new(), id.into()).await.unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let (_, data_len, _) = writer.finish_blocking().unwrap();
+        for files in [
+            Some(DirSync::filesystem(dir.path().to_owned()).unwrap()),
+            None,
+        ] {
+            let job = Arc::new(CopyJob {
+                spool: String::new(),
+                id: id.into(),
+                eml_path: path.clone(),
+                eml_file: Arc::new(std::fs::File::open(&path).unwrap()),
+                data_len,
+                envelope_json: bytes::Bytes::from_static(b"{}"),
+            });
+            let copy = Arc::new(LocalCopy::new(DirSync::new(dir.path().to_owned()), files));
+            Arc::clone(&copy).write(job).await.unwrap();
+            assert_eq!(std::fs::read(env_path(dir.path(), id)).unwrap(), b"{}");
+            assert!(!env_tmp_path(dir.path(), id).exists());
+            copy.remove(String::new(), id.into()).await.unwrap();
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+            // Written again for the next mode.
+            std::fs::write(&path, b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        }
     }
 }

@@ -176,7 +176,10 @@ impl Spool {
         }
 
         let sync = DirSync::new(dir.clone());
-        let files = DirSync::filesystem(dir.clone())?;
+        let files = match config.spool.sync {
+            crate::config::SyncMode::Filesystem => Some(DirSync::filesystem(dir.clone())?),
+            crate::config::SyncMode::Files => None,
+        };
         let object = if config.spool.copies.contains(&CopyKind::ObjectStore) {
             Some(Arc::new(ObjectCopy::from_config(config)?))
         } else {
@@ -188,10 +191,8 @@ impl Spool {
             .iter()
             .flat_map(|kind| match kind {
                 CopyKind::Local => {
-                    vec![
-                        Arc::new(LocalCopy::new(Arc::clone(&sync), Arc::clone(&files)))
-                            as Arc<dyn CopyTarget>,
-                    ]
+                    vec![Arc::new(LocalCopy::new(Arc::clone(&sync), files.clone()))
+                        as Arc<dyn CopyTarget>]
                 }
                 CopyKind::ObjectStore => {
                     vec![Arc::clone(object.as_ref().expect("built above")) as Arc<dyn CopyTarget>]
