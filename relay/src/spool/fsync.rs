@@ -65,22 +65,11 @@ impl DirSync {
     /// anything until it is restarted, as PostgreSQL learned to.
     pub fn filesystem(dir: PathBuf) -> io::Result<Arc<DirSync>> {
         use std::os::fd::AsRawFd;
-        use std::sync::atomic::{AtomicBool, Ordering};
         let handle = File::open(&dir)?;
-        let failed = AtomicBool::new(false);
-        let syncer: Syncer = Arc::new(move |dir: &Path| {
-            if failed.load(Ordering::SeqCst) {
-                return Err(io::Error::other(format!(
-                    "an earlier sync of the filesystem holding {} failed; restart the relay",
-                    dir.display()
-                )));
-            }
+        let syncer = poisoned_after_failure(move || {
             // SAFETY: syncfs on a descriptor this closure owns for its life.
             if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
-                failed.store(true, Ordering::SeqCst);
-                let err = io::Error::last_os_error();
-                tracing::error!(dir = %dir.display(), error = %err, "syncfs failed; nothing more is confirmed until restart");
-                return Err(err);
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
@@ -147,6 +136,25 @@ impl DirSync {
             }
         }
     }
+}
+
+/// A syncer running `sync` until it fails once; from then on every call
+/// fails without trying (see [`DirSync::filesystem`]).
+fn poisoned_after_failure(sync: impl Fn() -> io::Result<()> + Send + Sync + 'static) -> Syncer {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let failed = AtomicBool::new(false);
+    Arc::new(move |dir: &Path| {
+        if failed.load(Ordering::SeqCst) {
+            return Err(io::Error::other(format!(
+                "an earlier sync of the filesystem holding {} failed; restart the relay",
+                dir.display()
+            )));
+        }
+        sync().inspect_err(|err| {
+            failed.store(true, Ordering::SeqCst);
+            tracing::error!(dir = %dir.display(), error = %err, "syncfs failed; nothing more is confirmed until restart");
+        })
+    })
 }
 
 /// fsyncs a directory so the names created, renamed or removed in it persist.
@@ -288,6 +296,43 @@ mod tests {
         // The committer is usable again once the directory exists.
         std::fs::create_dir(dir.path().join("missing")).unwrap();
         sync.sync().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_filesystem_sync_every_later_one_fails() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let syncer = poisoned_after_failure({
+            let calls = Arc::clone(&calls);
+            move || match calls.fetch_add(1, Ordering::SeqCst) {
+                1 => Err(io::Error::from_raw_os_error(libc::EIO)),
+                _ => Ok(()),
+            }
+        });
+        let sync = DirSync::with_syncer(PathBuf::from("/spool"), syncer);
+        sync.sync().await.unwrap();
+        let failed = sync.sync().await.unwrap_err();
+        assert!(
+            failed.to_string().contains("Input/output error"),
+            "{failed}"
+        );
+        // The kernel would report the lost write only once: later rounds do
+        // not ask it again and fail.
+        for _ in 0..3 {
+            let err = sync.sync().await.unwrap_err();
+            assert!(err.to_string().contains("restart the relay"), "{err}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_filesystem_sync_covers_files_written_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = DirSync::filesystem(dir.path().to_owned()).unwrap();
+        write_new(&dir.path().join("a"), b"a").unwrap();
+        sync.sync().await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"a");
+        assert!(DirSync::filesystem(dir.path().join("missing")).is_err());
     }
 
     #[test]
