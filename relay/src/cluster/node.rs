@@ -615,7 +615,8 @@ fn status_changes(membership: &Membership) -> watch::Receiver<()> {
 /// forgotten once their segments are gone, and refused messages whose copy
 /// stays in a segment recorded as final (no recipients left).
 async fn record_segment_events(inner: Arc<Inner>) {
-    let Some(objects) = inner.objects.clone() else {
+    // Any object copy, S3 or a directory: its segments pin states alike.
+    let Some(objects) = inner.spool.object_copy().cloned() else {
         return;
     };
     let mut events = objects.events();
