@@ -458,15 +458,6 @@ impl ObjectCopy {
             .contains_key(id)
     }
 
-    /// How many segments this relay knows and their total size in octets.
-    pub fn segments(&self) -> (usize, u64) {
-        let index = self.index.lock().expect("object lock");
-        (
-            index.segments.len(),
-            index.segments.values().map(|s| s.size).sum(),
-        )
-    }
-
     fn location(&self, id: &str) -> Option<(ObjectPath, Slot)> {
         let index = self.index.lock().expect("object lock");
         let key = index.by_id.get(id)?.first()?.clone();
