@@ -213,7 +213,8 @@ pub enum CopyKind {
     Peer,
 }
 
-/// How the local spool makes a commit durable.
+/// How the local spool makes a commit durable. (Peer replicas always use
+/// `syncfs` rounds of the data directory's filesystem.)
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncMode {

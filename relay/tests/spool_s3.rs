@@ -139,7 +139,7 @@ fn config(root: &std::path::Path, moto: &Moto, required: usize, deadline: Durati
 
 /// Every key under the spool's prefix.
 async fn keys(spool: &Spool) -> Vec<String> {
-    let store = spool.object_store().unwrap();
+    let store = spool.object_copy().unwrap().store();
     let prefix = object_store::path::Path::from("relay-a");
     let listed: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
     let mut keys: Vec<String> = listed.into_iter().map(|m| m.location.to_string()).collect();

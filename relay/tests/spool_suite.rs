@@ -289,34 +289,24 @@ pub async fn object_copy_conformance(config: &Config) {
     );
     a.unwrap();
     b.unwrap();
-    if segment_keys(&copy, "s1").await.len() == 1 {
-        Arc::clone(&copy)
-            .remove("s1".into(), refused.id.clone())
-            .await
-            .unwrap();
-        assert_eq!(
-            events.try_recv().unwrap(),
-            SegmentEvent::Withdrawn("s1".into(), refused.id.clone())
-        );
-        copy.release(&kept.id, true).await;
-        let mut forgotten = match events.try_recv().unwrap() {
-            SegmentEvent::Forget(spool, ids) if spool == "s1" => ids,
-            other => panic!("expected Forget, got {other:?}"),
-        };
-        forgotten.sort();
-        let mut both = vec![refused.id.clone(), kept.id.clone()];
-        both.sort();
-        assert_eq!(forgotten, both);
-    } else {
-        // Two windows: each alone, so nothing stays to be withdrawn.
-        Arc::clone(&copy)
-            .remove("s1".into(), refused.id.clone())
-            .await
-            .unwrap();
-        copy.release(&kept.id, true).await;
-        while let Ok(event) = events.try_recv() {
-            assert!(matches!(event, SegmentEvent::Forget(..)), "{event:?}");
-        }
-    }
+    // Both joined one batch in the same poll: one segment holds them.
+    assert_eq!(segment_keys(&copy, "s1").await.len(), 1);
+    Arc::clone(&copy)
+        .remove("s1".into(), refused.id.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        events.try_recv().unwrap(),
+        SegmentEvent::Withdrawn("s1".into(), refused.id.clone())
+    );
+    copy.release(&kept.id, true).await;
+    let mut forgotten = match events.try_recv().unwrap() {
+        SegmentEvent::Forget(spool, ids) if spool == "s1" => ids,
+        other => panic!("expected Forget, got {other:?}"),
+    };
+    forgotten.sort();
+    let mut both = vec![refused.id.clone(), kept.id.clone()];
+    both.sort();
+    assert_eq!(forgotten, both);
     assert!(segment_keys(&copy, "s1").await.is_empty());
 }

@@ -163,9 +163,8 @@ struct Inner {
     peers: Arc<dyn PeerAccess>,
     /// The replicas held here (shared with the peer service).
     replica_store: Arc<ReplicaStore>,
-    /// The object store and the prefix under which `spools/` lives (S3 only:
-    /// a local directory is not shared).
-    /// The S3 copy, read when taking spools over and repairing.
+    /// The S3 copy, read when taking spools over and repairing (a local
+    /// directory is not shared).
     objects: Option<Arc<ObjectCopy>>,
     copies: Vec<CopyKind>,
     replicas: usize,

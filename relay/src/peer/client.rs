@@ -35,6 +35,9 @@ pub struct PeerClient {
     channels: Mutex<HashMap<SocketAddr, Channel>>,
     /// Fetches being written, so two fetches of one message do not collide.
     writing: Writing,
+    /// `syncfs` committers by destination directory, so concurrent fetches
+    /// (a takeover copies many messages at once) share sync rounds.
+    files: Mutex<HashMap<PathBuf, Arc<DirSync>>>,
 }
 
 impl PeerClient {
@@ -46,6 +49,7 @@ impl PeerClient {
             timeout,
             channels: Mutex::new(HashMap::new()),
             writing: Writing::default(),
+            files: Mutex::new(HashMap::new()),
         })
     }
 
@@ -213,9 +217,20 @@ impl PeerClient {
         tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir))
             .await
             .map_err(std::io::Error::other)??;
-        let files = DirSync::filesystem(dest_dir.to_owned())?;
+        let files = self.files_of(dest_dir)?;
         write_replica(dest_dir, &files, &self.writing, header, data).await?;
         Ok((eml_path(dest_dir, id), envelope_json))
+    }
+
+    /// The shared `syncfs` committer of `dir` (opened on first use).
+    fn files_of(&self, dir: &Path) -> std::io::Result<Arc<DirSync>> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = files.get(dir) {
+            return Ok(Arc::clone(found));
+        }
+        let opened = DirSync::filesystem(dir.to_owned())?;
+        files.insert(dir.to_owned(), Arc::clone(&opened));
+        Ok(opened)
     }
 
     async fn next_chunk(

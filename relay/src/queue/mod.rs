@@ -872,8 +872,9 @@ impl Queue {
         if let Some(ownership) = ownership {
             all_removed &= ownership.remove_remote(&envelope.spool, &envelope.id).await;
         }
+        // A segment still holding it keeps the state until it goes.
         let in_segment = spool.release_object(&envelope.id, all_removed).await;
-        if let (Some(ownership), true, false) = (ownership, all_removed, in_segment) {
+        if let Some(ownership) = ownership.filter(|_| all_removed && !in_segment) {
             let _ = ownership
                 .commit_state(&envelope.spool, &envelope.id, None)
                 .await;

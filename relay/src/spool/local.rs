@@ -193,9 +193,7 @@ impl LocalCopy {
             files,
         }
     }
-}
 
-impl LocalCopy {
     /// Commits with fsyncs of this message's own files (`spool.sync =
     /// "files"`): the `.eml` and the `.env`'s temp file side by side (they
     /// can share a journal commit), then the rename and a group-committed

@@ -323,11 +323,6 @@ impl Spool {
         .map_err(std::io::Error::other)?
     }
 
-    /// The object store holding the object copies, when the policy has one.
-    pub fn object_store(&self) -> Option<Arc<dyn object_store::ObjectStore>> {
-        Some(self.inner.object.as_ref()?.store())
-    }
-
     /// The object-store copy, when the policy has one.
     pub fn object_copy(&self) -> Option<&Arc<ObjectCopy>> {
         self.inner.object.as_ref()

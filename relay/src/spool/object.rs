@@ -138,7 +138,8 @@ struct SegmentIndex {
 }
 
 impl SegmentIndex {
-    /// Records a segment (idempotent); ids already released are not revived.
+    /// Records a segment, all its messages live; a segment already known or
+    /// recently deleted is not recorded again.
     fn insert(
         &mut self,
         key: ObjectPath,
@@ -177,20 +178,7 @@ impl SegmentIndex {
         let Some(keys) = self.by_id.remove(id) else {
             return (Vec::new(), false);
         };
-        let mut empty = Vec::new();
-        for key in keys {
-            if let Some(segment) = self.segments.get_mut(&key) {
-                segment.live.remove(id);
-                if forget {
-                    segment.forget.push(id.to_owned());
-                }
-                if segment.live.is_empty() && !segment.deleting {
-                    segment.deleting = true;
-                    empty.push(key);
-                }
-            }
-        }
-        (empty, true)
+        (self.let_go(id, keys, forget), true)
     }
 
     /// Moves live message `id` to segment `to` alone: every other segment
@@ -201,10 +189,20 @@ impl SegmentIndex {
         };
         let old: Vec<ObjectPath> = keys.iter().filter(|k| *k != to).cloned().collect();
         keys.retain(|k| k == to);
+        self.let_go(id, old, false)
+    }
+
+    /// Takes `id` out of the live messages of the segments `keys` (noting it
+    /// to be forgotten with them when `forget`); returns those left empty,
+    /// now marked deleting.
+    fn let_go(&mut self, id: &str, keys: Vec<ObjectPath>, forget: bool) -> Vec<ObjectPath> {
         let mut empty = Vec::new();
-        for key in old {
+        for key in keys {
             if let Some(segment) = self.segments.get_mut(&key) {
                 segment.live.remove(id);
+                if forget {
+                    segment.forget.push(id.to_owned());
+                }
                 if segment.live.is_empty() && !segment.deleting {
                     segment.deleting = true;
                     empty.push(key);
@@ -258,18 +256,18 @@ pub enum SegmentEvent {
 
 /// Settings of the batches.
 #[derive(Debug, Clone, Copy)]
-pub struct Batching {
+struct Batching {
     /// How long a batch stays open after its first message.
-    pub window: Duration,
+    window: Duration,
     /// Size at which a batch closes at once.
-    pub max_bytes: u64,
+    max_bytes: u64,
 }
 
 impl Batching {
     /// The batching `config` asks for: `spool.segment_window`, else 50 ms
     /// when every copy must confirm (a 250 waits for the flush) and 200 ms
     /// when the ack policy can do without this copy (it is written behind).
-    pub fn from_config(config: &Config) -> Batching {
+    fn from_config(config: &Config) -> Batching {
         let spool = &config.spool;
         let window = spool
             .segment_window
@@ -428,11 +426,6 @@ impl ObjectCopy {
         }
     }
 
-    /// The settings batches are closed by.
-    pub fn batching(&self) -> Batching {
-        self.batching
-    }
-
     /// From now on, what the cluster must record about messages in
     /// segments ([`SegmentEvent`]). One subscriber (the cluster node);
     /// outside a cluster nobody asks.
@@ -468,13 +461,12 @@ impl ObjectCopy {
     /// The envelope JSON and the data of message `id`, read with ranged GETs
     /// from the segment holding it; `None` when no known segment does.
     pub async fn read(&self, id: &str) -> Result<Option<(Bytes, Bytes)>, object_store::Error> {
-        let Some((key, slot)) = self.location(id) else {
+        if self.location(id).is_none() {
             return Ok(None);
-        };
-        let store = self.store();
-        let envelope = store.get_range(&key, slot.envelope_range()).await?;
-        let data = store.get_range(&key, slot.data_range()).await?;
-        Ok(Some((envelope, data)))
+        }
+        let (envelope, data) = self.open(id).await?;
+        let chunks: Vec<Bytes> = data.try_collect().await?;
+        Ok(Some((envelope, chunks.concat().into())))
     }
 
     /// The envelope JSON of message `id` and its data as a stream (for the

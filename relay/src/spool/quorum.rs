@@ -88,7 +88,7 @@ impl CopyJob {
         data_len: u64,
     ) -> std::io::Result<CopyJob> {
         let envelope_json = tokio::fs::read(eml_path.with_extension("env")).await?;
-        let file = std::fs::File::open(eml_path)?;
+        let file = tokio::fs::File::open(eml_path).await?.into_std().await;
         Ok(CopyJob {
             spool: spool.to_owned(),
             id: id.to_owned(),

@@ -33,11 +33,4 @@ impl Spool {
             None => false,
         }
     }
-
-    /// Removes the local copy of message `id` and releases its object copy.
-    pub async fn remove(&self, id: &str) -> Result<(), SpoolError> {
-        let local = self.remove_local(id).await;
-        self.release_object(id, local.is_ok()).await;
-        local
-    }
 }
