@@ -184,7 +184,9 @@ fn serve_with_flags_only_runs_the_embedded_default() {
     let id = reply.queued_id();
     // The embedded default: one durable local copy, no object store.
     assert!(
-        data_dir.join("spool").join(format!("{id}.env")).is_file(),
+        postern::spool::local::shard_dir(&data_dir.join("spool"), &id)
+            .join(format!("{id}.env"))
+            .is_file(),
         "{:?}",
         files_under(&data_dir)
     );

@@ -181,7 +181,7 @@ fn a_byte_flipped_while_down_is_quarantined_before_delivery_not_sent() {
     submit(&relay, &["rcpt@dest.test"], &message("intact"));
     let bad = submit(&relay, &["other@dest.test"], &message("damaged"));
     relay.stop();
-    let eml = relay.data_dir.join("spool").join(format!("{bad}.eml"));
+    let eml = relay.spool_file(&bad, "eml");
     let mut bytes = fs::read(&eml).unwrap();
     let at = bytes.len() - 5;
     bytes[at] ^= 0x20;

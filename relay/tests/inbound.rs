@@ -90,13 +90,27 @@ fn connect(listener: Arc<Listener>, peer: &str) -> Client<tokio::io::DuplexStrea
     }
 }
 
-fn committed(dir: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join("spool"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "env"))
-        .collect();
+/// The local spool's file of message `id` with extension `ext`.
+fn spool_file(dir: &Path, id: &str, ext: &str) -> PathBuf {
+    postern::spool::local::shard_dir(&dir.join("spool"), id).join(format!("{id}.{ext}"))
+}
+
+/// Every file in the local spool's subdirectories.
+fn spool_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for shard in std::fs::read_dir(dir.join("spool")).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.is_dir() {
+            found.extend(std::fs::read_dir(shard).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
     found.sort();
+    found
+}
+
+fn committed(dir: &Path) -> Vec<PathBuf> {
+    let mut found = spool_files(dir);
+    found.retain(|p| p.extension().is_some_and(|e| e == "env"));
     found
 }
 
@@ -123,7 +137,7 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     let reply = client.expect("250 2.0.0 Ok: queued as ").await;
     let id = queued_id(&reply);
 
-    let eml = std::fs::read(dir.path().join("spool").join(format!("{id}.eml"))).unwrap();
+    let eml = std::fs::read(spool_file(dir.path(), &id, "eml")).unwrap();
     let text = String::from_utf8(eml.clone()).unwrap();
     assert!(
         text.starts_with("Received: from client.example ([127.0.0.1])\r\n\tby mx.test (Postern)"),
@@ -133,10 +147,9 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     let unstuffed = "Subject: test\r\n\r\n.dot\r\nline two\r\n";
     assert!(text.ends_with(unstuffed), "{text}");
 
-    let env: Envelope = serde_json::from_slice(
-        &std::fs::read(dir.path().join("spool").join(format!("{id}.env"))).unwrap(),
-    )
-    .unwrap();
+    let env: Envelope =
+        serde_json::from_slice(&std::fs::read(spool_file(dir.path(), &id, "env")).unwrap())
+            .unwrap();
     assert_eq!(env.id, id);
     assert_eq!(env.data_len, eml.len() as u64);
     assert_eq!(env.recipients[0].address.address(), "b@example.net");
@@ -158,7 +171,7 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     assert_eq!(range(slots[0].data_range()), &eml[..]);
     assert_eq!(
         range(slots[0].envelope_range()),
-        &std::fs::read(dir.path().join("spool").join(format!("{id}.env"))).unwrap()[..]
+        &std::fs::read(spool_file(dir.path(), &id, "env")).unwrap()[..]
     );
     client.send("QUIT\r\n").await;
     client.expect("221").await;
@@ -228,9 +241,9 @@ async fn strangers_reach_the_postmaster_whose_mail_goes_to_policy_postmaster() {
     client.send(&format!("{body}.\r\n")).await;
     let id = queued_id(&client.expect("250 2.0.0").await);
 
-    let spool = dir.path().join("spool");
     let env: Envelope =
-        serde_json::from_slice(&std::fs::read(spool.join(format!("{id}.env"))).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(spool_file(dir.path(), &id, "env")).unwrap())
+            .unwrap();
     let recipients: Vec<(String, Option<String>)> = env
         .recipients
         .iter()
@@ -250,7 +263,8 @@ async fn strangers_reach_the_postmaster_whose_mail_goes_to_policy_postmaster() {
         ]
     );
     // The message is what the client sent, behind our trace header.
-    let eml = String::from_utf8(std::fs::read(spool.join(format!("{id}.eml"))).unwrap()).unwrap();
+    let eml =
+        String::from_utf8(std::fs::read(spool_file(dir.path(), &id, "eml")).unwrap()).unwrap();
     assert!(eml.starts_with("Received: "), "{eml}");
     assert!(eml.ends_with(body), "{eml}");
 }
@@ -323,9 +337,9 @@ async fn client_disconnecting_mid_data_leaves_nothing() {
     client.send("Subject: half\r\n\r\nsome data").await;
     drop(client);
     task.await.unwrap();
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("spool"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
+    let leftovers: Vec<_> = spool_files(dir.path())
+        .into_iter()
+        .filter_map(|path| path.file_name().map(ToOwned::to_owned))
         .filter(|name| {
             let name = name.to_string_lossy();
             name.ends_with(".eml") || name.contains(".env")
@@ -396,7 +410,7 @@ async fn starttls_discards_pipelined_plaintext_and_records_tls() {
     client.expect("354").await;
     client.send("Subject: secret\r\n\r\nbody\r\n.\r\n").await;
     let id = queued_id(&client.expect("250 2.0.0").await);
-    let eml = std::fs::read_to_string(dir.path().join("spool").join(format!("{id}.eml"))).unwrap();
+    let eml = std::fs::read_to_string(spool_file(dir.path(), &id, "eml")).unwrap();
     assert!(eml.contains("with ESMTPS id"), "{eml}");
 }
 

@@ -76,13 +76,22 @@ pub async fn receive(
     incoming.commit(envelope()).await
 }
 
-/// Names in `dir`, sorted, dotfiles left out.
+/// Names of the files in `dir` and its subdirectories (the local spool
+/// spreads messages over 32), sorted, dotfiles left out.
 pub fn files(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
+    fn walk(dir: &Path, names: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                walk(&entry.path(), names);
+            } else {
+                names.push(entry.file_name().into_string().unwrap());
+            }
+        }
+    }
+    let mut names = Vec::new();
+    walk(dir, &mut names);
+    names.retain(|n| !n.starts_with('.'));
     names.sort();
     names
 }

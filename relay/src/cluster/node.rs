@@ -861,7 +861,7 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
 /// when all are gone and its state was forgotten. A segment still holding
 /// it keeps the state until the segment goes (then the object copy says so).
 async fn finish_leftover(inner: &Inner, spool: &str, id: &str) -> bool {
-    let local_removed = inner.spool.remove_local(id).await.is_ok();
+    let local_removed = inner.spool.remove_local(id, true).await.is_ok();
     let all = remove_replicas(inner, spool, id).await && local_removed;
     if inner.spool.release_object(id, all).await {
         return false;

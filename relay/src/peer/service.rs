@@ -16,7 +16,6 @@ use super::store::{
     ReplicaError, ReplicaStore,
 };
 use crate::spool::envelope::Envelope;
-use crate::spool::fsync::DirSync;
 use crate::spool::Spool;
 
 /// Serves `postern.peer.v1.Peer` from this relay's replicas and local spool.
@@ -30,7 +29,6 @@ pub struct PeerService {
 #[derive(Debug, Clone)]
 struct Local {
     spool: Spool,
-    sync: Arc<DirSync>,
 }
 
 impl PeerService {
@@ -41,10 +39,7 @@ impl PeerService {
     pub fn new(replicas: Arc<ReplicaStore>, spool: Option<Spool>) -> PeerService {
         PeerService {
             replicas,
-            local: spool.map(|spool| Local {
-                sync: DirSync::new(spool.dir().to_owned()),
-                spool,
-            }),
+            local: spool.map(|spool| Local { spool }),
         }
     }
 
@@ -59,7 +54,7 @@ impl PeerService {
         let Some(local) = &self.local else {
             return Ok(None);
         };
-        let dir = local.spool.dir().to_owned();
+        let dir = local.spool.message_dir(id).to_owned();
         let (spool, id) = (spool.to_owned(), id.to_owned());
         tokio::task::spawn_blocking(move || -> std::io::Result<Option<Opened>> {
             let Some(opened) = open_committed(&dir, &id)? else {
@@ -216,9 +211,9 @@ impl peer_server::Peer for PeerService {
         check_id(&id).map_err(status)?;
         self.replicas.remove(&spool, &id).await.map_err(status)?;
         if let Some(local) = &self.local {
-            let dir = local.spool.dir().to_owned();
+            let dir = local.spool.message_dir(&id).to_owned();
             if local_belongs(&dir, &id, &spool).await? {
-                remove_message(&dir, &local.sync, &id)
+                remove_message(&dir, local.spool.message_dir_sync(&id), &id)
                     .await
                     .map_err(status)?;
             }

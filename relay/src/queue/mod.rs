@@ -864,11 +864,11 @@ impl Queue {
     async fn remove_copies(&self, envelope: &Envelope) {
         let spool = &self.inner.spool;
         let mut all_removed = true;
-        if let Err(err) = spool.remove_local(&envelope.id).await {
+        let ownership = self.inner.ownership.get();
+        if let Err(err) = spool.remove_local(&envelope.id, ownership.is_some()).await {
             warn!(id = %envelope.id, "cannot remove finished message: {err}");
             all_removed = false;
         }
-        let ownership = self.inner.ownership.get();
         if let Some(ownership) = ownership {
             all_removed &= ownership.remove_remote(&envelope.spool, &envelope.id).await;
         }

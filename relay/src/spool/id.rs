@@ -72,6 +72,25 @@ fn encode(time: u64, random: u128) -> String {
     out.iter().map(|&b| b as char).collect()
 }
 
+/// How many values an id's last digit takes: the local spool spreads its
+/// files over this many subdirectories by that digit.
+pub const LAST_DIGITS: usize = ALPHABET.len();
+
+/// The value (0..32) of `text`'s last base32 digit; 0 when it is not one.
+/// Consecutive ids of one millisecond differ there by one, so a burst of
+/// messages spreads evenly.
+pub fn last_digit(text: &str) -> usize {
+    text.bytes()
+        .last()
+        .and_then(|b| ALPHABET.iter().position(|&a| a == b))
+        .unwrap_or(0)
+}
+
+/// The character of digit value `digit` (0..32).
+pub fn digit_char(digit: usize) -> char {
+    ALPHABET[digit % ALPHABET.len()] as char
+}
+
 /// Whether `text` has the shape of a spool id (so it may name a file or key).
 pub fn is_valid(text: &str) -> bool {
     text.len() == ID_LEN
@@ -162,6 +181,19 @@ mod tests {
             encode(TIME_MASK, RANDOM_MASK),
             format!("7{}", "Z".repeat(ID_LEN - 1))
         );
+    }
+
+    #[test]
+    fn a_burst_of_ids_spreads_over_every_last_digit() {
+        let ids = IdGenerator::new();
+        let mut seen = HashSet::new();
+        for _ in 0..LAST_DIGITS {
+            let id = ids.next_at(9_000);
+            assert_eq!(digit_char(last_digit(&id)), id.chars().last().unwrap());
+            seen.insert(last_digit(&id));
+        }
+        assert_eq!(seen.len(), LAST_DIGITS);
+        assert_eq!(last_digit("not an id!"), 0);
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! fsyncing the `.eml` and the `.env`'s temp file, renaming it, and waiting
 //! for a group-committed directory fsync.
 //!
-//! Layout under `data_dir/spool/`: `<id>.eml` (wire-format bytes), `<id>.env`
-//! (the envelope; its presence commits the message) and, only during a
-//! commit, `<id>.env.tmp`.
+//! Layout under `data_dir/spool/`: 32 subdirectories named by the last
+//! character of the ids they hold (`spool/<c>/`, see [`Shards`]), each with
+//! `<id>.eml` (wire-format bytes), `<id>.env` (the envelope; its presence
+//! commits the message) and, only during a commit, `<id>.env.tmp`. Creating,
+//! renaming and unlinking a name locks its directory; with one directory,
+//! every session and delivery queued on that lock.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -20,6 +23,7 @@ use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::fsync::{remove_if_present, write_new, write_synced, DirSync};
+use super::id;
 use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
 use crate::config::CopyKind;
 
@@ -28,6 +32,60 @@ pub const BUFFER_CAP: usize = 128 * 1024;
 
 /// How many bytes may be written between two free-space checks.
 pub const SPACE_CHECK_INTERVAL: u64 = 1024 * 1024;
+
+/// `<spool_dir>/<c>/`, where `<c>` is the last character of `id`: the
+/// subdirectory of the local spool that holds message `id`'s files.
+pub fn shard_dir(spool_dir: &Path, id: &str) -> PathBuf {
+    spool_dir.join(shard_name(id::last_digit(id)))
+}
+
+fn shard_name(digit: usize) -> String {
+    id::digit_char(digit).to_string()
+}
+
+/// The local spool's subdirectories, each with its group-committed
+/// directory fsync (removals; commits with `spool.sync = "files"`).
+#[derive(Debug)]
+pub struct Shards {
+    root: PathBuf,
+    syncs: Vec<Arc<DirSync>>,
+}
+
+impl Shards {
+    /// Creates (when missing) the subdirectories of `root`.
+    pub fn open(root: &Path) -> io::Result<Shards> {
+        let mut syncs = Vec::with_capacity(id::LAST_DIGITS);
+        for digit in 0..id::LAST_DIGITS {
+            let dir = root.join(shard_name(digit));
+            std::fs::create_dir_all(&dir)?;
+            syncs.push(DirSync::new(dir));
+        }
+        Ok(Shards {
+            root: root.to_owned(),
+            syncs,
+        })
+    }
+
+    /// The spool directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The subdirectory holding message `id`.
+    pub fn dir_of(&self, id: &str) -> &Path {
+        self.sync_of(id).dir()
+    }
+
+    /// The directory fsync of the subdirectory holding message `id`.
+    pub fn sync_of(&self, id: &str) -> &Arc<DirSync> {
+        &self.syncs[id::last_digit(id)]
+    }
+
+    /// Every subdirectory.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        self.syncs.iter().map(|sync| sync.dir())
+    }
+}
 
 /// `<dir>/<id>.eml`.
 pub fn eml_path(dir: &Path, id: &str) -> PathBuf {
@@ -174,24 +232,19 @@ impl Writer {
 /// durable `.env`.
 #[derive(Debug)]
 pub struct LocalCopy {
-    dir: PathBuf,
-    /// Directory fsyncs (removals).
-    sync: Arc<DirSync>,
+    /// The spool's subdirectories and their fsyncs (removals).
+    shards: Arc<Shards>,
     /// `syncfs` rounds of the spool's filesystem (commits); `None`: each
     /// commit fsyncs its own files.
     files: Option<Arc<DirSync>>,
 }
 
 impl LocalCopy {
-    /// The copy in the spool directory `sync.dir()`; `files` syncs its
+    /// The copy in the spool directory `shards.root()`; `files` syncs its
     /// filesystem ([`DirSync::filesystem`]), or each commit fsyncs its own
     /// files when it is `None`.
-    pub fn new(sync: Arc<DirSync>, files: Option<Arc<DirSync>>) -> LocalCopy {
-        LocalCopy {
-            dir: sync.dir().to_owned(),
-            sync,
-            files,
-        }
+    pub fn new(shards: Arc<Shards>, files: Option<Arc<DirSync>>) -> LocalCopy {
+        LocalCopy { shards, files }
     }
 
     /// Commits with fsyncs of this message's own files (`spool.sync =
@@ -220,7 +273,7 @@ impl LocalCopy {
         tokio::task::spawn_blocking(move || std::fs::rename(&tmp, &env)).await??;
         // A crash before this returns may leave a `.env` whose `.eml` name
         // was lost; recovery quarantines that, and the client never got its 250.
-        self.sync.sync().await?;
+        self.shards.sync_of(&job.id).sync().await?;
         Ok(())
     }
 }
@@ -232,9 +285,9 @@ impl CopyTarget for LocalCopy {
 
     fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
-            let dir = self.dir.clone();
-            let tmp = env_tmp_path(&dir, &job.id);
-            let env = env_path(&dir, &job.id);
+            let dir = self.shards.dir_of(&job.id);
+            let tmp = env_tmp_path(dir, &job.id);
+            let env = env_path(dir, &job.id);
             let Some(files) = &self.files else {
                 return self.write_files_synced(&job, tmp, env).await;
             };
@@ -267,7 +320,7 @@ impl CopyTarget for LocalCopy {
         id: String,
     ) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
-            let dir = self.dir.clone();
+            let dir = self.shards.dir_of(&id).to_owned();
             let id2 = id.clone();
             tokio::task::spawn_blocking(move || {
                 remove_if_present(&env_tmp_path(&dir, &id2))?;
@@ -275,8 +328,8 @@ impl CopyTarget for LocalCopy {
             })
             .await??;
             // The `.env` must be gone for good before the client hears 451.
-            self.sync.sync().await?;
-            let dir = self.dir.clone();
+            self.shards.sync_of(&id).sync().await?;
+            let dir = self.shards.dir_of(&id).to_owned();
             tokio::task::spawn_blocking(move || remove_if_present(&eml_path(&dir, &id))).await??;
             Ok(())
         })
@@ -330,14 +383,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_local_copy_commits_with_env_and_takes_it_back() {
-        let dir = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let shards = Arc::new(Shards::open(root.path()).unwrap());
         let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
-        let path = eml_path(dir.path(), id);
+        let dir = shards.dir_of(id).to_owned();
+        assert_eq!(dir, root.path().join("V"));
+        let path = eml_path(&dir, id);
         let mut writer = Writer::new(create_eml(&path).unwrap());
         writer.push(b"Subject: x\r\n\r\nbody\r\n");
         let (_, data_len, _) = writer.finish_blocking().unwrap();
         for files in [
-            Some(DirSync::filesystem(dir.path().to_owned()).unwrap()),
+            Some(DirSync::filesystem(root.path().to_owned()).unwrap()),
             None,
         ] {
             let job = Arc::new(CopyJob {
@@ -348,12 +404,12 @@ mod tests {
                 data_len,
                 envelope_json: bytes::Bytes::from_static(b"{}"),
             });
-            let copy = Arc::new(LocalCopy::new(DirSync::new(dir.path().to_owned()), files));
+            let copy = Arc::new(LocalCopy::new(Arc::clone(&shards), files));
             Arc::clone(&copy).write(job).await.unwrap();
-            assert_eq!(std::fs::read(env_path(dir.path(), id)).unwrap(), b"{}");
-            assert!(!env_tmp_path(dir.path(), id).exists());
+            assert_eq!(std::fs::read(env_path(&dir, id)).unwrap(), b"{}");
+            assert!(!env_tmp_path(&dir, id).exists());
             copy.remove(String::new(), id.into()).await.unwrap();
-            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+            assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
             // Written again for the next mode.
             std::fs::write(&path, b"Subject: x\r\n\r\nbody\r\n").unwrap();
         }

@@ -4,9 +4,10 @@
 //! On disk, under `data_dir`:
 //!
 //! ```text
-//! spool/<id>.eml          message bytes, exactly as they go on the wire
-//! spool/<id>.env          envelope JSON; its presence commits the message
-//! spool/<id>.env.tmp      only while committing
+//! spool/<c>/<id>.eml      message bytes, exactly as they go on the wire
+//! spool/<c>/<id>.env      envelope JSON; its presence commits the message
+//! spool/<c>/<id>.env.tmp  only while committing
+//!                         (<c>: the id's last character, see local::Shards)
 //! spool/.lock             held (flock) by the relay that owns the spool
 //! quarantine/             damaged records found by recovery, kept for a human
 //! objects/segments/<seq>.seg   the local-directory object store (when configured)
@@ -112,8 +113,8 @@ struct Inner {
     copies: Vec<Arc<dyn CopyTarget>>,
     /// Whether the local `.eml` is a copy (else only staging for the others).
     keep_local: bool,
-    /// Group-commits fsyncs of the spool directory (commits and removals).
-    dir_sync: Arc<DirSync>,
+    /// The spool's subdirectories, each with its group-committed fsync.
+    shards: Arc<local::Shards>,
     object: Option<Arc<ObjectCopy>>,
     background: Background,
     /// The spool new messages go into (see [`Spool::rotate`]).
@@ -175,7 +176,7 @@ impl Spool {
             );
         }
 
-        let sync = DirSync::new(dir.clone());
+        let shards = Arc::new(local::Shards::open(&dir)?);
         let files = match config.spool.sync {
             crate::config::SyncMode::Filesystem => Some(DirSync::filesystem(dir.clone())?),
             crate::config::SyncMode::Files => None,
@@ -191,7 +192,7 @@ impl Spool {
             .iter()
             .flat_map(|kind| match kind {
                 CopyKind::Local => {
-                    vec![Arc::new(LocalCopy::new(Arc::clone(&sync), files.clone()))
+                    vec![Arc::new(LocalCopy::new(Arc::clone(&shards), files.clone()))
                         as Arc<dyn CopyTarget>]
                 }
                 CopyKind::ObjectStore => {
@@ -211,7 +212,7 @@ impl Spool {
             ids: id::IdGenerator::new(),
             copies,
             keep_local: config.spool.copies.contains(&CopyKind::Local),
-            dir_sync: sync,
+            shards,
             object,
             background: Background::default(),
             current: std::sync::Mutex::new(String::new()),
@@ -243,7 +244,7 @@ impl Spool {
     /// Fails with `NoRoom` when the disk is already down to the reserve.
     pub async fn begin(&self) -> Result<Incoming, SpoolError> {
         let id = self.inner.ids.next_id();
-        let path = local::eml_path(&self.inner.dir, &id);
+        let path = local::eml_path(self.inner.shards.dir_of(&id), &id);
         // statvfs reads counters the kernel keeps in memory: no disk wait.
         self.check_room(0)?;
         Ok(Incoming {
@@ -270,7 +271,10 @@ impl Spool {
     /// against its envelope (start checks only the length); a damaged one
     /// is moved to quarantine with a log line, and `false` returned.
     pub async fn verify_or_quarantine(&self, envelope: &Envelope) -> Result<bool, SpoolError> {
-        let (dir, quarantine_dir) = (self.inner.dir.clone(), self.inner.quarantine_dir.clone());
+        let (dir, quarantine_dir) = (
+            self.message_dir(&envelope.id).to_owned(),
+            self.inner.quarantine_dir.clone(),
+        );
         let envelope = envelope.clone();
         tokio::task::spawn_blocking(move || match recovery::verify_data(&dir, &envelope) {
             Ok(()) => Ok(true),
@@ -284,37 +288,34 @@ impl Spool {
         .map_err(std::io::Error::other)?
     }
 
+    /// The subdirectory of the spool that holds message `id`'s files.
+    pub fn message_dir(&self, id: &str) -> &std::path::Path {
+        self.inner.shards.dir_of(id)
+    }
+
+    /// The group-committed fsync of [`message_dir`](Spool::message_dir).
+    pub fn message_dir_sync(&self, id: &str) -> &Arc<DirSync> {
+        self.inner.shards.sync_of(id)
+    }
+
     /// The local `.eml` of message `id`.
     pub fn message_path(&self, id: &str) -> PathBuf {
-        local::eml_path(&self.inner.dir, id)
+        local::eml_path(self.message_dir(id), id)
     }
 
     /// The local `.env` of message `id`.
     pub fn envelope_path(&self, id: &str) -> PathBuf {
-        local::env_path(&self.inner.dir, id)
+        local::env_path(self.message_dir(id), id)
     }
 
     /// The envelopes of the locally committed messages, oldest first.
     /// Unreadable records are skipped with a warning (recovery quarantines them).
     pub async fn committed(&self) -> Result<Vec<Envelope>, SpoolError> {
-        let dir = self.inner.dir.clone();
+        let shards = Arc::clone(&self.inner.shards);
         tokio::task::spawn_blocking(move || -> Result<Vec<Envelope>, SpoolError> {
             let mut found = Vec::new();
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                let name = entry.file_name();
-                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
-                    continue;
-                };
-                match std::fs::read(entry.path())
-                    .map(|text| serde_json::from_slice::<Envelope>(&text))
-                {
-                    Ok(Ok(envelope)) => found.push(envelope),
-                    Ok(Err(err)) => tracing::warn!(id = %stem, error = %err, "unreadable envelope"),
-                    // Removed between listing and reading: no longer committed.
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(err) => return Err(err.into()),
-                }
+            for dir in shards.dirs() {
+                found.extend(read_envelopes(std::fs::read_dir(dir)?)?);
             }
             found.sort_by(|a, b| a.id.cmp(&b.id));
             Ok(found)
@@ -376,6 +377,27 @@ impl Spool {
 }
 
 /// Takes an exclusive, non-blocking flock on `<dir>/.lock`.
+/// Blocking: the envelopes of the `.env` files among `entries` (one spool
+/// subdirectory's listing); unreadable ones are skipped with a warning.
+fn read_envelopes(entries: std::fs::ReadDir) -> Result<Vec<Envelope>, SpoolError> {
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+            continue;
+        };
+        match std::fs::read(entry.path()).map(|text| serde_json::from_slice::<Envelope>(&text)) {
+            Ok(Ok(envelope)) => found.push(envelope),
+            Ok(Err(err)) => tracing::warn!(id = %stem, error = %err, "unreadable envelope"),
+            // Removed between listing and reading: no longer committed.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(found)
+}
+
 fn lock_spool(dir: &std::path::Path) -> Result<std::fs::File, SpoolError> {
     use std::os::fd::AsRawFd;
     let file = std::fs::OpenOptions::new()

@@ -2,7 +2,8 @@
 //! spool. A `.env` whose `.eml` has the recorded length is a committed
 //! message; damaged records go to quarantine (never deleted, never a crash
 //! loop); uncommitted leftovers (`.eml` without `.env`, `.env.tmp`) are
-//! removed. Start reads no message body: the digest of each recovered
+//! removed. Records of the flat layout of older versions are first moved
+//! into their subdirectory. Start reads no message body: the digest of each recovered
 //! message is checked before its first delivery ([`verify_data`]), so a
 //! deep queue is accepting again in the time it takes to list it.
 
@@ -16,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::envelope::{Envelope, ENVELOPE_VERSION};
 use super::fsync::{remove_if_present, sync_dir};
 use super::id;
-use super::local::{eml_path, env_path};
+use super::local::{eml_path, env_path, shard_dir, Shards};
 use super::Recovered;
 
 /// Why a committed record cannot be used.
@@ -61,23 +62,71 @@ pub enum Damage {
     },
 }
 
-/// Blocking: scans `spool_dir`, quarantines into `quarantine_dir`, removes
-/// leftovers and returns the committed messages, oldest first.
+/// Blocking: scans `spool_dir` and its subdirectories (moving records of
+/// the flat layout that older versions wrote into their subdirectory
+/// first), quarantines into `quarantine_dir`, removes leftovers and returns
+/// the committed messages, oldest first.
 pub fn recover(spool_dir: &Path, quarantine_dir: &Path) -> io::Result<Recovered> {
     std::fs::create_dir_all(spool_dir)?;
     std::fs::create_dir_all(quarantine_dir)?;
+    let shards = Shards::open(spool_dir)?;
+    if move_into_shards(spool_dir)? > 0 {
+        for dir in std::iter::once(spool_dir).chain(shards.dirs()) {
+            sync_dir(dir)?;
+        }
+    }
+    let mut recovered = Recovered::default();
+    // The top directory still holds what was not a record to move (names
+    // that are no id): recovered like a subdirectory, so it is quarantined.
+    for dir in std::iter::once(spool_dir).chain(shards.dirs()) {
+        recover_dir(dir, quarantine_dir, &mut recovered)?;
+    }
+    recovered.messages.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(recovered)
+}
 
+/// Blocking: moves the `<id>.eml`, `<id>.env` and `<id>.env.tmp` files
+/// directly under `spool_dir` (the layout before subdirectories) into the
+/// subdirectory of their id; returns how many moved.
+fn move_into_shards(spool_dir: &Path) -> io::Result<usize> {
+    let mut moved = 0;
+    for entry in std::fs::read_dir(spool_dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            continue;
+        }
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(record_stem) else {
+            continue;
+        };
+        if id::is_valid(stem) {
+            std::fs::rename(entry.path(), shard_dir(spool_dir, stem).join(&name))?;
+            moved += 1;
+        }
+    }
+    Ok(moved)
+}
+
+/// The id part of a spool record's file name.
+fn record_stem(name: &str) -> Option<&str> {
+    [".env.tmp", ".env", ".eml"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+}
+
+/// Blocking: recovers the records of one spool directory into `recovered`.
+fn recover_dir(dir: &Path, quarantine_dir: &Path, recovered: &mut Recovered) -> io::Result<()> {
     let mut envs = BTreeSet::new();
     let mut emls = BTreeSet::new();
-    let mut recovered = Recovered::default();
-    for entry in std::fs::read_dir(spool_dir)? {
+    let (removed, quarantined) = (recovered.removed, recovered.quarantined);
+    for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
             tracing::warn!(file = ?entry.path(), "ignoring a file with a non-UTF-8 name in the spool");
             continue;
         };
-        if name.starts_with('.') {
+        if name.starts_with('.') || entry.file_type()?.is_dir() {
             continue;
         }
         if name.ends_with(".env.tmp") {
@@ -94,26 +143,25 @@ pub fn recover(spool_dir: &Path, quarantine_dir: &Path) -> io::Result<Recovered>
     }
 
     for stem in &envs {
-        match check(spool_dir, stem) {
+        match check(dir, stem) {
             Ok(envelope) => recovered.messages.push(envelope),
             Err(damage) => {
                 tracing::error!(id = %stem, reason = %damage, "quarantining a damaged spool record");
-                quarantine(spool_dir, quarantine_dir, stem)?;
+                quarantine(dir, quarantine_dir, stem)?;
                 recovered.quarantined += 1;
             }
         }
     }
     for stem in emls.difference(&envs) {
         // Data whose envelope never committed: the client got no 250.
-        remove_if_present(&eml_path(spool_dir, stem))?;
+        remove_if_present(&eml_path(dir, stem))?;
         recovered.removed += 1;
     }
-    if recovered.removed > 0 || recovered.quarantined > 0 {
-        sync_dir(spool_dir)?;
+    if recovered.removed > removed || recovered.quarantined > quarantined {
+        sync_dir(dir)?;
         sync_dir(quarantine_dir)?;
     }
-    recovered.messages.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(recovered)
+    Ok(())
 }
 
 /// Reads and verifies one committed record.
@@ -287,13 +335,27 @@ mod tests {
         names
     }
 
+    /// The files in the spool and its subdirectories, by name.
     fn spool_files(dirs: &Dirs) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&dirs.spool)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names = Vec::new();
+        for entry in walk(&dirs.spool) {
+            names.push(entry.file_name().unwrap().to_str().unwrap().to_owned());
+        }
         names.sort();
         names
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
     }
 
     #[test]
@@ -306,6 +368,29 @@ mod tests {
         let got: Vec<&str> = found.messages.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(got, vec![a.as_str(), b.as_str()]);
         assert_eq!((found.removed, found.quarantined), (0, 0));
+    }
+
+    #[test]
+    fn records_of_the_flat_layout_move_into_their_subdirectory() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        // `committed` writes where versions before subdirectories did.
+        let old = committed(&dirs, &ids, b"old layout\r\n");
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(found.messages.len(), 1);
+        let dir = shard_dir(&dirs.spool, &old);
+        assert_eq!(dir.file_name().unwrap().to_str(), old.get(25..));
+        assert_eq!(
+            std::fs::read(eml_path(&dir, &old)).unwrap(),
+            b"old layout\r\n"
+        );
+        verify_data(&dir, &found.messages[0]).unwrap();
+        let mut files = walk(&dirs.spool);
+        files.sort();
+        assert_eq!(files, vec![eml_path(&dir, &old), env_path(&dir, &old)]);
+        // A second start finds them where the first put them.
+        let again = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(again.messages, found.messages);
     }
 
     #[test]
@@ -361,11 +446,12 @@ mod tests {
         let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
         assert_eq!(found.quarantined, 0);
         assert_eq!(found.messages.len(), 2);
-        verify_data(&dirs.spool, &found.messages[0]).unwrap();
-        let damage = verify_data(&dirs.spool, &found.messages[1]).unwrap_err();
+        verify_data(&shard_dir(&dirs.spool, &good), &found.messages[0]).unwrap();
+        let bad_dir = shard_dir(&dirs.spool, &bad);
+        let damage = verify_data(&bad_dir, &found.messages[1]).unwrap_err();
         assert!(matches!(damage, Damage::Digest { .. }), "{damage}");
         assert_eq!(found.messages[0].id, good);
-        quarantine_message(&dirs.spool, &dirs.quarantine, &bad).unwrap();
+        quarantine_message(&bad_dir, &dirs.quarantine, &bad).unwrap();
         let mut expected = vec![format!("{bad}.env"), format!("{bad}.eml")];
         expected.sort();
         assert_eq!(quarantined(&dirs), expected);

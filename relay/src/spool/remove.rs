@@ -8,7 +8,13 @@ use super::{Spool, SpoolError};
 impl Spool {
     /// Removes the local copy of message `id` (waiting first for copies
     /// still being written). A copy already gone is not an error.
-    pub async fn remove_local(&self, id: &str) -> Result<(), SpoolError> {
+    ///
+    /// `durable`: wait until the removal is on disk. A cluster needs that
+    /// before it forgets the message's final state (else a power failure
+    /// could bring back a copy that looks new). A single relay does not: the
+    /// worst a lost removal does is deliver the message once more after a
+    /// power failure, as Postfix, which does not sync its unlinks, would too.
+    pub async fn remove_local(&self, id: &str, durable: bool) -> Result<(), SpoolError> {
         self.copies_settled(id).await;
         let env = self.envelope_path(id);
         let eml = self.message_path(id);
@@ -18,8 +24,10 @@ impl Spool {
         })
         .await
         .map_err(std::io::Error::other)??;
-        // Shared with the commits and removals around it (group commit).
-        self.inner.dir_sync.sync().await?;
+        if durable {
+            // Shared with the commits and removals around it (group commit).
+            self.message_dir_sync(id).sync().await?;
+        }
         Ok(())
     }
 

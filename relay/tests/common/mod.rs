@@ -383,27 +383,27 @@ impl Relay {
 
     /// Ids of committed messages: those whose `.env` exists in the local spool.
     pub fn committed(&self) -> BTreeSet<String> {
-        let Ok(entries) = fs::read_dir(self.spool_dir()) else {
-            return BTreeSet::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".env")
-                    .map(str::to_owned)
+        files_under(&self.spool_dir())
+            .iter()
+            .filter_map(|file| {
+                let name = Path::new(file).file_name()?.to_str()?;
+                name.strip_suffix(".env").map(str::to_owned)
             })
             .collect()
     }
 
+    /// The local spool's file of message `id` with extension `ext`.
+    pub fn spool_file(&self, id: &str, ext: &str) -> PathBuf {
+        postern::spool::local::shard_dir(&self.spool_dir(), id).join(format!("{id}.{ext}"))
+    }
+
     pub fn eml(&self, id: &str) -> Vec<u8> {
-        let path = self.spool_dir().join(format!("{id}.eml"));
+        let path = self.spool_file(id, "eml");
         fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
     }
 
     pub fn env(&self, id: &str) -> serde_json::Value {
-        let path = self.spool_dir().join(format!("{id}.env"));
+        let path = self.spool_file(id, "env");
         let text =
             fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         serde_json::from_slice(&text)
