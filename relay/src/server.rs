@@ -68,27 +68,34 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         }
         _ => Vec::new(),
     };
-    let (spool, recovered) = Spool::open_with_peers(&config, peer_targets)
-        .await
-        .context("cannot open the spool")?;
-    info!(
-        messages = recovered.messages.len(),
-        removed = recovered.removed,
-        quarantined = recovered.quarantined,
-        "spool recovered"
-    );
+    // A cluster member recovers its spool before it joins (the cluster
+    // node's first listing counts on it); a single relay accepts mail while
+    // recovery runs, so a deep queue does not keep it closed.
+    let (spool, recovered) = if peering.is_some() {
+        let (spool, recovered) = Spool::open_with_peers(&config, peer_targets)
+            .await
+            .context("cannot open the spool")?;
+        log_recovered(recovered.messages.len(), &recovered);
+        (spool, recovered.messages)
+    } else {
+        let spool = Spool::open_unrecovered(&config, peer_targets)
+            .await
+            .context("cannot open the spool")?;
+        (spool, Vec::new())
+    };
 
     let metrics = Arc::new(Metrics::default());
-    if peering.is_none() {
-        release_finished_segments(&spool, &recovered.messages);
-    }
-    let queue = Queue::open(
-        &config,
-        spool.clone(),
-        recovered.messages,
-        Arc::clone(&metrics),
-    )
-    .map_err(|err| anyhow::anyhow!("cannot start the queue: {err}"))?;
+    let queue = Queue::open(&config, spool.clone(), recovered, Arc::clone(&metrics))
+        .map_err(|err| anyhow::anyhow!("cannot start the queue: {err}"))?;
+    let recovery = if peering.is_some() {
+        queue.remove_orphan_states().await;
+        None
+    } else {
+        Some(tokio::spawn(recover_in_background(
+            spool.clone(),
+            queue.clone(),
+        )))
+    };
     // In a cluster: the peer service (replicas, takeover reads and the
     // cluster-wide admin API, behind the shared secret) and the membership.
     let (peer_stop, peer_stopped) = watch::channel(false);
@@ -242,8 +249,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         );
     }
     let _ = queue_task.await;
-    if let Some(forwarding) = forwarding {
-        forwarding.abort();
+    for task in [forwarding, recovery].into_iter().flatten() {
+        task.abort();
     }
     // Copies still being written after their 250 (the ones beyond the quorum)
     // finish before we exit.
@@ -288,15 +295,54 @@ async fn wait_for_signal() {
     }
 }
 
+fn log_recovered(messages: usize, recovered: &crate::spool::Recovered) {
+    info!(
+        messages,
+        removed = recovered.removed,
+        quarantined = recovered.quarantined,
+        "spool recovered"
+    );
+}
+
+/// Outside a cluster: recovers the spool while the relay accepts and
+/// delivers, queueing what it finds one subdirectory at a time; then
+/// releases the object-store segments of finished messages and removes
+/// state files left by messages that are gone.
+async fn recover_in_background(spool: Spool, queue: Queue) {
+    let mut live = std::collections::HashSet::new();
+    let mut count = 0;
+    let keep_ids = spool.object_copy().is_some();
+    let recovered = async {
+        let mut recovery = spool.recover().await?;
+        while let Some(batch) = recovery.next_batch().await? {
+            count += batch.len();
+            if keep_ids {
+                live.extend(batch.iter().map(|envelope| envelope.id.clone()));
+            }
+            queue.add_recovered(batch).await;
+        }
+        Ok::<_, crate::spool::SpoolError>(recovery.finish())
+    };
+    match recovered.await {
+        Ok(recovered) => log_recovered(count, &recovered),
+        Err(err) => {
+            // Nothing is lost: what was not recovered stays on disk for the
+            // next start. This relay goes on with what it has.
+            tracing::error!(error = %err, "cannot recover the whole spool; the rest waits for a restart");
+            return;
+        }
+    }
+    release_finished_segments(&spool, live);
+    queue.remove_orphan_states().await;
+}
+
 /// Outside a cluster: the object-store segments written before this start
-/// hold finished messages (all those recovery did not find); releasing them
-/// deletes the segments that hold nothing else. In the background: accepting
-/// mail does not wait for the listing.
-fn release_finished_segments(spool: &Spool, recovered: &[crate::spool::envelope::Envelope]) {
+/// hold finished messages (all those recovery did not find, `live` names
+/// the others); releasing them deletes the segments that hold nothing else.
+fn release_finished_segments(spool: &Spool, live: std::collections::HashSet<String>) {
     let Some(objects) = spool.object_copy().cloned() else {
         return;
     };
-    let live: std::collections::HashSet<String> = recovered.iter().map(|e| e.id.clone()).collect();
     tokio::spawn(async move {
         match objects.list_spool("").await {
             Ok(_) => {

@@ -268,6 +268,51 @@ async fn reopening_recovers_committed_messages_and_drops_uncommitted_ones() {
 }
 
 #[tokio::test]
+async fn recovery_runs_while_new_messages_are_received() {
+    let root = tempfile::tempdir().unwrap();
+    let config = config(root.path());
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let kept = receive(&spool, &message(7_000), 512).await.unwrap().id;
+    let crashed = postern::spool::id::IdGenerator::new().next_id();
+    std::fs::write(spool.message_path(&crashed), message(400_000)).unwrap();
+    drop(spool);
+
+    let spool = Spool::open_unrecovered(&config, Vec::new()).await.unwrap();
+    // Received before recovery looks: one committed, one half-way through
+    // DATA with its bytes on disk but no envelope yet.
+    let fresh = receive(&spool, &message(5_000), 512).await.unwrap().id;
+    let mut receiving = spool.begin().await.unwrap();
+    for part in message(400_000).chunks(4096) {
+        receiving.write(part).await.unwrap();
+    }
+    assert!(receiving.path().exists());
+
+    let mut recovery = spool.recover().await.unwrap();
+    let mut found = Vec::new();
+    while let Some(batch) = recovery.next_batch().await.unwrap() {
+        found.extend(batch.into_iter().map(|m| m.id));
+    }
+    let counts = recovery.finish();
+    assert_eq!(found, vec![kept.clone()], "only the last run's message");
+    assert_eq!(
+        (counts.removed, counts.quarantined),
+        (1, 0),
+        "the crashed leftover"
+    );
+    assert!(
+        receiving.path().exists(),
+        "a message being received is no leftover"
+    );
+    let late = receiving.commit(envelope()).await.unwrap().id;
+    let mut expected: Vec<String> = [&kept, &fresh, &late]
+        .iter()
+        .flat_map(|id| [format!("{id}.eml"), format!("{id}.env")])
+        .collect();
+    expected.sort();
+    assert_eq!(files(spool.dir()), expected);
+}
+
+#[tokio::test]
 async fn a_damaged_record_is_quarantined_on_open() {
     let root = tempfile::tempdir().unwrap();
     let config = config(root.path());

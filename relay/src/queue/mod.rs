@@ -167,7 +167,8 @@ impl RecentIds {
 }
 
 impl Queue {
-    /// Builds the queue over the recovered messages.
+    /// Builds the queue over the recovered messages (more may come later
+    /// through [`add_recovered`](Queue::add_recovered)).
     pub fn open(
         config: &Config,
         spool: Spool,
@@ -177,30 +178,7 @@ impl Queue {
         let states = StateStore::open(&config.data_dir.join("state"))
             .map_err(|err| format!("state directory: {err}"))?;
         let deliverer = Deliverer::new(config)?;
-        let now = now_ms();
-        let mut entries = BTreeMap::new();
-        for envelope in messages {
-            let state = states
-                .load(&envelope.id)
-                .filter(|state| state.recipients.len() == envelope.recipients.len())
-                .unwrap_or_else(|| DeliveryState::new(envelope.recipients.len(), now));
-            let eml_path = spool.message_path(&envelope.id);
-            let mut recovered = entry(envelope, state, eml_path);
-            recovered.unverified = true;
-            entries.insert(recovered.envelope.id.clone(), recovered);
-        }
-        // State left behind by a message that was removed (crash between steps).
-        if let Ok(ids) = states.ids() {
-            for id in ids.into_iter().filter(|id| !entries.contains_key(id)) {
-                let _ =
-                    std::fs::remove_file(config.data_dir.join("state").join(format!("{id}.json")));
-            }
-        }
-        let due = entries
-            .values()
-            .map(|e| (e.state.next_attempt_ms, e.envelope.id.clone()))
-            .collect();
-        Ok(Queue {
+        let queue = Queue {
             inner: Arc::new(Inner {
                 spool,
                 states,
@@ -208,8 +186,8 @@ impl Queue {
                 settings: config.delivery.clone(),
                 hostname: config.hostname.clone(),
                 metrics,
-                entries: Mutex::new(entries),
-                due: Mutex::new(due),
+                entries: Mutex::new(BTreeMap::new()),
+                due: Mutex::new(BTreeSet::new()),
                 wake: Notify::new(),
                 workers: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
                 ownership: OnceLock::new(),
@@ -218,7 +196,81 @@ impl Queue {
                 commits_pending: Mutex::new(std::collections::HashMap::new()),
                 commit_seq: std::sync::atomic::AtomicU64::new(0),
             }),
-        })
+        };
+        let recovered = queue.recovered_entries(messages);
+        queue.insert_recovered(recovered);
+        Ok(queue)
+    }
+
+    /// Queues messages that recovery found in the local spool, each with its
+    /// saved delivery state (or a fresh one); their data's digest is checked
+    /// before their first delivery.
+    pub async fn add_recovered(&self, messages: Vec<Envelope>) {
+        if messages.is_empty() {
+            return;
+        }
+        let queue = self.clone();
+        let Ok(recovered) =
+            tokio::task::spawn_blocking(move || queue.recovered_entries(messages)).await
+        else {
+            return;
+        };
+        self.insert_recovered(recovered);
+    }
+
+    /// Blocking: the entries of recovered messages, with their saved states.
+    fn recovered_entries(&self, messages: Vec<Envelope>) -> Vec<Entry> {
+        let now = now_ms();
+        let mut recovered = Vec::with_capacity(messages.len());
+        for envelope in messages {
+            let state = self
+                .inner
+                .states
+                .load(&envelope.id)
+                .filter(|state| state.recipients.len() == envelope.recipients.len())
+                .unwrap_or_else(|| DeliveryState::new(envelope.recipients.len(), now));
+            let eml_path = self.inner.spool.message_path(&envelope.id);
+            let mut entry = entry(envelope, state, eml_path);
+            entry.unverified = true;
+            recovered.push(entry);
+        }
+        recovered
+    }
+
+    fn insert_recovered(&self, recovered: Vec<Entry>) {
+        {
+            let mut entries = self.inner.entries.lock().expect("queue lock");
+            let mut due = self.inner.due.lock().expect("queue lock");
+            for entry in recovered {
+                due.insert((entry.state.next_attempt_ms, entry.envelope.id.clone()));
+                entries.insert(entry.envelope.id.clone(), entry);
+            }
+        }
+        self.update_gauges();
+        self.inner.wake.notify_one();
+    }
+
+    /// Removes the state files of messages no longer queued (a crash between
+    /// removing a message and its state); call once recovery is complete.
+    pub async fn remove_orphan_states(&self) {
+        let states = self.inner.states.clone();
+        let Ok(Ok(ids)) = tokio::task::spawn_blocking(move || states.ids()).await else {
+            return;
+        };
+        let orphans: Vec<String> = {
+            let entries = self.inner.entries.lock().expect("queue lock");
+            ids.into_iter()
+                .filter(|id| !entries.contains_key(id))
+                .collect()
+        };
+        for id in orphans {
+            if let Err(err) = self.inner.states.remove(&id).await {
+                warn!(
+                    id,
+                    "cannot remove the state of a message no longer queued: {err}"
+                );
+            }
+        }
     }
 
     /// Puts the queue under the cluster's ownership rules (once, at start).

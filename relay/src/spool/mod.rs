@@ -96,6 +96,53 @@ pub struct Recovered {
     pub quarantined: usize,
 }
 
+/// Recovery of the spool, one subdirectory at a time, while the relay may
+/// already receive new messages: those this process began are left alone.
+#[derive(Debug)]
+pub struct Recovery {
+    spool: Spool,
+    /// Directories still to recover, the next one last.
+    dirs: Vec<PathBuf>,
+    /// Leftovers removed and records quarantined so far.
+    counts: Recovered,
+}
+
+impl Recovery {
+    /// The committed messages of the next directory, oldest first (possibly
+    /// none); `None` once every directory is done.
+    pub async fn next_batch(&mut self) -> Result<Option<Vec<Envelope>>, SpoolError> {
+        let Some(dir) = self.dirs.pop() else {
+            return Ok(None);
+        };
+        let spool = self.spool.clone();
+        let mut found = tokio::task::spawn_blocking(move || {
+            let mut found = Recovered::default();
+            let skip = |id: &str| spool.begun_since_open(id);
+            recovery::recover_dir(&dir, spool.quarantine_dir(), &skip, &mut found).map(|()| found)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.counts.removed += found.removed;
+        self.counts.quarantined += found.quarantined;
+        found.messages.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Some(found.messages))
+    }
+
+    /// Ends recovery and returns the leftovers removed and the records
+    /// quarantined (`messages` empty).
+    pub fn finish(mut self) -> Recovered {
+        std::mem::take(&mut self.counts)
+    }
+}
+
+impl Drop for Recovery {
+    /// Recovery is over (done, failed or given up): new messages need no
+    /// more tracking.
+    fn drop(&mut self) {
+        *self.spool.inner.begun.lock().expect("spool lock") = None;
+    }
+}
+
 /// Handle to the spool; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Spool {
@@ -125,6 +172,9 @@ struct Inner {
         std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>>,
     /// One permit per commit in progress.
     committing: tokio::sync::Semaphore,
+    /// Until recovery has run: the ids of the messages this process began,
+    /// which recovery must not take for leftovers of the last run.
+    begun: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
     /// Held for the life of the spool so two relays never share it.
     _lock: std::fs::File,
 }
@@ -147,16 +197,62 @@ impl Spool {
         config: &Config,
         peers: Vec<Arc<dyn CopyTarget>>,
     ) -> Result<(Spool, Recovered), SpoolError> {
+        let spool = Spool::open_unrecovered(config, peers).await?;
+        let mut recovery = spool.recover().await?;
+        let mut messages = Vec::new();
+        while let Some(batch) = recovery.next_batch().await? {
+            messages.extend(batch);
+        }
+        let mut recovered = recovery.finish();
+        messages.sort_by(|a, b| a.id.cmp(&b.id));
+        recovered.messages = messages;
+        Ok((spool, recovered))
+    }
+
+    /// Opens (creating) the spool without recovering it: new messages may be
+    /// received at once, and [`recover`](Spool::recover) finds what the last
+    /// run left while they are.
+    pub async fn open_unrecovered(
+        config: &Config,
+        peers: Vec<Arc<dyn CopyTarget>>,
+    ) -> Result<Spool, SpoolError> {
         let config = config.clone();
         tokio::task::spawn_blocking(move || Spool::open_blocking(&config, peers))
             .await
             .map_err(std::io::Error::other)?
     }
 
+    /// Starts recovering what the last run left in the spool (once); see
+    /// [`Recovery`].
+    pub async fn recover(&self) -> Result<Recovery, SpoolError> {
+        let (spool_dir, quarantine_dir) =
+            (self.inner.dir.clone(), self.inner.quarantine_dir.clone());
+        let mut dirs =
+            tokio::task::spawn_blocking(move || recovery::prepare(&spool_dir, &quarantine_dir))
+                .await
+                .map_err(std::io::Error::other)??;
+        dirs.reverse();
+        Ok(Recovery {
+            spool: self.clone(),
+            dirs,
+            counts: Recovered::default(),
+        })
+    }
+
+    /// Whether this process began message `id` while recovery runs.
+    fn begun_since_open(&self, id: &str) -> bool {
+        self.inner
+            .begun
+            .lock()
+            .expect("spool lock")
+            .as_ref()
+            .is_some_and(|ids| ids.contains(id))
+    }
+
     fn open_blocking(
         config: &Config,
         peers: Vec<Arc<dyn CopyTarget>>,
-    ) -> Result<(Spool, Recovered), SpoolError> {
+    ) -> Result<Spool, SpoolError> {
         if config.spool.copies.contains(&CopyKind::Peer) == peers.is_empty() {
             return Err(SpoolError::Io(std::io::Error::other(
                 "spool.copies names \"peer\" exactly when peer replicas are configured",
@@ -166,16 +262,6 @@ impl Spool {
         let quarantine_dir = config.data_dir.join("quarantine");
         std::fs::create_dir_all(&dir)?;
         let lock = lock_spool(&dir)?;
-        let recovered = recovery::recover(&dir, &quarantine_dir)?;
-        if recovered.removed > 0 || recovered.quarantined > 0 {
-            tracing::info!(
-                committed = recovered.messages.len(),
-                removed = recovered.removed,
-                quarantined = recovered.quarantined,
-                "spool recovered"
-            );
-        }
-
         let shards = Arc::new(local::Shards::open(&dir)?);
         let files = match config.spool.sync {
             crate::config::SyncMode::Filesystem => Some(DirSync::filesystem(dir.clone())?),
@@ -218,14 +304,12 @@ impl Spool {
             current: std::sync::Mutex::new(String::new()),
             copying: std::sync::Mutex::new(std::collections::HashMap::new()),
             committing: tokio::sync::Semaphore::new(COMMITS_IN_FLIGHT),
+            begun: std::sync::Mutex::new(Some(std::collections::HashSet::new())),
             _lock: lock,
         };
-        Ok((
-            Spool {
-                inner: Arc::new(inner),
-            },
-            recovered,
-        ))
+        Ok(Spool {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Checks that a message of `size` octets fits on the spool disk.
@@ -244,6 +328,9 @@ impl Spool {
     /// Fails with `NoRoom` when the disk is already down to the reserve.
     pub async fn begin(&self) -> Result<Incoming, SpoolError> {
         let id = self.inner.ids.next_id();
+        if let Some(begun) = self.inner.begun.lock().expect("spool lock").as_mut() {
+            begun.insert(id.clone());
+        }
         let path = local::eml_path(self.inner.shards.dir_of(&id), &id);
         // statvfs reads counters the kernel keeps in memory: no disk wait.
         self.check_room(0)?;

@@ -67,22 +67,32 @@ pub enum Damage {
 /// first), quarantines into `quarantine_dir`, removes leftovers and returns
 /// the committed messages, oldest first.
 pub fn recover(spool_dir: &Path, quarantine_dir: &Path) -> io::Result<Recovered> {
-    std::fs::create_dir_all(spool_dir)?;
-    std::fs::create_dir_all(quarantine_dir)?;
-    let shards = Shards::open(spool_dir)?;
-    if move_into_shards(spool_dir)? > 0 {
-        for dir in std::iter::once(spool_dir).chain(shards.dirs()) {
-            sync_dir(dir)?;
-        }
-    }
     let mut recovered = Recovered::default();
-    // The top directory still holds what was not a record to move (names
-    // that are no id): recovered like a subdirectory, so it is quarantined.
-    for dir in std::iter::once(spool_dir).chain(shards.dirs()) {
-        recover_dir(dir, quarantine_dir, &mut recovered)?;
+    for dir in prepare(spool_dir, quarantine_dir)? {
+        recover_dir(&dir, quarantine_dir, &|_| false, &mut recovered)?;
     }
     recovered.messages.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(recovered)
+}
+
+/// Blocking: creates the spool's directories, moves records of the flat
+/// layout into their subdirectory, and returns the directories to recover
+/// ([`recover_dir`]): the spool directory itself first (what is left there
+/// is no id, and is quarantined), then its subdirectories.
+pub fn prepare(spool_dir: &Path, quarantine_dir: &Path) -> io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(spool_dir)?;
+    std::fs::create_dir_all(quarantine_dir)?;
+    let shards = Shards::open(spool_dir)?;
+    let dirs: Vec<PathBuf> = std::iter::once(spool_dir)
+        .chain(shards.dirs())
+        .map(Path::to_owned)
+        .collect();
+    if move_into_shards(spool_dir)? > 0 {
+        for dir in &dirs {
+            sync_dir(dir)?;
+        }
+    }
+    Ok(dirs)
 }
 
 /// Blocking: moves the `<id>.eml`, `<id>.env` and `<id>.env.tmp` files
@@ -114,8 +124,15 @@ fn record_stem(name: &str) -> Option<&str> {
         .find_map(|suffix| name.strip_suffix(suffix))
 }
 
-/// Blocking: recovers the records of one spool directory into `recovered`.
-fn recover_dir(dir: &Path, quarantine_dir: &Path, recovered: &mut Recovered) -> io::Result<()> {
+/// Blocking: recovers the records of one spool directory into `recovered`
+/// (unsorted), leaving alone those of the ids `skip` names (messages this
+/// process began: they are its own, not leftovers).
+pub fn recover_dir(
+    dir: &Path,
+    quarantine_dir: &Path,
+    skip: &dyn Fn(&str) -> bool,
+    recovered: &mut Recovered,
+) -> io::Result<()> {
     let mut envs = BTreeSet::new();
     let mut emls = BTreeSet::new();
     let (removed, quarantined) = (recovered.removed, recovered.quarantined);
@@ -126,7 +143,10 @@ fn recover_dir(dir: &Path, quarantine_dir: &Path, recovered: &mut Recovered) -> 
             tracing::warn!(file = ?entry.path(), "ignoring a file with a non-UTF-8 name in the spool");
             continue;
         };
-        if name.starts_with('.') || entry.file_type()?.is_dir() {
+        if name.starts_with('.')
+            || entry.file_type()?.is_dir()
+            || record_stem(name).is_some_and(skip)
+        {
             continue;
         }
         if name.ends_with(".env.tmp") {
@@ -391,6 +411,32 @@ mod tests {
         // A second start finds them where the first put them.
         let again = recover(&dirs.spool, &dirs.quarantine).unwrap();
         assert_eq!(again.messages, found.messages);
+    }
+
+    #[test]
+    fn records_of_ids_to_skip_are_left_alone() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let old = committed(&dirs, &ids, b"from the last run\r\n");
+        let receiving = ids.next_id();
+        let new = committed(&dirs, &ids, b"accepted meanwhile\r\n");
+        let mut found = Recovered::default();
+        let prepared = prepare(&dirs.spool, &dirs.quarantine).unwrap();
+        // A message being received now: its data without an envelope yet.
+        let receiving_eml = eml_path(&shard_dir(&dirs.spool, &receiving), &receiving);
+        std::fs::write(&receiving_eml, b"half").unwrap();
+        let skip = |id: &str| id == receiving || id == new;
+        for dir in prepared {
+            recover_dir(&dir, &dirs.quarantine, &skip, &mut found).unwrap();
+        }
+        let got: Vec<&str> = found.messages.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(got, vec![old.as_str()]);
+        assert_eq!((found.removed, found.quarantined), (0, 0));
+        assert!(
+            receiving_eml.exists(),
+            "a message being received is not a leftover"
+        );
+        assert!(env_path(&shard_dir(&dirs.spool, &new), &new).exists());
     }
 
     #[test]
