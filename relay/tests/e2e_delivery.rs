@@ -586,6 +586,63 @@ fn kill_9_during_delivery_loses_nothing() {
     }
 }
 
+/// SIGTERM with a backlog: the relay finishes the attempts in progress and
+/// exits, the rest staying queued for the next start (it used to take every
+/// due message first, and delivered the whole queue before it exited).
+#[test]
+fn sigterm_with_a_backlog_stops_after_the_attempts_in_progress() {
+    const QUEUED: usize = 20;
+    let sink = Sink::loopback(&["--data-delay", "1"]);
+    let mut relay = Relay::start(RelayConfig {
+        copies: vec!["local"],
+        required: 1,
+        ..RelayConfig::default()
+    });
+    let ids: Vec<String> = (0..QUEUED)
+        .map(|i| {
+            submit(
+                &relay,
+                &["rcpt@dest.test"],
+                &message(&format!("backlog {i}")),
+            )
+        })
+        .collect();
+    relay.stop();
+    let config = fs::read_to_string(&relay.config_path).unwrap().replace(
+        "[delivery]\npaused = true\n",
+        &format!(
+            "[delivery]\nrelayhost = \"{}\"\nmax_concurrency = 2\nmax_per_destination = 2\n",
+            sink.addr
+        ),
+    );
+    fs::write(&relay.config_path, config).unwrap();
+    relay.restart();
+    assert!(
+        wait_for(Duration::from_secs(20), || relay
+            .log()
+            .contains("delivered: 250")
+            .then_some(()))
+        .is_some(),
+        "nothing delivered: {}",
+        relay.log()
+    );
+    relay.stop();
+    let log = relay.log();
+    assert!(log.contains("INFO stopped"), "no clean exit:\n{log}");
+    let delivered = sink.messages().len();
+    let queued = relay.committed();
+    assert_eq!(
+        delivered + queued.len(),
+        QUEUED,
+        "every message is delivered or still queued"
+    );
+    assert!(
+        delivered <= 6,
+        "{delivered} of {QUEUED} delivered after SIGTERM: the backlog was not left queued"
+    );
+    assert!(ids.iter().filter(|id| queued.contains(*id)).count() >= QUEUED - 6);
+}
+
 #[test]
 fn lmtp_delivery_uses_per_recipient_replies() {
     let dovecot = Dovecot::start();

@@ -611,9 +611,18 @@ impl Queue {
                 stalled = false;
             }
             let mut waiting = Vec::new();
+            // No more than the free workers: the rest stay due, and each
+            // attempt that ends wakes the loop for the next. Taking the
+            // whole backlog at once kept the loop from a shutdown, and the
+            // messages arriving meanwhile behind all of it.
+            let free = self.inner.workers.available_permits();
             while let Some((at, _)) = index.first() {
                 if *at > now {
                     next_due = next_due.min(*at);
+                    break;
+                }
+                if due.len() >= free {
+                    next_due = next_due.min(now + 1000);
                     break;
                 }
                 let Some((_, id)) = index.pop_first() else {
@@ -648,8 +657,10 @@ impl Queue {
             due
         };
         for id in due {
-            let Ok(permit) = Arc::clone(&self.inner.workers).acquire_owned().await else {
-                break;
+            // Free (counted above); only a shutdown may hold them now.
+            let Ok(permit) = Arc::clone(&self.inner.workers).try_acquire_owned() else {
+                self.release_attempt(&id, now, false);
+                continue;
             };
             let queue = self.clone();
             tokio::spawn(async move {
