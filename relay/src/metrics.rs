@@ -89,6 +89,8 @@ pub struct QueueGauges {
     pub depth: u64,
     /// Age of the oldest message, seconds.
     pub oldest_age_seconds: f64,
+    /// Damaged object-store segments moved to quarantine since start.
+    pub segments_quarantined: u64,
 }
 
 /// The relay's metrics.
@@ -228,6 +230,11 @@ impl Metrics {
             out,
             "# HELP postern_queue_oldest_age_seconds Age of the oldest queued message.\n# TYPE postern_queue_oldest_age_seconds gauge\npostern_queue_oldest_age_seconds {}",
             gauges.oldest_age_seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP postern_object_segments_quarantined_total Damaged object-store segments moved to quarantine.\n# TYPE postern_object_segments_quarantined_total counter\npostern_object_segments_quarantined_total {}",
+            gauges.segments_quarantined
         );
         self.ack_latency.render(
             "postern_ack_latency_seconds",

@@ -205,20 +205,30 @@ pub async fn object_copy_conformance(config: &Config) {
     let (env, _) = object(&fresh, &ids[3]).await.unwrap();
     assert!(!env.is_empty());
 
-    // A damaged segment is left alone and its messages are not counted.
+    // A damaged segment goes to quarantine (kept, counted) and its messages
+    // are not counted.
     let damaged = copy
         .segments_prefix("")
         .join("01ZZZZZZZZZZZZZZZZZZZZZZZZ.seg");
+    let garbage = Bytes::from_static(b"not a segment at all, PSTNSEG1");
     copy.store()
-        .put(
-            &damaged,
-            Bytes::from_static(b"not a segment at all, PSTNSEG1").into(),
-        )
+        .put(&damaged, garbage.clone().into())
         .await
         .unwrap();
     let another = ObjectCopy::from_config(config).unwrap();
     assert_eq!(another.list_spool("").await.unwrap(), ids);
-    copy.store().delete(&damaged).await.unwrap();
+    assert_eq!(another.quarantined_segments(), 1);
+    let quarantined = another
+        .quarantine_prefix("")
+        .join("01ZZZZZZZZZZZZZZZZZZZZZZZZ.seg");
+    let kept = copy.store().get(&quarantined).await.unwrap();
+    assert_eq!(kept.bytes().await.unwrap(), garbage);
+    assert!(matches!(
+        copy.store().head(&damaged).await,
+        Err(object_store::Error::NotFound { .. })
+    ));
+    assert!(!segment_keys(&copy, "").await.contains(&damaged.to_string()));
+    copy.store().delete(&quarantined).await.unwrap();
 
     // A segment goes only when its last message is released.
     for job in &batch[..19] {

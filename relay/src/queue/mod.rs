@@ -1079,6 +1079,11 @@ impl Queue {
         self.inner.metrics.set_queue(QueueGauges {
             depth: entries.len() as u64,
             oldest_age_seconds: now.saturating_sub(oldest) as f64 / 1000.0,
+            segments_quarantined: self
+                .inner
+                .spool
+                .object_copy()
+                .map_or(0, |objects| objects.quarantined_segments()),
         });
     }
 

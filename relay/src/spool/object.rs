@@ -293,6 +293,8 @@ pub struct ObjectCopy {
     batches: Mutex<HashMap<String, Batch>>,
     index: Mutex<SegmentIndex>,
     events: Mutex<Option<mpsc::UnboundedSender<SegmentEvent>>>,
+    /// Damaged segments moved to quarantine since start.
+    quarantined: AtomicU64,
 }
 
 impl std::fmt::Debug for ObjectCopy {
@@ -392,6 +394,7 @@ impl ObjectCopy {
             batches: Mutex::new(HashMap::new()),
             index: Mutex::new(SegmentIndex::default()),
             events: Mutex::new(None),
+            quarantined: AtomicU64::new(0),
         })
     }
 
@@ -406,6 +409,43 @@ impl ObjectCopy {
             }
             Backend::S3 { prefix, .. } => prefix.clone().join("segments"),
             Backend::Dir { .. } => ObjectPath::from("segments"),
+        }
+    }
+
+    /// Where damaged segments of `spool` are moved: beside its `segments`,
+    /// `quarantine` (kept for a human, never read by the relay).
+    pub fn quarantine_prefix(&self, spool: &str) -> ObjectPath {
+        let segments = self.segments_prefix(spool);
+        let mut parts: Vec<_> = segments.parts().collect();
+        parts.pop();
+        ObjectPath::from_iter(parts).join("quarantine")
+    }
+
+    /// Segments moved to quarantine since start.
+    pub fn quarantined_segments(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// Moves the damaged segment `key` of `spool` to quarantine (a copy that
+    /// never replaces one already there, then the delete); left in place,
+    /// with the error logged, when that fails.
+    async fn quarantine(&self, spool: &str, key: &ObjectPath, damage: &str) {
+        let store = self.store();
+        let to = self
+            .quarantine_prefix(spool)
+            .join(key.filename().unwrap_or("segment"));
+        let moved = match store.copy_if_not_exists(key, &to).await {
+            Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => store.delete(key).await,
+            Err(err) => Err(err),
+        };
+        match moved {
+            Ok(()) => {
+                self.quarantined.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(key = %key, quarantine = %to, error = %damage, "a damaged segment in the object store moved to quarantine; its messages come from the other copies");
+            }
+            Err(err) => {
+                tracing::error!(key = %key, error = %damage, move_error = %err, "a damaged segment in the object store could not be moved to quarantine; left in place, its messages come from the other copies");
+            }
         }
     }
 
@@ -490,9 +530,12 @@ impl ObjectCopy {
 
     /// Lists the segments of `spool`, reads the index of each one not known
     /// yet (one ranged GET of its tail, two for a long index) and returns the
-    /// live messages they hold, sorted. A segment whose index is damaged is
-    /// left where it is, logged, and its messages are not counted: the other
-    /// copies serve them.
+    /// live messages they hold, sorted. A segment whose index is still
+    /// damaged when read again is moved to quarantine
+    /// ([`quarantine_prefix`](ObjectCopy::quarantine_prefix)), logged and
+    /// counted ([`quarantined_segments`](ObjectCopy::quarantined_segments));
+    /// its messages are not counted: the other copies serve them (and
+    /// repair, in a cluster, writes them into a new segment).
     pub async fn list_spool(&self, spool: &str) -> Result<Vec<String>, object_store::Error> {
         let prefix = self.segments_prefix(spool);
         let store = self.store();
@@ -508,7 +551,12 @@ impl ObjectCopy {
                     continue;
                 }
             }
-            match read_index(store.as_ref(), &key, meta.size).await {
+            let mut read = read_index(store.as_ref(), &key, meta.size).await;
+            if matches!(read, Err(IndexError::Damaged(_))) {
+                // Once more, in case the read and not the object was bad.
+                read = read_index(store.as_ref(), &key, meta.size).await;
+            }
+            match read {
                 Ok(slots) => self.index.lock().expect("object lock").insert(
                     key,
                     spool,
@@ -520,7 +568,7 @@ impl ObjectCopy {
                 Err(IndexError::Store(object_store::Error::NotFound { .. })) => {}
                 Err(IndexError::Store(err)) => return Err(err),
                 Err(IndexError::Damaged(err)) => {
-                    tracing::error!(key = %key, error = %err, "a damaged segment in the object store; leaving it, its messages come from the other copies");
+                    self.quarantine(spool, &key, &err.to_string()).await
                 }
             }
         }
