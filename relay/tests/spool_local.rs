@@ -245,16 +245,21 @@ async fn a_failed_object_copy_fails_the_quorum_and_takes_back_the_local_copy() {
     assert_eq!(std::fs::read(&segments).unwrap(), b"not a directory");
 }
 
+/// What a last run left: one committed message (its id returned) and what a
+/// crash mid-DATA leaves, an `.eml` without `.env`.
+async fn last_run_with_a_crash(config: &Config) -> String {
+    let (spool, _) = Spool::open(config).await.unwrap();
+    let kept = receive(&spool, &message(7_000), 512).await.unwrap().id;
+    let crashed = postern::spool::id::IdGenerator::new().next_id();
+    std::fs::write(spool.message_path(&crashed), message(400_000)).unwrap();
+    kept
+}
+
 #[tokio::test]
 async fn reopening_recovers_committed_messages_and_drops_uncommitted_ones() {
     let root = tempfile::tempdir().unwrap();
     let config = config(root.path());
-    let (spool, _) = Spool::open(&config).await.unwrap();
-    let kept = receive(&spool, &message(7_000), 512).await.unwrap().id;
-    // What a crash mid-DATA leaves: an `.eml` without `.env`.
-    let crashed = postern::spool::id::IdGenerator::new().next_id();
-    std::fs::write(spool.message_path(&crashed), message(400_000)).unwrap();
-    drop(spool);
+    let kept = last_run_with_a_crash(&config).await;
 
     let (spool, recovered) = Spool::open(&config).await.unwrap();
     assert_eq!(recovered.removed, 1);
@@ -271,11 +276,7 @@ async fn reopening_recovers_committed_messages_and_drops_uncommitted_ones() {
 async fn recovery_runs_while_new_messages_are_received() {
     let root = tempfile::tempdir().unwrap();
     let config = config(root.path());
-    let (spool, _) = Spool::open(&config).await.unwrap();
-    let kept = receive(&spool, &message(7_000), 512).await.unwrap().id;
-    let crashed = postern::spool::id::IdGenerator::new().next_id();
-    std::fs::write(spool.message_path(&crashed), message(400_000)).unwrap();
-    drop(spool);
+    let kept = last_run_with_a_crash(&config).await;
 
     let spool = Spool::open_unrecovered(&config, Vec::new()).await.unwrap();
     // Received before recovery looks: one committed, one half-way through
