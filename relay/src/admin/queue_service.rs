@@ -12,6 +12,7 @@ use crate::queue::schedule::now_ms;
 use crate::queue::state::Status as RecipientStatus;
 use crate::queue::{Entry, Queue, QueueError};
 use crate::smtp::params::{Body, Ret};
+use crate::spool::envelope::Envelope;
 
 /// How long `delete` waits for a delivery attempt in progress to end.
 const BUSY_WAIT: Duration = Duration::from_secs(10);
@@ -75,20 +76,27 @@ impl QueueService {
         self
     }
 
-    fn message(&self, entry: &Entry, now: u64) -> proto::Message {
-        let mut message = message(entry, now, |domain| self.queue.destination(domain));
+    fn message(&self, entry: &Entry, envelope: &Envelope, now: u64) -> proto::Message {
+        let mut message = message(entry, envelope, now, |domain| {
+            self.queue.destination(domain)
+        });
         if let Some(cluster) = &self.cluster {
             message.relay = cluster.member().to_owned();
         }
         message
     }
 
-    fn current(&self, id: &str) -> Result<proto::Message, Status> {
+    async fn current(&self, id: &str) -> Result<proto::Message, Status> {
         let entry = self
             .queue
             .get(id)
             .ok_or_else(|| status(QueueError::NotFound(id.to_owned())))?;
-        Ok(self.message(&entry, now_ms()))
+        let envelope = self
+            .queue
+            .envelope_of(&entry)
+            .await
+            .map_err(|err| status(QueueError::Io(err)))?;
+        Ok(self.message(&entry, &envelope, now_ms()))
     }
 }
 
@@ -128,8 +136,12 @@ fn status_name(status: RecipientStatus) -> &'static str {
 }
 
 /// The wire form of a queue entry; `destination` routes a recipient domain.
-pub fn message(entry: &Entry, now: u64, destination: impl Fn(&str) -> String) -> proto::Message {
-    let envelope = &entry.envelope;
+pub fn message(
+    entry: &Entry,
+    envelope: &Envelope,
+    now: u64,
+    destination: impl Fn(&str) -> String,
+) -> proto::Message {
     let params = &envelope.mail_params;
     let recipients = envelope
         .recipients
@@ -214,16 +226,11 @@ pub fn stats(
             _ => response.active += 1,
         }
         let mut seen = Vec::new();
-        for (recipient, state) in entry
-            .envelope
-            .recipients
-            .iter()
-            .zip(&entry.state.recipients)
-        {
+        for (domain, state) in entry.domains.iter().zip(&entry.state.recipients) {
             if state.status != RecipientStatus::Pending {
                 continue;
             }
-            let key = destination(&recipient.address.domain);
+            let key = destination(domain);
             let counts = destinations.entry(key.clone()).or_default();
             counts.1 += 1;
             if !seen.contains(&key) {
@@ -283,9 +290,10 @@ impl queue_server::Queue for QueueService {
         let now = now_ms();
         let mut messages: Vec<proto::Message> = self
             .queue
-            .list()
+            .list_with_envelopes()
+            .await
             .iter()
-            .map(|entry| self.message(entry, now))
+            .map(|(entry, envelope)| self.message(entry, envelope, now))
             .collect();
         let mut unreachable = Vec::new();
         if let (true, Some(cluster)) = (request.get_ref().cluster, &self.cluster) {
@@ -319,7 +327,7 @@ impl queue_server::Queue for QueueService {
         pass_on!(
             self,
             request,
-            self.current(&id).map(Response::new),
+            self.current(&id).await.map(Response::new),
             |client, message| client.show(forwarded(message))
         )
     }
@@ -357,7 +365,7 @@ impl queue_server::Queue for QueueService {
         let id = request.get_ref().id.clone();
         require_id(&id)?;
         let local = match self.queue.set_held(&id, true).await {
-            Ok(()) => self.current(&id).map(Response::new),
+            Ok(()) => self.current(&id).await.map(Response::new),
             Err(err) => Err(status(err)),
         };
         pass_on!(self, request, local, |client, message| client
@@ -371,7 +379,7 @@ impl queue_server::Queue for QueueService {
         let id = request.get_ref().id.clone();
         require_id(&id)?;
         let local = match self.queue.set_held(&id, false).await {
-            Ok(()) => self.current(&id).map(Response::new),
+            Ok(()) => self.current(&id).await.map(Response::new),
             Err(err) => Err(status(err)),
         };
         pass_on!(self, request, local, |client, message| client
@@ -391,9 +399,14 @@ impl queue_server::Queue for QueueService {
         }
         // A DSN goes out only for a real sender and recipients still pending.
         let bounced = bounce
-            && self.queue.get(&id).is_some_and(|entry| {
-                entry.envelope.reverse_path.is_some() && !entry.state.is_final()
-            });
+            && match self.queue.get(&id) {
+                Some(entry) if !entry.state.is_final() => self
+                    .queue
+                    .envelope_of(&entry)
+                    .await
+                    .is_ok_and(|envelope| envelope.reverse_path.is_some()),
+                _ => false,
+            };
         // An attempt in progress usually ends within moments; wait for it
         // rather than make the operator retry.
         let deadline = tokio::time::Instant::now() + BUSY_WAIT;

@@ -917,8 +917,7 @@ async fn materialize(
 }
 
 fn read_envelope(path: &Path) -> Result<Envelope, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    Envelope::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Copies message `id` of `spool` from the object store into this relay's
@@ -1061,22 +1060,22 @@ async fn repair(inner: &Arc<Inner>) {
             let peer_copies = on_peers.get(&id).copied().unwrap_or(0);
             let missing_peer = wants_peer && peer_copies < inner.replicas;
             if missing_object || missing_peer {
-                wanting.push((entry, missing_object, missing_peer));
+                wanting.push((id, entry, missing_object, missing_peer));
             }
         }
         for batch in wanting.chunks(16) {
             let mut repairs = Vec::with_capacity(batch.len());
             let targets = &targets;
-            for (entry, missing_object, missing_peer) in batch {
-                let id = &entry.envelope.id;
+            for (id, entry, missing_object, missing_peer) in batch {
                 // Busy while repairing: the message can neither be delivered
                 // and removed under us (which would leave the new copy
                 // behind) nor repaired twice.
                 if !inner.queue.mark_busy(id) {
                     continue;
                 }
+                let path = inner.queue.message_path(entry);
                 repairs.push(async move {
-                    repair_one(targets, entry, *missing_object, *missing_peer).await;
+                    repair_one(targets, id, entry, &path, *missing_object, *missing_peer).await;
                     inner.queue.unmark_busy(id);
                 });
             }
@@ -1088,15 +1087,13 @@ async fn repair(inner: &Arc<Inner>) {
 /// Writes the missing copies of one message.
 async fn repair_one(
     targets: &[Arc<dyn crate::spool::quorum::CopyTarget>],
+    id: &str,
     entry: &crate::queue::Entry,
+    eml_path: &Path,
     missing_object: bool,
     missing_peer: bool,
 ) {
-    let id = &entry.envelope.id;
-    let envelope = &entry.envelope;
-    let Ok(job) =
-        CopyJob::from_files(&envelope.spool, id, &entry.eml_path, envelope.data_len).await
-    else {
+    let Ok(job) = CopyJob::from_files(&entry.spool, id, eml_path, entry.data_len).await else {
         return;
     };
     let job = Arc::new(job);

@@ -12,7 +12,7 @@ pub mod schedule;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -27,29 +27,130 @@ use crate::delivery::dsn::{self, Action, Reported};
 use crate::delivery::engine::{Deliverer, RecipientResult};
 use crate::metrics::{Metrics, QueueGauges};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
-use crate::spool::Spool;
+use crate::spool::{id, Spool};
 use schedule::{is_expired, now_ms, retry_delay};
 use state::{DeliveryState, StateStore, Status};
 
-/// One queued message.
+/// One queued message as the queue keeps it in memory: its schedule and
+/// per-recipient state, and only as much of its envelope as scheduling and
+/// statistics need. The envelope itself is kept while the message is new
+/// (at most [`ENVELOPES_KEPT`] of them) and read back from the `.env`
+/// beside its data otherwise ([`Queue::envelope_of`]), so a deep queue costs
+/// a few hundred bytes per message.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Its envelope.
-    pub envelope: Arc<Envelope>,
+    /// Its id's bits ([`id::to_bits`]).
+    key: u128,
+    /// Its envelope, while kept in memory.
+    envelope: Option<Arc<Envelope>>,
+    /// The cluster spool it was accepted into; empty outside a cluster.
+    pub spool: Box<str>,
+    /// Each recipient's domain, in envelope order.
+    pub domains: Box<[Box<str>]>,
+    /// Length of its data in octets.
+    pub data_len: u64,
     /// Its delivery state.
     pub state: DeliveryState,
     /// Arrival time, Unix ms.
     pub arrival_ms: u64,
     /// A delivery attempt is running.
     pub in_flight: bool,
-    /// The `.eml` delivered from: the local spool, or a replica of a spool
-    /// taken over.
-    pub eml_path: PathBuf,
+    /// Where its `.eml` is when not in the local spool: a replica of a
+    /// spool taken over.
+    replica: Option<Box<Path>>,
     /// The latest state is saved locally but not yet committed to the cluster.
     pub uncommitted: bool,
     /// Recovered at start, whose data's digest has not been checked yet
     /// (done before its first delivery).
     pub unverified: bool,
+}
+
+impl Entry {
+    /// Its spool id.
+    pub fn id(&self) -> String {
+        id::from_bits(self.key)
+    }
+}
+
+/// How many queued messages keep their envelope in memory: new ones, which
+/// are about to be delivered, up to this many; the rest read it back.
+pub const ENVELOPES_KEPT: usize = 10_000;
+
+/// The queued messages by id, counting those that keep their envelope.
+#[derive(Debug, Default)]
+struct Entries {
+    map: BTreeMap<u128, Entry>,
+    kept: usize,
+}
+
+impl Entries {
+    /// Adds `entry` (replacing one with its id); it keeps its envelope only
+    /// while fewer than [`ENVELOPES_KEPT`] do.
+    fn insert(&mut self, mut entry: Entry) {
+        if entry.envelope.is_some() {
+            if self.kept >= ENVELOPES_KEPT {
+                entry.envelope = None;
+            } else {
+                self.kept += 1;
+            }
+        }
+        if let Some(old) = self.map.insert(entry.key, entry) {
+            self.forget(&old);
+        }
+    }
+
+    fn remove(&mut self, key: u128) -> Option<Entry> {
+        let removed = self.map.remove(&key)?;
+        self.forget(&removed);
+        Some(removed)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
+        let mut dropped_kept = 0;
+        self.map.retain(|_, entry| {
+            let keeping = keep(entry);
+            if !keeping && entry.envelope.is_some() {
+                dropped_kept += 1;
+            }
+            keeping
+        });
+        self.kept -= dropped_kept;
+    }
+
+    /// Lets message `key`'s envelope go (read back when needed).
+    fn release_envelope(&mut self, key: u128) {
+        if let Some(entry) = self.map.get_mut(&key) {
+            if entry.envelope.take().is_some() {
+                self.kept -= 1;
+            }
+        }
+    }
+
+    fn forget(&mut self, removed: &Entry) {
+        if removed.envelope.is_some() {
+            self.kept -= 1;
+        }
+    }
+
+    fn get(&self, key: u128) -> Option<&Entry> {
+        self.map.get(&key)
+    }
+
+    fn get_mut(&mut self, key: u128) -> Option<&mut Entry> {
+        self.map.get_mut(&key)
+    }
+
+    fn contains(&self, key: u128) -> bool {
+        self.map.contains_key(&key)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Entry> {
+        self.map.values()
+    }
 }
 
 /// Why the cluster refused a state commit.
@@ -115,12 +216,12 @@ struct Inner {
     settings: DeliveryConfig,
     hostname: String,
     metrics: Arc<Metrics>,
-    entries: Mutex<BTreeMap<String, Entry>>,
+    entries: Mutex<Entries>,
     /// When each message is next due, so the scheduler looks only at what
     /// is due instead of the whole queue. Lazy: a key may be stale (the
     /// message gone, busy, held or due later), and is checked when popped.
     /// Locked after `entries` when both are held.
-    due: Mutex<BTreeSet<(u64, String)>>,
+    due: Mutex<BTreeSet<(u64, u128)>>,
     wake: Notify,
     workers: Arc<Semaphore>,
     ownership: OnceLock<Arc<dyn Ownership>>,
@@ -147,16 +248,16 @@ pub const COMMITS_AHEAD: usize = 16;
 /// A bounded memory of ids, oldest forgotten first.
 #[derive(Debug, Default)]
 struct RecentIds {
-    order: std::collections::VecDeque<String>,
-    set: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<u128>,
+    set: std::collections::HashSet<u128>,
 }
 
 impl RecentIds {
     const CAPACITY: usize = 100_000;
 
-    fn insert(&mut self, id: &str) {
-        if self.set.insert(id.to_owned()) {
-            self.order.push_back(id.to_owned());
+    fn insert(&mut self, key: u128) {
+        if self.set.insert(key) {
+            self.order.push_back(key);
             if self.order.len() > Self::CAPACITY {
                 if let Some(old) = self.order.pop_front() {
                     self.set.remove(&old);
@@ -186,7 +287,7 @@ impl Queue {
                 settings: config.delivery.clone(),
                 hostname: config.hostname.clone(),
                 metrics,
-                entries: Mutex::new(BTreeMap::new()),
+                entries: Mutex::new(Entries::default()),
                 due: Mutex::new(BTreeSet::new()),
                 wake: Notify::new(),
                 workers: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
@@ -229,10 +330,11 @@ impl Queue {
                 .load(&envelope.id)
                 .filter(|state| state.recipients.len() == envelope.recipients.len())
                 .unwrap_or_else(|| DeliveryState::new(envelope.recipients.len(), now));
-            let eml_path = self.inner.spool.message_path(&envelope.id);
-            let mut entry = entry(envelope, state, eml_path);
-            entry.unverified = true;
-            recovered.push(entry);
+            // Read back at its first attempt: a deep queue keeps no envelopes.
+            if let Some(mut entry) = entry(envelope, state, None, false) {
+                entry.unverified = true;
+                recovered.push(entry);
+            }
         }
         recovered
     }
@@ -242,8 +344,8 @@ impl Queue {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             let mut due = self.inner.due.lock().expect("queue lock");
             for entry in recovered {
-                due.insert((entry.state.next_attempt_ms, entry.envelope.id.clone()));
-                entries.insert(entry.envelope.id.clone(), entry);
+                due.insert((entry.state.next_attempt_ms, entry.key));
+                entries.insert(entry);
             }
         }
         self.update_gauges();
@@ -260,7 +362,7 @@ impl Queue {
         let orphans: Vec<String> = {
             let entries = self.inner.entries.lock().expect("queue lock");
             ids.into_iter()
-                .filter(|id| !entries.contains_key(id))
+                .filter(|id| id::to_bits(id).is_none_or(|key| !entries.contains(key)))
                 .collect()
         };
         for id in orphans {
@@ -328,15 +430,13 @@ impl Queue {
     /// [`submit`](Queue::submit) with recipients already settled (refused
     /// during early delivery): they are reported with the others' outcomes.
     pub fn submit_with_state(&self, envelope: Envelope, state: DeliveryState) {
-        let id = envelope.id.clone();
-        let eml_path = self.inner.spool.message_path(&id);
         let at = state.next_attempt_ms;
-        self.inner
-            .entries
-            .lock()
-            .expect("queue lock")
-            .insert(id.clone(), entry(envelope, state, eml_path));
-        self.schedule(id, at);
+        let Some(entry) = entry(envelope, state, None, true) else {
+            return;
+        };
+        let key = entry.key;
+        self.inner.entries.lock().expect("queue lock").insert(entry);
+        self.schedule(key, at);
         self.update_gauges();
         self.inner.wake.notify_one();
     }
@@ -344,28 +444,31 @@ impl Queue {
     /// Takes over a message of a spool this relay now owns, with the state
     /// its previous owner committed; `false` if it is queued already.
     pub fn adopt(&self, envelope: Envelope, eml_path: PathBuf, state: DeliveryState) -> bool {
-        let id = envelope.id.clone();
+        let at = state.next_attempt_ms;
+        let local = eml_path == self.inner.spool.message_path(&envelope.id);
+        let replica = (!local).then_some(eml_path);
+        let Some(entry) = entry(envelope, state, replica, true) else {
+            return false;
+        };
+        let key = entry.key;
         if self
             .inner
             .finished
             .lock()
             .expect("queue lock")
             .set
-            .contains(&id)
+            .contains(&key)
         {
             return false;
         }
         let added = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
-            match entries.entry(id) {
-                std::collections::btree_map::Entry::Occupied(_) => false,
-                std::collections::btree_map::Entry::Vacant(vacant) => {
-                    let at = state.next_attempt_ms;
-                    let id = vacant.key().clone();
-                    vacant.insert(entry(envelope, state, eml_path));
-                    self.schedule(id, at);
-                    true
-                }
+            if entries.contains(key) {
+                false
+            } else {
+                entries.insert(entry);
+                self.schedule(key, at);
+                true
             }
         };
         if added {
@@ -381,7 +484,7 @@ impl Queue {
         let dropped = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             let before = entries.len();
-            entries.retain(|_, e| e.envelope.spool != spool || e.in_flight);
+            entries.retain(|e| &*e.spool != spool || e.in_flight);
             before - entries.len()
         };
         if dropped > 0 {
@@ -396,8 +499,11 @@ impl Queue {
 
     /// Adds what another owner committed to message `id`'s state.
     pub fn merge_state(&self, id: &str, committed: &DeliveryState) {
+        let Some(key) = id::to_bits(id) else {
+            return;
+        };
         let mut entries = self.inner.entries.lock().expect("queue lock");
-        if let Some(entry) = entries.get_mut(id) {
+        if let Some(entry) = entries.get_mut(key) {
             if committed.recipients.len() == entry.state.recipients.len() {
                 entry.state = entry.state.merged(committed);
             }
@@ -407,8 +513,11 @@ impl Queue {
     /// Marks message `id` busy as if a delivery attempt ran (so none starts
     /// and it is not finished meanwhile); `false` if it is gone or busy.
     pub fn mark_busy(&self, id: &str) -> bool {
+        let Some(key) = id::to_bits(id) else {
+            return false;
+        };
         let mut entries = self.inner.entries.lock().expect("queue lock");
-        match entries.get_mut(id) {
+        match entries.get_mut(key) {
             Some(entry) if !entry.in_flight => {
                 entry.in_flight = true;
                 true
@@ -440,12 +549,11 @@ impl Queue {
                     if !self.mark_busy(id) {
                         return None;
                     }
-                    let envelope = &entry.envelope;
                     let result = match crate::spool::quorum::CopyJob::from_files(
-                        &envelope.spool,
+                        &entry.spool,
                         id,
-                        &entry.eml_path,
-                        envelope.data_len,
+                        &self.message_path(&entry),
+                        entry.data_len,
                     )
                     .await
                     {
@@ -479,9 +587,12 @@ impl Queue {
 
     /// Ends [`mark_busy`](Queue::mark_busy).
     pub fn unmark_busy(&self, id: &str) {
-        if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(id) {
+        let Some(key) = id::to_bits(id) else {
+            return;
+        };
+        if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(key) {
             entry.in_flight = false;
-            self.schedule(id.to_owned(), entry.state.next_attempt_ms);
+            self.schedule(key, entry.state.next_attempt_ms);
         }
         self.inner.wake.notify_one();
     }
@@ -493,8 +604,8 @@ impl Queue {
             .lock()
             .expect("queue lock")
             .values()
-            .filter(|e| e.envelope.spool == spool)
-            .map(|e| e.envelope.id.clone())
+            .filter(|e| &*e.spool == spool)
+            .map(Entry::id)
             .collect()
     }
 
@@ -517,7 +628,7 @@ impl Queue {
 
     /// Commits `state` to the cluster (a no-op outside one). `Lost` drops the
     /// message from this queue: the relay that took its spool over delivers it.
-    async fn commit(&self, envelope: &Envelope, state: Option<&DeliveryState>) -> Result<(), ()> {
+    async fn commit(&self, spool: &str, id: &str, state: Option<&DeliveryState>) -> Result<(), ()> {
         let Some(ownership) = self.inner.ownership.get() else {
             return Ok(());
         };
@@ -531,9 +642,7 @@ impl Queue {
             .lock()
             .expect("queue lock")
             .insert(seq, std::time::Instant::now());
-        let committed = ownership
-            .commit_state(&envelope.spool, &envelope.id, state)
-            .await;
+        let committed = ownership.commit_state(spool, id, state).await;
         self.inner
             .commits_pending
             .lock()
@@ -548,17 +657,19 @@ impl Queue {
                 Ok(())
             }
             Err(OwnershipError::Lost(_)) => {
-                warn!(id = %envelope.id, spool = %envelope.spool, "spool taken over by another relay; dropping the message from this queue");
-                self.inner
-                    .entries
-                    .lock()
-                    .expect("queue lock")
-                    .remove(&envelope.id);
-                self.drop_spool(&envelope.spool);
+                warn!(
+                    id,
+                    spool,
+                    "spool taken over by another relay; dropping the message from this queue"
+                );
+                if let Some(key) = id::to_bits(id) {
+                    self.inner.entries.lock().expect("queue lock").remove(key);
+                }
+                self.drop_spool(spool);
                 Err(())
             }
             Err(err) => {
-                warn!(id = %envelope.id, "cannot commit delivery state: {err}");
+                warn!(id, "cannot commit delivery state: {err}");
                 stalled.store(true, std::sync::atomic::Ordering::Relaxed);
                 Err(())
             }
@@ -594,7 +705,7 @@ impl Queue {
     async fn dispatch_due(&self) -> Duration {
         let now = now_ms();
         let mut next_due = u64::MAX;
-        let due: Vec<String> = {
+        let due: Vec<u128> = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             let mut index = self.inner.due.lock().expect("queue lock");
             let mut due = Vec::new();
@@ -625,11 +736,11 @@ impl Queue {
                     next_due = next_due.min(now + 1000);
                     break;
                 }
-                let Some((_, id)) = index.pop_first() else {
+                let Some((_, key)) = index.pop_first() else {
                     break;
                 };
                 // Gone, busy or held: scheduled again when that ends.
-                let Some(entry) = entries.get_mut(&id) else {
+                let Some(entry) = entries.get_mut(key) else {
                     continue;
                 };
                 if entry.in_flight || entry.state.held {
@@ -637,34 +748,32 @@ impl Queue {
                 }
                 if entry.state.next_attempt_ms > now {
                     // A stale key: the message was put off since.
-                    index.insert((entry.state.next_attempt_ms, id));
+                    index.insert((entry.state.next_attempt_ms, key));
                     continue;
                 }
-                if ((stalled || lagging) && !entry.uncommitted)
-                    || !self.may_deliver(&entry.envelope.spool)
-                {
+                if ((stalled || lagging) && !entry.uncommitted) || !self.may_deliver(&entry.spool) {
                     // Waiting for the cluster, not for a time: look again soon.
-                    waiting.push(id);
+                    waiting.push(key);
                     continue;
                 }
                 entry.in_flight = true;
-                due.push(id);
+                due.push(key);
             }
             if !waiting.is_empty() {
                 next_due = next_due.min(now + 200);
-                index.extend(waiting.into_iter().map(|id| (now + 200, id)));
+                index.extend(waiting.into_iter().map(|key| (now + 200, key)));
             }
             due
         };
-        for id in due {
+        for key in due {
             // Free (counted above); only a shutdown may hold them now.
             let Ok(permit) = Arc::clone(&self.inner.workers).try_acquire_owned() else {
-                self.release_attempt(&id, now, false);
+                self.release_attempt(key, now, false);
                 continue;
             };
             let queue = self.clone();
             tokio::spawn(async move {
-                queue.attempt(&id).await;
+                queue.attempt(key).await;
                 drop(permit);
                 queue.inner.wake.notify_one();
             });
@@ -673,36 +782,53 @@ impl Queue {
         Duration::from_millis(next_due.saturating_sub(now_ms()).clamp(10, 60_000))
     }
 
-    /// One delivery attempt of message `id`.
-    async fn attempt(&self, id: &str) {
-        let Some((envelope, mut state, arrival_ms, eml, uncommitted, unverified)) = ({
-            let entries = self.inner.entries.lock().expect("queue lock");
-            entries.get(id).map(|e| {
-                (
-                    Arc::clone(&e.envelope),
-                    e.state.clone(),
-                    e.arrival_ms,
-                    e.eml_path.clone(),
-                    e.uncommitted,
-                    e.unverified,
-                )
-            })
-        }) else {
+    /// One delivery attempt of message `key`.
+    async fn attempt(&self, key: u128) {
+        let Some(entry) = self
+            .inner
+            .entries
+            .lock()
+            .expect("queue lock")
+            .get(key)
+            .cloned()
+        else {
             return;
         };
-        if unverified && !self.verified(&envelope).await {
+        let id = entry.id();
+        let id = id.as_str();
+        let eml = self.message_path(&entry);
+        let (mut state, arrival_ms, uncommitted) =
+            (entry.state.clone(), entry.arrival_ms, entry.uncommitted);
+        let envelope = match self.envelope_of(&entry).await {
+            Ok(envelope) => envelope,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                warn!(
+                    id,
+                    "the message's envelope is gone; dropping it from the queue"
+                );
+                self.inner.entries.lock().expect("queue lock").remove(key);
+                self.update_gauges();
+                return;
+            }
+            Err(err) => {
+                warn!(id, "cannot read the message's envelope: {err}");
+                self.release_attempt(key, now_ms() + 60_000, false);
+                return;
+            }
+        };
+        if entry.unverified && !self.verified(key, &envelope).await {
             return;
         }
         // A state the cluster has not seen yet goes first: delivering again
         // before it is committed would widen the window for duplicates.
-        if uncommitted && self.commit(&envelope, Some(&state)).await.is_err() {
-            self.release_attempt(id, now_ms() + 1000, false);
+        if uncommitted && self.commit(&entry.spool, id, Some(&state)).await.is_err() {
+            self.release_attempt(key, now_ms() + 1000, false);
             return;
         }
         // Checked again right before delivering: ownership may have ended
         // while the attempt waited for a worker.
-        if !self.may_deliver(&envelope.spool) || (!uncommitted && self.commits_lagging()) {
-            self.release_attempt(id, now_ms() + 200, false);
+        if !self.may_deliver(&entry.spool) || (!uncommitted && self.commits_lagging()) {
+            self.release_attempt(key, now_ms() + 200, false);
             return;
         }
         let pending = state.pending();
@@ -720,7 +846,7 @@ impl Queue {
                     biased;
                     () = ownership.until_unsafe() => {
                         warn!(id, "lease no longer certain: delivery abandoned");
-                        self.release_attempt(id, now_ms() + 1000, false);
+                        self.release_attempt(key, now_ms() + 1000, false);
                         return;
                     }
                     results = delivery => results,
@@ -729,7 +855,7 @@ impl Queue {
         };
         if results.is_empty() && !pending.is_empty() {
             // Held back at the gate: not an attempt.
-            self.release_attempt(id, now_ms() + 200, false);
+            self.release_attempt(key, now_ms() + 200, false);
             return;
         }
         state.attempts += 1;
@@ -776,22 +902,16 @@ impl Queue {
             // Not persisted: keep it in memory and retry soon; never drop the message.
             warn!(id, "cannot save delivery state: {err}");
             state.next_attempt_ms = now + 1000;
-        } else if self.commit(&envelope, Some(&state)).await.is_err() {
-            if !self
-                .inner
-                .entries
-                .lock()
-                .expect("queue lock")
-                .contains_key(id)
-            {
+        } else if self.commit(&entry.spool, id, Some(&state)).await.is_err() {
+            if !self.inner.entries.lock().expect("queue lock").contains(key) {
                 return; // Lost: the new owner delivers the rest.
             }
             uncommitted = true;
             state.next_attempt_ms = state.next_attempt_ms.min(now + 1000);
         } else if state.is_final() {
             if self.finish(&envelope, &state).await.is_ok() {
-                self.inner.finished.lock().expect("queue lock").insert(id);
-                self.inner.entries.lock().expect("queue lock").remove(id);
+                self.inner.finished.lock().expect("queue lock").insert(key);
+                self.inner.entries.lock().expect("queue lock").remove(key);
                 self.update_gauges();
                 return;
             }
@@ -800,50 +920,52 @@ impl Queue {
                 now + retry_delay(&self.inner.settings.retry_schedule, 1).as_millis() as u64;
         }
         let mut entries = self.inner.entries.lock().expect("queue lock");
-        if let Some(entry) = entries.get_mut(id) {
+        if let Some(entry) = entries.get_mut(key) {
             // `hold` may have been set while we were delivering.
             state.held |= entry.state.held;
             let at = state.next_attempt_ms;
             entry.state = state;
             entry.in_flight = false;
             entry.uncommitted = uncommitted;
-            self.schedule(id.to_owned(), at);
+            self.schedule(key, at);
         }
+        // Not new any more: it waits on disk until its next attempt.
+        entries.release_envelope(key);
     }
 
     /// Checks the digest of a message recovered at start before its first
     /// delivery; a damaged one leaves the queue (it is in quarantine).
-    async fn verified(&self, envelope: &Envelope) -> bool {
+    async fn verified(&self, key: u128, envelope: &Envelope) -> bool {
         let id = envelope.id.as_str();
         match self.inner.spool.verify_or_quarantine(envelope).await {
             Ok(true) => {
-                if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(id) {
+                if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(key) {
                     entry.unverified = false;
                 }
                 true
             }
             Ok(false) => {
-                self.inner.entries.lock().expect("queue lock").remove(id);
+                self.inner.entries.lock().expect("queue lock").remove(key);
                 let _ = self.inner.states.remove(id).await;
                 self.update_gauges();
                 false
             }
             Err(err) => {
                 warn!(id, "cannot check the message's data: {err}");
-                self.release_attempt(id, now_ms() + 1000, false);
+                self.release_attempt(key, now_ms() + 1000, false);
                 false
             }
         }
     }
 
     /// Ends an attempt that did not run: due again at `next_ms`.
-    fn release_attempt(&self, id: &str, next_ms: u64, uncommitted: bool) {
+    fn release_attempt(&self, key: u128, next_ms: u64, uncommitted: bool) {
         let mut entries = self.inner.entries.lock().expect("queue lock");
-        if let Some(entry) = entries.get_mut(id) {
+        if let Some(entry) = entries.get_mut(key) {
             entry.in_flight = false;
             entry.uncommitted |= uncommitted;
             entry.state.next_attempt_ms = entry.state.next_attempt_ms.max(next_ms);
-            self.schedule(id.to_owned(), entry.state.next_attempt_ms);
+            self.schedule(key, entry.state.next_attempt_ms);
         }
     }
 
@@ -1006,10 +1128,10 @@ impl Queue {
             .write(head.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        let eml = self
-            .get(&envelope.id)
-            .map(|e| e.eml_path)
-            .unwrap_or_else(|| spool.message_path(&envelope.id));
+        let eml = self.get(&envelope.id).map_or_else(
+            || spool.message_path(&envelope.id),
+            |e| self.message_path(&e),
+        );
         let mut original = envelope.added_headers.clone().into_bytes();
         original.extend(tokio::fs::read(eml).await.map_err(|e| e.to_string())?);
         let original = if dsn::returns_full_message(envelope) {
@@ -1066,9 +1188,9 @@ impl Queue {
         Ok(())
     }
 
-    /// Puts message `id` in the due index at `at` (Unix ms).
-    fn schedule(&self, id: String, at: u64) {
-        self.inner.due.lock().expect("queue lock").insert((at, id));
+    /// Puts message `key` in the due index at `at` (Unix ms).
+    fn schedule(&self, key: u128, at: u64) {
+        self.inner.due.lock().expect("queue lock").insert((at, key));
     }
 
     fn update_gauges(&self) {
@@ -1100,12 +1222,57 @@ impl Queue {
 
     /// One message.
     pub fn get(&self, id: &str) -> Option<Entry> {
+        let key = id::to_bits(id)?;
         self.inner
             .entries
             .lock()
             .expect("queue lock")
-            .get(id)
+            .get(key)
             .cloned()
+    }
+
+    /// Where `entry`'s data is: the local spool, or the replica of a spool
+    /// taken over that it is delivered from. Its `.env` is beside it.
+    pub fn message_path(&self, entry: &Entry) -> PathBuf {
+        match &entry.replica {
+            Some(path) => path.to_path_buf(),
+            None => self.inner.spool.message_path(&entry.id()),
+        }
+    }
+
+    /// `entry`'s envelope: the one kept in memory, or read from its `.env`.
+    pub async fn envelope_of(&self, entry: &Entry) -> std::io::Result<Arc<Envelope>> {
+        if let Some(envelope) = &entry.envelope {
+            return Ok(Arc::clone(envelope));
+        }
+        let path = self.message_path(entry).with_extension("env");
+        tokio::task::spawn_blocking(move || Envelope::read(&path).map(Arc::new))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// [`list`](Queue::list) with each message's envelope, read in one
+    /// blocking task; messages that finished meanwhile are left out.
+    pub async fn list_with_envelopes(&self) -> Vec<(Entry, Arc<Envelope>)> {
+        let queue = self.clone();
+        let entries = self.list();
+        tokio::task::spawn_blocking(move || {
+            entries
+                .into_iter()
+                .filter_map(|entry| {
+                    let envelope = match &entry.envelope {
+                        Some(envelope) => Arc::clone(envelope),
+                        None => {
+                            let path = queue.message_path(&entry).with_extension("env");
+                            Arc::new(Envelope::read(&path).ok()?)
+                        }
+                    };
+                    Some((entry, envelope))
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// The destination key (next hop or `mx:domain`) a recipient domain is
@@ -1117,12 +1284,16 @@ impl Queue {
     /// Makes one message (or all) due now.
     pub fn flush(&self, id: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
+        let only = match id {
+            Some(id) => Some(id::to_bits(id).ok_or_else(|| QueueError::NotFound(id.to_owned()))?),
+            None => None,
+        };
         let mut entries = self.inner.entries.lock().expect("queue lock");
         let mut count = 0;
-        for (key, entry) in entries.iter_mut() {
-            if id.is_none_or(|id| id == key) && !entry.state.held {
+        for (key, entry) in entries.map.iter_mut() {
+            if only.is_none_or(|only| only == *key) && !entry.state.held {
                 entry.state.next_attempt_ms = now;
-                self.schedule(key.clone(), now);
+                self.schedule(*key, now);
                 count += 1;
             }
         }
@@ -1138,15 +1309,15 @@ impl Queue {
 
     /// Holds or releases a message (persisted).
     pub async fn set_held(&self, id: &str, held: bool) -> Result<(), QueueError> {
+        let not_found = || QueueError::NotFound(id.to_owned());
+        let key = id::to_bits(id).ok_or_else(not_found)?;
         let state = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
-            let entry = entries
-                .get_mut(id)
-                .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+            let entry = entries.get_mut(key).ok_or_else(not_found)?;
             entry.state.held = held;
             if !held {
                 entry.state.next_attempt_ms = now_ms();
-                self.schedule(id.to_owned(), entry.state.next_attempt_ms);
+                self.schedule(key, entry.state.next_attempt_ms);
             }
             entry.state.clone()
         };
@@ -1157,15 +1328,22 @@ impl Queue {
 
     /// Deletes a message, optionally bouncing its pending recipients.
     pub async fn delete(&self, id: &str, bounce: bool) -> Result<(), QueueError> {
+        let not_found = || QueueError::NotFound(id.to_owned());
+        let key = id::to_bits(id).ok_or_else(not_found)?;
         let entry = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
-            let entry = entries
-                .get(id)
-                .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+            let entry = entries.get(key).ok_or_else(not_found)?;
             if entry.in_flight {
                 return Err(QueueError::Busy(id.to_owned()));
             }
-            entries.remove(id).expect("present")
+            entries.remove(key).expect("present")
+        };
+        let envelope = match self.envelope_of(&entry).await {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                self.inner.entries.lock().expect("queue lock").insert(entry);
+                return Err(err.into());
+            }
         };
         if bounce {
             let mut state = entry.state.clone();
@@ -1177,19 +1355,15 @@ impl Queue {
                 recipient.status = Status::Failed;
                 recipient.last_reply = Some("550 5.3.0 Message deleted by the postmaster".into());
             }
-            if let Err(err) = self.finish(&entry.envelope, &state).await {
+            if let Err(err) = self.finish(&envelope, &state).await {
                 // Nothing was removed: put the message back as it was.
-                self.inner
-                    .entries
-                    .lock()
-                    .expect("queue lock")
-                    .insert(id.to_owned(), entry);
+                self.inner.entries.lock().expect("queue lock").insert(entry);
                 return Err(QueueError::Io(std::io::Error::other(format!(
                     "the bounce could not be queued: {err}"
                 ))));
             }
         } else {
-            self.remove_copies(&entry.envelope).await;
+            self.remove_copies(&envelope).await;
             self.inner.states.remove(id).await?;
             info!(id, "deleted by the postmaster");
         }
@@ -1198,17 +1372,118 @@ impl Queue {
     }
 }
 
-fn entry(envelope: Envelope, state: DeliveryState, eml_path: PathBuf) -> Entry {
+/// The entry of a message; its data at `replica` when not in the local
+/// spool, and its envelope kept in memory when `keep` (the queue's bound
+/// permitting). `None` (logged) when its id is not a spool id.
+fn entry(
+    envelope: Envelope,
+    state: DeliveryState,
+    replica: Option<PathBuf>,
+    keep: bool,
+) -> Option<Entry> {
+    let Some(key) = id::to_bits(&envelope.id) else {
+        warn!(id = %envelope.id, "not a spool id; the message is not queued");
+        return None;
+    };
     let arrival_ms = chrono::DateTime::parse_from_rfc3339(&envelope.received_at)
         .map(|t| t.timestamp_millis().max(0) as u64)
         .unwrap_or_else(|_| now_ms());
-    Entry {
-        envelope: Arc::new(envelope),
+    Some(Entry {
+        key,
+        spool: envelope.spool.as_str().into(),
+        domains: envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.domain.as_str().into())
+            .collect(),
+        data_len: envelope.data_len,
+        envelope: keep.then(|| Arc::new(envelope)),
         state,
         arrival_ms,
         in_flight: false,
-        eml_path,
+        replica: replica.map(PathBuf::into_boxed_path),
         uncommitted: false,
         unverified: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::id::IdGenerator;
+
+    fn new_entry(ids: &IdGenerator) -> Entry {
+        let envelope = Envelope {
+            version: ENVELOPE_VERSION,
+            id: ids.next_id(),
+            spool: String::new(),
+            reverse_path: None,
+            mail_params: Default::default(),
+            recipients: Vec::new(),
+            client: ClientInfo {
+                addr: "127.0.0.1:1".into(),
+                helo: "test".into(),
+                esmtp: true,
+                tls: None,
+                auth: None,
+            },
+            listener: "smtp".into(),
+            received_at: "2026-01-01T00:00:00Z".into(),
+            data_len: 0,
+            data_sha256: String::new(),
+            added_headers: String::new(),
+        };
+        entry(envelope, DeliveryState::new(0, 0), None, true).unwrap()
+    }
+
+    fn kept(entries: &Entries) -> usize {
+        entries.values().filter(|e| e.envelope.is_some()).count()
+    }
+
+    #[test]
+    fn no_more_than_the_bound_keep_their_envelope() {
+        let ids = IdGenerator::new();
+        let mut entries = Entries::default();
+        let mut keys = Vec::new();
+        for _ in 0..ENVELOPES_KEPT + 5 {
+            let entry = new_entry(&ids);
+            keys.push(entry.key);
+            entries.insert(entry);
+        }
+        assert_eq!(entries.len(), ENVELOPES_KEPT + 5);
+        assert_eq!(kept(&entries), ENVELOPES_KEPT);
+        assert_eq!(entries.kept, ENVELOPES_KEPT);
+        assert!(entries
+            .get(keys[ENVELOPES_KEPT])
+            .unwrap()
+            .envelope
+            .is_none());
+
+        // Every way out gives a place back.
+        entries.release_envelope(keys[0]);
+        entries.remove(keys[1]);
+        entries.retain(|e| e.key != keys[2]);
+        entries.release_envelope(keys[ENVELOPES_KEPT + 1]); // kept none
+        assert_eq!(entries.kept, ENVELOPES_KEPT - 3);
+        assert_eq!(kept(&entries), entries.kept);
+        let entry = new_entry(&ids);
+        let key = entry.key;
+        entries.insert(entry);
+        assert!(entries.get(key).unwrap().envelope.is_some());
+        assert_eq!(kept(&entries), entries.kept);
+
+        // Replacing an entry counts it once.
+        let again = entries.get(key).unwrap().clone();
+        entries.insert(again);
+        assert_eq!(kept(&entries), entries.kept);
+    }
+
+    #[test]
+    fn an_entry_keeps_what_scheduling_and_statistics_need() {
+        let ids = IdGenerator::new();
+        let entry = new_entry(&ids);
+        let id = entry.envelope.as_ref().unwrap().id.clone();
+        assert_eq!(entry.id(), id);
+        assert_eq!(entry.arrival_ms, 1_767_225_600_000);
     }
 }

@@ -44,6 +44,14 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// Blocking: the envelope in the `.env` file at `path`; a file that is
+    /// not one is `InvalidData`.
+    pub fn read(path: &std::path::Path) -> std::io::Result<Envelope> {
+        let text = std::fs::read(path)?;
+        serde_json::from_slice(&text)
+            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+    }
+
     /// Octets on the wire: the added headers plus the `.eml`.
     pub fn wire_len(&self) -> u64 {
         self.added_headers.len() as u64 + self.data_len

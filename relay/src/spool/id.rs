@@ -101,6 +101,12 @@ pub fn is_valid(text: &str) -> bool {
 
 /// The Unix milliseconds an id was stamped with, when `text` is an id.
 pub fn timestamp_millis(text: &str) -> Option<u64> {
+    to_bits(text).map(|value| (value >> RANDOM_BITS) as u64)
+}
+
+/// The 128 bits `text` encodes, when it is an id: what the queue keeps in
+/// memory instead of the 26 characters (they sort the same way).
+pub fn to_bits(text: &str) -> Option<u128> {
     if !is_valid(text) {
         return None;
     }
@@ -109,7 +115,12 @@ pub fn timestamp_millis(text: &str) -> Option<u64> {
         let digit = ALPHABET.iter().position(|&a| a == b)? as u128;
         value = (value << 5) | digit;
     }
-    Some((value >> RANDOM_BITS) as u64)
+    Some(value)
+}
+
+/// The id whose bits are `value` (the inverse of [`to_bits`]).
+pub fn from_bits(value: u128) -> String {
+    encode((value >> RANDOM_BITS) as u64, value & RANDOM_MASK)
 }
 
 #[cfg(test)]
@@ -194,6 +205,18 @@ mod tests {
         }
         assert_eq!(seen.len(), LAST_DIGITS);
         assert_eq!(last_digit("not an id!"), 0);
+    }
+
+    #[test]
+    fn bits_round_trip_and_sort_like_the_text() {
+        let generator = IdGenerator::new();
+        let ids: Vec<String> = (0..1000).map(|i| generator.next_at(i / 7)).collect();
+        let bits: Vec<u128> = ids.iter().map(|id| to_bits(id).unwrap()).collect();
+        for (id, value) in ids.iter().zip(&bits) {
+            assert_eq!(&from_bits(*value), id);
+        }
+        assert!(bits.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(to_bits("not an id"), None);
     }
 
     #[test]
