@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the relay. Without --config: SMTP on 127.0.0.1:2525, data under
-    /// ./postern-data (local spool plus a local-directory object store),
+    /// ./postern-data (one fsync'd local spool),
     /// health on 127.0.0.1:9325, loopback trusted to relay.
     Serve {
         /// TOML configuration file (see README); flags below override it.
@@ -30,7 +30,7 @@ enum Command {
         /// Address of the SMTP listener (replaces the first [[listener]]'s address).
         #[arg(long, value_name = "ADDR:PORT")]
         listen: Option<SocketAddr>,
-        /// Directory for the spool and the local object store.
+        /// Directory for the spool, the delivery state and the admin sockets.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
         /// Address of the health endpoint (/healthz, /readyz, /metrics).
@@ -66,6 +66,22 @@ enum ConfigCommand {
         /// The TOML file.
         file: PathBuf,
     },
+}
+
+/// Caps glibc's heap at two arenas before the runtime's threads start
+/// (unless `MALLOC_ARENA_MAX` says otherwise). By default every thread that
+/// allocates (tokio's workers, the blocking pool) may get an arena of its
+/// own, up to eight per core, and each keeps what it once held: with
+/// 100,000 messages queued and delivery running the relay held 105 MiB, with
+/// two arenas 69 MiB (bench/restart-at-scale). mimalloc, tried instead, held
+/// 274 MiB.
+fn limit_heap_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before
+        // the runtime starts other threads.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
 }
 
 fn main() -> ExitCode {
@@ -131,6 +147,7 @@ fn main() -> ExitCode {
             // One process-wide rustls provider: object_store's S3 client and our
             // STARTTLS must agree, or rustls panics choosing between two.
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            limit_heap_arenas();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -12,7 +12,7 @@ pub mod schedule;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -44,9 +44,9 @@ pub struct Entry {
     /// Its envelope, while kept in memory.
     envelope: Option<Arc<Envelope>>,
     /// The cluster spool it was accepted into; empty outside a cluster.
-    pub spool: Box<str>,
+    pub spool: Arc<str>,
     /// Each recipient's domain, in envelope order.
-    pub domains: Box<[Box<str>]>,
+    pub domains: Box<[Arc<str>]>,
     /// Length of its data in octets.
     pub data_len: u64,
     /// Its delivery state.
@@ -57,7 +57,7 @@ pub struct Entry {
     pub in_flight: bool,
     /// Where its `.eml` is when not in the local spool: a replica of a
     /// spool taken over.
-    replica: Option<Box<Path>>,
+    replica: Option<Box<PathBuf>>,
     /// The latest state is saved locally but not yet committed to the cluster.
     pub uncommitted: bool,
     /// Recovered at start, whose data's digest has not been checked yet
@@ -69,6 +69,35 @@ impl Entry {
     /// Its spool id.
     pub fn id(&self) -> String {
         id::from_bits(self.key)
+    }
+}
+
+/// One copy of each domain and spool name the queue's entries share (most
+/// messages go to a few domains), dropped when no entry uses it any more.
+#[derive(Debug, Default)]
+struct Names {
+    names: std::collections::HashSet<Arc<str>>,
+    /// How many there were after the last clean-up.
+    kept: usize,
+}
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = name.into();
+        self.names.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// Forgets the names no entry uses, once there are twice as many as
+    /// after the last clean-up.
+    fn clean(&mut self) {
+        if self.names.len() >= 2 * self.kept.max(512) {
+            self.names.retain(|name| Arc::strong_count(name) > 1);
+            self.kept = self.names.len();
+        }
     }
 }
 
@@ -217,6 +246,8 @@ struct Inner {
     hostname: String,
     metrics: Arc<Metrics>,
     entries: Mutex<Entries>,
+    /// The domain and spool names entries share.
+    names: Mutex<Names>,
     /// When each message is next due, so the scheduler looks only at what
     /// is due instead of the whole queue. Lazy: a key may be stale (the
     /// message gone, busy, held or due later), and is checked when popped.
@@ -288,6 +319,7 @@ impl Queue {
                 hostname: config.hostname.clone(),
                 metrics,
                 entries: Mutex::new(Entries::default()),
+                names: Mutex::new(Names::default()),
                 due: Mutex::new(BTreeSet::new()),
                 wake: Notify::new(),
                 workers: Arc::new(Semaphore::new(config.delivery.max_concurrency)),
@@ -331,7 +363,7 @@ impl Queue {
                 .filter(|state| state.recipients.len() == envelope.recipients.len())
                 .unwrap_or_else(|| DeliveryState::new(envelope.recipients.len(), now));
             // Read back at its first attempt: a deep queue keeps no envelopes.
-            if let Some(mut entry) = entry(envelope, state, None, false) {
+            if let Some(mut entry) = self.new_entry(envelope, state, None, false) {
                 entry.unverified = true;
                 recovered.push(entry);
             }
@@ -431,7 +463,7 @@ impl Queue {
     /// during early delivery): they are reported with the others' outcomes.
     pub fn submit_with_state(&self, envelope: Envelope, state: DeliveryState) {
         let at = state.next_attempt_ms;
-        let Some(entry) = entry(envelope, state, None, true) else {
+        let Some(entry) = self.new_entry(envelope, state, None, true) else {
             return;
         };
         let key = entry.key;
@@ -447,7 +479,7 @@ impl Queue {
         let at = state.next_attempt_ms;
         let local = eml_path == self.inner.spool.message_path(&envelope.id);
         let replica = (!local).then_some(eml_path);
-        let Some(entry) = entry(envelope, state, replica, true) else {
+        let Some(entry) = self.new_entry(envelope, state, replica, true) else {
             return false;
         };
         let key = entry.key;
@@ -692,7 +724,10 @@ impl Queue {
                 () = &mut shutdown => break,
                 () = self.inner.wake.notified() => {}
                 () = tokio::time::sleep(sleep) => {}
-                _ = reaper.tick() => self.inner.deliverer.close_idle(false).await,
+                _ = reaper.tick() => {
+                    self.inner.names.lock().expect("queue lock").clean();
+                    self.inner.deliverer.close_idle(false).await
+                }
             }
         }
         // Wait for attempts in progress: every permit back means none runs.
@@ -1231,11 +1266,23 @@ impl Queue {
             .cloned()
     }
 
+    /// [`entry`] with the queue's shared names.
+    fn new_entry(
+        &self,
+        envelope: Envelope,
+        state: DeliveryState,
+        replica: Option<PathBuf>,
+        keep: bool,
+    ) -> Option<Entry> {
+        let mut names = self.inner.names.lock().expect("queue lock");
+        entry(&mut names, envelope, state, replica, keep)
+    }
+
     /// Where `entry`'s data is: the local spool, or the replica of a spool
     /// taken over that it is delivered from. Its `.env` is beside it.
     pub fn message_path(&self, entry: &Entry) -> PathBuf {
         match &entry.replica {
-            Some(path) => path.to_path_buf(),
+            Some(path) => PathBuf::clone(path),
             None => self.inner.spool.message_path(&entry.id()),
         }
     }
@@ -1376,6 +1423,7 @@ impl Queue {
 /// spool, and its envelope kept in memory when `keep` (the queue's bound
 /// permitting). `None` (logged) when its id is not a spool id.
 fn entry(
+    names: &mut Names,
     envelope: Envelope,
     state: DeliveryState,
     replica: Option<PathBuf>,
@@ -1390,18 +1438,18 @@ fn entry(
         .unwrap_or_else(|_| now_ms());
     Some(Entry {
         key,
-        spool: envelope.spool.as_str().into(),
+        spool: names.get(&envelope.spool),
         domains: envelope
             .recipients
             .iter()
-            .map(|r| r.address.domain.as_str().into())
+            .map(|r| names.get(&r.address.domain))
             .collect(),
         data_len: envelope.data_len,
         envelope: keep.then(|| Arc::new(envelope)),
         state,
         arrival_ms,
         in_flight: false,
-        replica: replica.map(PathBuf::into_boxed_path),
+        replica: replica.map(Box::new),
         uncommitted: false,
         unverified: false,
     })
@@ -1433,7 +1481,14 @@ mod tests {
             data_sha256: String::new(),
             added_headers: String::new(),
         };
-        entry(envelope, DeliveryState::new(0, 0), None, true).unwrap()
+        entry(
+            &mut Names::default(),
+            envelope,
+            DeliveryState::new(0, 0),
+            None,
+            true,
+        )
+        .unwrap()
     }
 
     fn kept(entries: &Entries) -> usize {
@@ -1476,6 +1531,20 @@ mod tests {
         let again = entries.get(key).unwrap().clone();
         entries.insert(again);
         assert_eq!(kept(&entries), entries.kept);
+    }
+
+    #[test]
+    fn entries_share_names_and_unused_ones_go() {
+        let mut names = Names::default();
+        let a = names.get("example.net");
+        let b = names.get("example.net");
+        assert!(Arc::ptr_eq(&a, &b));
+        for n in 0..2000 {
+            drop(names.get(&format!("d{n}.example")));
+        }
+        names.clean();
+        assert_eq!(names.names.len(), 1, "only the name still in use stays");
+        assert!(Arc::ptr_eq(&names.get("example.net"), &a));
     }
 
     #[test]
