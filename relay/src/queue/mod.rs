@@ -8,6 +8,7 @@
 //! durable path) and every copy of the message is removed. A due index keeps
 //! the scheduler's work proportional to what is due, not to the queue.
 
+pub mod lifecycle;
 pub mod schedule;
 pub mod state;
 
@@ -28,7 +29,7 @@ use crate::delivery::engine::{Deliverer, RecipientResult};
 use crate::metrics::{Metrics, QueueGauges};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
 use crate::spool::{id, Spool};
-use schedule::{is_expired, now_ms, retry_delay};
+use schedule::{now_ms, retry_delay};
 use state::{DeliveryState, StateStore, Status};
 
 /// One queued message as the queue keeps it in memory: its schedule and
@@ -893,30 +894,23 @@ impl Queue {
             self.release_attempt(key, now_ms() + 200, false);
             return;
         }
-        state.attempts += 1;
-        self.apply(&envelope, &mut state, arrival_ms, results);
+        let answers = self.record(&envelope, arrival_ms, results);
         let now = now_ms();
-        if !state.is_final() && is_expired(arrival_ms, now, self.inner.settings.max_age) {
-            for recipient in state
-                .recipients
-                .iter_mut()
-                .filter(|r| r.status == Status::Pending)
-            {
-                let last = recipient.last_reply.clone().unwrap_or_default();
-                recipient.status = Status::Failed;
-                recipient.last_reply = Some(format!(
-                    "554 4.4.7 Message expired after {}; last error: {last}",
-                    humantime::format_duration(self.inner.settings.max_age)
-                ));
-                Metrics::count(&self.inner.metrics.bounced);
-            }
+        let settings = &self.inner.settings;
+        let rules = lifecycle::Rules {
+            retry_schedule: &settings.retry_schedule,
+            max_age: settings.max_age,
+            delay_warning: settings.delay_warning,
+        };
+        let settled = lifecycle::settle(&mut state, &answers, arrival_ms, now, &rules);
+        for _ in 0..settled.expired {
+            Metrics::count(&self.inner.metrics.bounced);
         }
-        if !state.is_final() {
-            state.next_attempt_ms = now
-                + retry_delay(&self.inner.settings.retry_schedule, state.attempts).as_millis()
-                    as u64;
-            self.maybe_warn_delay(&envelope, &mut state, arrival_ms, now)
-                .await;
+        if let lifecycle::Next::Retry { at_ms, warn_delay } = settled.next {
+            state.next_attempt_ms = at_ms;
+            if warn_delay {
+                self.warn_delay(&envelope, &mut state).await;
+            }
         }
         let mut uncommitted = false;
         // Outside a cluster a message delivered to everyone needs no state
@@ -1004,45 +998,51 @@ impl Queue {
         }
     }
 
-    /// Records the outcomes of an attempt in the state.
-    fn apply(
+    /// Logs and counts the outcomes of an attempt, and returns them as the
+    /// lifecycle's answers.
+    fn record(
         &self,
         envelope: &Envelope,
-        state: &mut DeliveryState,
         arrival_ms: u64,
         results: Vec<RecipientResult>,
-    ) {
+    ) -> Vec<lifecycle::Answer> {
         let metrics = &self.inner.metrics;
+        let mut answers = Vec::with_capacity(results.len());
         for result in results {
-            let recipient = &mut state.recipients[result.index];
             let reply_text = result.outcome.reply().one_line();
-            recipient.last_reply = Some(reply_text.clone());
-            recipient.remote = result.remote.clone();
             let address = envelope.recipients[result.index].address.address();
             let remote = result.remote.as_deref().unwrap_or("-");
-            match result.outcome {
+            let said = match result.outcome {
                 RcptOutcome::Delivered(_) => {
-                    recipient.status = Status::Delivered;
                     Metrics::count(&metrics.delivered);
                     metrics
                         .delivery_latency
                         .observe(Duration::from_millis(now_ms().saturating_sub(arrival_ms)));
                     info!(id = %envelope.id, to = %address, relay = %remote, "delivered: {reply_text}");
+                    lifecycle::Said::Delivered
                 }
                 RcptOutcome::Failed(_) => {
-                    recipient.status = Status::Failed;
                     Metrics::count(&metrics.bounced);
                     metrics
                         .delivery_latency
                         .observe(Duration::from_millis(now_ms().saturating_sub(arrival_ms)));
                     info!(id = %envelope.id, to = %address, relay = %remote, "bounced: {reply_text}");
+                    lifecycle::Said::Failed
                 }
                 RcptOutcome::Deferred(_) => {
                     Metrics::count(&metrics.deferred);
                     info!(id = %envelope.id, to = %address, relay = %remote, "deferred: {reply_text}");
+                    lifecycle::Said::Deferred
                 }
-            }
+            };
+            answers.push(lifecycle::Answer {
+                index: result.index,
+                said,
+                reply: reply_text,
+                remote: result.remote,
+            });
         }
+        answers
     }
 
     /// Sends the failure report, then removes every copy of the message.
@@ -1101,21 +1101,10 @@ impl Queue {
         }
     }
 
-    /// Sends a delay warning once, when configured and asked for.
-    async fn maybe_warn_delay(
-        &self,
-        envelope: &Envelope,
-        state: &mut DeliveryState,
-        arrival_ms: u64,
-        now: u64,
-    ) {
-        let Some(after) = self.inner.settings.delay_warning else {
-            return;
-        };
-        if state.delay_warned
-            || envelope.reverse_path.is_none()
-            || now.saturating_sub(arrival_ms) < after.as_millis() as u64
-        {
+    /// Sends the delay warning the lifecycle found due, to the recipients
+    /// whose NOTIFY asks for one; recorded in the state once queued.
+    async fn warn_delay(&self, envelope: &Envelope, state: &mut DeliveryState) {
+        if envelope.reverse_path.is_none() {
             return;
         }
         let delayed: Vec<Reported<'_>> = envelope

@@ -37,6 +37,12 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(addr: SocketAddr, args: &[&str]) -> Sink {
+        Sink::try_start(addr, args).unwrap_or_else(|| panic!("sink did not start on {addr}"))
+    }
+
+    /// The sink on `addr`, or `None` when it did not start (the port was
+    /// taken meanwhile, say).
+    fn try_start(addr: SocketAddr, args: &[&str]) -> Option<Sink> {
         require_python_module("aiosmtpd");
         let work = tempfile::Builder::new()
             .prefix("sink-e2e-")
@@ -63,17 +69,29 @@ impl Sink {
             &mut line,
         )
         .unwrap();
-        assert_eq!(line.trim(), "ready", "sink did not start on {addr}");
-        Sink {
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        Some(Sink {
             addr,
             dir,
             child,
             _work: work,
-        }
+        })
     }
 
+    /// A sink on a free loopback port. A port found free can be taken by
+    /// another test before the sink binds it: then another one is tried.
     pub fn loopback(args: &[&str]) -> Sink {
-        Sink::start(SocketAddr::from(([127, 0, 0, 1], free_port())), args)
+        for _ in 0..5 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            if let Some(sink) = Sink::try_start(addr, args) {
+                return sink;
+            }
+        }
+        panic!("no sink started on five free ports");
     }
 
     /// Messages received so far: (bytes, envelope JSON), in arrival order.

@@ -1,0 +1,362 @@
+//! What a delivery attempt's answers do to a message, without I/O: the
+//! recipients' new states, expiry, and the next step (finish, or try again
+//! at a time), as a pure function of the state, the answers and the clock.
+//! The queue's `attempt` is the driver that delivers, persists, commits and
+//! reports; the lifecycle's invariants are tested here over simulated weeks.
+
+use std::time::Duration;
+
+use super::schedule::{is_expired, retry_delay};
+use super::state::{DeliveryState, Status};
+
+/// How a message's life is ruled (from `[delivery]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// Delays between attempts, the last repeating.
+    pub retry_schedule: &'a [Duration],
+    /// Age at which recipients still pending fail.
+    pub max_age: Duration,
+    /// Age after which the sender is told of the delay (once).
+    pub delay_warning: Option<Duration>,
+}
+
+/// What the next hop (or the attempt) said about one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    /// Accepted: delivered.
+    Delivered,
+    /// Refused for good.
+    Failed,
+    /// Refused for now.
+    Deferred,
+}
+
+/// One recipient's answer in an attempt.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The recipient's index in the envelope.
+    pub index: usize,
+    /// What was said.
+    pub said: Said,
+    /// The reply, on one line.
+    pub reply: String,
+    /// The server that said it.
+    pub remote: Option<String>,
+}
+
+/// What comes after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Every recipient is final: report the failed ones and remove the
+    /// message's copies.
+    Finish,
+    /// Some are pending: save the state and try again at `at_ms`;
+    /// `warn_delay` when the sender is due a delay warning now.
+    Retry {
+        /// When (Unix ms).
+        at_ms: u64,
+        /// A delay warning is due.
+        warn_delay: bool,
+    },
+}
+
+/// The result of [`settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Recipients that expired in this attempt (now failed).
+    pub expired: usize,
+    /// Answers about recipients already final, left unapplied (a driver
+    /// never asks about those; counted so a test can tell it did).
+    pub ignored: usize,
+    /// What to do next.
+    pub next: Next,
+}
+
+/// Applies an attempt's `answers` to `state` at `now_ms`: the attempt is
+/// counted; each answer about a pending recipient records its reply and, if
+/// final, its status (a final recipient never changes again); recipients
+/// still pending when the message has outlived `max_age` fail with a reply
+/// saying so; and the next step is decided.
+pub fn settle(
+    state: &mut DeliveryState,
+    answers: &[Answer],
+    arrival_ms: u64,
+    now_ms: u64,
+    rules: &Rules<'_>,
+) -> Settled {
+    state.attempts += 1;
+    let mut ignored = 0;
+    for answer in answers {
+        let Some(recipient) = state
+            .recipients
+            .get_mut(answer.index)
+            .filter(|r| r.status == Status::Pending)
+        else {
+            ignored += 1;
+            continue;
+        };
+        recipient.last_reply = Some(answer.reply.clone());
+        recipient.remote = answer.remote.clone();
+        match answer.said {
+            Said::Delivered => recipient.status = Status::Delivered,
+            Said::Failed => recipient.status = Status::Failed,
+            Said::Deferred => {}
+        }
+    }
+    let mut expired = 0;
+    if !state.is_final() && is_expired(arrival_ms, now_ms, rules.max_age) {
+        for recipient in state
+            .recipients
+            .iter_mut()
+            .filter(|r| r.status == Status::Pending)
+        {
+            let last = recipient.last_reply.take().unwrap_or_default();
+            recipient.status = Status::Failed;
+            recipient.last_reply = Some(format!(
+                "554 4.4.7 Message expired after {}; last error: {last}",
+                humantime::format_duration(rules.max_age)
+            ));
+            expired += 1;
+        }
+    }
+    let next = if state.is_final() {
+        Next::Finish
+    } else {
+        Next::Retry {
+            at_ms: now_ms + retry_delay(rules.retry_schedule, state.attempts).as_millis() as u64,
+            warn_delay: !state.delay_warned
+                && rules.delay_warning.is_some_and(|after| {
+                    now_ms.saturating_sub(arrival_ms) >= after.as_millis() as u64
+                }),
+        }
+    };
+    Settled {
+        expired,
+        ignored,
+        next,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    const MINUTE: u64 = 60_000;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+
+    fn schedule() -> Vec<Duration> {
+        [5, 10, 20, 40, 80, 160, 240]
+            .iter()
+            .map(|m| Duration::from_secs(m * 60))
+            .collect()
+    }
+
+    fn answer(index: usize, said: Said) -> Answer {
+        Answer {
+            index,
+            said,
+            reply: format!("{said:?}"),
+            remote: Some("mx.example.net".into()),
+        }
+    }
+
+    /// One simulated message: arrival, state, when it is due, and what its
+    /// recipients were told over its life.
+    struct Message {
+        arrival_ms: u64,
+        state: DeliveryState,
+        due_ms: u64,
+        finished_ms: Option<u64>,
+        delivered_twice: bool,
+        warned_at: Option<u64>,
+        attempts_at: Vec<u64>,
+    }
+
+    /// A week of a queue: messages arrive every few minutes with one to
+    /// four recipients; each attempt asks about the pending recipients only
+    /// (as the driver does), and the next hop answers at random, some
+    /// destinations deferring for days. After each attempt the invariants
+    /// are checked; at the end every message is finished within its
+    /// maximum age plus one retry.
+    #[test]
+    fn a_simulated_week_keeps_the_lifecycle_invariants() {
+        let schedule = schedule();
+        let rules = Rules {
+            retry_schedule: &schedule,
+            max_age: Duration::from_millis(5 * DAY),
+            delay_warning: Some(Duration::from_millis(4 * HOUR)),
+        };
+        for seed in 0..20u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut messages: Vec<Message> = Vec::new();
+            let mut now = 0;
+            let mut next_arrival = 0;
+            let end = 7 * DAY;
+            while now <= end {
+                if now >= next_arrival && now < 2 * DAY {
+                    let recipients = rng.random_range(1..=4);
+                    messages.push(Message {
+                        arrival_ms: now,
+                        state: DeliveryState::new(recipients, now),
+                        due_ms: now,
+                        finished_ms: None,
+                        delivered_twice: false,
+                        warned_at: None,
+                        attempts_at: Vec::new(),
+                    });
+                    next_arrival = now + rng.random_range(1..10) * MINUTE;
+                }
+                for message in messages
+                    .iter_mut()
+                    .filter(|m| m.finished_ms.is_none() && m.due_ms <= now)
+                {
+                    let before = message.state.clone();
+                    // The driver asks only about pending recipients.
+                    let answers: Vec<Answer> = message
+                        .state
+                        .pending()
+                        .into_iter()
+                        .map(|index| {
+                            let said = match rng.random_range(0..100) {
+                                0..60 => Said::Delivered,
+                                60..65 => Said::Failed,
+                                _ => Said::Deferred,
+                            };
+                            answer(index, said)
+                        })
+                        .collect();
+                    message.attempts_at.push(now);
+                    let settled = settle(
+                        &mut message.state,
+                        &answers,
+                        message.arrival_ms,
+                        now,
+                        &rules,
+                    );
+                    assert_eq!(settled.ignored, 0);
+                    assert_eq!(message.state.attempts, before.attempts + 1);
+                    for (old, new) in before.recipients.iter().zip(&message.state.recipients) {
+                        if old.status != Status::Pending {
+                            // Final is final: never delivered or failed again.
+                            assert_eq!(old, new);
+                        }
+                    }
+                    for answer in &answers {
+                        if answer.said == Said::Delivered
+                            && before.recipients[answer.index].status == Status::Delivered
+                        {
+                            message.delivered_twice = true;
+                        }
+                    }
+                    match settled.next {
+                        Next::Finish => {
+                            assert!(message.state.is_final());
+                            message.finished_ms = Some(now);
+                        }
+                        Next::Retry { at_ms, warn_delay } => {
+                            assert!(!message.state.is_final());
+                            assert!(at_ms > now, "the next attempt is later");
+                            assert!(now - message.arrival_ms < rules.max_age.as_millis() as u64);
+                            if warn_delay {
+                                assert!(message.warned_at.is_none(), "warned twice");
+                                assert!(now - message.arrival_ms >= 4 * HOUR);
+                                message.warned_at = Some(now);
+                                // The driver records it once the warning is queued.
+                                message.state.delay_warned = true;
+                            }
+                            message.due_ms = at_ms;
+                        }
+                    }
+                }
+                now += MINUTE;
+            }
+            assert!(!messages.is_empty());
+            for message in &messages {
+                assert!(!message.delivered_twice);
+                let finished = message
+                    .finished_ms
+                    .unwrap_or_else(|| panic!("seed {seed}: a message never finished"));
+                let last_delay = schedule.last().unwrap().as_millis() as u64;
+                assert!(finished - message.arrival_ms <= 5 * DAY + last_delay + MINUTE);
+                // Attempts follow the schedule (to the simulation's minute).
+                for (n, pair) in message.attempts_at.windows(2).enumerate() {
+                    let wanted = retry_delay(&schedule, n as u32 + 1).as_millis() as u64;
+                    assert!(pair[1] - pair[0] >= wanted && pair[1] - pair[0] < wanted + MINUTE);
+                }
+                // Expired recipients say so.
+                for recipient in &message.state.recipients {
+                    if recipient.status == Status::Failed
+                        && finished - message.arrival_ms >= 5 * DAY
+                    {
+                        let reply = recipient.last_reply.as_deref().unwrap_or_default();
+                        assert!(reply.contains("expired") || reply == "Failed", "{reply}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_answer_about_a_final_recipient_changes_nothing() {
+        let schedule = schedule();
+        let rules = Rules {
+            retry_schedule: &schedule,
+            max_age: Duration::from_millis(5 * DAY),
+            delay_warning: None,
+        };
+        let mut state = DeliveryState::new(2, 0);
+        let first = settle(
+            &mut state,
+            &[answer(0, Said::Delivered), answer(1, Said::Deferred)],
+            0,
+            1000,
+            &rules,
+        );
+        assert_eq!(
+            first.next,
+            Next::Retry {
+                at_ms: 1000 + 5 * MINUTE,
+                warn_delay: false
+            }
+        );
+        let delivered = state.recipients[0].clone();
+        let second = settle(
+            &mut state,
+            &[answer(0, Said::Failed), answer(1, Said::Delivered)],
+            0,
+            2000,
+            &rules,
+        );
+        assert_eq!(second.ignored, 1);
+        assert_eq!(state.recipients[0], delivered);
+        assert_eq!(second.next, Next::Finish);
+    }
+
+    #[test]
+    fn pending_recipients_expire_with_their_last_error() {
+        let schedule = schedule();
+        let rules = Rules {
+            retry_schedule: &schedule,
+            max_age: Duration::from_millis(DAY),
+            delay_warning: Some(Duration::from_millis(HOUR)),
+        };
+        let mut state = DeliveryState::new(2, 0);
+        let settled = settle(
+            &mut state,
+            &[answer(0, Said::Delivered), answer(1, Said::Deferred)],
+            0,
+            DAY,
+            &rules,
+        );
+        assert_eq!(settled.expired, 1);
+        assert_eq!(settled.next, Next::Finish);
+        assert_eq!(state.recipients[0].status, Status::Delivered);
+        assert_eq!(state.recipients[1].status, Status::Failed);
+        assert_eq!(
+            state.recipients[1].last_reply.as_deref(),
+            Some("554 4.4.7 Message expired after 1day; last error: Deferred")
+        );
+    }
+}
