@@ -280,26 +280,9 @@ mod tests {
     }
 
     fn envelope(spool: &str) -> Envelope {
-        use crate::spool::envelope::{ClientInfo, ENVELOPE_VERSION};
         Envelope {
-            version: ENVELOPE_VERSION,
-            id: "01ARZ3NDEKTSV4RRFFQ69G5FAV".into(),
             spool: spool.into(),
-            reverse_path: None,
-            mail_params: Default::default(),
-            recipients: Vec::new(),
-            client: ClientInfo {
-                addr: "unix".into(),
-                helo: "h".into(),
-                esmtp: true,
-                tls: None,
-                auth: None,
-            },
-            listener: "smtp".into(),
-            received_at: "2026-01-01T00:00:00Z".into(),
-            data_len: 0,
-            data_sha256: String::new(),
-            added_headers: String::new(),
+            ..Envelope::for_tests("01ARZ3NDEKTSV4RRFFQ69G5FAV")
         }
     }
 }

@@ -1450,26 +1450,7 @@ mod tests {
     use crate::spool::id::IdGenerator;
 
     fn new_entry(ids: &IdGenerator) -> Entry {
-        let envelope = Envelope {
-            version: ENVELOPE_VERSION,
-            id: ids.next_id(),
-            spool: String::new(),
-            reverse_path: None,
-            mail_params: Default::default(),
-            recipients: Vec::new(),
-            client: ClientInfo {
-                addr: "127.0.0.1:1".into(),
-                helo: "test".into(),
-                esmtp: true,
-                tls: None,
-                auth: None,
-            },
-            listener: "smtp".into(),
-            received_at: "2026-01-01T00:00:00Z".into(),
-            data_len: 0,
-            data_sha256: String::new(),
-            added_headers: String::new(),
-        };
+        let envelope = Envelope::for_tests(&ids.next_id());
         entry(
             &mut Names::default(),
             envelope,

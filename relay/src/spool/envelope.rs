@@ -58,6 +58,34 @@ impl Envelope {
     }
 }
 
+#[cfg(test)]
+impl Envelope {
+    /// For unit tests: message `id` from a loopback client, with no sender,
+    /// no recipients and no data; tests change what they need.
+    pub fn for_tests(id: &str) -> Envelope {
+        Envelope {
+            version: ENVELOPE_VERSION,
+            id: id.into(),
+            spool: String::new(),
+            reverse_path: None,
+            mail_params: Default::default(),
+            recipients: Vec::new(),
+            client: ClientInfo {
+                addr: "127.0.0.1:1".into(),
+                helo: "test".into(),
+                esmtp: true,
+                tls: None,
+                auth: None,
+            },
+            listener: "smtp".into(),
+            received_at: "2026-01-01T00:00:00Z".into(),
+            data_len: 0,
+            data_sha256: String::new(),
+            added_headers: String::new(),
+        }
+    }
+}
+
 /// One recipient and its DSN parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recipient {

@@ -290,7 +290,6 @@ fn quarantine(spool_dir: &Path, quarantine_dir: &Path, stem: &str) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::envelope::ClientInfo;
     use crate::spool::id::IdGenerator;
 
     struct Dirs {
@@ -313,24 +312,9 @@ mod tests {
 
     fn envelope(id: &str, data: &[u8]) -> Envelope {
         Envelope {
-            version: ENVELOPE_VERSION,
-            id: id.into(),
-            spool: String::new(),
-            reverse_path: None,
-            mail_params: Default::default(),
-            recipients: Vec::new(),
-            client: ClientInfo {
-                addr: "127.0.0.1:1".into(),
-                helo: "test".into(),
-                esmtp: true,
-                tls: None,
-                auth: None,
-            },
-            listener: "smtp".into(),
-            received_at: "2026-01-01T00:00:00Z".into(),
             data_len: data.len() as u64,
             data_sha256: hex::encode(Sha256::digest(data)),
-            added_headers: String::new(),
+            ..Envelope::for_tests(id)
         }
     }
 
