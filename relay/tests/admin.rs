@@ -375,3 +375,31 @@ fn a_user_who_is_not_an_admin_is_refused_by_credentials() {
         }
     }
 }
+
+#[test]
+fn a_listing_larger_than_grpcs_default_message_limit_is_printed() {
+    let relay = Relay::start(RelayConfig {
+        extra_toml: "[delivery]\npaused = true\n".into(),
+        ..RelayConfig::default()
+    });
+    let recipients: Vec<String> = (0..1000)
+        .map(|n| format!("<recipient-{n:04}-with-a-longer-local-part@destination-{n}.example.net>"))
+        .collect();
+    let recipients: Vec<&str> = recipients.iter().map(String::as_str).collect();
+    let mut smtp = relay.connect();
+    smtp.ehlo();
+    for _ in 0..60 {
+        let reply = smtp.send_mail(
+            "<sender@example.org>",
+            &recipients,
+            b"Subject: many\r\n\r\nbody\r\n",
+        );
+        assert_eq!(reply.code, 250, "{reply}");
+    }
+    // About 7 MB of protobuf: more than tonic's default 4 MiB a client takes.
+    let messages = list(&relay.data_dir);
+    assert_eq!(messages.len(), 60);
+    assert!(messages
+        .iter()
+        .all(|m| m["recipients"].as_array().is_some_and(|r| r.len() == 1000)));
+}

@@ -60,10 +60,10 @@ impl ClusterAdmin {
             .connect_timeout(Duration::from_secs(2))
             .timeout(PEER_TIMEOUT);
         let secret = AttachSecret::new(&self.secret).map_err(|e| e.to_string())?;
-        Ok(QueueClient::with_interceptor(
-            endpoint.connect_lazy(),
-            secret,
-        ))
+        Ok(
+            QueueClient::with_interceptor(endpoint.connect_lazy(), secret)
+                .max_decoding_message_size(super::MAX_RESPONSE_BYTES),
+        )
     }
 }
 

@@ -28,6 +28,11 @@ pub mod proto {
     tonic::include_proto!("postern.admin.v1");
 }
 
+/// The largest answer an admin client takes (tonic's default is 4 MiB): a
+/// listing of 100,000 queued messages is about 23 MB, of 1,000,000 about
+/// 230 MB.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
 /// Binds the admin Unix socket at `path` with mode 0666 (who may use it is
 /// decided per request from the caller's credentials).
 ///

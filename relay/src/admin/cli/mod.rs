@@ -339,7 +339,7 @@ pub async fn connect(target: &Target) -> Result<QueueClient<Channel>, CliError> 
             .await
             .map_err(|err| not_running(error_chain(&err)))?,
     };
-    Ok(QueueClient::new(channel))
+    Ok(QueueClient::new(channel).max_decoding_message_size(super::MAX_RESPONSE_BYTES))
 }
 
 /// An error and its sources, `: `-separated (tonic's own text is terse).
