@@ -833,8 +833,6 @@ impl Queue {
         let id = entry.id();
         let id = id.as_str();
         let eml = self.message_path(&entry);
-        let (mut state, arrival_ms, uncommitted) =
-            (entry.state.clone(), entry.arrival_ms, entry.uncommitted);
         let envelope = match self.envelope_of(&entry).await {
             Ok(envelope) => envelope,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -852,18 +850,26 @@ impl Queue {
                 return;
             }
         };
-        if entry.unverified && !self.verified(key, &envelope).await {
+        let Entry {
+            mut state,
+            arrival_ms,
+            uncommitted,
+            unverified,
+            spool,
+            ..
+        } = entry;
+        if unverified && !self.verified(key, &envelope).await {
             return;
         }
         // A state the cluster has not seen yet goes first: delivering again
         // before it is committed would widen the window for duplicates.
-        if uncommitted && self.commit(&entry.spool, id, Some(&state)).await.is_err() {
+        if uncommitted && self.commit(&spool, id, Some(&state)).await.is_err() {
             self.release_attempt(key, now_ms() + 1000, false);
             return;
         }
         // Checked again right before delivering: ownership may have ended
         // while the attempt waited for a worker.
-        if !self.may_deliver(&entry.spool) || (!uncommitted && self.commits_lagging()) {
+        if !self.may_deliver(&spool) || (!uncommitted && self.commits_lagging()) {
             self.release_attempt(key, now_ms() + 200, false);
             return;
         }
@@ -931,7 +937,7 @@ impl Queue {
             // Not persisted: keep it in memory and retry soon; never drop the message.
             warn!(id, "cannot save delivery state: {err}");
             state.next_attempt_ms = now + 1000;
-        } else if self.commit(&entry.spool, id, Some(&state)).await.is_err() {
+        } else if self.commit(&spool, id, Some(&state)).await.is_err() {
             if !self.inner.entries.lock().expect("queue lock").contains(key) {
                 return; // Lost: the new owner delivers the rest.
             }
@@ -1281,10 +1287,15 @@ impl Queue {
         if let Some(envelope) = &entry.envelope {
             return Ok(Arc::clone(envelope));
         }
-        let path = self.message_path(entry).with_extension("env");
+        let path = self.envelope_path(entry);
         tokio::task::spawn_blocking(move || Envelope::read(&path).map(Arc::new))
             .await
             .map_err(std::io::Error::other)?
+    }
+
+    /// Where `entry`'s `.env` is: beside its data.
+    fn envelope_path(&self, entry: &Entry) -> PathBuf {
+        self.message_path(entry).with_extension("env")
     }
 
     /// [`list`](Queue::list) with each message's envelope, read in one
@@ -1297,11 +1308,8 @@ impl Queue {
                 .into_iter()
                 .filter_map(|entry| {
                     let envelope = match &entry.envelope {
-                        Some(envelope) => Arc::clone(envelope),
-                        None => {
-                            let path = queue.message_path(&entry).with_extension("env");
-                            Arc::new(Envelope::read(&path).ok()?)
-                        }
+                        Some(kept) => Arc::clone(kept),
+                        None => Arc::new(Envelope::read(&queue.envelope_path(&entry)).ok()?),
                     };
                     Some((entry, envelope))
                 })
