@@ -68,6 +68,7 @@ pub async fn serve(
                         "queue_depth": queue.depth,
                         "oldest_age_seconds": queue.oldest_age_seconds,
                         "oldest_message_time": oldest,
+                        "state_records": queue.state_records,
                     });
                     if let Some(object) = body.as_object_mut() {
                         delivery.stats_fields(object);

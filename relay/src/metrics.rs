@@ -91,6 +91,10 @@ pub struct QueueGauges {
     pub oldest_age_seconds: f64,
     /// Damaged object-store segments moved to quarantine since start.
     pub segments_quarantined: u64,
+    /// Messages with a delivery state in the state journal.
+    pub state_records: u64,
+    /// Octets the state journal's files hold.
+    pub state_journal_bytes: u64,
 }
 
 /// The relay's metrics.
@@ -235,6 +239,16 @@ impl Metrics {
             out,
             "# HELP postern_object_segments_quarantined_total Damaged object-store segments moved to quarantine.\n# TYPE postern_object_segments_quarantined_total counter\npostern_object_segments_quarantined_total {}",
             gauges.segments_quarantined
+        );
+        let _ = writeln!(
+            out,
+            "# HELP postern_state_records Messages with a delivery state in the state journal.\n# TYPE postern_state_records gauge\npostern_state_records {}",
+            gauges.state_records
+        );
+        let _ = writeln!(
+            out,
+            "# HELP postern_state_journal_bytes Octets the state journal's files hold.\n# TYPE postern_state_journal_bytes gauge\npostern_state_journal_bytes {}",
+            gauges.state_journal_bytes
         );
         self.ack_latency.render(
             "postern_ack_latency_seconds",

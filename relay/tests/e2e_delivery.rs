@@ -407,10 +407,9 @@ fn next_hop_down_is_retried_and_delivered_when_it_returns() {
         "[delivery]\nrelayhost = \"{addr}\"\nretry_schedule = [\"1s\"]\n"
     ));
     let id = submit(&relay, &["rcpt@dest.test"], &message("retry"));
-    let state_path = relay.data_dir.join("state").join(format!("{id}.json"));
-    // Wait for two failed attempts, persisted in the state file.
+    // Wait for two failed attempts (the queue shows a state once it is journaled).
     let state = wait_for(Duration::from_secs(20), || {
-        let state: serde_json::Value = serde_json::from_slice(&fs::read(&state_path).ok()?).ok()?;
+        let state = queue_show(&relay, &id)?;
         (state["attempts"].as_u64()? >= 2).then_some(state)
     })
     .unwrap_or_else(|| panic!("no deferred attempts recorded; log:\n{}", relay.log()));
@@ -426,6 +425,7 @@ fn next_hop_down_is_retried_and_delivered_when_it_returns() {
     let stats: serde_json::Value =
         serde_json::from_str(&http_get_text(relay.http, "/stats")).unwrap();
     assert_eq!(stats["queue_depth"], 1, "{stats}");
+    assert_eq!(stats["state_records"], 1, "{stats}");
     assert_eq!(stats["ready"], true);
     assert!(
         stats["oldest_message_time"]
@@ -777,9 +777,8 @@ fn delivered_recipients_are_not_sent_again_after_a_restart() {
     );
     sink.wait_for_rcpt("good@dest.test", Duration::from_secs(20));
     // The outcome is on disk before the next step.
-    let state_path = relay.data_dir.join("state").join(format!("{id}.json"));
     let state = wait_for(Duration::from_secs(10), || {
-        let state: serde_json::Value = serde_json::from_slice(&fs::read(&state_path).ok()?).ok()?;
+        let state = queue_show(&relay, &id)?;
         (state["recipients"][0]["status"] == "delivered").then_some(state)
     })
     .unwrap_or_else(|| panic!("state not persisted; log:\n{}", relay.log()));

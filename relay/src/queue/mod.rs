@@ -8,6 +8,7 @@
 //! durable path) and every copy of the message is removed. A due index keeps
 //! the scheduler's work proportional to what is due, not to the queue.
 
+pub mod journal;
 pub mod lifecycle;
 pub mod schedule;
 pub mod state;
@@ -30,7 +31,8 @@ use crate::metrics::{Metrics, QueueGauges};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
 use crate::spool::{id, Spool};
 use schedule::{now_ms, retry_delay};
-use state::{DeliveryState, StateStore, Status};
+use journal::StateJournal;
+use state::{DeliveryState, Status};
 
 /// One queued message as the queue keeps it in memory: its schedule and
 /// per-recipient state, and only as much of its envelope as scheduling and
@@ -241,7 +243,7 @@ pub struct Queue {
 #[derive(Debug)]
 struct Inner {
     spool: Spool,
-    states: StateStore,
+    states: StateJournal,
     deliverer: Deliverer,
     settings: DeliveryConfig,
     hostname: String,
@@ -308,8 +310,8 @@ impl Queue {
         messages: Vec<Envelope>,
         metrics: Arc<Metrics>,
     ) -> Result<Queue, String> {
-        let states = StateStore::open(&config.data_dir.join("state"))
-            .map_err(|err| format!("state directory: {err}"))?;
+        let states = StateJournal::open(&config.data_dir.join("state"))
+            .map_err(|err| format!("state journal: {err}"))?;
         let deliverer = Deliverer::new(config)?;
         let queue = Queue {
             inner: Arc::new(Inner {
@@ -1228,7 +1230,10 @@ impl Queue {
         let now = now_ms();
         // Ids sort by arrival (spool::id), so the first is the oldest.
         let oldest = entries.values().next().map_or(now, |e| e.arrival_ms);
+        let (state_records, state_journal_bytes) = self.inner.states.size();
         self.inner.metrics.set_queue(QueueGauges {
+            state_records,
+            state_journal_bytes,
             depth: entries.len() as u64,
             oldest_age_seconds: now.saturating_sub(oldest) as f64 / 1000.0,
             segments_quarantined: self

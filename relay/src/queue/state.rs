@@ -1,16 +1,10 @@
-//! Durable per-recipient delivery state, kept apart from the immutable
-//! `.eml`/`.env` (DESIGN.md §2.5): `<data_dir>/state/<id>.json`, replaced
-//! atomically (write, fsync, rename, fsync the directory) before the next step.
-//! Outside a cluster a message delivered to every recipient gets none: it
-//! is removed at once (`Queue::attempt`).
-
-use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+//! Per-recipient delivery state, kept apart from the immutable `.eml`/`.env`
+//! (DESIGN.md §2.5) and recorded in the state journal
+//! ([`journal`](super::journal)) before the next step. Outside a cluster a
+//! message delivered to every recipient gets none: it is removed at once
+//! (`Queue::attempt`).
 
 use serde::{Deserialize, Serialize};
-
-use crate::spool::fsync::{remove_existing, remove_if_present, write_synced, DirSync};
 
 /// Version written by this build.
 pub const STATE_VERSION: u32 = 1;
@@ -114,109 +108,22 @@ impl DeliveryState {
     }
 }
 
-/// Writes `bytes` to `tmp` (fsync'd) and renames it over `path`; the caller
-/// syncs the directory. A leftover `tmp` from a failed save is replaced.
-fn write_durable_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    remove_if_present(tmp)?;
-    write_synced(tmp, bytes)?;
-    std::fs::rename(tmp, path)
-}
-
-/// Reads and writes state files.
-#[derive(Debug, Clone)]
-pub struct StateStore {
-    dir: PathBuf,
-    sync: Arc<DirSync>,
-}
-
-impl StateStore {
-    /// Opens (creating) the state directory.
-    pub fn open(dir: &Path) -> io::Result<StateStore> {
-        std::fs::create_dir_all(dir)?;
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "tmp") {
-                remove_if_present(&path)?;
-            }
-        }
-        Ok(StateStore {
-            dir: dir.to_owned(),
-            sync: DirSync::new(dir.to_owned()),
-        })
-    }
-
-    fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
-    }
-
-    /// The saved state, if any; a damaged file reads as absent (the message
-    /// is then retried from scratch, which may duplicate but never loses).
-    pub fn load(&self, id: &str) -> Option<DeliveryState> {
-        let bytes = std::fs::read(self.path(id)).ok()?;
-        match serde_json::from_slice(&bytes) {
-            Ok(state) => Some(state),
-            Err(err) => {
-                tracing::error!(id, "damaged delivery state, starting over: {err}");
-                None
-            }
-        }
-    }
-
-    /// Durably replaces the state.
-    pub async fn save(&self, id: &str, state: &DeliveryState) -> io::Result<()> {
-        let bytes = serde_json::to_vec(state).map_err(io::Error::other)?;
-        let path = self.path(id);
-        let tmp = self.dir.join(format!("{id}.json.tmp"));
-        tokio::task::spawn_blocking(move || write_durable_rename(&tmp, &path, &bytes))
-            .await
-            .map_err(io::Error::other)??;
-        self.sync.sync().await
-    }
-
-    /// Removes the state of a finished message (most have none: see
-    /// `Queue::attempt`), syncing the directory only when one was there.
-    pub async fn remove(&self, id: &str) -> io::Result<()> {
-        let path = self.path(id);
-        let existed = tokio::task::spawn_blocking(move || remove_existing(&path))
-            .await
-            .map_err(io::Error::other)??;
-        if existed {
-            self.sync.sync().await?;
-        }
-        Ok(())
-    }
-
-    /// Ids that have a state file.
-    pub fn ids(&self) -> io::Result<Vec<String>> {
-        let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let name = entry?.file_name();
-            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) {
-                ids.push(id.to_owned());
-            }
-        }
-        Ok(ids)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn save_load_remove() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(dir.path()).unwrap();
+    #[test]
+    fn pending_final_and_merged() {
         let mut state = DeliveryState::new(2, 5);
         state.recipients[0].status = Status::Delivered;
-        store.save("ID", &state).await.unwrap();
-        assert_eq!(store.load("ID"), Some(state.clone()));
         assert_eq!(state.pending(), vec![1]);
         assert!(!state.is_final());
-        assert_eq!(store.ids().unwrap(), vec!["ID".to_owned()]);
-        store.remove("ID").await.unwrap();
-        assert_eq!(store.load("ID"), None);
-        std::fs::write(dir.path().join("BAD.json"), b"{").unwrap();
-        assert_eq!(store.load("BAD"), None);
+        let mut other = DeliveryState::new(2, 5);
+        other.recipients[1].status = Status::Failed;
+        other.attempts = 3;
+        let merged = state.merged(&other);
+        assert!(merged.is_final());
+        assert_eq!(merged.attempts, 3);
+        assert_eq!(merged.recipients[0].status, Status::Delivered);
     }
 }

@@ -76,6 +76,16 @@ impl DirSync {
         Ok(DirSync::with_syncer(dir, syncer))
     }
 
+    /// A group committer running `sync` for each round (`dir` names what it
+    /// makes durable in errors), poisoned like [`filesystem`](DirSync::filesystem):
+    /// after one failure every later round fails without trying.
+    pub fn rounds_of(
+        dir: PathBuf,
+        sync: impl Fn() -> io::Result<()> + Send + Sync + 'static,
+    ) -> Arc<DirSync> {
+        DirSync::with_syncer(dir, poisoned_after_failure(sync))
+    }
+
     fn with_syncer(dir: PathBuf, syncer: Syncer) -> Arc<DirSync> {
         Arc::new(DirSync {
             dir,
@@ -146,13 +156,13 @@ fn poisoned_after_failure(sync: impl Fn() -> io::Result<()> + Send + Sync + 'sta
     Arc::new(move |dir: &Path| {
         if failed.load(Ordering::SeqCst) {
             return Err(io::Error::other(format!(
-                "an earlier sync of the filesystem holding {} failed; restart the relay",
+                "an earlier sync of {} failed; restart the relay",
                 dir.display()
             )));
         }
         sync().inspect_err(|err| {
             failed.store(true, Ordering::SeqCst);
-            tracing::error!(dir = %dir.display(), error = %err, "syncfs failed; nothing more is confirmed until restart");
+            tracing::error!(dir = %dir.display(), error = %err, "sync failed; nothing more is confirmed until restart");
         })
     })
 }

@@ -138,8 +138,25 @@ impl Drop for Sink {
     }
 }
 
+/// No message in the spool and no delivery state in the journal (the
+/// running relay's `/stats`).
 pub fn queue_is_empty(relay: &Relay) -> bool {
-    relay.committed().is_empty() && files_under(&relay.data_dir.join("state")).is_empty()
+    let Ok((200, body)) = http_request(relay.http, "GET", "/stats", &[], b"") else {
+        return false;
+    };
+    let stats: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    relay.committed().is_empty() && stats["state_records"] == 0 && stats["queue_depth"] == 0
+}
+
+/// `postern queue show ID --json` on a running relay: the message as the
+/// queue holds it (attempts, each recipient's status and last reply).
+pub fn queue_show(relay: &Relay, id: &str) -> Option<serde_json::Value> {
+    let shown = Command::new(postern_bin())
+        .args(["queue", "show", id, "--json", "--data-dir"])
+        .arg(&relay.data_dir)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&shown.stdout).ok()
 }
 
 /// The `Final-Recipient` of each recipient a parsed DSN reports.
