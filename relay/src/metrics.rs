@@ -120,6 +120,10 @@ pub struct Metrics {
     pub scan_tempfailed: AtomicU64,
     /// Scans that failed (scanner down, slow or unintelligible).
     pub scan_failures: AtomicU64,
+    /// Damaged local copies repaired from another copy before delivery.
+    pub repaired: AtomicU64,
+    /// Damaged local copies quarantined before delivery (no intact copy).
+    pub quarantined: AtomicU64,
     /// End-of-data to reply.
     pub ack_latency: Histogram,
     /// Accept to final outcome, per recipient.
@@ -140,6 +144,8 @@ impl Default for Metrics {
             scan_rejected: AtomicU64::new(0),
             scan_tempfailed: AtomicU64::new(0),
             scan_failures: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
             ack_latency: Histogram::new(ACK_BUCKETS),
             delivery_latency: Histogram::new(DELIVERY_BUCKETS),
             gauges: Mutex::new(QueueGauges::default()),
@@ -216,6 +222,16 @@ impl Metrics {
                 "postern_scan_failures_total",
                 "Scans that failed: scanner down, too slow or unintelligible.",
                 &self.scan_failures,
+            ),
+            (
+                "postern_messages_repaired_total",
+                "Damaged local copies repaired from another copy before delivery.",
+                &self.repaired,
+            ),
+            (
+                "postern_messages_quarantined_total",
+                "Damaged local copies moved to quarantine before delivery, no intact copy elsewhere.",
+                &self.quarantined,
             ),
         ] {
             let _ = writeln!(

@@ -581,6 +581,65 @@ async fn a_spool_with_peer_copies_commits_a_replica_on_a_peer() {
     spool.drain().await;
 }
 
+/// Local data damaged while the relay was down is repaired from a peer's
+/// replica (fetched, checked against the envelope's digest); when the
+/// replica is damaged too, the message goes to quarantine, never out.
+#[tokio::test]
+async fn damaged_local_data_is_repaired_from_a_peer_replica_unless_that_is_damaged_too() {
+    use postern::spool::Checked;
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let origin = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: origin.path().to_owned(),
+        ..Config::default()
+    };
+    config.spool.copies = vec![CopyKind::Local, CopyKind::Peer];
+    config.spool.required = 2;
+    config.spool.reserve_bytes = 0;
+    config.cluster = Some(ClusterConfig {
+        peer_listen: closed_port(),
+        peers: vec![server.addr.to_string()],
+        secret: Some(SECRET.into()),
+        replicas: 1,
+        ..ClusterConfig::default()
+    });
+    let open = || Spool::open_with_peers(&config, PeerCopy::targets(&config, Arc::new(client())));
+    let (spool, _) = open().await.unwrap();
+    spool.rotate("origin.1".into()).await;
+    let (one, two) = (suite::message(60_000), suite::message(61_000));
+    let first = suite::receive(&spool, &one, 4096).await.unwrap().id;
+    let second = suite::receive(&spool, &two, 4096).await.unwrap().id;
+    spool.drain().await;
+    let flip = |path: std::path::PathBuf| {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[1_000] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    };
+    flip(spool.message_path(&first));
+    flip(spool.message_path(&second));
+    flip(
+        server
+            .replicas
+            .join("origin.1")
+            .join(format!("{second}.eml")),
+    );
+    drop(spool);
+
+    let (spool, recovered) = open().await.unwrap();
+    let mut outcomes = Vec::new();
+    for envelope in &recovered.messages {
+        outcomes.push(spool.verify_or_repair(envelope).await.unwrap());
+    }
+    assert_eq!(
+        outcomes,
+        vec![Checked::Repaired(CopyKind::Peer), Checked::Quarantined]
+    );
+    assert!(std::fs::read(spool.message_path(&first)).unwrap() == one);
+    assert!(!spool.message_path(&second).exists());
+    spool.drain().await;
+}
+
 #[tokio::test]
 async fn the_admin_service_can_share_the_server_and_its_secret() {
     use postern::admin::proto::queue_client::QueueClient;

@@ -314,20 +314,35 @@ async fn recovery_runs_while_new_messages_are_received() {
 }
 
 #[tokio::test]
-async fn a_damaged_record_is_quarantined_on_open() {
+async fn damaged_local_data_is_repaired_from_the_local_directory_object_copy() {
     let root = tempfile::tempdir().unwrap();
-    let config = config(root.path());
+    suite::damaged_local_data_is_repaired_from_the_object_copy(&config(root.path())).await;
+}
+
+#[tokio::test]
+async fn damaged_local_data_with_no_other_copy_is_quarantined() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = config(root.path());
+    config.spool.copies = vec![CopyKind::Local];
+    config.spool.required = 1;
     let (spool, _) = Spool::open(&config).await.unwrap();
     let id = receive(&spool, &message(7_000), 512).await.unwrap().id;
     std::fs::write(spool.message_path(&id), b"truncated").unwrap();
     drop(spool);
     let (spool, recovered) = Spool::open(&config).await.unwrap();
-    assert_eq!(recovered.quarantined, 1);
-    assert!(recovered.messages.is_empty());
+    assert_eq!(recovered.quarantined, 0);
+    assert_eq!(
+        spool
+            .verify_or_repair(&recovered.messages[0])
+            .await
+            .unwrap(),
+        postern::spool::Checked::Quarantined
+    );
     assert_eq!(
         files(spool.quarantine_dir()),
         vec![format!("{id}.eml"), format!("{id}.env")]
     );
+    assert!(files(spool.dir()).is_empty());
 }
 
 #[tokio::test]

@@ -155,6 +155,14 @@ async fn object_copy_conformance_s3() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_local_data_is_repaired_from_s3() {
+    let moto = Moto::start();
+    let root = tempfile::tempdir().unwrap();
+    let config = config(root.path(), &moto, 2, Duration::from_secs(10));
+    suite::damaged_local_data_is_repaired_from_the_object_copy(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_of_local_and_s3_has_both_copies_with_equal_bytes() {
     let moto = Moto::start();
     let root = tempfile::tempdir().unwrap();

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
@@ -14,6 +15,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::{PeerClient, PeerError, Peers};
 use crate::config::{Config, CopyKind};
+use crate::spool::envelope::Envelope;
 use crate::spool::quorum::{CopyError, CopyJob, CopyTarget};
 
 /// How long a peer may take to confirm before the next one is tried too.
@@ -258,6 +260,32 @@ impl CopyTarget for PeerCopy {
                 }
                 .into())
             }
+        })
+    }
+
+    fn restore(
+        self: Arc<Self>,
+        envelope: Arc<Envelope>,
+        scratch: PathBuf,
+    ) -> BoxFuture<'static, Result<bool, CopyError>> {
+        Box::pin(async move {
+            // Every target of the group sees every peer: the first asks them.
+            if self.index != 0 {
+                return Ok(false);
+            }
+            for addr in self.peers.resolve().await.addrs {
+                match self
+                    .client
+                    .fetch(addr, &envelope.spool, &envelope.id, &scratch)
+                    .await
+                {
+                    Ok(_) => return Ok(true),
+                    Err(err) => {
+                        tracing::debug!(id = %envelope.id, %addr, error = %err, "no intact replica there");
+                    }
+                }
+            }
+            Ok(false)
         })
     }
 }

@@ -325,7 +325,10 @@ impl StateJournal {
             let mut len = bytes.len() as u64;
             if Some(sequence) == last && found.end < len {
                 warn!(file = %path.display(), octets = len - found.end, "torn tail of the state journal truncated");
-                OpenOptions::new().write(true).open(&path)?.set_len(found.end)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(found.end)?;
                 len = found.end;
             } else if found.end < len {
                 error!(file = %path.display(), offset = found.end, "the end of a sealed state journal file is damaged");
@@ -452,9 +455,7 @@ impl StateJournal {
         self.inner
             .records
             .store(files.index.len() as u64, Ordering::Relaxed);
-        self.inner
-            .bytes
-            .store(files.total_bytes, Ordering::Relaxed);
+        self.inner.bytes.store(files.total_bytes, Ordering::Relaxed);
     }
 
     /// Blocking: appends a record, compacting when due.
@@ -528,7 +529,12 @@ impl StateJournal {
 
     /// Blocking: ids that have a state.
     pub fn ids(&self) -> io::Result<Vec<String>> {
-        Ok(self.lock().index.keys().map(|&k| id::from_bits(k)).collect())
+        Ok(self
+            .lock()
+            .index
+            .keys()
+            .map(|&k| id::from_bits(k))
+            .collect())
     }
 
     /// Messages with a state, and the octets the journal's files hold.
@@ -657,7 +663,11 @@ mod tests {
         bytes[first + HEADER + BODY_PREFIX + 2] ^= 1;
         std::fs::write(&file, &bytes).unwrap();
         let journal = StateJournal::open(dir.path()).unwrap();
-        assert_eq!(journal.load(A), Some(state(1)), "back to the previous state");
+        assert_eq!(
+            journal.load(A),
+            Some(state(1)),
+            "back to the previous state"
+        );
         assert_eq!(journal.load(B), Some(state(5)));
     }
 

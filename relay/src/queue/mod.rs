@@ -29,9 +29,9 @@ use crate::delivery::dsn::{self, Action, Reported};
 use crate::delivery::engine::{Deliverer, RecipientResult};
 use crate::metrics::{Metrics, QueueGauges};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
-use crate::spool::{id, Spool};
-use schedule::{now_ms, retry_delay};
+use crate::spool::{id, Checked, Spool};
 use journal::StateJournal;
+use schedule::{now_ms, retry_delay};
 use state::{DeliveryState, Status};
 
 /// One queued message as the queue keeps it in memory: its schedule and
@@ -974,14 +974,19 @@ impl Queue {
     /// delivery; a damaged one leaves the queue (it is in quarantine).
     async fn verified(&self, key: u128, envelope: &Envelope) -> bool {
         let id = envelope.id.as_str();
-        match self.inner.spool.verify_or_quarantine(envelope).await {
-            Ok(true) => {
+        let checked = self.inner.spool.verify_or_repair(envelope).await;
+        if let Ok(Checked::Repaired(_)) = checked {
+            Metrics::count(&self.inner.metrics.repaired);
+        }
+        match checked {
+            Ok(Checked::Intact | Checked::Repaired(_)) => {
                 if let Some(entry) = self.inner.entries.lock().expect("queue lock").get_mut(key) {
                     entry.unverified = false;
                 }
                 true
             }
-            Ok(false) => {
+            Ok(Checked::Quarantined) => {
+                Metrics::count(&self.inner.metrics.quarantined);
                 self.inner.entries.lock().expect("queue lock").remove(key);
                 let _ = self.inner.states.remove(id).await;
                 self.update_gauges();

@@ -143,6 +143,17 @@ impl Drop for Recovery {
     }
 }
 
+/// What checking a message's local data before its first delivery found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// Length and digest as the envelope records.
+    Intact,
+    /// Damaged, and replaced with the intact data of this other copy.
+    Repaired(CopyKind),
+    /// Damaged with no intact copy elsewhere: moved to quarantine.
+    Quarantined,
+}
+
 /// Handle to the spool; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Spool {
@@ -153,6 +164,8 @@ pub struct Spool {
 struct Inner {
     dir: PathBuf,
     quarantine_dir: PathBuf,
+    /// Where other copies' data is written to repair a damaged local copy.
+    repair_dir: PathBuf,
     reserve_bytes: u64,
     policy: Policy,
     ids: id::IdGenerator,
@@ -260,6 +273,13 @@ impl Spool {
         }
         let dir = config.spool_dir();
         let quarantine_dir = config.data_dir.join("quarantine");
+        // Scratch space of repairs; what a crash left there is incomplete.
+        let repair_dir = config.data_dir.join("repair");
+        if let Err(err) = std::fs::remove_dir_all(&repair_dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                return Err(err.into());
+            }
+        }
         std::fs::create_dir_all(&dir)?;
         let lock = lock_spool(&dir)?;
         let shards = Arc::new(local::Shards::open(&dir)?);
@@ -290,6 +310,7 @@ impl Spool {
         let inner = Inner {
             dir,
             quarantine_dir,
+            repair_dir,
             reserve_bytes: config.spool.reserve_bytes,
             policy: Policy {
                 required: config.spool.required,
@@ -355,24 +376,92 @@ impl Spool {
     }
 
     /// Checks the length and digest of message `envelope.id`'s `.eml`
-    /// against its envelope (start checks only the length); a damaged one
-    /// is moved to quarantine with a log line, and `false` returned.
-    pub async fn verify_or_quarantine(&self, envelope: &Envelope) -> Result<bool, SpoolError> {
-        let (dir, quarantine_dir) = (
-            self.message_dir(&envelope.id).to_owned(),
-            self.inner.quarantine_dir.clone(),
-        );
-        let envelope = envelope.clone();
-        tokio::task::spawn_blocking(move || match recovery::verify_data(&dir, &envelope) {
-            Ok(()) => Ok(true),
-            Err(damage) => {
-                tracing::error!(id = %envelope.id, reason = %damage, "quarantining a damaged spool record");
-                recovery::quarantine_message(&dir, &quarantine_dir, &envelope.id)?;
-                Ok(false)
+    /// against its envelope (start checks only the length). A damaged one is
+    /// repaired from the first other copy of the policy that holds it intact
+    /// (the damaged file kept in quarantine); with none, the message is moved
+    /// to quarantine. Each outcome is logged.
+    pub async fn verify_or_repair(&self, envelope: &Envelope) -> Result<Checked, SpoolError> {
+        let dir = self.message_dir(&envelope.id).to_owned();
+        let quarantine_dir = self.inner.quarantine_dir.clone();
+        let shared = Arc::new(envelope.clone());
+        let checked = Arc::clone(&shared);
+        let check_dir = dir.clone();
+        let damage =
+            match tokio::task::spawn_blocking(move || recovery::verify_data(&check_dir, &checked))
+                .await
+                .map_err(std::io::Error::other)?
+            {
+                Ok(()) => return Ok(Checked::Intact),
+                Err(damage) => damage,
+            };
+        let id = envelope.id.as_str();
+        tracing::error!(id, reason = %damage, "damaged spool record found before delivery");
+        for copy in self.copies().iter().filter(|c| c.kind() != CopyKind::Local) {
+            let kind = copy.kind();
+            let scratch = self.inner.repair_dir.clone();
+            if self.restore_from(copy, &shared, &scratch).await {
+                let (dir, quarantine_dir, id_owned) =
+                    (dir.clone(), quarantine_dir.clone(), id.to_owned());
+                let repaired = local::eml_path(&scratch, id);
+                let replaced = tokio::task::spawn_blocking(move || {
+                    recovery::replace_data(&dir, &quarantine_dir, &id_owned, &repaired)
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                clear_scratch(&scratch, id);
+                replaced?;
+                tracing::warn!(id, copy = ?kind, "repaired a damaged spool record from another copy; the damaged data is in quarantine");
+                return Ok(Checked::Repaired(kind));
             }
+            clear_scratch(&scratch, id);
+        }
+        tracing::error!(id, reason = %damage, "quarantining a damaged spool record: no other copy holds it intact");
+        let id_owned = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            recovery::quarantine_message(&dir, &quarantine_dir, &id_owned)
         })
         .await
-        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)??;
+        Ok(Checked::Quarantined)
+    }
+
+    /// Message `envelope.id`'s data from `copy` into `scratch`, if that copy
+    /// holds it with the length and digest the envelope records.
+    async fn restore_from(
+        &self,
+        copy: &Arc<dyn CopyTarget>,
+        envelope: &Arc<Envelope>,
+        scratch: &std::path::Path,
+    ) -> bool {
+        let id = envelope.id.as_str();
+        let kind = copy.kind();
+        let made = std::fs::create_dir_all(scratch);
+        if let Err(err) = made {
+            tracing::warn!(id, "cannot make the repair directory: {err}");
+            return false;
+        }
+        match Arc::clone(copy)
+            .restore(Arc::clone(envelope), scratch.to_owned())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(err) => {
+                tracing::warn!(id, copy = ?kind, error = %err, "cannot read the message back from this copy");
+                return false;
+            }
+        }
+        let (scratch, envelope) = (scratch.to_owned(), Arc::clone(envelope));
+        let verdict =
+            tokio::task::spawn_blocking(move || recovery::verify_data(&scratch, &envelope)).await;
+        match verdict {
+            Ok(Ok(())) => true,
+            Ok(Err(damage)) => {
+                tracing::error!(id, copy = ?kind, reason = %damage, "that copy is damaged too");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// The subdirectory of the spool that holds message `id`'s files.
@@ -460,6 +549,19 @@ impl Spool {
     /// the clean-ups after lost quorums, have finished.
     pub async fn drain(&self) {
         self.inner.background.idle().await;
+    }
+}
+
+/// Removes what a repair of message `id` left in the scratch directory
+/// (one directory for all repairs, so a peer fetch opens it once).
+fn clear_scratch(scratch: &std::path::Path, id: &str) {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(id) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

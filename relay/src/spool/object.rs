@@ -45,9 +45,10 @@ use object_store::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::fsync::{remove_if_present, rename_noreplace, DirSync};
+use super::envelope::Envelope;
+use super::fsync::{remove_if_present, rename_noreplace, write_synced, DirSync};
 use super::id::IdGenerator;
-use super::quorum::{CopyError, CopyJob, CopyTarget};
+use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
 use super::segment::{self, SegmentError, Slot};
 use crate::config::{Config, CopyKind, ObjectStoreConfig};
 
@@ -1145,6 +1146,31 @@ impl CopyTarget for ObjectCopy {
             let withdrawn = (!spool.is_empty()).then_some(spool.as_str());
             self.release_as(&id, true, withdrawn).await;
             Ok(())
+        })
+    }
+
+    fn restore(
+        self: Arc<Self>,
+        envelope: Arc<Envelope>,
+        scratch: PathBuf,
+    ) -> BoxFuture<'static, Result<bool, CopyError>> {
+        Box::pin(async move {
+            if self.location(&envelope.id).is_none() {
+                // Not seen since start (single-node relays list no segments).
+                self.list_spool(&envelope.spool).await?;
+            }
+            let Some((_, data)) = self.read(&envelope.id).await? else {
+                return Ok(false);
+            };
+            let path = scratch.join(format!("{}.eml", envelope.id));
+            joined(
+                tokio::task::spawn_blocking(move || {
+                    remove_if_present(&path)?;
+                    write_synced(&path, &data)
+                })
+                .await,
+            )?;
+            Ok(true)
         })
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::envelope::Envelope;
 use super::{Committed, SpoolError};
 use crate::config::CopyKind;
 
@@ -117,6 +118,19 @@ pub trait CopyTarget: Send + Sync + 'static {
         spool: String,
         id: String,
     ) -> BoxFuture<'static, Result<(), CopyError>>;
+    /// Writes message `envelope.id`'s data as this copy holds it to
+    /// `<scratch>/<id>.eml`, fsync'd, to repair a damaged local copy (the
+    /// caller checks it against the envelope). `Ok(false)` when this copy
+    /// does not hold the message; the local copy never does (it is the one
+    /// being repaired).
+    fn restore(
+        self: Arc<Self>,
+        envelope: Arc<Envelope>,
+        scratch: PathBuf,
+    ) -> BoxFuture<'static, Result<bool, CopyError>> {
+        let _ = (envelope, scratch);
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// Tracks tasks that outlive the request that started them, so shutdown and

@@ -1,11 +1,13 @@
 //! Recovery on start: decides, file by file, what a crash left in the local
-//! spool. A `.env` whose `.eml` has the recorded length is a committed
-//! message; damaged records go to quarantine (never deleted, never a crash
-//! loop); uncommitted leftovers (`.eml` without `.env`, `.env.tmp`) are
-//! removed. Records of the flat layout of older versions are first moved
-//! into their subdirectory. Start reads no message body: the digest of each recovered
-//! message is checked before its first delivery ([`verify_data`]), so a
-//! deep queue is accepting again in the time it takes to list it.
+//! spool. A valid `.env` is a committed message; one that is damaged goes
+//! to quarantine with its data (never deleted, never a crash loop);
+//! uncommitted leftovers (`.eml` without `.env`, `.env.tmp`) are removed.
+//! Records of the flat layout of older versions are first moved into their
+//! subdirectory. Start reads no message body: each recovered message's data
+//! (length and digest) is checked before its first delivery
+//! ([`verify_data`]), where a damaged one is repaired from another copy or
+//! quarantined, so a deep queue is accepting again in the time it takes to
+//! list it.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -184,7 +186,7 @@ pub fn recover_dir(
     Ok(())
 }
 
-/// Reads and verifies one committed record.
+/// Reads and checks one committed record's envelope.
 pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
     if !id::is_valid(stem) {
         return Err(Damage::BadName);
@@ -209,7 +211,8 @@ pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
     if envelope.id != stem {
         return Err(Damage::WrongId(envelope.id));
     }
-    check_length(&open_data(spool_dir, stem)?, &envelope)?;
+    // The data is checked before the first delivery (`verify_data`), where a
+    // damaged copy can be repaired from another one.
     Ok(envelope)
 }
 
@@ -270,19 +273,45 @@ fn sha256_of(file: &mut File) -> io::Result<String> {
 
 /// Moves `<stem>.env` and `<stem>.eml` (those present) into quarantine,
 /// never replacing an earlier quarantined file.
+/// A name in `quarantine_dir` for `file` that no earlier quarantined file
+/// has (`<name>`, `<name>.1`, ...).
+fn free_name(quarantine_dir: &Path, file: &Path) -> PathBuf {
+    let name = file.file_name().map(PathBuf::from).unwrap_or_default();
+    let mut to = quarantine_dir.join(&name);
+    let mut n = 1;
+    while to.exists() {
+        to = quarantine_dir.join(format!("{}.{n}", name.display()));
+        n += 1;
+    }
+    to
+}
+
+/// Blocking: puts the intact data at `repaired` in place of message `id`'s
+/// damaged `.eml`, durably. The damaged file is linked into quarantine
+/// first, so the spool never lacks the message's data.
+pub fn replace_data(
+    spool_dir: &Path,
+    quarantine_dir: &Path,
+    id: &str,
+    repaired: &Path,
+) -> io::Result<()> {
+    std::fs::create_dir_all(quarantine_dir)?;
+    let eml = eml_path(spool_dir, id);
+    match std::fs::hard_link(&eml, free_name(quarantine_dir, &eml)) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    std::fs::rename(repaired, &eml)?;
+    sync_dir(spool_dir)?;
+    sync_dir(quarantine_dir)
+}
+
 fn quarantine(spool_dir: &Path, quarantine_dir: &Path, stem: &str) -> io::Result<()> {
     for from in [env_path(spool_dir, stem), eml_path(spool_dir, stem)] {
         if !from.exists() {
             continue;
         }
-        let name = from.file_name().map(PathBuf::from).unwrap_or_default();
-        let mut to = quarantine_dir.join(&name);
-        let mut n = 1;
-        while to.exists() {
-            to = quarantine_dir.join(format!("{}.{n}", name.display()));
-            n += 1;
-        }
-        std::fs::rename(&from, &to)?;
+        std::fs::rename(&from, free_name(quarantine_dir, &from))?;
     }
     Ok(())
 }
@@ -460,9 +489,33 @@ mod tests {
         assert!(!spool_files(&dirs).iter().any(|f| f.starts_with(&bad)));
     }
 
+    /// Damages the data of one committed message with `damage`: start keeps
+    /// it (its data is checked before delivery, where another copy can
+    /// repair it) and the check finds what `found` expects.
+    fn left_for_the_check_before_delivery(
+        damage: impl FnOnce(&Path, &str),
+        found: impl Fn(&Damage) -> bool,
+    ) {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let good = committed(&dirs, &ids, b"good\r\n");
+        let bad = committed(&dirs, &ids, b"bad message\r\n");
+        damage(&dirs.spool, &bad);
+        let recovered = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(recovered.quarantined, 0);
+        assert_eq!(recovered.messages.len(), 2);
+        assert_eq!(recovered.messages[0].id, good);
+        let bad_dir = shard_dir(&dirs.spool, &bad);
+        let damage = verify_data(&bad_dir, &recovered.messages[1]).unwrap_err();
+        assert!(found(&damage), "{damage}");
+    }
+
     #[test]
-    fn a_truncated_data_file_is_quarantined() {
-        quarantines(|dir, id| std::fs::write(eml_path(dir, id), b"bad").unwrap());
+    fn a_truncated_data_file_is_found_before_delivery() {
+        left_for_the_check_before_delivery(
+            |dir, id| std::fs::write(eml_path(dir, id), b"bad").unwrap(),
+            |damage| matches!(damage, Damage::Length { actual: 3, .. }),
+        );
     }
 
     #[test]
@@ -489,8 +542,11 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_data_file_is_quarantined() {
-        quarantines(|dir, id| std::fs::remove_file(eml_path(dir, id)).unwrap());
+    fn a_missing_data_file_is_found_before_delivery() {
+        left_for_the_check_before_delivery(
+            |dir, id| std::fs::remove_file(eml_path(dir, id)).unwrap(),
+            |damage| matches!(damage, Damage::NoData),
+        );
     }
 
     #[test]
