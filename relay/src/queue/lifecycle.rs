@@ -1,8 +1,12 @@
 //! What a delivery attempt's answers do to a message, without I/O: the
 //! recipients' new states, expiry, and the next step (finish, or try again
-//! at a time), as a pure function of the state, the answers and the clock.
-//! The queue's `attempt` is the driver that delivers, persists, commits and
-//! reports; the lifecycle's invariants are tested here over simulated weeks.
+//! at a time), as a pure function of the state, the answers and the clock
+//! ([`settle`]); whether that outcome must be recorded ([`must_record`]);
+//! and what follows from how recording went ([`after_recording`]: saved,
+//! not saved, not committed, or the message lost to another relay). The
+//! queue's `attempt` is the driver that delivers, persists, commits and
+//! reports; the invariants are tested here over simulated weeks, with
+//! crashes, failed saves and lost claims injected.
 
 use std::time::Duration;
 
@@ -134,6 +138,86 @@ pub fn settle(
         expired,
         ignored,
         next,
+    }
+}
+
+/// How recording an attempt's outcome went (the driver's I/O).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Not needed ([`must_record`] said so).
+    Skipped,
+    /// Saved in the state journal and, in a cluster, committed under the
+    /// claim.
+    Committed,
+    /// The save failed: the outcome is only in memory.
+    SaveFailed,
+    /// Saved, but the cluster did not take the commit; `still_owned` when
+    /// the message is still this relay's.
+    CommitFailed {
+        /// The message is still ours to deliver.
+        still_owned: bool,
+    },
+}
+
+/// What the driver does once the outcome is recorded (or not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Report the failed recipients and remove every copy.
+    Finish,
+    /// Keep it queued until `at_ms`; `uncommitted` when the cluster does not
+    /// have this outcome yet (new deliveries wait for a commit that works).
+    Keep {
+        /// When it is due again (Unix ms).
+        at_ms: u64,
+        /// The cluster lacks the outcome.
+        uncommitted: bool,
+    },
+    /// Another relay owns the message now and delivers the rest: forget it.
+    Forget,
+}
+
+/// How soon an outcome that could not be recorded is tried again.
+pub const RECORD_RETRY_MS: u64 = 1000;
+
+/// Whether an attempt's new `state` must be recorded before the next step.
+/// Outside a cluster a message delivered to every recipient needs no record:
+/// removing its copies next is what records that it is done (a crash in
+/// between delivers it again, the one duplicate a crash may cause).
+pub fn must_record(state: &DeliveryState, clustered: bool) -> bool {
+    clustered
+        || !state
+            .recipients
+            .iter()
+            .all(|r| r.status == Status::Delivered)
+}
+
+/// The step after recording an attempt whose [`settle`] said `next`. An
+/// outcome that is not durable is never acted on: a failed save keeps the
+/// message and tries again soon, so nothing is finished (its copies removed)
+/// on the strength of a state only memory holds.
+pub fn after_recording(next: Next, recorded: Recorded, now_ms: u64) -> Then {
+    let soon = now_ms + RECORD_RETRY_MS;
+    let due = match next {
+        Next::Finish => None,
+        Next::Retry { at_ms, .. } => Some(at_ms),
+    };
+    match recorded {
+        Recorded::SaveFailed => Then::Keep {
+            at_ms: soon,
+            uncommitted: false,
+        },
+        Recorded::CommitFailed { still_owned: false } => Then::Forget,
+        Recorded::CommitFailed { still_owned: true } => Then::Keep {
+            at_ms: due.map_or(soon, |at| at.min(soon)),
+            uncommitted: true,
+        },
+        Recorded::Skipped | Recorded::Committed => match due {
+            None => Then::Finish,
+            Some(at_ms) => Then::Keep {
+                at_ms,
+                uncommitted: false,
+            },
+        },
     }
 }
 
@@ -296,6 +380,201 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// One message in the faulty simulation.
+    struct Faulty {
+        arrival_ms: u64,
+        /// What survives a crash or a hand-over: the last recorded state
+        /// (the journal's, or in a cluster the committed one).
+        durable: Option<DeliveryState>,
+        /// The queue's entry and when it is due; gone after a crash until
+        /// recovery, and for good once the message is finished.
+        memory: Option<(DeliveryState, u64)>,
+        finished: bool,
+        /// Per recipient: deliveries made, and deliveries a crash or lost
+        /// claim caught before they were recorded (each may be repeated).
+        delivered: Vec<u32>,
+        unrecorded: Vec<u32>,
+        last_seen: DeliveryState,
+    }
+
+    /// A week with faults. Each attempt may be cut short by a crash after
+    /// the next hop answered (nothing recorded), its save may fail, its
+    /// commit may fail, or (in a cluster) its claim may be lost, another
+    /// relay then carrying on from the last recorded state. Checked: a
+    /// recipient recorded as delivered is never delivered again; a
+    /// recipient is delivered more than once only for deliveries a fault
+    /// caught unrecorded; every message is finished, each recipient
+    /// delivered or failed: none lost.
+    #[test]
+    fn crashes_failed_saves_and_lost_claims_lose_nothing_and_repeat_only_unrecorded_deliveries() {
+        let schedule = schedule();
+        let rules = Rules {
+            retry_schedule: &schedule,
+            max_age: Duration::from_millis(3 * DAY),
+            delay_warning: None,
+        };
+        let mut faults_seen = [0usize; 4];
+        for seed in 0..40u64 {
+            let clustered = seed % 2 == 1;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut messages: Vec<Faulty> = Vec::new();
+            let mut now = 0;
+            while now <= 5 * DAY {
+                if now < DAY && rng.random_range(0..5) == 0 {
+                    let recipients = rng.random_range(1..=3);
+                    let state = DeliveryState::new(recipients, now);
+                    messages.push(Faulty {
+                        arrival_ms: now,
+                        durable: None,
+                        memory: Some((state.clone(), now)),
+                        finished: false,
+                        delivered: vec![0; recipients],
+                        unrecorded: vec![0; recipients],
+                        last_seen: state,
+                    });
+                }
+                let mut crashed = false;
+                for message in messages.iter_mut().filter(|m| !m.finished) {
+                    let Some((mut state, due)) = message.memory.clone() else {
+                        continue;
+                    };
+                    if due > now || crashed {
+                        continue;
+                    }
+                    let answers: Vec<Answer> = state
+                        .pending()
+                        .into_iter()
+                        .map(|index| {
+                            let said = match rng.random_range(0..100) {
+                                0..50 => Said::Delivered,
+                                50..53 => Said::Failed,
+                                _ => Said::Deferred,
+                            };
+                            answer(index, said)
+                        })
+                        .collect();
+                    for a in answers.iter().filter(|a| a.said == Said::Delivered) {
+                        let recorded = message
+                            .durable
+                            .as_ref()
+                            .is_some_and(|d| d.recipients[a.index].status == Status::Delivered);
+                        assert!(!recorded, "seed {seed}: a recorded delivery was repeated");
+                        message.delivered[a.index] += 1;
+                    }
+                    let settled = settle(&mut state, &answers, message.arrival_ms, now, &rules);
+                    let fault = rng.random_range(0..100);
+                    if fault < 2 {
+                        // Crash before anything was recorded.
+                        faults_seen[0] += 1;
+                        crashed = true;
+                        message.memory = Some((state, due));
+                        continue;
+                    }
+                    let recorded = if !must_record(&state, clustered) {
+                        Recorded::Skipped
+                    } else if fault < 5 {
+                        faults_seen[1] += 1;
+                        Recorded::SaveFailed
+                    } else if clustered && fault < 8 {
+                        faults_seen[2] += 1;
+                        Recorded::CommitFailed { still_owned: true }
+                    } else if clustered && fault < 9 {
+                        faults_seen[3] += 1;
+                        Recorded::CommitFailed { still_owned: false }
+                    } else {
+                        Recorded::Committed
+                    };
+                    if recorded == Recorded::Committed {
+                        message.durable = Some(state.clone());
+                    }
+                    if fault >= 9 && !state.is_final() {
+                        // No fault: a message still queued has its outcome recorded.
+                        assert_eq!(message.durable.as_ref(), Some(&state), "seed {seed}");
+                    }
+                    message.last_seen = state.clone();
+                    match after_recording(settled.next, recorded, now) {
+                        Then::Finish => {
+                            assert!(state.is_final());
+                            assert!(
+                                matches!(recorded, Recorded::Skipped | Recorded::Committed),
+                                "finished on an outcome that is not durable"
+                            );
+                            // A cluster learns every final outcome before the
+                            // copies go: a replica left behind must not be
+                            // taken over and delivered again.
+                            assert!(!clustered || recorded == Recorded::Committed);
+                            message.finished = true;
+                            message.memory = None;
+                        }
+                        Then::Keep { at_ms, uncommitted } => {
+                            assert!(at_ms > now);
+                            // Nothing is delivered under a lost claim.
+                            assert_ne!(recorded, Recorded::CommitFailed { still_owned: false });
+                            assert_eq!(
+                                uncommitted,
+                                matches!(recorded, Recorded::CommitFailed { .. })
+                            );
+                            message.memory = Some((state, at_ms));
+                        }
+                        Then::Forget => {
+                            assert_eq!(recorded, Recorded::CommitFailed { still_owned: false });
+                            // Another relay carries on from the record.
+                            message.memory = Some((state, now));
+                            lose_memory(message, now);
+                        }
+                    }
+                }
+                if crashed {
+                    for message in messages.iter_mut().filter(|m| !m.finished) {
+                        lose_memory(message, now);
+                    }
+                }
+                now += MINUTE;
+            }
+            for message in &messages {
+                assert!(message.finished, "seed {seed}: a message was lost");
+                for (index, recipient) in message.last_seen.recipients.iter().enumerate() {
+                    match recipient.status {
+                        Status::Delivered => assert!(message.delivered[index] >= 1),
+                        Status::Failed => {}
+                        Status::Pending => panic!("seed {seed}: finished with a pending recipient"),
+                    }
+                    assert!(
+                        message.delivered[index] <= 1 + message.unrecorded[index],
+                        "seed {seed}: delivered {} times with {} unrecorded",
+                        message.delivered[index],
+                        message.unrecorded[index]
+                    );
+                }
+            }
+        }
+        assert!(
+            faults_seen.iter().all(|&n| n > 10),
+            "every fault was injected: {faults_seen:?}"
+        );
+    }
+
+    /// A crash or hand-over: what memory held and the record lacks is
+    /// forgotten (its deliveries may repeat), and the message is queued
+    /// again from its record, due now.
+    fn lose_memory(message: &mut Faulty, now: u64) {
+        let recipients = message.delivered.len();
+        let record = message.durable.clone();
+        if let Some((state, _)) = &message.memory {
+            for (index, recipient) in state.recipients.iter().enumerate() {
+                let recorded = record
+                    .as_ref()
+                    .is_some_and(|d| d.recipients[index].status == Status::Delivered);
+                if recipient.status == Status::Delivered && !recorded {
+                    message.unrecorded[index] += 1;
+                }
+            }
+        }
+        let state = record.unwrap_or_else(|| DeliveryState::new(recipients, now));
+        message.last_seen = state.clone();
+        message.memory = Some((state, now));
     }
 
     #[test]

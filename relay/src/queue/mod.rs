@@ -920,41 +920,40 @@ impl Queue {
                 self.warn_delay(&envelope, &mut state).await;
             }
         }
-        let mut uncommitted = false;
-        // Outside a cluster a message delivered to everyone needs no state
-        // file: removing its `.env` next is what records that it is done (a
-        // crash in between delivers it again, as it would have before the
-        // state file was renamed into place).
-        let skip_save = self.inner.ownership.get().is_none()
-            && state
-                .recipients
-                .iter()
-                .all(|r| r.status == Status::Delivered);
-        let saved = if skip_save {
-            Ok(())
-        } else {
-            self.inner.states.save(id, &state).await
-        };
-        if let Err(err) = saved {
-            // Not persisted: keep it in memory and retry soon; never drop the message.
+        let clustered = self.inner.ownership.get().is_some();
+        let recorded = if !lifecycle::must_record(&state, clustered) {
+            lifecycle::Recorded::Skipped
+        } else if let Err(err) = self.inner.states.save(id, &state).await {
+            // Only in memory: kept and tried again soon, never dropped.
             warn!(id, "cannot save delivery state: {err}");
-            state.next_attempt_ms = now + 1000;
+            lifecycle::Recorded::SaveFailed
         } else if self.commit(&spool, id, Some(&state)).await.is_err() {
-            if !self.inner.entries.lock().expect("queue lock").contains(key) {
-                return; // Lost: the new owner delivers the rest.
+            let still_owned = self.inner.entries.lock().expect("queue lock").contains(key);
+            lifecycle::Recorded::CommitFailed { still_owned }
+        } else {
+            lifecycle::Recorded::Committed
+        };
+        let mut uncommitted = false;
+        match lifecycle::after_recording(settled.next, recorded, now) {
+            lifecycle::Then::Forget => return, // The new owner delivers the rest.
+            lifecycle::Then::Keep {
+                at_ms,
+                uncommitted: lacking,
+            } => {
+                state.next_attempt_ms = at_ms;
+                uncommitted = lacking;
             }
-            uncommitted = true;
-            state.next_attempt_ms = state.next_attempt_ms.min(now + 1000);
-        } else if state.is_final() {
-            if self.finish(&envelope, &state).await.is_ok() {
-                self.inner.finished.lock().expect("queue lock").insert(key);
-                self.inner.entries.lock().expect("queue lock").remove(key);
-                self.update_gauges();
-                return;
+            lifecycle::Then::Finish => {
+                if self.finish(&envelope, &state).await.is_ok() {
+                    self.inner.finished.lock().expect("queue lock").insert(key);
+                    self.inner.entries.lock().expect("queue lock").remove(key);
+                    self.update_gauges();
+                    return;
+                }
+                // The bounce could not be queued (spool full?): try again soon.
+                state.next_attempt_ms =
+                    now + retry_delay(&self.inner.settings.retry_schedule, 1).as_millis() as u64;
             }
-            // The bounce could not be queued (spool full?): try again soon.
-            state.next_attempt_ms =
-                now + retry_delay(&self.inner.settings.retry_schedule, 1).as_millis() as u64;
         }
         let mut entries = self.inner.entries.lock().expect("queue lock");
         if let Some(entry) = entries.get_mut(key) {
