@@ -403,6 +403,23 @@ pub struct ClusterConfig {
     /// How often the repair task re-creates copies that are missing.
     #[serde(with = "humantime_serde")]
     pub repair_interval: Duration,
+    /// Mutual TLS on the peer channel; without it the channel is
+    /// plaintext h2c, readable by anything on the network between relays.
+    pub tls: Option<PeerTlsFiles>,
+}
+
+/// `[cluster.tls]`: this relay's certificate and key, and the CA its peers'
+/// certificates must come from (PEM files; in Kubernetes a Secret's
+/// `tls.crt`, `tls.key` and `ca.crt`, as cert-manager writes them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTlsFiles {
+    /// This relay's certificate chain.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+    /// The cluster's CA certificates.
+    pub ca_file: PathBuf,
 }
 
 impl Default for ClusterConfig {
@@ -425,6 +442,7 @@ impl Default for ClusterConfig {
             secret_file: None,
             replicas: 1,
             repair_interval: Duration::from_secs(30),
+            tls: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
 use crate::inbound::{self, Listener};
 use crate::metrics::Metrics;
+use crate::peer::tls::PeerTls;
 use crate::peer::{self, store::ReplicaStore, PeerClient, PeerCopy, PeerService, Peers};
 use crate::queue::Queue;
 use crate::spool::Spool;
@@ -54,16 +55,24 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let peering = match &config.cluster {
         Some(cluster) => {
             let secret = cluster.shared_secret()?;
+            let tls = match &cluster.tls {
+                Some(files) => Some(PeerTls::load(files).context("cluster.tls")?),
+                None => None,
+            };
             let client = Arc::new(
-                PeerClient::new(&secret, config.spool.deadline.max(Duration::from_secs(5)))
-                    .map_err(|err| anyhow::anyhow!("peer client: {err}"))?,
+                PeerClient::new(
+                    &secret,
+                    config.spool.deadline.max(Duration::from_secs(5)),
+                    tls.clone(),
+                )
+                .map_err(|err| anyhow::anyhow!("peer client: {err}"))?,
             );
-            Some((cluster.clone(), secret, client))
+            Some((cluster.clone(), secret, tls, client))
         }
         None => None,
     };
     let peer_targets = match &peering {
-        Some((_, _, client)) if config.spool.copies.contains(&CopyKind::Peer) => {
+        Some((_, _, _, client)) if config.spool.copies.contains(&CopyKind::Peer) => {
             PeerCopy::targets(&config, Arc::clone(client))
         }
         _ => Vec::new(),
@@ -102,11 +111,12 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let mut cluster_node = None;
     let mut peer_task = None;
     let mut admin_service = QueueService::new(queue.clone());
-    if let Some((cluster, secret, client)) = peering {
+    if let Some((cluster, secret, tls, client)) = peering {
         admin_service = admin_service.with_cluster(ClusterAdmin::new(
             cluster.member_name(),
             Peers::from_config(&cluster),
             secret.clone(),
+            tls.clone(),
         ));
         let replicas = Arc::new(
             ReplicaStore::open(&config.data_dir).context("cannot open the replica directory")?,
@@ -116,10 +126,11 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         let socket = TcpListener::bind(cluster.peer_listen)
             .await
             .with_context(|| format!("cannot bind the peer service on {}", cluster.peer_listen))?;
-        info!(address = %socket.local_addr()?, "peer service listening");
+        info!(address = %socket.local_addr()?, tls = tls.is_some(), "peer service listening");
         peer_task = Some(tokio::spawn(peer::serve(
             socket,
             routes,
+            tls,
             signalled(peer_stopped),
         )));
         let network = Arc::new(PeerNetwork {

@@ -13,23 +13,23 @@
 
 #[path = "common/etcd.rs"]
 mod etcd_server;
+#[path = "common/pki.rs"]
+mod pki;
 #[path = "common/stall_proxy.rs"]
 mod stall_proxy;
 #[path = "coordinator_suite.rs"]
 mod suite;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, Permission, TlsOptions};
+use pki::{ca, leaf, write};
 use postern::cluster::etcd::{Etcd, EtcdOptions};
 use postern::cluster::{Coordinator, Error, LeaseOptions};
 use postern::config::ClusterConfig;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use stall_proxy::Proxy;
 use suite::{Backend, Node};
 
@@ -55,42 +55,6 @@ struct Setup {
     client_key: PathBuf,
     password: PathBuf,
     wrong_password: PathBuf,
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-/// A certificate signed by `issuer`; returns (certificate PEM, key PEM).
-fn leaf(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-    common_name: &str,
-    names: &[&str],
-    usages: Vec<ExtendedKeyUsagePurpose>,
-) -> (String, String) {
-    let mut params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    params.extended_key_usages = usages;
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 /// The PKI, etcd (started once) and its users, roles and `auth enable`.

@@ -4,6 +4,8 @@
 //! fails over and spreads replicas; a spool with `"peer"` copies commits to
 //! a peer.
 
+#[path = "common/pki.rs"]
+mod pki;
 #[path = "spool_suite.rs"]
 mod suite;
 
@@ -13,9 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use postern::config::{ClusterConfig, Config, CopyKind};
+use postern::config::{ClusterConfig, Config, CopyKind, PeerTlsFiles};
 use postern::peer::proto::peer_client::PeerClient as RawClient;
 use postern::peer::proto::{self, replicate_chunk};
+use postern::peer::tls::PeerTls;
 use postern::peer::{routes, serve, PeerClient, PeerCopy, PeerError, PeerService, Peers};
 use postern::peer::{ReplicaStore, CHUNK};
 use postern::spool::quorum::{CopyError, CopyJob, CopyTarget};
@@ -41,15 +44,29 @@ async fn start_with(
     spool: Option<Spool>,
     admin: Option<postern::admin::queue_service::QueueService>,
 ) -> Server {
+    start_serving(data_dir, spool, admin, None).await
+}
+
+async fn start_serving(
+    data_dir: &Path,
+    spool: Option<Spool>,
+    admin: Option<postern::admin::queue_service::QueueService>,
+    tls: Option<Arc<PeerTls>>,
+) -> Server {
     let store = Arc::new(ReplicaStore::open(data_dir).unwrap());
     let replicas = store.root().to_owned();
     let service = PeerService::new(store, spool);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(listener, routes(service, admin, SECRET), async {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(serve(
+        listener,
+        routes(service, admin, SECRET),
+        tls,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Server {
         addr,
         replicas,
@@ -58,7 +75,13 @@ async fn start_with(
 }
 
 fn client() -> PeerClient {
-    PeerClient::new(SECRET, Duration::from_secs(10)).unwrap()
+    PeerClient::new(SECRET, Duration::from_secs(10), None).unwrap()
+}
+
+/// A client presenting the certificate of `files` over mutual TLS.
+fn tls_client(files: &PeerTlsFiles) -> PeerClient {
+    let tls = PeerTls::load(files).unwrap();
+    PeerClient::new(SECRET, Duration::from_secs(10), Some(tls)).unwrap()
 }
 
 /// A job of `spool` for `data`, staged in `dir`, its envelope recording
@@ -204,7 +227,7 @@ async fn without_the_secret_nothing_is_written() {
     let staging = tempfile::tempdir().unwrap();
     let job = job(staging.path(), "s1", &suite::message(1000));
 
-    let wrong = PeerClient::new("not-the-secret-at-all", Duration::from_secs(10)).unwrap();
+    let wrong = PeerClient::new("not-the-secret-at-all", Duration::from_secs(10), None).unwrap();
     let err = wrong.replicate(server.addr, &job).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::Unauthenticated), "{err}");
     let err = wrong.list(server.addr, "s1").await.unwrap_err();
@@ -673,4 +696,183 @@ async fn the_admin_service_can_share_the_server_and_its_secret() {
 
 fn proto_stats() -> tonic::Request<postern::admin::proto::StatsRequest> {
     tonic::Request::new(postern::admin::proto::StatsRequest { cluster: false })
+}
+
+/// Log lines written on this thread while the guard lives (the tests run
+/// on a current-thread runtime, so the server's tasks log here too).
+fn capture_log() -> (
+    tracing::subscriber::DefaultGuard,
+    Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    #[derive(Clone)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = Captured(Arc::clone(&buffer));
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    (tracing::subscriber::set_default(subscriber), buffer)
+}
+
+/// Waits until the captured log has a line with every one of `wanted`.
+async fn logged(buffer: &std::sync::Mutex<Vec<u8>>, wanted: &[&str]) -> String {
+    for _ in 0..100 {
+        let text = String::from_utf8_lossy(&buffer.lock().unwrap()).into_owned();
+        if wanted.iter().all(|w| {
+            text.lines()
+                .any(|l| l.contains("peer TLS handshake refused") && l.contains(w))
+        }) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = String::from_utf8_lossy(&buffer.lock().unwrap()).into_owned();
+    panic!("the log lacks a refusal saying one of {wanted:?}:\n{text}");
+}
+
+/// With `cluster.tls` the peer channel is mutual TLS: a member (a
+/// certificate from the cluster's CA) replicates; a certificate from
+/// another CA, an expired one, no certificate and plaintext are refused in
+/// the handshake, write nothing, and the log says why for each.
+#[tokio::test]
+async fn mutual_tls_lets_members_in_and_refuses_the_rest_saying_why() {
+    let (_guard, log) = capture_log();
+    let pki_dir = tempfile::tempdir().unwrap();
+    let cluster = pki::ca("cluster CA");
+    let other = pki::ca("another CA");
+    let server_files = pki::member_files(pki_dir.path(), &cluster, "server");
+    let member = pki::member_files(pki_dir.path(), &cluster, "member");
+    // Strangers trust the cluster's CA, so only the server can refuse them.
+    let mut stranger = pki::member_files(pki_dir.path(), &other, "stranger");
+    stranger.ca_file = member.ca_file.clone();
+    let expired = pki::member_files_with(pki_dir.path(), &cluster, "expired", |params| {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let peer = tempfile::tempdir().unwrap();
+    let tls = PeerTls::load(&server_files).unwrap();
+    let server = start_serving(peer.path(), None, None, Some(tls)).await;
+    let staging = tempfile::tempdir().unwrap();
+    let held = |job: &CopyJob| {
+        server
+            .replicas
+            .join(&job.spool)
+            .join(format!("{}.env", job.id))
+            .exists()
+    };
+
+    let job = job(staging.path(), "s1", &suite::message(50_000));
+    tls_client(&member)
+        .replicate(server.addr, &job)
+        .await
+        .unwrap();
+    assert!(held(&job));
+
+    for (who, client) in [
+        ("another CA", tls_client(&stranger)),
+        ("expired", tls_client(&expired)),
+        ("plaintext", client()),
+    ] {
+        let refused = self::job(staging.path(), "s1", &suite::message(1_000));
+        let err = client.replicate(server.addr, &refused).await.unwrap_err();
+        assert!(!held(&refused), "{who}: a replica was written ({err})");
+    }
+
+    // A TLS client with no certificate of its own.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(
+            cluster.der().to_vec(),
+        ))
+        .unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(server.addr.ip().into());
+    let anonymous = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await;
+    if let Ok(mut stream) = anonymous {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // TLS 1.3 finishes the client's side first; the refusal follows.
+        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        assert!(
+            !matches!(stream.read(&mut buf).await, Ok(n) if n > 0),
+            "a client without a certificate got an answer"
+        );
+    }
+
+    logged(
+        &log,
+        &[
+            "not from the cluster's CA",
+            "has expired",
+            "presented no certificate",
+            "not TLS (plaintext?)",
+        ],
+    )
+    .await;
+}
+
+/// The certificate files are re-read when they change: after the server's
+/// files move to a new CA, members of the new CA get in and those of the old
+/// one no longer do, without a restart.
+#[tokio::test]
+async fn rotated_certificate_files_are_used_without_a_restart() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let old_ca = pki::ca("old cluster CA");
+    let new_ca = pki::ca("new cluster CA");
+    let server_files = pki::member_files(pki_dir.path(), &old_ca, "server");
+    let old_member = pki::member_files(pki_dir.path(), &old_ca, "old-member");
+    let new_member = pki::member_files(pki_dir.path(), &new_ca, "new-member");
+    let peer = tempfile::tempdir().unwrap();
+    let server = start_serving(
+        peer.path(),
+        None,
+        None,
+        Some(PeerTls::load(&server_files).unwrap()),
+    )
+    .await;
+    let staging = tempfile::tempdir().unwrap();
+    let data = suite::message(5_000);
+    tls_client(&old_member)
+        .replicate(server.addr, &job(staging.path(), "s1", &data))
+        .await
+        .unwrap();
+    assert!(tls_client(&new_member)
+        .replicate(server.addr, &job(staging.path(), "s1", &data))
+        .await
+        .is_err());
+
+    // Rotate: the same paths now hold a certificate of the new CA.
+    let rotated = pki::member_files(pki_dir.path(), &new_ca, "server");
+    assert_eq!(rotated, server_files);
+    let mut taken = false;
+    for _ in 0..100 {
+        let attempt = tls_client(&new_member)
+            .replicate(server.addr, &job(staging.path(), "s1", &data))
+            .await;
+        if attempt.is_ok() {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(taken, "the rotated files were never used");
+    assert!(tls_client(&old_member)
+        .replicate(server.addr, &job(staging.path(), "s1", &data))
+        .await
+        .is_err());
 }

@@ -3,6 +3,7 @@
 //! shared secret), marked so that a relay never passes them on again.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
@@ -11,6 +12,7 @@ use tonic::Request;
 
 use super::proto::queue_client::QueueClient;
 use crate::peer::auth::AttachSecret;
+use crate::peer::tls::PeerTls;
 use crate::peer::Peers;
 
 /// Metadata key set on requests one relay passes to another.
@@ -28,15 +30,22 @@ pub struct ClusterAdmin {
     member: String,
     peers: Peers,
     secret: String,
+    tls: Option<Arc<PeerTls>>,
 }
 
 impl ClusterAdmin {
-    /// Member `member`, reaching `peers` with `secret`.
-    pub fn new(member: String, peers: Peers, secret: String) -> ClusterAdmin {
+    /// Member `member`, reaching `peers` with `secret` (over `tls` when set).
+    pub fn new(
+        member: String,
+        peers: Peers,
+        secret: String,
+        tls: Option<Arc<PeerTls>>,
+    ) -> ClusterAdmin {
         ClusterAdmin {
             member,
             peers,
             secret,
+            tls,
         }
     }
 
@@ -60,10 +69,12 @@ impl ClusterAdmin {
             .connect_timeout(Duration::from_secs(2))
             .timeout(PEER_TIMEOUT);
         let secret = AttachSecret::new(&self.secret).map_err(|e| e.to_string())?;
-        Ok(
-            QueueClient::with_interceptor(endpoint.connect_lazy(), secret)
-                .max_decoding_message_size(super::MAX_RESPONSE_BYTES),
-        )
+        let channel = match &self.tls {
+            Some(tls) => tls.channel(endpoint, addr),
+            None => endpoint.connect_lazy(),
+        };
+        Ok(QueueClient::with_interceptor(channel, secret)
+            .max_decoding_message_size(super::MAX_RESPONSE_BYTES))
     }
 }
 

@@ -17,6 +17,7 @@ use super::auth::AttachSecret;
 use super::proto::{self, fetch_chunk, peer_client::PeerClient as Grpc, replicate_chunk};
 use super::service::{is_sha256_hex, recorded_sha256};
 use super::store::{file_sha256, read_chunks, write_replica, Header, ReplicaError, Writing};
+use super::tls::PeerTls;
 use super::PeerError;
 use crate::spool::fsync::DirSync;
 use crate::spool::local::eml_path;
@@ -31,6 +32,8 @@ type Stub = Grpc<InterceptedService<Channel, AttachSecret>>;
 #[derive(Debug)]
 pub struct PeerClient {
     auth: AttachSecret,
+    /// Mutual TLS, when `cluster.tls` is set; plaintext h2c otherwise.
+    tls: Option<Arc<PeerTls>>,
     timeout: Duration,
     channels: Mutex<HashMap<SocketAddr, Channel>>,
     /// Fetches being written, so two fetches of one message do not collide.
@@ -43,9 +46,14 @@ pub struct PeerClient {
 impl PeerClient {
     /// A client presenting `secret`. `timeout` bounds each RPC as a whole
     /// (`Replicate` included), and for `Fetch` each wait for the next chunk.
-    pub fn new(secret: &str, timeout: Duration) -> Result<PeerClient, PeerError> {
+    pub fn new(
+        secret: &str,
+        timeout: Duration,
+        tls: Option<Arc<PeerTls>>,
+    ) -> Result<PeerClient, PeerError> {
         Ok(PeerClient {
             auth: AttachSecret::new(secret)?,
+            tls,
             timeout,
             channels: Mutex::new(HashMap::new()),
             writing: Writing::default(),
@@ -61,14 +69,17 @@ impl PeerClient {
             channels
                 .entry(addr)
                 .or_insert_with(|| {
-                    Endpoint::from(
+                    let endpoint = Endpoint::from(
                         format!("http://{addr}")
                             .parse::<tonic::transport::Uri>()
                             .expect("a socket address makes a valid URI"),
                     )
                     .connect_timeout(CONNECT_TIMEOUT)
-                    .tcp_nodelay(true)
-                    .connect_lazy()
+                    .tcp_nodelay(true);
+                    match &self.tls {
+                        Some(tls) => tls.channel(endpoint, addr),
+                        None => endpoint.connect_lazy(),
+                    }
                 })
                 .clone()
         };

@@ -299,7 +299,12 @@ mod tests {
             index,
             Arc::new(Peers::new(Vec::new(), Vec::new())),
             Arc::new(
-                PeerClient::new("s3cret-s3cret-s3cret", std::time::Duration::from_secs(1)).unwrap(),
+                PeerClient::new(
+                    "s3cret-s3cret-s3cret",
+                    std::time::Duration::from_secs(1),
+                    None,
+                )
+                .unwrap(),
             ),
             Arc::default(),
         )

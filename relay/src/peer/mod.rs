@@ -30,10 +30,13 @@
 //!
 //! # Authentication
 //!
-//! Every request carries `authorization: Bearer <cluster secret>`
+//! With `cluster.tls` set, connections are mutual TLS ([`tls`]): a peer
+//! without a certificate from the cluster's CA is refused in the handshake.
+//! Every request also carries `authorization: Bearer <cluster secret>`
 //! ([`auth::AttachSecret`]); the server compares it in constant time
 //! ([`auth::RequireSecret`]) before the handler runs, so a request without
-//! it writes nothing.
+//! it writes nothing. The secret stays under TLS as a second factor: a
+//! relay's leaked key alone does not let anyone in.
 
 pub mod auth;
 pub mod client;
@@ -41,9 +44,11 @@ pub mod copy;
 pub mod peers;
 pub mod service;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -163,16 +168,28 @@ pub fn routes(
     }
 }
 
-/// Serves `routes` on `listener` until `shutdown` resolves.
+/// Serves `routes` on `listener` until `shutdown` resolves: over mutual TLS
+/// when `tls` is given (plaintext connections then fail their handshake),
+/// plaintext h2c otherwise.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
+    tls: Option<Arc<tls::PeerTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+    let server = Server::builder().add_routes(routes);
+    match tls {
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+        None => {
+            server
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! A three-relay cluster for the fault tier (tests/e2e_cluster.rs): one real
 //! etcd, one moto S3 server, one aiosmtpd sink (e2e/sink.py) and three real
-//! `postern serve` processes with a `[cluster]` section, all on addresses of
+//! `postern serve` processes with a `[cluster]` section (peer channel over
+//! mutual TLS, one test CA), all on addresses of
 //! one /24 that the test owns:
 //!
 //! ```text
@@ -543,6 +544,9 @@ impl Cluster {
                 )
             })
             .collect();
+        // Mutual TLS on the peer channel: one CA for the cluster, a
+        // certificate for each relay.
+        let authority = super::pki::ca("test cluster CA");
         let mut relays = Vec::new();
         for (i, name) in NAMES.iter().enumerate() {
             let ip = Cluster::addr(&spec, 11 + i as u8);
@@ -552,6 +556,7 @@ impl Cluster {
             let data_dir = node_dir.join("data");
             let config_path = node_dir.join("postern.toml");
             let copies: Vec<String> = spec.copies.iter().map(|c| format!("\"{c}\"")).collect();
+            let tls = super::pki::member_files(&node_dir, &authority, name);
             let config = format!(
                 r#"hostname = "{hostname}"
 data_dir = "{data_dir}"
@@ -600,7 +605,15 @@ peers = [{peers}]
 secret = "{SECRET}"
 replicas = 1
 repair_interval = "2s"
+
+[cluster.tls]
+cert_file = "{cert}"
+key_file = "{key}"
+ca_file = "{ca}"
 "#,
+                cert = tls.cert_file.display(),
+                key = tls.key_file.display(),
+                ca = tls.ca_file.display(),
                 data_dir = data_dir.display(),
                 smtp = SocketAddr::new(ip, SMTP_PORT),
                 http = SocketAddr::new(ip, HTTP_PORT),
@@ -704,6 +717,13 @@ repair_interval = "2s"
         self.relays[i].proc.wait_ready(Duration::from_secs(30), || {
             matches!(http_request(http, "GET", "/readyz", &[], b""), Ok((200, _)))
         });
+        let log = self.relays[i].proc.log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("peer service listening") && l.contains("tls=true")),
+            "{} serves its peer port without TLS:\n{log}",
+            self.relays[i].name
+        );
     }
 
     /// `/readyz` status, or None when nothing answers.

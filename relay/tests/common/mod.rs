@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod mail;
+pub mod pki;
 pub mod rspamd;
 
 use std::collections::BTreeSet;

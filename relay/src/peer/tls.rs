@@ -1,0 +1,397 @@
+//! Mutual TLS on the peer channel: each relay presents a certificate issued
+//! by the cluster's CA and talks only to peers that present one too. A peer
+//! with no certificate, one from another CA, or an expired one is refused
+//! in the handshake, before any request is read, and the relay logs why.
+//!
+//! The files (`cluster.tls`: `cert_file`, `key_file`, `ca_file`, as
+//! cert-manager writes `tls.crt`, `tls.key`, `ca.crt`) are looked at again
+//! at most once a second when a connection is made, and re-read when one
+//! changed, so a rotated certificate is used without a restart (a file that
+//! does not load keeps the previous configuration, with a log line).
+//!
+//! Peers are dialled at resolved addresses, so a server certificate is
+//! checked against the CA and its validity period, not a name: every
+//! certificate the cluster's CA issued is a member. Give the cluster a CA of
+//! its own.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::PeerTlsFiles;
+
+/// How long a peer may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often, at most, the files are looked at for changes.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Why the files could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read or parsed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// rustls refused the certificates or key.
+    #[error("peer TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA file holds no usable certificate.
+    #[error("peer TLS CA: {0}")]
+    Verifier(String),
+}
+
+/// Both ends' configurations, built from one reading of the files.
+#[derive(Debug)]
+struct Configs {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+/// What the files looked like when last read.
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+/// The peer channel's TLS, kept current with its files.
+#[derive(Debug)]
+pub struct PeerTls {
+    files: PeerTlsFiles,
+    configs: RwLock<Arc<Configs>>,
+    checked: Mutex<(Instant, Stamp)>,
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|err| file_error(path, err))?
+        .collect::<Result<_, _>>()
+        .map_err(|err| file_error(path, err))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate found"));
+    }
+    Ok(certs)
+}
+
+fn build(files: &PeerTlsFiles) -> Result<Configs, TlsError> {
+    let chain = certificates(&files.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .map_err(|err| file_error(&files.key_file, err))?;
+    let mut roots = RootCertStore::empty();
+    for ca in certificates(&files.ca_file)? {
+        roots
+            .add(ca)
+            .map_err(|err| file_error(&files.ca_file, err))?;
+    }
+    let roots = Arc::new(roots);
+    let clients = WebPkiClientVerifier::builder(Arc::clone(&roots))
+        .build()
+        .map_err(|err| TlsError::Verifier(err.to_string()))?;
+    let mut server = ServerConfig::builder()
+        .with_client_cert_verifier(clients)
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let servers = WebPkiServerVerifier::builder(roots)
+        .build()
+        .map_err(|err| TlsError::Verifier(err.to_string()))?;
+    let mut client = ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MemberVerifier(servers)))
+        .with_client_auth_cert(chain, key)?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Configs {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
+
+fn stamp(files: &PeerTlsFiles) -> Stamp {
+    [&files.cert_file, &files.key_file, &files.ca_file]
+        .iter()
+        .map(|path| {
+            let meta = std::fs::metadata(path).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
+impl PeerTls {
+    /// Reads the files; an error names the file and what is wrong with it.
+    pub fn load(files: &PeerTlsFiles) -> Result<Arc<PeerTls>, TlsError> {
+        let configs = build(files)?;
+        Ok(Arc::new(PeerTls {
+            files: files.clone(),
+            configs: RwLock::new(Arc::new(configs)),
+            checked: Mutex::new((Instant::now(), stamp(files))),
+        }))
+    }
+
+    /// The configurations to use now, re-read first if a file changed.
+    fn current(&self) -> Arc<Configs> {
+        let changed = {
+            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+            if checked.0.elapsed() < RECHECK {
+                false
+            } else {
+                let now = stamp(&self.files);
+                checked.0 = Instant::now();
+                if now == checked.1 {
+                    false
+                } else {
+                    checked.1 = now;
+                    true
+                }
+            }
+        };
+        if changed {
+            match build(&self.files) {
+                Ok(configs) => {
+                    tracing::info!(cert = %self.files.cert_file.display(), "peer TLS files changed; new connections use them");
+                    *self.configs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(configs);
+                }
+                Err(err) => {
+                    tracing::error!("peer TLS files changed but cannot be used, keeping the previous ones: {err}");
+                }
+            }
+        }
+        Arc::clone(&self.configs.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A TLS connection to the peer at `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TlsClientStream> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let connector = TlsConnector::from(Arc::clone(&self.current().client));
+        let stream = connector
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await?;
+        Ok(TlsClientStream(Box::new(stream)))
+    }
+
+    /// A lazily connecting channel to the peer at `addr` over this TLS.
+    pub fn channel(self: &Arc<Self>, endpoint: Endpoint, addr: SocketAddr) -> Channel {
+        let tls = Arc::clone(self);
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let tls = Arc::clone(&tls);
+            async move {
+                let stream = tls.connect(addr).await?;
+                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+    }
+
+    /// The connections `listener` accepts whose handshake succeeded, as a
+    /// stream for the gRPC server; refused handshakes are logged with the
+    /// peer's address and the reason. Each handshake runs on its own, so a
+    /// slow one holds up nobody.
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsServerStream>> {
+        let (tx, rx) = mpsc::channel(64);
+        let tls = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = tx.closed() => return,
+                };
+                let (tcp, remote) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        tracing::warn!("peer service: accept failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = TlsAcceptor::from(Arc::clone(&tls.current().server));
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx
+                                .send(Ok(TlsServerStream {
+                                    inner: Box::new(stream),
+                                    remote,
+                                }))
+                                .await;
+                        }
+                        Ok(Err(err)) => {
+                            tracing::warn!(peer = %remote, reason = %refusal(&err), "peer TLS handshake refused");
+                        }
+                        Err(_) => {
+                            tracing::warn!(peer = %remote, reason = "no handshake within 10 s", "peer TLS handshake refused");
+                        }
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// A handshake error in words an operator can act on.
+fn refusal(err: &io::Error) -> String {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return format!("cut short: {err}");
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "the peer presented no certificate".into(),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "the peer's certificate is not from the cluster's CA".into()
+        }
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "the peer's certificate has expired".into(),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "the peer's certificate is not valid yet".into(),
+        rustls::Error::InvalidMessage(_) => format!("not TLS (plaintext?): {tls}"),
+        other => other.to_string(),
+    }
+}
+
+/// Checks a peer's server certificate against the cluster's CA, leaving out
+/// the name (peers are dialled by address; see the module's comment).
+#[derive(Debug)]
+struct MemberVerifier(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for MemberVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A peer connection the server accepted.
+pub struct TlsServerStream {
+    inner: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+    remote: SocketAddr,
+}
+
+/// A connection to a peer.
+pub struct TlsClientStream(Box<tokio_rustls::client::TlsStream<TcpStream>>);
+
+impl Connected for TlsServerStream {
+    type ConnectInfo = SocketAddr;
+
+    fn connect_info(&self) -> SocketAddr {
+        self.remote
+    }
+}
+
+macro_rules! delegate_io {
+    ($type:ty, $($field:tt)+) => {
+        impl AsyncRead for $type {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut *self.$($field)+).poll_read(cx, buf)
+            }
+        }
+
+        impl AsyncWrite for $type {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut *self.$($field)+).poll_write(cx, buf)
+            }
+
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut *self.$($field)+).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.$($field)+.is_write_vectored()
+            }
+
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut *self.$($field)+).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut *self.$($field)+).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
+delegate_io!(TlsServerStream, inner);
+delegate_io!(TlsClientStream, 0);
