@@ -337,8 +337,9 @@ impl Default for HttpConfig {
 /// The admin gRPC service. It always listens on the Unix socket
 /// `<data_dir>/admin.sock`, where each request is authorized from the
 /// caller's kernel-reported credentials (root, the relay's user, members of
-/// `group`); `listen` adds a TCP listener, unauthenticated, so bind it to a
-/// trusted network only.
+/// `group`); `listen` adds a TCP listener: with `tls`, mutual TLS (a client
+/// certificate from its CA is the authorization); without it,
+/// unauthenticated, which only a loopback address may be.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -346,6 +347,10 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// A group whose members may manage the queue over the Unix socket.
     pub group: Option<String>,
+    /// Mutual TLS on `listen`: the service's certificate and key, and the
+    /// CA whose certificates clients must present. `postern queue --config`
+    /// presents `cert_file` and `key_file` as its own.
+    pub tls: Option<MutualTlsFiles>,
 }
 
 /// A relay's part in a cluster (DESIGN.md §3): its name, etcd, its peers.
@@ -405,21 +410,33 @@ pub struct ClusterConfig {
     pub repair_interval: Duration,
     /// Mutual TLS on the peer channel; without it the channel is
     /// plaintext h2c, readable by anything on the network between relays.
-    pub tls: Option<PeerTlsFiles>,
+    pub tls: Option<MutualTlsFiles>,
 }
 
-/// `[cluster.tls]`: this relay's certificate and key, and the CA its peers'
-/// certificates must come from (PEM files; in Kubernetes a Secret's
-/// `tls.crt`, `tls.key` and `ca.crt`, as cert-manager writes them).
+/// `[cluster.tls]` and `[admin.tls]`: this relay's certificate and key, and
+/// the CA the other end's certificate must come from (PEM files; in
+/// Kubernetes a Secret's `tls.crt`, `tls.key` and `ca.crt`, as cert-manager
+/// writes them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PeerTlsFiles {
+pub struct MutualTlsFiles {
     /// This relay's certificate chain.
     pub cert_file: PathBuf,
     /// Its private key.
     pub key_file: PathBuf,
-    /// The cluster's CA certificates.
+    /// The CA certificates the other end's certificate must come from.
     pub ca_file: PathBuf,
+}
+
+impl MutualTlsFiles {
+    /// Reads the three files, naming one that is missing or holds nothing
+    /// usable.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        read_pem(&self.cert_file, Pem::Certificates)?;
+        read_pem(&self.key_file, Pem::PrivateKey)?;
+        read_pem(&self.ca_file, Pem::Certificates)?;
+        Ok(())
+    }
 }
 
 impl Default for ClusterConfig {
@@ -952,6 +969,14 @@ impl Config {
         if self.listeners.is_empty() {
             return invalid("at least one [[listener]] is needed".into());
         }
+        if let Some(listen) = self.admin.listen {
+            if !listen.ip().is_loopback() && self.admin.tls.is_none() {
+                return invalid(format!(
+                    "admin.listen = {listen} is not a loopback address: it needs [admin.tls] \
+                     (client certificates), or anyone who reaches it manages the queue"
+                ));
+            }
+        }
         for listener in &self.listeners {
             if listener.tls_cert.is_some() != listener.tls_key.is_some() {
                 return invalid(format!(
@@ -1256,8 +1281,9 @@ impl Config {
     }
 
     /// Reads the files the relay needs at start, so a missing or unreadable
-    /// one is named before anything runs: the cluster's shared secret and
-    /// etcd's CA, client certificate and key, user and password files.
+    /// one is named before anything runs: the cluster's shared secret, the
+    /// peer channel's certificate, key and CA, and etcd's CA, client
+    /// certificate and key, user and password files.
     /// [`validate`](Self::validate) stays free of I/O because the operator
     /// validates configurations whose files exist only inside the relay pods,
     /// and `postern sendmail` loads this configuration as a user who may not
@@ -1266,6 +1292,12 @@ impl Config {
         if let Some(cluster) = &self.cluster {
             cluster.shared_secret()?;
             cluster.etcd_options()?;
+            if let Some(tls) = &cluster.tls {
+                tls.check()?;
+            }
+        }
+        if let Some(tls) = &self.admin.tls {
+            tls.check()?;
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
 use crate::inbound::{self, Listener};
 use crate::metrics::Metrics;
-use crate::peer::tls::PeerTls;
+use crate::peer::tls::MutualTls;
 use crate::peer::{self, store::ReplicaStore, PeerClient, PeerCopy, PeerService, Peers};
 use crate::queue::Queue;
 use crate::spool::Spool;
@@ -56,7 +56,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         Some(cluster) => {
             let secret = cluster.shared_secret()?;
             let tls = match &cluster.tls {
-                Some(files) => Some(PeerTls::load(files).context("cluster.tls")?),
+                Some(files) => Some(MutualTls::load(files).context("cluster.tls")?),
                 None => None,
             };
             let client = Arc::new(
@@ -169,13 +169,18 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         signalled(shutdown.clone()),
     ))];
     if let Some(listen) = config.admin.listen {
+        let tls = match &config.admin.tls {
+            Some(files) => Some(MutualTls::load(files).context("admin.tls")?),
+            None => None,
+        };
         let socket = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot bind the admin service on {listen}"))?;
-        info!(address = %socket.local_addr()?, "admin service listening");
+        info!(address = %socket.local_addr()?, tls = tls.is_some(), "admin service listening");
         admin_tasks.push(tokio::spawn(admin::serve_tcp(
             socket,
             admin_service.clone(),
+            tls,
             signalled(shutdown.clone()),
         )));
     }

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::pki;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -402,4 +404,126 @@ fn a_listing_larger_than_grpcs_default_message_limit_is_printed() {
     assert!(messages
         .iter()
         .all(|m| m["recipients"].as_array().is_some_and(|r| r.len() == 1000)));
+}
+
+/// `postern queue ARGS --config FILE`: the admin service found through the
+/// configuration (its `[admin] listen` and `[admin.tls]` when no socket is
+/// there).
+fn queue_by_config(config: &Path, args: &[&str]) -> Output {
+    Command::new(postern_bin())
+        .arg("queue")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run postern queue")
+}
+
+/// A client's configuration: the relay's, with a data directory of its own
+/// (so no socket is found and the TCP listener is used) and `tls` as its
+/// `[admin.tls]`.
+fn client_config(
+    dir: &Path,
+    admin: u16,
+    tls: &postern::config::MutualTlsFiles,
+) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("client.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\n[[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:25\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[admin.tls]\ncert_file = \"{}\"\n\
+             key_file = \"{}\"\nca_file = \"{}\"\n",
+            dir.join("no-data").display(),
+            tls.cert_file.display(),
+            tls.key_file.display(),
+            tls.ca_file.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `[admin] listen` with `[admin.tls]`: the queue is managed over mutual
+/// TLS with a certificate from the admin CA; a client with a certificate of
+/// another CA and a plaintext client are refused (the relay logs why); and
+/// a listener on a non-loopback address without TLS is refused outright.
+#[test]
+fn the_tcp_admin_service_takes_only_clients_with_a_certificate_from_its_ca() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let admin_ca = pki::ca("admin CA");
+    let other_ca = pki::ca("another CA");
+    let relay_tls = pki::member_files(pki_dir.path(), &admin_ca, "relay");
+    let operator = pki::member_files(pki_dir.path(), &admin_ca, "operator");
+    let mut stranger = pki::member_files(pki_dir.path(), &other_ca, "stranger");
+    stranger.ca_file = operator.ca_file.clone();
+    let admin = free_port();
+    let relay = Relay::start(RelayConfig {
+        extra_toml: format!(
+            "[delivery]\npaused = true\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[admin.tls]\ncert_file = \"{}\"\n\
+             key_file = \"{}\"\nca_file = \"{}\"\n",
+            relay_tls.cert_file.display(),
+            relay_tls.key_file.display(),
+            relay_tls.ca_file.display()
+        ),
+        ..RelayConfig::default()
+    });
+    let id = submit(
+        &relay,
+        "alice@example.org",
+        &["bob@example.net"],
+        "over TLS",
+    );
+
+    let clients = tempfile::tempdir().unwrap();
+    let trusted = client_config(&clients.path().join("ok"), admin, &operator);
+    let output = queue_by_config(&trusted, &["list", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed = json(&String::from_utf8(output.stdout).unwrap());
+    assert_eq!(listed[0]["id"], id.as_str(), "{listed}");
+
+    let untrusted = client_config(&clients.path().join("stranger"), admin, &stranger);
+    let output = queue_by_config(&untrusted, &["list", "--json"]);
+    assert!(!output.status.success());
+    let plain = Command::new(postern_bin())
+        .args(["queue", "list", "--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    let refusals = wait_for(Duration::from_secs(10), || {
+        let log = relay.log();
+        let refused = |why: &str| {
+            log.lines()
+                .any(|l| l.contains("TLS handshake refused") && l.contains(why))
+        };
+        (refused("not from the configured CA") && refused("not TLS")).then_some(())
+    });
+    assert!(refusals.is_some(), "{}", relay.log());
+
+    let open = clients.path().join("open.toml");
+    std::fs::write(
+        &open,
+        format!(
+            "data_dir = \"{}\"\n[[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:25\"\n\n\
+             [admin]\nlisten = \"0.0.0.0:{admin}\"\n",
+            clients.path().display()
+        ),
+    )
+    .unwrap();
+    let check = Command::new(postern_bin())
+        .args(["config", "check"])
+        .arg(&open)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        !check.status.success() && stderr.contains("[admin.tls]"),
+        "{stderr}"
+    );
 }

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use postern::config::{ClusterConfig, Config, CopyKind, PeerTlsFiles};
+use postern::config::{ClusterConfig, Config, CopyKind, MutualTlsFiles};
 use postern::peer::proto::peer_client::PeerClient as RawClient;
 use postern::peer::proto::{self, replicate_chunk};
-use postern::peer::tls::PeerTls;
+use postern::peer::tls::MutualTls;
 use postern::peer::{routes, serve, PeerClient, PeerCopy, PeerError, PeerService, Peers};
 use postern::peer::{ReplicaStore, CHUNK};
 use postern::spool::quorum::{CopyError, CopyJob, CopyTarget};
@@ -51,7 +51,7 @@ async fn start_serving(
     data_dir: &Path,
     spool: Option<Spool>,
     admin: Option<postern::admin::queue_service::QueueService>,
-    tls: Option<Arc<PeerTls>>,
+    tls: Option<Arc<MutualTls>>,
 ) -> Server {
     let store = Arc::new(ReplicaStore::open(data_dir).unwrap());
     let replicas = store.root().to_owned();
@@ -79,8 +79,8 @@ fn client() -> PeerClient {
 }
 
 /// A client presenting the certificate of `files` over mutual TLS.
-fn tls_client(files: &PeerTlsFiles) -> PeerClient {
-    let tls = PeerTls::load(files).unwrap();
+fn tls_client(files: &MutualTlsFiles) -> PeerClient {
+    let tls = MutualTls::load(files).unwrap();
     PeerClient::new(SECRET, Duration::from_secs(10), Some(tls)).unwrap()
 }
 
@@ -730,7 +730,7 @@ async fn logged(buffer: &std::sync::Mutex<Vec<u8>>, wanted: &[&str]) -> String {
         let text = String::from_utf8_lossy(&buffer.lock().unwrap()).into_owned();
         if wanted.iter().all(|w| {
             text.lines()
-                .any(|l| l.contains("peer TLS handshake refused") && l.contains(w))
+                .any(|l| l.contains("TLS handshake refused") && l.contains(w))
         }) {
             return text;
         }
@@ -760,7 +760,7 @@ async fn mutual_tls_lets_members_in_and_refuses_the_rest_saying_why() {
         params.not_after = rcgen::date_time_ymd(2021, 1, 1);
     });
     let peer = tempfile::tempdir().unwrap();
-    let tls = PeerTls::load(&server_files).unwrap();
+    let tls = MutualTls::load(&server_files).unwrap();
     let server = start_serving(peer.path(), None, None, Some(tls)).await;
     let staging = tempfile::tempdir().unwrap();
     let held = |job: &CopyJob| {
@@ -817,7 +817,7 @@ async fn mutual_tls_lets_members_in_and_refuses_the_rest_saying_why() {
     logged(
         &log,
         &[
-            "not from the cluster's CA",
+            "not from the configured CA",
             "has expired",
             "presented no certificate",
             "not TLS (plaintext?)",
@@ -842,7 +842,7 @@ async fn rotated_certificate_files_are_used_without_a_restart() {
         peer.path(),
         None,
         None,
-        Some(PeerTls::load(&server_files).unwrap()),
+        Some(MutualTls::load(&server_files).unwrap()),
     )
     .await;
     let staging = tempfile::tempdir().unwrap();

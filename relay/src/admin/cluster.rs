@@ -12,7 +12,7 @@ use tonic::Request;
 
 use super::proto::queue_client::QueueClient;
 use crate::peer::auth::AttachSecret;
-use crate::peer::tls::PeerTls;
+use crate::peer::tls::MutualTls;
 use crate::peer::Peers;
 
 /// Metadata key set on requests one relay passes to another.
@@ -30,7 +30,7 @@ pub struct ClusterAdmin {
     member: String,
     peers: Peers,
     secret: String,
-    tls: Option<Arc<PeerTls>>,
+    tls: Option<Arc<MutualTls>>,
 }
 
 impl ClusterAdmin {
@@ -39,7 +39,7 @@ impl ClusterAdmin {
         member: String,
         peers: Peers,
         secret: String,
-        tls: Option<Arc<PeerTls>>,
+        tls: Option<Arc<MutualTls>>,
     ) -> ClusterAdmin {
         ClusterAdmin {
             member,

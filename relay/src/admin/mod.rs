@@ -97,11 +97,21 @@ pub async fn serve_unix(
 pub async fn serve_tcp(
     listener: TcpListener,
     service: queue_service::QueueService,
+    tls: Option<std::sync::Arc<crate::peer::tls::MutualTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    router(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+    match tls {
+        Some(tls) => {
+            router(service)
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+        None => {
+            router(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    }
 }
 
 fn router(service: queue_service::QueueService) -> tonic::transport::server::Router {

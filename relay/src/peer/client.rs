@@ -17,7 +17,7 @@ use super::auth::AttachSecret;
 use super::proto::{self, fetch_chunk, peer_client::PeerClient as Grpc, replicate_chunk};
 use super::service::{is_sha256_hex, recorded_sha256};
 use super::store::{file_sha256, read_chunks, write_replica, Header, ReplicaError, Writing};
-use super::tls::PeerTls;
+use super::tls::MutualTls;
 use super::PeerError;
 use crate::spool::fsync::DirSync;
 use crate::spool::local::eml_path;
@@ -33,7 +33,7 @@ type Stub = Grpc<InterceptedService<Channel, AttachSecret>>;
 pub struct PeerClient {
     auth: AttachSecret,
     /// Mutual TLS, when `cluster.tls` is set; plaintext h2c otherwise.
-    tls: Option<Arc<PeerTls>>,
+    tls: Option<Arc<MutualTls>>,
     timeout: Duration,
     channels: Mutex<HashMap<SocketAddr, Channel>>,
     /// Fetches being written, so two fetches of one message do not collide.
@@ -49,7 +49,7 @@ impl PeerClient {
     pub fn new(
         secret: &str,
         timeout: Duration,
-        tls: Option<Arc<PeerTls>>,
+        tls: Option<Arc<MutualTls>>,
     ) -> Result<PeerClient, PeerError> {
         Ok(PeerClient {
             auth: AttachSecret::new(secret)?,

@@ -174,7 +174,7 @@ pub fn routes(
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
-    tls: Option<Arc<tls::PeerTls>>,
+    tls: Option<Arc<tls::MutualTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let server = Server::builder().add_routes(routes);

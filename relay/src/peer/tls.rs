@@ -1,9 +1,10 @@
-//! Mutual TLS on the peer channel: each relay presents a certificate issued
-//! by the cluster's CA and talks only to peers that present one too. A peer
-//! with no certificate, one from another CA, or an expired one is refused
-//! in the handshake, before any request is read, and the relay logs why.
+//! Mutual TLS on the peer channel and the TCP admin service: each end
+//! presents a certificate issued by the configured CA (the cluster's, or the
+//! admin CA) and talks only to an end that presents one too. A peer with no
+//! certificate, one from another CA, or an expired one is refused in the
+//! handshake, before any request is read, and the relay logs why.
 //!
-//! The files (`cluster.tls`: `cert_file`, `key_file`, `ca_file`, as
+//! The files (`cluster.tls`, `admin.tls`: `cert_file`, `key_file`, `ca_file`, as
 //! cert-manager writes `tls.crt`, `tls.key`, `ca.crt`) are looked at again
 //! at most once a second when a connection is made, and re-read when one
 //! changed, so a rotated certificate is used without a restart (a file that
@@ -35,7 +36,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::config::PeerTlsFiles;
+use crate::config::MutualTlsFiles;
 
 /// How long a peer may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,8 +76,8 @@ type Stamp = Vec<Option<(SystemTime, u64)>>;
 
 /// The peer channel's TLS, kept current with its files.
 #[derive(Debug)]
-pub struct PeerTls {
-    files: PeerTlsFiles,
+pub struct MutualTls {
+    files: MutualTlsFiles,
     configs: RwLock<Arc<Configs>>,
     checked: Mutex<(Instant, Stamp)>,
 }
@@ -99,7 +100,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn build(files: &PeerTlsFiles) -> Result<Configs, TlsError> {
+fn build(files: &MutualTlsFiles) -> Result<Configs, TlsError> {
     let chain = certificates(&files.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&files.key_file)
         .map_err(|err| file_error(&files.key_file, err))?;
@@ -131,7 +132,7 @@ fn build(files: &PeerTlsFiles) -> Result<Configs, TlsError> {
     })
 }
 
-fn stamp(files: &PeerTlsFiles) -> Stamp {
+fn stamp(files: &MutualTlsFiles) -> Stamp {
     [&files.cert_file, &files.key_file, &files.ca_file]
         .iter()
         .map(|path| {
@@ -141,11 +142,11 @@ fn stamp(files: &PeerTlsFiles) -> Stamp {
         .collect()
 }
 
-impl PeerTls {
+impl MutualTls {
     /// Reads the files; an error names the file and what is wrong with it.
-    pub fn load(files: &PeerTlsFiles) -> Result<Arc<PeerTls>, TlsError> {
+    pub fn load(files: &MutualTlsFiles) -> Result<Arc<MutualTls>, TlsError> {
         let configs = build(files)?;
-        Ok(Arc::new(PeerTls {
+        Ok(Arc::new(MutualTls {
             files: files.clone(),
             configs: RwLock::new(Arc::new(configs)),
             checked: Mutex::new((Instant::now(), stamp(files))),
@@ -225,7 +226,7 @@ impl PeerTls {
                 let (tcp, remote) = match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
-                        tracing::warn!("peer service: accept failed: {err}");
+                        tracing::warn!("TLS listener: accept failed: {err}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -244,10 +245,10 @@ impl PeerTls {
                                 .await;
                         }
                         Ok(Err(err)) => {
-                            tracing::warn!(peer = %remote, reason = %refusal(&err), "peer TLS handshake refused");
+                            tracing::warn!(peer = %remote, reason = %refusal(&err), "TLS handshake refused");
                         }
                         Err(_) => {
-                            tracing::warn!(peer = %remote, reason = "no handshake within 10 s", "peer TLS handshake refused");
+                            tracing::warn!(peer = %remote, reason = "no handshake within 10 s", "TLS handshake refused");
                         }
                     }
                 });
@@ -268,7 +269,7 @@ fn refusal(err: &io::Error) -> String {
     match tls {
         rustls::Error::NoCertificatesPresented => "the peer presented no certificate".into(),
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            "the peer's certificate is not from the cluster's CA".into()
+            "the peer's certificate is not from the configured CA".into()
         }
         rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },

@@ -68,7 +68,7 @@ pub fn member_files(
     dir: &Path,
     issuer: &CertifiedIssuer<'static, KeyPair>,
     name: &str,
-) -> postern::config::PeerTlsFiles {
+) -> postern::config::MutualTlsFiles {
     member_files_with(dir, issuer, name, |_| {})
 }
 
@@ -78,7 +78,7 @@ pub fn member_files_with(
     issuer: &CertifiedIssuer<'static, KeyPair>,
     name: &str,
     adjust: impl FnOnce(&mut CertificateParams),
-) -> postern::config::PeerTlsFiles {
+) -> postern::config::MutualTlsFiles {
     let (cert, key) = leaf_with(
         issuer,
         name,
@@ -89,7 +89,7 @@ pub fn member_files_with(
         ],
         adjust,
     );
-    postern::config::PeerTlsFiles {
+    postern::config::MutualTlsFiles {
         cert_file: write(dir, &format!("{name}.crt"), &cert),
         key_file: write(dir, &format!("{name}.key"), &key),
         ca_file: write(dir, &format!("{name}-ca.crt"), &issuer.pem()),

@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use super::proto;
 use super::proto::queue_client::QueueClient;
 use crate::config::Config;
+use crate::peer::tls::MutualTls;
 
 /// `postern queue ...`.
 #[derive(clap::Args, Debug)]
@@ -95,13 +96,21 @@ pub enum Target {
     Unix(PathBuf),
     /// `host:port` over TCP.
     Tcp(String),
+    /// `host:port` over mutual TLS, presenting the certificate of `files`
+    /// (`[admin.tls]` of the configuration given).
+    Tls {
+        /// `host:port`.
+        addr: String,
+        /// This client's certificate and key, and the service's CA.
+        files: crate::config::MutualTlsFiles,
+    },
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Unix(path) => write!(f, "{}", path.display()),
-            Target::Tcp(addr) => write!(f, "{addr}"),
+            Target::Tcp(addr) | Target::Tls { addr, .. } => write!(f, "{addr}"),
         }
     }
 }
@@ -140,8 +149,12 @@ impl QueueArgs {
                 config.data_dir = data_dir.clone();
             }
             let socket = config.admin_socket();
-            return Ok(match config.admin.listen {
-                Some(listen) if !socket.exists() => Target::Tcp(listen.to_string()),
+            return Ok(match (config.admin.listen, config.admin.tls) {
+                (Some(listen), Some(files)) if !socket.exists() => Target::Tls {
+                    addr: listen.to_string(),
+                    files,
+                },
+                (Some(listen), None) if !socket.exists() => Target::Tcp(listen.to_string()),
                 _ => Target::Unix(socket),
             });
         }
@@ -338,6 +351,25 @@ pub async fn connect(target: &Target) -> Result<QueueClient<Channel>, CliError> 
             .connect()
             .await
             .map_err(|err| not_running(error_chain(&err)))?,
+        Target::Tls { addr, files } => {
+            let tls = MutualTls::load(files).map_err(|err| not_running(err.to_string()))?;
+            let resolved = tokio::net::lookup_host(addr.as_str())
+                .await
+                .map_err(|err| not_running(format!("cannot resolve: {err}")))?
+                .next()
+                .ok_or_else(|| not_running("no address".into()))?;
+            // Connect once ourselves, so a refused certificate says so.
+            let probe = tls
+                .connect(resolved)
+                .await
+                .map_err(|err| not_running(format!("TLS: {err}")))?;
+            drop(probe);
+            let endpoint = Endpoint::from_shared(format!("http://{resolved}"))
+                .map_err(|err| not_running(format!("bad address: {err}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(60));
+            tls.channel(endpoint, resolved)
+        }
     };
     Ok(QueueClient::new(channel).max_decoding_message_size(super::MAX_RESPONSE_BYTES))
 }
