@@ -494,6 +494,17 @@ pub struct Etcd {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
     pub peer_secret: Option<String>,
+    /// Mutual TLS between the relays (replicas, takeover reads, cluster
+    /// admin): a Secret in the MailQueue's namespace with `tls.crt` and
+    /// `tls.key`, a certificate for the relays (server and client use), and
+    /// `ca.crt`, the CA whose certificates they accept, as a cert-manager
+    /// Certificate writes them. Give the cluster a CA of its own: every
+    /// certificate it issued is taken for a member. Mounted read-only under
+    /// `/etc/postern/peer-tls`; the relays pick up a renewed certificate
+    /// without a restart. Without it the peer channel is plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
+    pub peer_tls_secret: Option<String>,
     /// TLS towards etcd: a Secret in the MailQueue's namespace with `ca.crt`,
     /// the CA that signed etcd's server certificate (nothing else is
     /// trusted), and `tls.crt` and `tls.key`, the relays' client certificate

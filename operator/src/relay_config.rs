@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use postern::config::{
-    ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig, ObjectStoreConfig,
-    Protocol, RouteConfig, ScannerConfig, ScannerFailure, ScannerKind, TlsMode,
+    ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig, MutualTlsFiles,
+    ObjectStoreConfig, Protocol, RouteConfig, ScannerConfig, ScannerFailure, ScannerKind, TlsMode,
     DEFAULT_EARLY_BUDGET, DEFAULT_SCAN_TIMEOUT,
 };
 use sha2::{Digest, Sha256};
@@ -41,6 +41,9 @@ pub const PEER_SECRET_DIR: &str = "/etc/postern/peer";
 /// The key of the peer Secret that holds the shared secret (also the file
 /// name under [`PEER_SECRET_DIR`]).
 pub const PEER_SECRET_KEY: &str = "secret";
+/// Where the `spec.etcd.peerTlsSecret` Secret is mounted; its keys are
+/// cert-manager's (`tls.crt`, `tls.key`, `ca.crt`), as for etcd's.
+pub const PEER_TLS_DIR: &str = "/etc/postern/peer-tls";
 /// Where the `spec.etcd.tlsSecret` Secret is mounted.
 pub const ETCD_TLS_DIR: &str = "/etc/postern/etcd/tls";
 /// Keys of the etcd TLS Secret (cert-manager's names), also the file names
@@ -454,6 +457,14 @@ fn cluster(mq: &MailQueue, etcd: &crd::Etcd, replicas: usize) -> Result<ClusterC
             .auth_secret
             .as_ref()
             .map(|_| auth.join(ETCD_PASSWORD_KEY)),
+        tls: etcd.peer_tls_secret.as_ref().map(|_| {
+            let dir = PathBuf::from(PEER_TLS_DIR);
+            MutualTlsFiles {
+                cert_file: dir.join(ETCD_CERT_KEY),
+                key_file: dir.join(ETCD_KEY_KEY),
+                ca_file: dir.join(ETCD_CA_KEY),
+            }
+        }),
         ..ClusterConfig::default()
     })
 }
@@ -709,6 +720,23 @@ mod tests {
         }
         mq.spec.etcd = Some(serde_json::from_value(spec).unwrap());
         mq
+    }
+
+    #[test]
+    fn a_peer_tls_secret_becomes_mutual_tls_on_the_peer_channel() {
+        let mq = secured(serde_json::json!({"peerTlsSecret": "mx-peer-tls"}));
+        let rendered = render(&mq).unwrap();
+        let parsed = Config::parse(&rendered.toml).unwrap();
+        assert_eq!(parsed, rendered.config);
+        let tls = parsed.cluster.unwrap().tls.expect("[cluster.tls]");
+        assert_eq!(
+            tls.cert_file,
+            PathBuf::from("/etc/postern/peer-tls/tls.crt")
+        );
+        assert_eq!(tls.key_file, PathBuf::from("/etc/postern/peer-tls/tls.key"));
+        assert_eq!(tls.ca_file, PathBuf::from("/etc/postern/peer-tls/ca.crt"));
+        let plain = render(&secured(serde_json::json!({}))).unwrap();
+        assert_eq!(plain.config.cluster.unwrap().tls, None);
     }
 
     #[test]

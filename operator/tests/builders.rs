@@ -350,3 +350,48 @@ fn the_network_policy_opens_listeners_and_http_and_the_peer_port_to_relays_only(
     let mq = common::mail_queue("mx", serde_json::json!({"image": "postern:0.1.0"}));
     assert!(!build::wants_network_policy(&mq));
 }
+
+/// The chart's cert-manager example for mutual TLS between relays issues
+/// the Secret the example MailQueue names, for both ends of a connection
+/// (server and client auth), valid for the relays' peer Service, from a CA
+/// of its own.
+#[test]
+fn the_peer_tls_example_issues_the_secret_the_mail_queue_names() {
+    use serde::Deserialize;
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    let wanted = mq.spec.etcd.as_ref().unwrap().peer_tls_secret.clone();
+    let text =
+        std::fs::read_to_string(common::repo_root().join("charts/postern/examples/peer-tls.yaml"))
+            .unwrap();
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_json::Value::deserialize(doc).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Issuer", "Certificate", "Issuer", "Certificate"]);
+    let ca = &docs[1]["spec"];
+    assert_eq!(ca["isCA"], true);
+    assert_eq!(docs[2]["spec"]["ca"]["secretName"], ca["secretName"]);
+    let relays = &docs[3]["spec"];
+    assert_eq!(relays["secretName"].as_str(), wanted.as_deref());
+    assert_eq!(relays["issuerRef"]["name"], docs[2]["metadata"]["name"]);
+    let usages: Vec<&str> = relays["usages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    assert!(usages.contains(&"server auth") && usages.contains(&"client auth"));
+    let peers = format!(
+        "{}.{}.svc",
+        build::Names::of(&mq).peers,
+        mq.metadata.namespace.as_deref().unwrap()
+    );
+    assert!(
+        relays["dnsNames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == &peers),
+        "{relays}"
+    );
+}

@@ -24,7 +24,7 @@ use crate::crd::{MailQueue, PullPolicy};
 use crate::relay_config::{
     RelayConfig, CONFIG_DIR, CONFIG_FILE, DATA_DIR, ETCD_AUTH_DIR, ETCD_CA_KEY, ETCD_CERT_KEY,
     ETCD_KEY_KEY, ETCD_PASSWORD_KEY, ETCD_TLS_DIR, ETCD_USERNAME_KEY, HTTP_PORT, PEER_PORT,
-    PEER_PORT_NAME, PEER_SECRET_DIR, PEER_SECRET_KEY, ROUTE_AUTH_DIR, TLS_DIR,
+    PEER_PORT_NAME, PEER_SECRET_DIR, PEER_SECRET_KEY, PEER_TLS_DIR, ROUTE_AUTH_DIR, TLS_DIR,
 };
 
 /// User and group the relay runs as (the distroless `nonroot` ids); the
@@ -33,6 +33,7 @@ const RELAY_UID: i64 = 65532;
 const SPOOL_VOLUME: &str = "spool";
 const CONFIG_VOLUME: &str = "config";
 const PEER_SECRET_VOLUME: &str = "peer-secret";
+const PEER_TLS_VOLUME: &str = "peer-tls";
 const ETCD_TLS_VOLUME: &str = "etcd-tls";
 const ETCD_AUTH_VOLUME: &str = "etcd-auth";
 /// CPU the relay container requests when the MailQueue sets no `resources`.
@@ -126,6 +127,12 @@ pub fn stateful_set(
         };
         for (volume, secret, keys, dir) in [
             (ETCD_TLS_VOLUME, &etcd.tls_secret, tls_keys, ETCD_TLS_DIR),
+            (
+                PEER_TLS_VOLUME,
+                &etcd.peer_tls_secret,
+                &[ETCD_CA_KEY, ETCD_CERT_KEY, ETCD_KEY_KEY][..],
+                PEER_TLS_DIR,
+            ),
             (
                 ETCD_AUTH_VOLUME,
                 &etcd.auth_secret,
