@@ -913,3 +913,50 @@ fn mail_accepted_before_joining_the_cluster_is_delivered() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sink_has(&cluster), 1, "delivered exactly once");
 }
+
+/// Peer certificates renewed in place (same CA, new keys, as cert-manager
+/// renews a Secret) while mail flows: every acknowledged message is
+/// delivered once, each relay logs that it took the new files, and its peer
+/// port then presents the new certificate to a new connection (`openssl
+/// s_client`), all without a restart.
+#[test]
+fn peer_certificates_renewed_while_mail_flows_are_used_without_a_restart() {
+    let cluster = Cluster::start(Spec {
+        net: 12,
+        ..Spec::default()
+    });
+    let before: Vec<String> = (0..3).map(|i| cluster.peer_certificate(i)).collect();
+    let load = cluster.load("renew", &[A, B, C], 6);
+    sleep(1.0);
+    let renewed: Vec<String> = (0..3).map(|i| cluster.renew_peer_certificate(i)).collect();
+    sleep(2.0);
+    let result = load.stop();
+    let acked = result.acked();
+    eprintln!("load: {}", result.summary());
+    assert_eq!(
+        acked.len(),
+        result.sent.len(),
+        "refusals across a renewal: {}",
+        result.summary()
+    );
+    let dups = cluster.assert_all_delivered(&acked, secs(30));
+    assert_eq!(dups, 0, "duplicates: {:?}", cluster.duplicates());
+    for i in [A, B, C] {
+        assert_ne!(before[i], renewed[i]);
+        let presented = common::wait_for(secs(10), || {
+            let now = cluster.peer_certificate(i);
+            (now == renewed[i]).then_some(now)
+        });
+        assert!(
+            presented.is_some(),
+            "{} still presents its old certificate",
+            NAMES[i]
+        );
+        let log = cluster.relays[i].proc.log();
+        assert!(
+            log.contains("TLS files changed; new connections use them"),
+            "{}: {log}",
+            NAMES[i]
+        );
+    }
+}

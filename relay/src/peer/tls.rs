@@ -173,11 +173,13 @@ impl MutualTls {
         if changed {
             match build(&self.files) {
                 Ok(configs) => {
-                    tracing::info!(cert = %self.files.cert_file.display(), "peer TLS files changed; new connections use them");
+                    tracing::info!(cert = %self.files.cert_file.display(), "TLS files changed; new connections use them");
                     *self.configs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(configs);
                 }
                 Err(err) => {
-                    tracing::error!("peer TLS files changed but cannot be used, keeping the previous ones: {err}");
+                    tracing::error!(
+                        "TLS files changed but cannot be used, keeping the previous ones: {err}"
+                    );
                 }
             }
         }

@@ -428,6 +428,10 @@ pub struct Cluster {
     pub moto_addr: SocketAddr,
     pub sink_addr: SocketAddr,
     arrivals: Mutex<BTreeMap<String, Arrival>>,
+    /// The cluster's CA for the peer channel, and a certificate it issued
+    /// for the test's own TLS clients.
+    authority: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    client_tls: postern::config::MutualTlsFiles,
     work: Option<tempfile::TempDir>,
     // Last: the namespaces go after every process in them.
     net: Option<Netns>,
@@ -664,6 +668,8 @@ ca_file = "{ca}"
             moto_addr,
             sink_addr,
             arrivals: Mutex::new(BTreeMap::new()),
+            client_tls: super::pki::member_files(&dir, &authority, "test-client"),
+            authority,
             work: Some(work),
             net,
         };
@@ -724,6 +730,48 @@ ca_file = "{ca}"
             "{} serves its peer port without TLS:\n{log}",
             self.relays[i].name
         );
+    }
+
+    /// Renews relay `i`'s peer certificate in place (same CA, a new key), as
+    /// cert-manager does; returns the new certificate (PEM).
+    pub fn renew_peer_certificate(&self, i: usize) -> String {
+        let dir = self.relays[i].config_path.parent().unwrap();
+        let files = super::pki::member_files(dir, &self.authority, &self.relays[i].name);
+        fs::read_to_string(files.cert_file).unwrap()
+    }
+
+    /// The certificate relay `i`'s peer port presents to a new connection
+    /// (PEM), as `openssl s_client` sees it with a client certificate of the
+    /// cluster's CA; panics when the handshake fails.
+    pub fn peer_certificate(&self, i: usize) -> String {
+        let output = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &self.relays[i].peer.to_string(),
+                "-cert",
+            ])
+            .arg(&self.client_tls.cert_file)
+            .arg("-key")
+            .arg(&self.client_tls.key_file)
+            .arg("-CAfile")
+            .arg(&self.client_tls.ca_file)
+            .args(["-verify_return_error", "-showcerts"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl (Debian's openssl package)");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let begin = "-----BEGIN CERTIFICATE-----";
+        let end = "-----END CERTIFICATE-----";
+        let start = text.find(begin).unwrap_or_else(|| {
+            panic!(
+                "{}: no certificate from s_client:\n{text}\n{}",
+                self.relays[i].name,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        let stop = text[start..].find(end).unwrap() + start + end.len();
+        format!("{}\n", &text[start..stop])
     }
 
     /// `/readyz` status, or None when nothing answers.
