@@ -414,6 +414,75 @@ async fn starttls_discards_pipelined_plaintext_and_records_tls() {
     assert!(eml.contains("with ESMTPS id"), "{eml}");
 }
 
+/// The certificate a STARTTLS on `listener` presents.
+async fn presented_certificate(listener: &Arc<Listener>, roots: &rustls::RootCertStore) -> Vec<u8> {
+    let (client_io, server) = tokio::io::duplex(1 << 20);
+    let serving = Arc::clone(listener);
+    tokio::spawn(async move {
+        connection::handle(&serving, server, Peer::Tcp("127.0.0.1:2".parse().unwrap())).await
+    });
+    let mut plain = Client {
+        reader: BufReader::new(client_io),
+    };
+    plain.expect("220").await;
+    plain.send("EHLO c.example\r\n").await;
+    plain.reply().await;
+    plain.send("STARTTLS\r\n").await;
+    plain.expect("220 2.0.0").await;
+    let tls_config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("mx.test").unwrap(),
+            plain.reader.into_inner(),
+        )
+        .await
+        .expect("TLS handshake");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A listener's certificate renewed in place is served to the next STARTTLS
+/// without a restart.
+#[tokio::test]
+async fn a_renewed_listener_certificate_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    let first = rcgen::generate_simple_self_signed(vec!["mx.test".to_owned()]).unwrap();
+    let second = rcgen::generate_simple_self_signed(vec!["mx.test".to_owned()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, first.cert.pem()).unwrap();
+    std::fs::write(&key_path, first.signing_key.serialize_pem()).unwrap();
+    config.listeners[0].tls_cert = Some(cert_path.clone());
+    config.listeners[0].tls_key = Some(key_path.clone());
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(first.cert.der().clone()).unwrap();
+    roots.add(second.cert.der().clone()).unwrap();
+    let listener = listener(&config).await;
+    assert_eq!(
+        presented_certificate(&listener, &roots).await,
+        first.cert.der().to_vec()
+    );
+
+    std::fs::write(&key_path, second.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&cert_path, second.cert.pem()).unwrap();
+    let mut served = Vec::new();
+    for _ in 0..50 {
+        served = presented_certificate(&listener, &roots).await;
+        if served == second.cert.der().to_vec() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        served,
+        second.cert.der().to_vec(),
+        "the renewed certificate"
+    );
+}
+
 #[tokio::test]
 async fn draining_closes_idle_sessions_and_lets_transactions_finish() {
     let dir = tempfile::tempdir().unwrap();

@@ -182,10 +182,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             }
             Event::StartTls => {
                 self.flush().await?;
-                let Some(acceptor) = &self.listener.tls else {
+                let Some(tls) = &self.listener.tls else {
                     return Ok(true);
                 };
-                match self.stream.upgrade(acceptor).await {
+                let acceptor = tls.acceptor();
+                match self.stream.upgrade(&acceptor).await {
                     Ok(()) => self.session.tls_started(),
                     Err(err) => {
                         info!(client = %self.client_label(), "TLS handshake failed: {err}");

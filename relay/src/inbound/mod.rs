@@ -15,7 +15,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::{Config, LimitsConfig, ListenerConfig};
@@ -41,7 +40,7 @@ pub struct Listener {
     /// The spool messages go to.
     pub spool: Spool,
     /// STARTTLS, when a certificate is configured.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<tls::ServerTls>>,
     /// Connection counts shared by all listeners.
     pub connections: ConnectionLimiter,
     /// Turns true when the relay drains: idle sessions are closed with 421.
@@ -66,7 +65,7 @@ impl Listener {
         connections: ConnectionLimiter,
     ) -> Result<Listener, String> {
         let tls = match (&listener.tls_cert, &listener.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(Arc::new(tls::ServerTls::load(cert, key)?)),
             _ => None,
         };
         Ok(Listener {

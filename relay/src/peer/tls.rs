@@ -19,9 +19,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -37,12 +37,10 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::config::MutualTlsFiles;
+use crate::watch::Watched;
 
 /// How long a peer may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often, at most, the files are looked at for changes.
-const RECHECK: Duration = Duration::from_secs(1);
 
 /// Why the files could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -71,15 +69,12 @@ struct Configs {
     client: Arc<ClientConfig>,
 }
 
-/// What the files looked like when last read.
-type Stamp = Vec<Option<(SystemTime, u64)>>;
-
-/// The peer channel's TLS, kept current with its files.
+/// Mutual TLS kept current with its files.
 #[derive(Debug)]
 pub struct MutualTls {
     files: MutualTlsFiles,
     configs: RwLock<Arc<Configs>>,
-    checked: Mutex<(Instant, Stamp)>,
+    watched: Watched,
 }
 
 fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
@@ -132,16 +127,6 @@ fn build(files: &MutualTlsFiles) -> Result<Configs, TlsError> {
     })
 }
 
-fn stamp(files: &MutualTlsFiles) -> Stamp {
-    [&files.cert_file, &files.key_file, &files.ca_file]
-        .iter()
-        .map(|path| {
-            let meta = std::fs::metadata(path).ok()?;
-            Some((meta.modified().ok()?, meta.len()))
-        })
-        .collect()
-}
-
 impl MutualTls {
     /// Reads the files; an error names the file and what is wrong with it.
     pub fn load(files: &MutualTlsFiles) -> Result<Arc<MutualTls>, TlsError> {
@@ -149,27 +134,17 @@ impl MutualTls {
         Ok(Arc::new(MutualTls {
             files: files.clone(),
             configs: RwLock::new(Arc::new(configs)),
-            checked: Mutex::new((Instant::now(), stamp(files))),
+            watched: Watched::new(vec![
+                files.cert_file.clone(),
+                files.key_file.clone(),
+                files.ca_file.clone(),
+            ]),
         }))
     }
 
     /// The configurations to use now, re-read first if a file changed.
     fn current(&self) -> Arc<Configs> {
-        let changed = {
-            let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
-            if checked.0.elapsed() < RECHECK {
-                false
-            } else {
-                let now = stamp(&self.files);
-                checked.0 = Instant::now();
-                if now == checked.1 {
-                    false
-                } else {
-                    checked.1 = now;
-                    true
-                }
-            }
-        };
+        let changed = self.watched.changed();
         if changed {
             match build(&self.files) {
                 Ok(configs) => {
