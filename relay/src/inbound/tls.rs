@@ -25,10 +25,12 @@ fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     }
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|err| format!("{}: {err}", key.display()))?;
-    let config = rustls::ServerConfig::builder()
+    let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|err| format!("TLS certificate/key: {err}"))?;
+    // The strongest suite both ends have, not the client's first choice.
+    config.ignore_client_order = true;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -113,6 +113,8 @@ fn build(files: &MutualTlsFiles) -> Result<Configs, TlsError> {
         .with_client_cert_verifier(clients)
         .with_single_cert(chain.clone(), key.clone_key())?;
     server.alpn_protocols = vec![b"h2".to_vec()];
+    // The strongest suite both ends have, not the client's first choice.
+    server.ignore_client_order = true;
     let servers = WebPkiServerVerifier::builder(roots)
         .build()
         .map_err(|err| TlsError::Verifier(err.to_string()))?;

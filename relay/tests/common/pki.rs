@@ -47,6 +47,10 @@ pub fn leaf_with(
         .distinguished_name
         .push(DnType::CommonName, common_name);
     params.extended_key_usages = usages;
+    // As an ACME or cert-manager certificate: 90 days, from yesterday.
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(89);
     adjust(&mut params);
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, issuer).unwrap();

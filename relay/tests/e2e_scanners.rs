@@ -1,0 +1,202 @@
+//! Real security scanners against a running relay: Debian's `testssl.sh`
+//! on the STARTTLS listener and on a mutual-TLS port (the TCP admin
+//! service, which runs the same code as the peer channel:
+//! `peer::tls::MutualTls`), and `nmap --script smtp-open-relay` on the SMTP
+//! listener from a client the relay does not trust. Each scanner's report is
+//! parsed and printed in short; the tests fail on a HIGH or CRITICAL
+//! finding, or an open relay. The tools come from `bash e2e/install-deps`;
+//! without them these tests fail naming the install.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::pki;
+use common::*;
+
+/// The relay under scan: STARTTLS with a certificate for `postern.test`,
+/// the admin service on TCP with mutual TLS, trusting no client network.
+struct Scanned {
+    relay: Relay,
+    admin: u16,
+    /// A client certificate and key of the admin CA, in one PEM file
+    /// (testssl's `--mtls`).
+    client_pem: std::path::PathBuf,
+    /// The CA of every certificate here (testssl's `--add-ca`).
+    ca_file: std::path::PathBuf,
+    _pki: tempfile::TempDir,
+}
+
+fn scanned() -> Scanned {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let ca = pki::ca("scan CA");
+    let listener = pki::member_files(pki_dir.path(), &ca, "listener");
+    let admin_tls = pki::member_files(pki_dir.path(), &ca, "admin");
+    let client = pki::member_files(pki_dir.path(), &ca, "client");
+    let client_pem = pki_dir.path().join("client.pem");
+    std::fs::write(
+        &client_pem,
+        std::fs::read_to_string(&client.cert_file).unwrap()
+            + &std::fs::read_to_string(&client.key_file).unwrap(),
+    )
+    .unwrap();
+    let admin = free_port();
+    let relay = Relay::start(RelayConfig {
+        listener_toml: format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            listener.cert_file.display(),
+            listener.key_file.display()
+        ),
+        extra_toml: format!(
+            "[delivery]\npaused = true\n\n\
+             [policy]\nrelay_domains = [\"example.test\"]\ntrusted_networks = []\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[admin.tls]\ncert_file = \"{}\"\n\
+             key_file = \"{}\"\nca_file = \"{}\"\n",
+            admin_tls.cert_file.display(),
+            admin_tls.key_file.display(),
+            admin_tls.ca_file.display()
+        ),
+        ..RelayConfig::default()
+    });
+    Scanned {
+        relay,
+        admin,
+        client_pem,
+        ca_file: client.ca_file.clone(),
+        _pki: pki_dir,
+    }
+}
+
+/// testssl.sh's findings (its JSON report) for `target` with `args`.
+fn testssl(target: &str, args: &[&str], report: &Path) -> Vec<serde_json::Value> {
+    let output = Command::new(require_tool("testssl"))
+        .args([
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+            "--ip",
+            "one",
+        ])
+        .arg("--jsonfile")
+        .arg(report)
+        .args(args)
+        .arg(target)
+        .output()
+        .expect("run testssl");
+    let text = std::fs::read_to_string(report).unwrap_or_else(|err| {
+        panic!(
+            "testssl wrote no report ({err}):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    serde_json::from_str::<Vec<serde_json::Value>>(&text).unwrap()
+}
+
+/// Prints a short summary of `findings` and fails on HIGH or CRITICAL ones;
+/// checks the scan saw TLS 1.3 offered and TLS 1.1 and older not.
+fn judge(what: &str, findings: &[serde_json::Value]) {
+    let finding = |id: &str| {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .and_then(|f| f["finding"].as_str())
+            .unwrap_or("(not reported)")
+            .to_owned()
+    };
+    let mut by_severity = std::collections::BTreeMap::<String, usize>::new();
+    for f in findings {
+        *by_severity
+            .entry(f["severity"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    eprintln!(
+        "testssl {what}: {} findings by severity {by_severity:?}; TLS1.3 {:?}, TLS1.2 {:?}, TLS1.1 {:?}, SSLv3 {:?}",
+        findings.len(),
+        finding("TLS1_3"),
+        finding("TLS1_2"),
+        finding("TLS1_1"),
+        finding("SSLv3")
+    );
+    // Revocation is the issuing CA's business: a private CA (cert-manager's
+    // CA issuer, this test's) publishes neither CRL nor OCSP.
+    for f in findings.iter().filter(|f| {
+        matches!(
+            f["severity"].as_str(),
+            Some("LOW" | "MEDIUM" | "WARN" | "HIGH")
+        )
+    }) {
+        eprintln!("  {} {}: {}", f["severity"], f["id"], f["finding"]);
+    }
+    let bad: Vec<&serde_json::Value> = findings
+        .iter()
+        .filter(|f| matches!(f["severity"].as_str(), Some("HIGH" | "CRITICAL")))
+        .filter(|f| f["id"] != "cert_revocation")
+        .collect();
+    assert!(bad.is_empty(), "{what}: {bad:#?}");
+    assert!(
+        finding("TLS1_3").starts_with("offered"),
+        "{what}: TLS 1.3 {}",
+        finding("TLS1_3")
+    );
+    for old in ["TLS1_1", "TLS1", "SSLv3", "SSLv2"] {
+        assert!(
+            finding(old).starts_with("not offered"),
+            "{what}: {old} {}",
+            finding(old)
+        );
+    }
+}
+
+#[test]
+fn testssl_finds_nothing_high_or_critical_on_starttls_or_mutual_tls() {
+    let scanned = scanned();
+    let work = tempfile::tempdir().unwrap();
+    let smtp = testssl(
+        &scanned.relay.smtp.to_string(),
+        &["--add-ca", scanned.ca_file.to_str().unwrap(), "-t", "smtp"],
+        &work.path().join("smtp.json"),
+    );
+    judge("SMTP STARTTLS", &smtp);
+    let mutual = testssl(
+        &format!("127.0.0.1:{}", scanned.admin),
+        &["--add-ca", scanned.ca_file.to_str().unwrap()],
+        &work.path().join("mtls.json"),
+    );
+    judge("mutual TLS (admin = peer channel code)", &mutual);
+}
+
+#[test]
+fn nmap_finds_no_open_relay() {
+    let scanned = scanned();
+    let output = Command::new(require_tool("nmap"))
+        .args([
+            "-Pn",
+            "-sT",
+            "-sV",
+            "-p",
+            &scanned.relay.smtp.port().to_string(),
+            "--script",
+            "smtp-open-relay",
+            "--script-args",
+            "smtp-open-relay.domain=postern.test",
+            &scanned.relay.smtp.ip().to_string(),
+        ])
+        .output()
+        .expect("run nmap");
+    let report = String::from_utf8_lossy(&output.stdout);
+    eprintln!("nmap against {}: {report}", scanned.relay.smtp);
+    assert!(output.status.success(), "{report}");
+    assert!(
+        report.contains("smtp-open-relay"),
+        "the script ran: {report}"
+    );
+    assert!(
+        report.contains("doesn't seem to be an open relay"),
+        "{report}"
+    );
+    assert!(!report.contains("is an open relay"), "{report}");
+}
