@@ -20,9 +20,6 @@ use common::*;
 struct Scanned {
     relay: Relay,
     admin: u16,
-    /// A client certificate and key of the admin CA, in one PEM file
-    /// (testssl's `--mtls`).
-    client_pem: std::path::PathBuf,
     /// The CA of every certificate here (testssl's `--add-ca`).
     ca_file: std::path::PathBuf,
     _pki: tempfile::TempDir,
@@ -33,14 +30,6 @@ fn scanned() -> Scanned {
     let ca = pki::ca("scan CA");
     let listener = pki::member_files(pki_dir.path(), &ca, "listener");
     let admin_tls = pki::member_files(pki_dir.path(), &ca, "admin");
-    let client = pki::member_files(pki_dir.path(), &ca, "client");
-    let client_pem = pki_dir.path().join("client.pem");
-    std::fs::write(
-        &client_pem,
-        std::fs::read_to_string(&client.cert_file).unwrap()
-            + &std::fs::read_to_string(&client.key_file).unwrap(),
-    )
-    .unwrap();
     let admin = free_port();
     let relay = Relay::start(RelayConfig {
         listener_toml: format!(
@@ -62,8 +51,7 @@ fn scanned() -> Scanned {
     Scanned {
         relay,
         admin,
-        client_pem,
-        ca_file: client.ca_file.clone(),
+        ca_file: listener.ca_file.clone(),
         _pki: pki_dir,
     }
 }
