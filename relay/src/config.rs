@@ -36,6 +36,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Who may relay through this server.
     pub policy: PolicyConfig,
+    /// How fast one client may send (`[rate_limits]`).
+    pub rate_limits: RateLimitsConfig,
     /// Where copies go and how many must confirm before 250.
     pub spool: SpoolConfig,
     /// The object-store copy.
@@ -69,6 +71,7 @@ impl Default for Config {
             listeners: vec![ListenerConfig::default()],
             limits: LimitsConfig::default(),
             policy: PolicyConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
             spool: SpoolConfig::default(),
             object_store: ObjectStoreConfig::default(),
             http: HttpConfig::default(),
@@ -80,6 +83,82 @@ impl Default for Config {
             submission: SubmissionConfig::default(),
             scanners: Vec::new(),
         }
+    }
+}
+
+/// `[rate_limits]`: how fast one client may send, per client address (an
+/// IPv6 client by its /64) or local user, across this relay's listeners.
+/// Each is `"COUNT/PERIOD"` (`"120/1m"`): up to COUNT at once, then one
+/// more each PERIOD/COUNT. Off unless set (as Postfix's anvil rates);
+/// clients in `policy.trusted_networks` are not limited unless
+/// `limit_trusted`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    /// New connections; over it the client hears `421 4.7.0` and is
+    /// disconnected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Rate>,
+    /// Transactions (MAIL commands accepted); over it, `450 4.7.1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Rate>,
+    /// Recipients accepted; over it, `450 4.7.1` for the recipient.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Rate>,
+    /// Limit trusted networks too.
+    pub limit_trusted: bool,
+}
+
+/// A rate: `count` per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// How many.
+    pub count: std::num::NonZeroU32,
+    /// Per how long.
+    pub period: Duration,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        let (count, period) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not COUNT/PERIOD, e.g. \"120/1m\""))?;
+        let count: std::num::NonZeroU32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?}: the count must be a positive whole number"))?;
+        let period = humantime::parse_duration(period.trim())
+            .map_err(|err| format!("{text:?}: the period: {err}"))?;
+        if period.is_zero() {
+            return Err(format!("{text:?}: the period must be longer than zero"));
+        }
+        Ok(Rate { count, period })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.count,
+            humantime::format_duration(self.period)
+        )
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Rate, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -1535,6 +1614,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("cluster.name"), "{err}");
+    }
+
+    #[test]
+    fn rates_parse_print_and_refuse_nonsense() {
+        let rate: Rate = "120/1m".parse().unwrap();
+        assert_eq!(rate.count.get(), 120);
+        assert_eq!(rate.period, Duration::from_secs(60));
+        assert_eq!(rate.to_string().parse::<Rate>().unwrap(), rate);
+        for bad in ["120", "0/1m", "-1/1m", "5/0s", "5/fortnight", "x/1m"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+        let config = Config::parse(
+            "[[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:25\"\n\n\
+             [rate_limits]\nmessages = \"5/1m\"\nconnections = \"30/10s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.rate_limits.messages.unwrap().count.get(), 5);
+        assert_eq!(config.rate_limits.recipients, None);
+        assert!(Config::parse("[rate_limits]\nmessages = \"lots\"\n").is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::delivery::summary;
 use crate::health::{ClusterDelivery, Health};
 use crate::http::{self, Readiness};
 use crate::inbound::limits::ConnectionLimiter;
+use crate::inbound::rate::RateLimits;
 use crate::inbound::{self, Listener};
 use crate::metrics::Metrics;
 use crate::peer::tls::MutualTls;
@@ -206,7 +207,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let connections = ConnectionLimiter::new(
         config.limits.max_connections,
         config.limits.max_connections_per_ip,
-    );
+    )
+    .with_rates(RateLimits::new(&config.rate_limits));
     let mut listeners = Vec::new();
     for listener_config in &config.listeners {
         let mut listener =

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use super::early::EarlyOutcome;
 use super::local::LocalUser;
 use super::policy::RcptDecision;
+use super::rate::Limited;
 use super::received::{received_header, TraceInfo};
 use super::tls::MaybeTls;
 use super::{Listener, Peer};
@@ -235,11 +236,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 ));
             }
         }
+        if !self.within_rate(Limited::Messages) {
+            Metrics::count(&self.listener.metrics.refused);
+            info!(client = %self.client_label(), from = %path_label(reverse_path), "refused MAIL: over rate_limits.messages");
+            return Verdict::Reply(Reply::new(
+                450,
+                "4.7.1",
+                format!(
+                    "Error: too much mail from {}, slow down",
+                    self.rate_subject()
+                ),
+            ));
+        }
         if let Err(err) = self.listener.spool.check_room(params.size.unwrap_or(0)) {
             info!(client = %self.client_label(), from = %path_label(reverse_path), "refused MAIL: {err}");
             return Verdict::Reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
         }
         Verdict::Accept
+    }
+
+    /// Whether this client may do one more `what` under `[rate_limits]`.
+    fn within_rate(&self, what: Limited) -> bool {
+        let trusted = self.listener.policy.is_trusted(self.peer.ip());
+        self.listener
+            .connections
+            .rates()
+            .allows(what, self.peer.limit_key(), trusted)
+    }
+
+    /// Who a rate refusal names: the client's address, or the local user.
+    fn rate_subject(&self) -> String {
+        match (&self.peer, &self.user) {
+            (Peer::Tcp(addr), _) => addr.ip().to_string(),
+            (_, Some(user)) => format!("user {}", user.name),
+            (peer, None) => peer.to_string(),
+        }
     }
 
     /// Answers a paused RCPT with the relay policy's decision.
@@ -256,6 +287,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             };
             info!(client = %self.client_label(), rcpt = %rcpt.address(), "refused RCPT: {why}");
             return self.session.decide(Verdict::Reply(refusal));
+        }
+        if !self.within_rate(Limited::Recipients) {
+            Metrics::count(&self.listener.metrics.refused);
+            info!(client = %self.client_label(), rcpt = %rcpt.address(), "refused RCPT: over rate_limits.recipients");
+            return self.session.decide(Verdict::Reply(Reply::new(
+                450,
+                "4.7.1",
+                format!(
+                    "Error: too many recipients from {}, slow down",
+                    self.rate_subject()
+                ),
+            )));
         }
         match decision {
             RcptDecision::Postmaster {

@@ -5,12 +5,17 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use super::rate::RateLimits;
+use crate::config::RateLimitsConfig;
+
 /// Counts open connections; a slot is held by a [`ConnectionSlot`].
 #[derive(Debug, Clone)]
 pub struct ConnectionLimiter {
     inner: Arc<Mutex<Counts>>,
     max_total: usize,
     max_per_ip: usize,
+    /// `[rate_limits]`, shared like the counts.
+    rates: Arc<RateLimits>,
 }
 
 #[derive(Debug, Default)]
@@ -51,7 +56,19 @@ impl ConnectionLimiter {
             inner: Arc::default(),
             max_total,
             max_per_ip,
+            rates: Arc::new(RateLimits::new(&RateLimitsConfig::default())),
         }
+    }
+
+    /// This limiter with `rates` as its `[rate_limits]`.
+    pub fn with_rates(mut self, rates: RateLimits) -> ConnectionLimiter {
+        self.rates = Arc::new(rates);
+        self
+    }
+
+    /// The `[rate_limits]` every listener sharing this limiter counts in.
+    pub fn rates(&self) -> &RateLimits {
+        &self.rates
     }
 
     /// Takes a slot for a connection from `client` (`None`: counted in the

@@ -5,6 +5,7 @@ pub mod early;
 pub mod limits;
 pub mod local;
 pub mod policy;
+pub mod rate;
 pub mod received;
 pub mod tls;
 
@@ -26,6 +27,7 @@ use crate::spool::Spool;
 use limits::{ClientKey, ConnectionLimiter, LimitExceeded};
 use local::{LocalUser, SenderPolicy};
 use policy::RelayPolicy;
+use rate::Limited;
 
 /// Everything a connection on one listener needs, passed in (no globals).
 pub struct Listener {
@@ -211,6 +213,30 @@ pub async fn serve<A: Acceptor>(
                 continue;
             }
         };
+        let trusted = listener.policy.is_trusted(peer.ip());
+        if !listener
+            .connections
+            .rates()
+            .allows(Limited::Connections, peer.limit_key(), trusted)
+        {
+            Metrics::count(&listener.metrics.refused);
+            info!(client = %peer, "connection refused: over rate_limits.connections");
+            let reply = Reply::new(
+                421,
+                "4.7.0",
+                format!(
+                    "{} Error: too many connections from {}, try again later",
+                    listener.session_config.hostname,
+                    peer.ip()
+                        .map_or_else(|| peer.to_string(), |ip| ip.to_string())
+                ),
+            );
+            tokio::spawn(async move {
+                let _ = stream.write_all(&reply.to_wire()).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        }
         let slot = listener.connections.acquire(peer.limit_key());
         let listener = Arc::clone(&listener);
         let guard = done_tx.clone();

@@ -1,11 +1,13 @@
-//! Real security scanners against a running relay: Debian's `testssl.sh`
-//! on the STARTTLS listener and on a mutual-TLS port (the TCP admin
-//! service, which runs the same code as the peer channel:
-//! `peer::tls::MutualTls`), and `nmap --script smtp-open-relay` on the SMTP
-//! listener from a client the relay does not trust. Each scanner's report is
-//! parsed and printed in short; the tests fail on a HIGH or CRITICAL
-//! finding, or an open relay. The tools come from `bash e2e/install-deps`;
-//! without them these tests fail naming the install.
+//! A running relay against people rather than crashes: Debian's
+//! `testssl.sh` on the STARTTLS listener and on a mutual-TLS port (the TCP
+//! admin service, which runs the same code as the peer channel:
+//! `peer::tls::MutualTls`); `nmap --script smtp-open-relay` on the SMTP
+//! listener from a client the relay does not trust; and Python's smtplib
+//! as clients over their `[rate_limits]` next to one that is not. Each
+//! scanner's report is parsed and printed in short; the tests fail on a
+//! HIGH or CRITICAL finding, or an open relay. The tools come from
+//! `bash e2e/install-deps`; without them these tests fail naming the
+//! install.
 
 mod common;
 
@@ -187,4 +189,130 @@ fn nmap_finds_no_open_relay() {
         "{report}"
     );
     assert!(!report.contains("is an open relay"), "{report}");
+}
+
+/// Runs Python's smtplib from `source` against `smtp`: `sessions`
+/// connections, each sending `messages` transactions of `recipients`
+/// recipients; prints and returns every reply code in order (connection
+/// refusals as the code of the greeting).
+fn smtplib(
+    smtp: std::net::SocketAddr,
+    source: &str,
+    sessions: usize,
+    messages: usize,
+    recipients: usize,
+) -> (Vec<u16>, std::time::Duration) {
+    const CLIENT: &str = r#"
+import smtplib, sys
+host, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sessions, messages, recipients = map(int, sys.argv[4:7])
+codes = []
+for _ in range(sessions):
+    try:
+        s = smtplib.SMTP(host, port, source_address=(source, 0), timeout=10)
+    except smtplib.SMTPConnectError as e:
+        codes.append(e.smtp_code)
+        continue
+    s.ehlo("client.example")
+    for m in range(messages):
+        code, _ = s.mail("sender@example.org")
+        codes.append(code)
+        if code != 250:
+            s.rset()
+            continue
+        ok = 0
+        for r in range(recipients):
+            code, _ = s.rcpt("rcpt%d@example.test" % r)
+            codes.append(code)
+            ok += code == 250
+        if ok:
+            code, _ = s.data(b"Subject: rate\r\n\r\nbody\r\n")
+            codes.append(code)
+        else:
+            s.rset()
+    s.quit()
+print(" ".join(str(c) for c in codes))
+"#;
+    let started = std::time::Instant::now();
+    let output = Command::new("python3")
+        .args(["-c", CLIENT])
+        .arg(smtp.ip().to_string())
+        .arg(smtp.port().to_string())
+        .arg(source)
+        .args([sessions, messages, recipients].map(|n| n.to_string()))
+        .output()
+        .expect("python3");
+    let took = started.elapsed();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let codes: Vec<u16> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    (codes, took)
+}
+
+fn count(codes: &[u16], code: u16) -> usize {
+    codes.iter().filter(|&&c| c == code).count()
+}
+
+/// `[rate_limits]` from untrusted clients: one over its message, recipient
+/// and connection rates hears 450 4.7.1 and 421 4.7.0 while another
+/// address, sending just as much at the same time, is served in full.
+#[test]
+fn a_client_over_its_rate_is_slowed_and_another_is_served_in_full() {
+    let relay = Relay::start(RelayConfig {
+        extra_toml: "[delivery]\npaused = true\n\n\
+             [policy]\nrelay_domains = [\"example.test\"]\ntrusted_networks = []\n\n\
+             [rate_limits]\nconnections = \"4/1h\"\nmessages = \"6/1h\"\nrecipients = \"30/1h\"\n"
+            .into(),
+        ..RelayConfig::default()
+    });
+    let smtp = relay.smtp;
+    let (greedy, calm) = std::thread::scope(|scope| {
+        let greedy = scope.spawn(|| smtplib(smtp, "127.0.0.2", 1, 10, 5));
+        let calm = scope.spawn(|| smtplib(smtp, "127.0.0.3", 1, 6, 5));
+        (greedy.join().unwrap(), calm.join().unwrap())
+    });
+    eprintln!(
+        "over its rate (127.0.0.2): {} x 250 MAIL+RCPT+DATA replies, {} x 450 in {:?}",
+        count(&greedy.0, 250),
+        count(&greedy.0, 450),
+        greedy.1
+    );
+    eprintln!(
+        "within (127.0.0.3): {} x 250, {} x 450 in {:?}",
+        count(&calm.0, 250),
+        count(&calm.0, 450),
+        calm.1
+    );
+    // Within: 6 transactions x (MAIL + 5 RCPT + DATA), every one 250.
+    assert_eq!(count(&calm.0, 250), 6 * 7, "{:?}", calm.0);
+    assert_eq!(count(&calm.0, 450), 0, "{:?}", calm.0);
+    // Over: 6 transactions pass, 30 recipients between them; the other four
+    // MAILs hear 450.
+    assert_eq!(count(&greedy.0, 450), 4, "{:?}", greedy.0);
+    assert_eq!(count(&greedy.0, 250), 6 * 7, "{:?}", greedy.0);
+
+    // Recipients: a fresh address whose one transaction asks for 40.
+    let (wide, _) = smtplib(smtp, "127.0.0.4", 1, 1, 40);
+    assert_eq!(count(&wide, 450), 10, "{wide:?}");
+
+    // Connections: 127.0.0.2 has used one of its four; of five more, three
+    // are served and two hear 421 at once.
+    let (connections, _) = smtplib(smtp, "127.0.0.2", 5, 0, 0);
+    assert_eq!(connections, vec![421, 421], "{connections:?}");
+    let (others, _) = smtplib(smtp, "127.0.0.5", 4, 0, 0);
+    assert!(others.is_empty(), "{others:?}");
+    let log = relay.log();
+    for why in [
+        "over rate_limits.messages",
+        "over rate_limits.recipients",
+        "over rate_limits.connections",
+    ] {
+        assert!(log.contains(why), "{why}: {log}");
+    }
 }
