@@ -167,6 +167,23 @@ fn delivers_to_an_smtp_sink_byte_for_byte_and_cleans_up() {
     );
 }
 
+/// Stops `relay`, flips a byte near the end of message `id`'s `.eml` (as
+/// a failing disk would), and starts it again delivering to `sink`.
+fn flip_a_byte_while_down_then_deliver_to(relay: &mut Relay, id: &str, sink: &Sink) {
+    relay.stop();
+    let eml = relay.spool_file(id, "eml");
+    let mut bytes = fs::read(&eml).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x20;
+    fs::write(&eml, bytes).unwrap();
+    let config = fs::read_to_string(&relay.config_path).unwrap().replace(
+        "[delivery]\npaused = true\n",
+        &format!("[delivery]\nrelayhost = \"{}\"\n", sink.addr),
+    );
+    fs::write(&relay.config_path, config).unwrap();
+    relay.restart();
+}
+
 /// Start reads no message body (so a deep queue is back at once); a byte
 /// flipped on disk while the relay was down is found before delivery: that
 /// message goes to quarantine with a log line, the others are delivered.
@@ -180,18 +197,7 @@ fn a_byte_flipped_while_down_is_quarantined_before_delivery_not_sent() {
     });
     submit(&relay, &["rcpt@dest.test"], &message("intact"));
     let bad = submit(&relay, &["other@dest.test"], &message("damaged"));
-    relay.stop();
-    let eml = relay.spool_file(&bad, "eml");
-    let mut bytes = fs::read(&eml).unwrap();
-    let at = bytes.len() - 5;
-    bytes[at] ^= 0x20;
-    fs::write(&eml, bytes).unwrap();
-    let config = fs::read_to_string(&relay.config_path).unwrap().replace(
-        "[delivery]\npaused = true\n",
-        &format!("[delivery]\nrelayhost = \"{}\"\n", sink.addr),
-    );
-    fs::write(&relay.config_path, config).unwrap();
-    relay.restart();
+    flip_a_byte_while_down_then_deliver_to(&mut relay, &bad, &sink);
 
     sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
     let quarantine = relay.data_dir.join("quarantine");
@@ -238,18 +244,7 @@ fn a_byte_flipped_while_down_is_repaired_from_the_object_copy_and_delivered_inta
     let mut relay = Relay::start(RelayConfig::default());
     let original = message("repaired");
     let id = submit(&relay, &["rcpt@dest.test"], &original);
-    relay.stop();
-    let eml = relay.spool_file(&id, "eml");
-    let mut bytes = fs::read(&eml).unwrap();
-    let at = bytes.len() - 5;
-    bytes[at] ^= 0x20;
-    fs::write(&eml, bytes).unwrap();
-    let config = fs::read_to_string(&relay.config_path).unwrap().replace(
-        "[delivery]\npaused = true\n",
-        &format!("[delivery]\nrelayhost = \"{}\"\n", sink.addr),
-    );
-    fs::write(&relay.config_path, config).unwrap();
-    relay.restart();
+    flip_a_byte_while_down_then_deliver_to(&mut relay, &id, &sink);
 
     let got = sink.wait_for_rcpt("rcpt@dest.test", Duration::from_secs(20));
     let text = String::from_utf8_lossy(&got);

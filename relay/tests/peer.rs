@@ -565,13 +565,11 @@ async fn peer_copies_fail_over_spread_and_remove_everywhere() {
     assert!(!held(&a, &job3));
 }
 
-#[tokio::test]
-async fn a_spool_with_peer_copies_commits_a_replica_on_a_peer() {
-    let peer = tempfile::tempdir().unwrap();
-    let server = start(peer.path(), None).await;
-    let origin = tempfile::tempdir().unwrap();
+/// A relay's configuration in `data_dir` keeping a local copy and one
+/// replica on `server`, both needed for 250.
+fn local_and_peer(data_dir: &Path, server: &Server) -> Config {
     let mut config = Config {
-        data_dir: origin.path().to_owned(),
+        data_dir: data_dir.to_owned(),
         ..Config::default()
     };
     config.spool.copies = vec![CopyKind::Local, CopyKind::Peer];
@@ -584,6 +582,15 @@ async fn a_spool_with_peer_copies_commits_a_replica_on_a_peer() {
         replicas: 1,
         ..ClusterConfig::default()
     });
+    config
+}
+
+#[tokio::test]
+async fn a_spool_with_peer_copies_commits_a_replica_on_a_peer() {
+    let peer = tempfile::tempdir().unwrap();
+    let server = start(peer.path(), None).await;
+    let origin = tempfile::tempdir().unwrap();
+    let config = local_and_peer(origin.path(), &server);
     let client = Arc::new(client());
     let targets = PeerCopy::targets(&config, client);
     assert_eq!(targets.len(), 1);
@@ -613,20 +620,7 @@ async fn damaged_local_data_is_repaired_from_a_peer_replica_unless_that_is_damag
     let peer = tempfile::tempdir().unwrap();
     let server = start(peer.path(), None).await;
     let origin = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: origin.path().to_owned(),
-        ..Config::default()
-    };
-    config.spool.copies = vec![CopyKind::Local, CopyKind::Peer];
-    config.spool.required = 2;
-    config.spool.reserve_bytes = 0;
-    config.cluster = Some(ClusterConfig {
-        peer_listen: closed_port(),
-        peers: vec![server.addr.to_string()],
-        secret: Some(SECRET.into()),
-        replicas: 1,
-        ..ClusterConfig::default()
-    });
+    let config = local_and_peer(origin.path(), &server);
     let open = || Spool::open_with_peers(&config, PeerCopy::targets(&config, Arc::new(client())));
     let (spool, _) = open().await.unwrap();
     spool.rotate("origin.1".into()).await;
