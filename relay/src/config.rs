@@ -209,10 +209,14 @@ pub struct LimitsConfig {
     /// Concurrent connections from one client IP address (and from one local
     /// user on the submission socket).
     pub max_connections_per_ip: usize,
-    /// How long to wait for the next command (RFC 5321 §4.5.3.2.7: 5 minutes).
+    /// How long a whole command may take to arrive (RFC 5321 §4.5.3.2.7: 5
+    /// minutes). Measured from the last reply, not from the last read: a
+    /// client trickling a byte at a time cannot extend it.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
-    /// How long to wait for each block of message data (RFC 5321 §4.5.3.2.5: 3 minutes).
+    /// How long each line's worth of message data (`max_line_length`
+    /// octets) may take to arrive (RFC 5321 §4.5.3.2.5: 3 minutes), however
+    /// it is split into reads.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
     /// Pause before the greeting; a client that talks first is refused (554).

@@ -316,3 +316,159 @@ fn a_client_over_its_rate_is_slowed_and_another_is_served_in_full() {
         assert!(log.contains(why), "{why}: {log}");
     }
 }
+
+/// Runs `script` (Python) with `args`; returns its stdout, failing on error.
+fn python(script: &str, args: &[String]) -> String {
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Sends a command line, or message data after DATA, one byte every 0.25 s
+/// (each read well within the 1 s timeout) and reports how many bytes went
+/// out before the relay said 421, and what it said.
+const TRICKLE: &str = r#"
+import socket, sys, time
+host, port, source, phase = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((host, port), source_address=(source, 0), timeout=10)
+f = s.makefile("rb")
+def reply():
+    lines = []
+    while True:
+        line = f.readline().decode()
+        lines.append(line)
+        if len(line) < 4 or line[3] != "-":
+            return lines
+reply()
+if phase == "data":
+    for command in ("EHLO trickle.example", "MAIL FROM:<a@example.org>",
+                    "RCPT TO:<b@example.test>", "DATA"):
+        s.sendall(command.encode() + b"\r\n")
+        reply()
+    slow = b"Subject: slow\r\n\r\n" + b"x" * 40 + b"\r\n.\r\n"
+else:
+    slow = b"EHLO trickle-trickle-trickle.example\r\n"
+s.setblocking(False)
+sent, said = 0, ""
+for byte in slow:
+    try:
+        s.send(bytes([byte]))
+        sent += 1
+    except OSError:
+        break
+    time.sleep(0.25)
+    try:
+        said = s.recv(4096).decode()
+    except BlockingIOError:
+        continue
+    if said:
+        break
+print(sent, len(slow), said.strip())
+"#;
+
+/// Holds `count` connections from `source` open and idle, reports how many
+/// were answered 421 at once, then, with the rest still open, lets `other`
+/// run one whole transaction and reports its last reply.
+const IDLE_FLOOD: &str = r#"
+import smtplib, socket, sys
+host, port, source, count, other = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+held, refused = [], 0
+for _ in range(count):
+    s = socket.create_connection((host, port), source_address=(source, 0), timeout=10)
+    greeting = s.recv(512).decode()
+    if greeting.startswith("421"):
+        refused += 1
+        s.close()
+    else:
+        held.append(s)
+c = smtplib.SMTP(host, port, source_address=(other, 0), timeout=10)
+c.ehlo("other.example")
+c.mail("a@example.org")
+c.rcpt("b@example.test")
+code, _ = c.data(b"Subject: served\r\n\r\nbody\r\n")
+c.quit()
+print(len(held), refused, code)
+"#;
+
+/// A client that trickles a command or its message a byte at a time (every
+/// read inside the timeout) is cut off with 421 4.4.2 once a timeout passes
+/// without progress (a whole command, or a line's worth of data), while a
+/// client at the same time is served.
+#[test]
+fn trickling_and_idle_clients_cannot_hold_the_relay() {
+    let relay = Relay::start(RelayConfig {
+        extra_toml: "[delivery]\npaused = true\n\n\
+             [policy]\nrelay_domains = [\"example.test\"]\ntrusted_networks = []\n\n\
+             [limits]\ncommand_timeout = \"1s\"\ndata_timeout = \"1s\"\n\
+             max_connections_per_ip = 50\n"
+            .into(),
+        ..RelayConfig::default()
+    });
+    let args = |source: &str, rest: &[&str]| -> Vec<String> {
+        [
+            relay.smtp.ip().to_string(),
+            relay.smtp.port().to_string(),
+            source.into(),
+        ]
+        .into_iter()
+        .chain(rest.iter().map(|s| s.to_string()))
+        .collect()
+    };
+    let (command, data, calm) = std::thread::scope(|scope| {
+        let command = scope.spawn(|| python(TRICKLE, &args("127.0.0.2", &["command"])));
+        let data = scope.spawn(|| python(TRICKLE, &args("127.0.0.3", &["data"])));
+        let calm = scope.spawn(|| smtplib(relay.smtp, "127.0.0.4", 1, 3, 2));
+        (
+            command.join().unwrap(),
+            data.join().unwrap(),
+            calm.join().unwrap(),
+        )
+    });
+    for (what, report) in [("command", &command), ("data", &data)] {
+        eprintln!("trickled {what}: {report}");
+        let mut fields = report.splitn(3, ' ');
+        let sent: usize = fields.next().unwrap().parse().unwrap();
+        let total: usize = fields.next().unwrap().parse().unwrap();
+        let said = fields.next().unwrap_or("");
+        assert!(said.starts_with("421 4.4.2"), "{what}: {report}");
+        assert!(
+            sent < total,
+            "{what}: the whole trickle got through: {report}"
+        );
+    }
+    assert_eq!(count(&calm.0, 250), 3 * 4, "{:?}", calm.0);
+    assert!(relay.log().contains("timeout: no progress within 1s"));
+}
+
+/// Hundreds of idle connections from one address get
+/// `max_connections_per_ip` slots and `421 4.7.0` beyond them; another
+/// address is served in full while they are held.
+#[test]
+fn idle_connections_from_one_address_cannot_starve_another() {
+    let relay = Relay::start(RelayConfig {
+        extra_toml: "[delivery]\npaused = true\n\n\
+             [policy]\nrelay_domains = [\"example.test\"]\ntrusted_networks = []\n\n\
+             [limits]\nmax_connections_per_ip = 50\n"
+            .into(),
+        ..RelayConfig::default()
+    });
+    let args: Vec<String> = [
+        relay.smtp.ip().to_string(),
+        relay.smtp.port().to_string(),
+        "127.0.0.5".into(),
+        "300".into(),
+        "127.0.0.6".into(),
+    ]
+    .into();
+    let flood = python(IDLE_FLOOD, &args);
+    eprintln!("idle flood (held, refused, the other's DATA reply): {flood}");
+    assert_eq!(flood.trim(), "50 250 250", "{flood}");
+}

@@ -73,8 +73,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         let mut buf = vec![0u8; READ_BUFFER];
         self.pregreet(&mut buf).await?;
         self.session.start();
+        // The timeouts bound progress, not single reads: a client that
+        // trickles a byte at a time cannot hold a session open. Progress is
+        // a reply (a whole command was read) or a line's worth of message
+        // data (`max_line_length` octets), as Postfix's per-record deadline.
+        let mut deadline = Instant::now();
+        let mut unproductive = 0usize;
         loop {
+            let mut replied = false;
             while let Some(event) = self.session.next_event() {
+                replied |= matches!(event, Event::Reply(_));
                 if self.handle_event(event).await? {
                     self.flush().await?;
                     let _ = self.stream.shutdown().await;
@@ -87,6 +95,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             } else {
                 self.listener.limits.command_timeout
             };
+            if replied || unproductive >= self.listener.limits.max_line_length {
+                deadline = Instant::now() + timeout;
+                unproductive = 0;
+            }
             // A draining relay lets a transaction in progress finish, but
             // closes sessions that are between transactions.
             let mut draining = self.listener.draining.clone();
@@ -97,12 +109,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             };
             let in_transaction = self.session.in_message() || self.session.transaction().has_mail();
             tokio::select! {
-                read = tokio::time::timeout(timeout, self.stream.read(&mut buf)) => match read {
+                read = tokio::time::timeout_at(deadline.into(), self.stream.read(&mut buf)) => match read {
                     Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(n)) => self.session.feed(&buf[..n]),
+                    Ok(Ok(n)) => {
+                        unproductive += n;
+                        self.session.feed(&buf[..n]);
+                    }
                     Ok(Err(err)) => return Err(err),
                     Err(_) => {
-                        info!(client = %self.client_label(), "timeout after {timeout:?}");
+                        info!(client = %self.client_label(), "timeout: no progress within {timeout:?}");
                         self.session.abort(Reply::new(
                             421,
                             "4.4.2",
