@@ -4,7 +4,7 @@
 //! without a restart and without a syscall per connection.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How often, at most, the files are looked at.
@@ -55,6 +55,55 @@ impl Watched {
         }
         checked.1 = now;
         true
+    }
+}
+
+/// A value built from files (TLS settings), built again when they change;
+/// files that do not build keep the previous value, with an error in the
+/// log.
+pub struct Reloading<T> {
+    watched: Watched,
+    current: RwLock<Arc<T>>,
+    build: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
+}
+
+impl<T> std::fmt::Debug for Reloading<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("paths", &self.watched.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Reloading<T> {
+    /// `first`, built from `paths` by `build`, which builds it again when
+    /// they change.
+    pub fn new(
+        first: T,
+        paths: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, String> + Send + Sync + 'static,
+    ) -> Reloading<T> {
+        Reloading {
+            watched: Watched::new(paths),
+            current: RwLock::new(Arc::new(first)),
+            build: Box::new(build),
+        }
+    }
+
+    /// The value to use now, built again first if a file changed.
+    pub fn current(&self) -> Arc<T> {
+        if self.watched.changed() {
+            match (self.build)() {
+                Ok(value) => {
+                    tracing::info!(files = ?self.watched.paths, "TLS files changed; new connections use them");
+                    *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+                }
+                Err(err) => tracing::error!(
+                    "TLS files changed but cannot be used, keeping the previous ones: {err}"
+                ),
+            }
+        }
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 

@@ -1,9 +1,9 @@
 //! TLS for STARTTLS: loading the certificate and a stream that can be upgraded.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls_pki_types::pem::PemObject;
@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::watch::Watched;
+use crate::watch::Reloading;
 
 /// Builds a TLS acceptor from PEM files.
 fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
@@ -38,52 +38,23 @@ fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 /// at no more than once a second, when a client starts TLS), so a renewed
 /// certificate is served without a restart; files that do not load keep
 /// the previous ones, with an error in the log.
-pub struct ServerTls {
-    cert: PathBuf,
-    key: PathBuf,
-    acceptor: RwLock<TlsAcceptor>,
-    watched: Watched,
-}
-
-impl std::fmt::Debug for ServerTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls")
-            .field("cert", &self.cert)
-            .field("key", &self.key)
-            .finish_non_exhaustive()
-    }
-}
+#[derive(Debug)]
+pub struct ServerTls(Reloading<TlsAcceptor>);
 
 impl ServerTls {
     /// Loads the certificate chain and key (PEM files).
     pub fn load(cert: &Path, key: &Path) -> Result<ServerTls, String> {
-        Ok(ServerTls {
-            acceptor: RwLock::new(load_acceptor(cert, key)?),
-            watched: Watched::new(vec![cert.to_owned(), key.to_owned()]),
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-        })
+        let first = load_acceptor(cert, key)?;
+        let (cert, key) = (cert.to_owned(), key.to_owned());
+        let paths = vec![cert.clone(), key.clone()];
+        Ok(ServerTls(Reloading::new(first, paths, move || {
+            load_acceptor(&cert, &key)
+        })))
     }
 
     /// The acceptor to use now, re-read first if a file changed.
     pub fn acceptor(&self) -> TlsAcceptor {
-        if self.watched.changed() {
-            match load_acceptor(&self.cert, &self.key) {
-                Ok(acceptor) => {
-                    tracing::info!(cert = %self.cert.display(), "TLS files changed; new connections use them");
-                    *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
-                }
-                Err(err) => {
-                    tracing::error!(
-                        "TLS files changed but cannot be used, keeping the previous ones: {err}"
-                    );
-                }
-            }
-        }
-        self.acceptor
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        (*self.0.current()).clone()
     }
 }
 

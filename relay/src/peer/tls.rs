@@ -19,7 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::config::MutualTlsFiles;
-use crate::watch::Watched;
+use crate::watch::Reloading;
 
 /// How long a peer may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,9 +72,7 @@ struct Configs {
 /// Mutual TLS kept current with its files.
 #[derive(Debug)]
 pub struct MutualTls {
-    files: MutualTlsFiles,
-    configs: RwLock<Arc<Configs>>,
-    watched: Watched,
+    configs: Reloading<Configs>,
 }
 
 fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
@@ -132,35 +130,23 @@ fn build(files: &MutualTlsFiles) -> Result<Configs, TlsError> {
 impl MutualTls {
     /// Reads the files; an error names the file and what is wrong with it.
     pub fn load(files: &MutualTlsFiles) -> Result<Arc<MutualTls>, TlsError> {
-        let configs = build(files)?;
+        let first = build(files)?;
+        let paths = vec![
+            files.cert_file.clone(),
+            files.key_file.clone(),
+            files.ca_file.clone(),
+        ];
+        let files = files.clone();
         Ok(Arc::new(MutualTls {
-            files: files.clone(),
-            configs: RwLock::new(Arc::new(configs)),
-            watched: Watched::new(vec![
-                files.cert_file.clone(),
-                files.key_file.clone(),
-                files.ca_file.clone(),
-            ]),
+            configs: Reloading::new(first, paths, move || {
+                build(&files).map_err(|err| err.to_string())
+            }),
         }))
     }
 
     /// The configurations to use now, re-read first if a file changed.
     fn current(&self) -> Arc<Configs> {
-        let changed = self.watched.changed();
-        if changed {
-            match build(&self.files) {
-                Ok(configs) => {
-                    tracing::info!(cert = %self.files.cert_file.display(), "TLS files changed; new connections use them");
-                    *self.configs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(configs);
-                }
-                Err(err) => {
-                    tracing::error!(
-                        "TLS files changed but cannot be used, keeping the previous ones: {err}"
-                    );
-                }
-            }
-        }
-        Arc::clone(&self.configs.read().unwrap_or_else(|e| e.into_inner()))
+        self.configs.current()
     }
 
     /// A TLS connection to the peer at `addr`.
