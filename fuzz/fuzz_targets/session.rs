@@ -36,7 +36,9 @@ fuzz_target!(|data: &[u8]| {
         max_errors: 8,
         starttls: choices.next() & 1 == 1,
         auth_external: true,
+        auth_password: choices.next() & 1 == 1,
         require_auth: choices.next() & 1 == 1,
+        require_tls: choices.next() & 1 == 1,
     });
     session.start();
     let mut message = Vec::new();
@@ -56,10 +58,14 @@ fuzz_target!(|data: &[u8]| {
 fn drain(session: &mut Session, choices: &mut Choices<'_>, message: &mut Vec<u8>) {
     while let Some(event) = session.next_event() {
         match event {
+            Event::AuthPassword { .. } if choices.next() % 8 == 0 => {
+                session.abort(Reply::new(421, "4.7.0", "too many failures"));
+            }
             Event::Mail { .. }
             | Event::Rcpt { .. }
             | Event::MessageStart
-            | Event::AuthExternal { .. } => {
+            | Event::AuthExternal { .. }
+            | Event::AuthPassword { .. } => {
                 message.clear();
                 let verdict = match choices.next() % 8 {
                     0 => Verdict::Reply(Reply::new(450, "4.7.1", "try later")),

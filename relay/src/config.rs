@@ -58,6 +58,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// Local submission (`postern sendmail`) over a Unix socket.
     pub submission: SubmissionConfig,
+    /// Password authentication for `submission`/`submissions` listeners.
+    pub auth: AuthConfig,
     /// Content scanners that listeners name in `scanners`.
     #[serde(rename = "scanner", skip_serializing_if = "Vec::is_empty")]
     pub scanners: Vec<ScannerConfig>,
@@ -81,6 +83,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             cluster: None,
             submission: SubmissionConfig::default(),
+            auth: AuthConfig::default(),
             scanners: Vec::new(),
         }
     }
@@ -177,6 +180,10 @@ pub struct ListenerConfig {
     /// Names of `[[scanner]]`s run, in order, on every message before the reply.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scanners: Vec<String>,
+    /// What the listener is for: relaying (`smtp`, the default) or
+    /// authenticated submission (`submission`, `submissions`).
+    #[serde(skip_serializing_if = "ListenerMode::is_smtp")]
+    pub mode: ListenerMode,
 }
 
 impl Default for ListenerConfig {
@@ -187,6 +194,92 @@ impl Default for ListenerConfig {
             tls_cert: None,
             tls_key: None,
             scanners: Vec::new(),
+            mode: ListenerMode::Smtp,
+        }
+    }
+}
+
+/// What a listener is for.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Relaying (port 25): the relay policy decides; STARTTLS offered when
+    /// a certificate is set; no AUTH.
+    #[default]
+    Smtp,
+    /// Message submission (port 587, RFC 6409): STARTTLS, then AUTH PLAIN or
+    /// LOGIN, are required before MAIL; a user relays anywhere, only from
+    /// its own addresses (`[auth.senders]`).
+    Submission,
+    /// Submission over implicit TLS (port 465, RFC 8314): TLS from the first
+    /// octet, then AUTH as for `submission`.
+    Submissions,
+}
+
+impl ListenerMode {
+    /// Whether this is the relaying default.
+    pub fn is_smtp(&self) -> bool {
+        *self == ListenerMode::Smtp
+    }
+
+    /// Whether clients must authenticate with a password.
+    pub fn is_submission(self) -> bool {
+        self != ListenerMode::Smtp
+    }
+}
+
+/// `[auth]`: how `submission`/`submissions` listeners check passwords, which
+/// senders each user may use, and how failed attempts are slowed down.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A file of `user:hash` lines, crypt-style hashes only: argon2id
+    /// (`$argon2id$`), bcrypt (`$2b$`, `$2y$`, `$2a$`) or SHA-512-crypt
+    /// (`$6$`). A plaintext or unknown hash refuses to load. Re-read when it
+    /// changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Dovecot's authentication service (what Postfix's `smtpd_sasl_type =
+    /// dovecot` talks to): a Unix socket path (`/run/dovecot/auth-client`)
+    /// or `host:port` of an `inet_listener`. Instead of `password_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dovecot: Option<String>,
+    /// How long to wait for Dovecot's answer before a 454 4.7.0.
+    #[serde(with = "humantime_serde")]
+    pub dovecot_timeout: Duration,
+    /// Which envelope senders each user may use, as Postfix's
+    /// `reject_sender_login_mismatch`: user → addresses, `@domain` for any
+    /// address at a domain, `<>` for the null sender. A user not listed may
+    /// use its own login when that is an address, and nothing else.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub senders: std::collections::BTreeMap<String, Vec<String>>,
+    /// Failed attempts from one client address, or for one user, within
+    /// `failure_window` before it is refused with 421 4.7.0 for the rest of
+    /// the window.
+    pub max_failures: u32,
+    /// The window failures are counted in.
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+    /// Delay before the first `535`; each further failure in the window
+    /// doubles it, up to `max_failure_delay`.
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
+    /// Longest delay before a `535`.
+    #[serde(with = "humantime_serde")]
+    pub max_failure_delay: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            password_file: None,
+            dovecot: None,
+            dovecot_timeout: Duration::from_secs(10),
+            senders: std::collections::BTreeMap::new(),
+            max_failures: 10,
+            failure_window: Duration::from_secs(15 * 60),
+            failure_delay: Duration::from_secs(1),
+            max_failure_delay: Duration::from_secs(16),
         }
     }
 }
@@ -1043,6 +1136,57 @@ impl Config {
         Ok(config)
     }
 
+    /// `[auth]` and the submission listeners that need it.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let auth = &self.auth;
+        let submission = self.listeners.iter().find(|l| l.mode.is_submission());
+        match (&auth.password_file, &auth.dovecot, submission) {
+            (Some(_), Some(_), _) => {
+                return invalid("auth: set password_file or dovecot, not both".into())
+            }
+            (None, None, Some(listener)) => {
+                return invalid(format!(
+                    "listener {:?} is a submission listener but [auth] has neither \
+                     password_file nor dovecot",
+                    listener.name
+                ))
+            }
+            _ => {}
+        }
+        if auth.dovecot.as_deref().is_some_and(str::is_empty) {
+            return invalid("auth.dovecot must not be empty".into());
+        }
+        if auth.max_failures == 0 {
+            return invalid("auth.max_failures must be at least 1".into());
+        }
+        if auth.failure_window.is_zero() {
+            return invalid("auth.failure_window must be more than 0".into());
+        }
+        if auth.failure_delay > auth.max_failure_delay {
+            return invalid("auth.failure_delay is above auth.max_failure_delay".into());
+        }
+        if auth.max_failure_delay > Duration::from_secs(60) {
+            return invalid(
+                "auth.max_failure_delay is above 60s: clients time out before the 535".into(),
+            );
+        }
+        for (user, senders) in &auth.senders {
+            for sender in senders {
+                let ok = sender == "<>"
+                    || sender
+                        .strip_prefix('@')
+                        .map_or_else(|| sender.contains('@'), |domain| !domain.is_empty());
+                if !ok || sender.contains(char::is_whitespace) {
+                    return invalid(format!(
+                        "auth.senders.{user:?}: {sender:?} is not an address, @domain or <>"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the rules that span fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
@@ -1067,7 +1211,15 @@ impl Config {
                     listener.name
                 ));
             }
+            if listener.mode.is_submission() && listener.tls_cert.is_none() {
+                return invalid(format!(
+                    "listener {:?}: mode = {:?} needs tls_cert and tls_key (passwords are \
+                     only taken under TLS)",
+                    listener.name, listener.mode
+                ));
+            }
         }
+        self.validate_auth()?;
         let limits = &self.limits;
         if limits.max_line_length < 80 {
             return invalid(format!(

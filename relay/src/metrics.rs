@@ -124,6 +124,8 @@ pub struct Metrics {
     pub repaired: AtomicU64,
     /// Damaged local copies quarantined before delivery (no intact copy).
     pub quarantined: AtomicU64,
+    /// AUTH PLAIN/LOGIN attempts that failed or were refused by the throttle.
+    pub auth_failures: AtomicU64,
     /// End-of-data to reply.
     pub ack_latency: Histogram,
     /// Accept to final outcome, per recipient.
@@ -146,6 +148,7 @@ impl Default for Metrics {
             scan_failures: AtomicU64::new(0),
             repaired: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
             ack_latency: Histogram::new(ACK_BUCKETS),
             delivery_latency: Histogram::new(DELIVERY_BUCKETS),
             gauges: Mutex::new(QueueGauges::default()),
@@ -182,6 +185,11 @@ impl Metrics {
                 "postern_transactions_refused_total",
                 "SMTP transactions refused.",
                 &self.refused,
+            ),
+            (
+                "postern_auth_failures_total",
+                "Password authentications that failed or were refused by the throttle.",
+                &self.auth_failures,
             ),
             (
                 "postern_recipients_delivered_total",

@@ -209,6 +209,9 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         config.limits.max_connections_per_ip,
     )
     .with_rates(RateLimits::new(&config.rate_limits));
+    let submission_auth = inbound::auth::SubmissionAuth::new(&config.auth)
+        .context("[auth]")?
+        .map(Arc::new);
     let mut listeners = Vec::new();
     for listener_config in &config.listeners {
         let mut listener =
@@ -217,6 +220,9 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         listener.draining = shutdown.clone();
         listener.queue = Some(queue.clone());
         listener.metrics = Arc::clone(&metrics);
+        if listener_config.mode.is_submission() {
+            listener.auth = submission_auth.clone();
+        }
         let socket = TcpListener::bind(listener_config.address)
             .await
             .with_context(|| {
@@ -225,7 +231,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
                     listener_config.name, listener_config.address
                 )
             })?;
-        info!(listener = %listener_config.name, address = %socket.local_addr()?, tls = listener.tls.is_some(), "listening");
+        info!(listener = %listener_config.name, address = %socket.local_addr()?, mode = ?listener_config.mode, tls = listener.tls.is_some(), "listening");
         listeners.push(tokio::spawn(inbound::serve(
             Arc::new(listener),
             socket,

@@ -65,6 +65,8 @@ pub struct Reloading<T> {
     watched: Watched,
     current: RwLock<Arc<T>>,
     build: Box<dyn Fn() -> Result<T, String> + Send + Sync>,
+    /// What the files are, for the log lines.
+    what: &'static str,
 }
 
 impl<T> std::fmt::Debug for Reloading<T> {
@@ -87,7 +89,14 @@ impl<T> Reloading<T> {
             watched: Watched::new(paths),
             current: RwLock::new(Arc::new(first)),
             build: Box::new(build),
+            what: "TLS files",
         }
+    }
+
+    /// Names the files in log lines ("TLS files" unless told).
+    pub fn describing(mut self, what: &'static str) -> Reloading<T> {
+        self.what = what;
+        self
     }
 
     /// The value to use now, built again first if a file changed.
@@ -95,11 +104,12 @@ impl<T> Reloading<T> {
         if self.watched.changed() {
             match (self.build)() {
                 Ok(value) => {
-                    tracing::info!(files = ?self.watched.paths, "TLS files changed; new connections use them");
+                    tracing::info!(files = ?self.watched.paths, "{} changed; new connections use them", self.what);
                     *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
                 }
                 Err(err) => tracing::error!(
-                    "TLS files changed but cannot be used, keeping the previous ones: {err}"
+                    "{} changed but cannot be used, keeping the previous ones: {err}",
+                    self.what
                 ),
             }
         }

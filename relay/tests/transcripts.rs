@@ -12,7 +12,8 @@
 //! - `RECIPIENTS a, b ORCPT=x`  the envelope recipients of the last committed
 //!   message, in order, each with its ORCPT when it has one;
 //! - `CONFIG key=value`  session setting (max_recipients, max_message_size,
-//!   max_line_length, max_errors, starttls, auth_external, require_auth) or
+//!   max_line_length, max_errors, starttls, auth_external, auth_password,
+//!   require_auth, require_tls, implicit_tls) or
 //!   `postmaster` (the relay policy's `policy.postmaster`);
 //! - `# …` comments and blank lines.
 //!
@@ -23,7 +24,9 @@
 //! [`RelayPolicy`], recipients at `denied.example` get 554 5.7.1, senders at
 //! `full.example` get 452 4.3.1, every message gets `250 2.0.0 Ok: queued as
 //! TEST<n>`, AUTH EXTERNAL succeeds for the identity `alice` (or none asked)
-//! and gets 535 5.7.8 for any other.
+//! and gets 535 5.7.8 for any other; AUTH PLAIN/LOGIN succeeds for `alice`
+//! with password `secret`, closes with 421 for the password `lockout` (as
+//! the driver's throttle does) and gets 535 5.7.8 for anything else.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -128,6 +131,29 @@ impl Harness {
                     };
                     self.session.decide(verdict);
                 }
+                Event::AuthPassword { credentials } => {
+                    let verdict = match (credentials.user.as_str(), credentials.password.expose()) {
+                        ("alice", "secret")
+                            if credentials.authzid.is_empty() || credentials.authzid == "alice" =>
+                        {
+                            Verdict::Accept
+                        }
+                        (_, "lockout") => {
+                            self.session.abort(Reply::new(
+                                421,
+                                "4.7.0",
+                                "Too many failed authentications",
+                            ));
+                            continue;
+                        }
+                        _ => Verdict::Reply(Reply::new(
+                            535,
+                            "5.7.8",
+                            "Authentication credentials invalid",
+                        )),
+                    };
+                    self.session.decide(verdict);
+                }
                 Event::StartTls => self.session.tls_started(),
                 Event::Close => self.closed = true,
             }
@@ -173,8 +199,11 @@ fn run_transcript(path: &Path) -> Result<(), String> {
         max_errors: 20,
         starttls: false,
         auth_external: false,
+        auth_password: false,
         require_auth: false,
+        require_tls: false,
     };
+    let mut implicit_tls = false;
     let mut relay = Config::default();
     relay.hostname = config.hostname.clone();
     let mut pending_input: Vec<u8> = Vec::new();
@@ -199,8 +228,11 @@ fn run_transcript(path: &Path) -> Result<(), String> {
                 "max_line_length" => config.max_line_length = value.trim().parse().unwrap(),
                 "max_errors" => config.max_errors = value.trim().parse().unwrap(),
                 "starttls" => config.starttls = value.trim().parse().unwrap(),
+                "implicit_tls" => implicit_tls = value.trim().parse().unwrap(),
                 "auth_external" => config.auth_external = value.trim().parse().unwrap(),
+                "auth_password" => config.auth_password = value.trim().parse().unwrap(),
                 "require_auth" => config.require_auth = value.trim().parse().unwrap(),
+                "require_tls" => config.require_tls = value.trim().parse().unwrap(),
                 "postmaster" => relay.policy.postmaster = Some(value.trim().to_owned()),
                 other => return Err(format!("{at}: unknown setting {other}")),
             }
@@ -212,7 +244,13 @@ fn run_transcript(path: &Path) -> Result<(), String> {
                 .map_err(|err| format!("{at}: CONFIG: {err}"))?;
         }
         let harness = harness.get_or_insert_with(|| Harness {
-            session: Session::new(config.clone()),
+            session: {
+                let mut session = Session::new(config.clone());
+                if implicit_tls {
+                    session.tls_from_start();
+                }
+                session
+            },
             policy: RelayPolicy::new(&relay).expect("validated"),
             recipients: Vec::new(),
             started: false,

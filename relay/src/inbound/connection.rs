@@ -6,6 +6,9 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
+use super::auth::dovecot::ClientAddresses;
+use super::auth::Checked;
+
 use super::early::EarlyOutcome;
 use super::local::LocalUser;
 use super::policy::RcptDecision;
@@ -13,11 +16,12 @@ use super::rate::Limited;
 use super::received::{received_header, TraceInfo};
 use super::tls::MaybeTls;
 use super::{Listener, Peer};
+use crate::config::ListenerMode;
 use crate::metrics::Metrics;
 use crate::queue::schedule::now_ms;
 use crate::queue::state::{DeliveryState, RecipientState, Status};
 use crate::smtp::params::{MailParams, Mailbox, RcptParams};
-use crate::smtp::{Event, Reply, Session, Verdict};
+use crate::smtp::{Credentials, Event, Reply, Session, Verdict};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
 use crate::spool::{Incoming, SpoolError};
 
@@ -45,8 +49,11 @@ where
         session: Session::new(listener.session_config.clone()),
         output: Vec::new(),
         message: None,
-        user: None,
+        identity: None,
     };
+    if listener.mode == ListenerMode::Submissions && !connection.implicit_tls().await {
+        return;
+    }
     if let Err(err) = connection.run().await {
         tracing::debug!(client = %connection.client_label(), "connection ended: {err}");
     }
@@ -64,11 +71,53 @@ struct Connection<'a, S> {
     session: Session,
     output: Vec<u8>,
     message: Option<MessageInProgress>,
-    /// The local user, once AUTH EXTERNAL succeeded.
-    user: Option<LocalUser>,
+    /// Who the client is, once AUTH succeeded.
+    identity: Option<Identity>,
+}
+
+/// Who an authenticated client is.
+#[derive(Debug, Clone)]
+enum Identity {
+    /// A local user, by the socket's peer credentials (AUTH EXTERNAL).
+    Local(LocalUser),
+    /// A user who gave a password (AUTH PLAIN or LOGIN).
+    Login(String),
+}
+
+impl Identity {
+    fn name(&self) -> &str {
+        match self {
+            Identity::Local(user) => &user.name,
+            Identity::Login(user) => user,
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
+    /// Implicit TLS (port 465): the handshake comes before the greeting,
+    /// within the command timeout. False when it failed (already logged).
+    async fn implicit_tls(&mut self) -> bool {
+        let Some(tls) = &self.listener.tls else {
+            return false;
+        };
+        let acceptor = tls.acceptor();
+        let timeout = self.listener.limits.command_timeout;
+        match tokio::time::timeout(timeout, self.stream.upgrade(&acceptor)).await {
+            Ok(Ok(())) => {
+                self.session.tls_from_start();
+                true
+            }
+            Ok(Err(err)) => {
+                info!(client = %self.client_label(), "TLS handshake failed: {err}");
+                false
+            }
+            Err(_) => {
+                info!(client = %self.client_label(), "TLS handshake not done within {timeout:?}");
+                false
+            }
+        }
+    }
+
     async fn run(&mut self) -> std::io::Result<()> {
         let mut buf = vec![0u8; READ_BUFFER];
         self.pregreet(&mut buf).await?;
@@ -196,6 +245,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 let verdict = self.check_auth(&authzid);
                 self.session.decide(verdict);
             }
+            Event::AuthPassword { credentials } => {
+                // Replies already queued go out before a slow check or delay.
+                self.flush().await?;
+                match self.check_password(&credentials).await {
+                    Ok(verdict) => self.session.decide(verdict),
+                    Err(closing) => self.session.abort(closing),
+                }
+            }
             Event::StartTls => {
                 self.flush().await?;
                 let Some(tls) = &self.listener.tls else {
@@ -221,7 +278,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         let refusal = match (&self.peer, &self.listener.local) {
             (Peer::Local(user), Some(_)) if authzid.is_empty() || authzid == user.name => {
                 info!(client = %self.peer, "authenticated by peer credentials");
-                self.user = Some(user.clone());
+                self.identity = Some(Identity::Local(user.clone()));
                 return Verdict::Accept;
             }
             (Peer::Local(user), Some(_)) => {
@@ -233,8 +290,97 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         Verdict::Reply(Reply::new(535, "5.7.8", refusal))
     }
 
+    /// AUTH PLAIN or LOGIN: the throttle first (a locked address or user
+    /// is refused without its password being checked), then the password.
+    /// `Err` is a 421 that closes the session.
+    async fn check_password(&mut self, credentials: &Credentials) -> Result<Verdict, Reply> {
+        let Some(auth) = self.listener.auth.as_deref() else {
+            return Ok(Verdict::Reply(Reply::new(
+                454,
+                "4.7.0",
+                "Temporary authentication failure",
+            )));
+        };
+        let ip = self.peer.ip();
+        let user = credentials.user.as_str();
+        let mechanism = credentials.mechanism.name();
+        let hostname = self.hostname().to_owned();
+        let too_many = move || {
+            Reply::new(
+                421,
+                "4.7.0",
+                format!("{hostname} Error: too many failed authentications, try again later"),
+            )
+        };
+        if auth.throttle.is_locked(ip, user, Instant::now()) {
+            Metrics::count(&self.listener.metrics.auth_failures);
+            warn!(
+                "SASL {mechanism} authentication refused from {}: over auth.max_failures; user={user:?}",
+                self.client_ip_label()
+            );
+            return Err(too_many());
+        }
+        let client = ClientAddresses {
+            remote: ip,
+            local: None,
+        };
+        match auth.check(credentials, client).await {
+            Ok(Checked::Valid { user }) => {
+                auth.throttle.succeeded(&credentials.user);
+                info!(client = %self.client_label(), user = %user, mechanism, "authenticated");
+                self.identity = Some(Identity::Login(user));
+                Ok(Verdict::Accept)
+            }
+            Ok(Checked::Invalid { reason }) => {
+                Metrics::count(&self.listener.metrics.auth_failures);
+                let failure = auth.throttle.failed(ip, user, Instant::now());
+                // One line per failure, the address right after "from", for
+                // fail2ban (deploy/fail2ban/); the user name quoted and escaped.
+                warn!(
+                    "SASL {mechanism} authentication failed from {}: user={user:?} failures={} reason={:?}",
+                    self.client_ip_label(),
+                    failure.count,
+                    reason.as_deref().unwrap_or("invalid credentials")
+                );
+                tokio::time::sleep(failure.delay).await;
+                if failure.locked {
+                    return Err(too_many());
+                }
+                Ok(Verdict::Reply(Reply::new(
+                    535,
+                    "5.7.8",
+                    "Authentication credentials invalid",
+                )))
+            }
+            Err(err) => {
+                warn!(client = %self.client_label(), "authentication unavailable: {err}");
+                Ok(Verdict::Reply(Reply::new(
+                    454,
+                    "4.7.0",
+                    "Temporary authentication failure",
+                )))
+            }
+        }
+    }
+
     fn check_mail(&self, reverse_path: Option<&Mailbox>, params: &MailParams) -> Verdict {
-        if let (Some(policy), Some(user)) = (&self.listener.local, &self.user) {
+        if let (Some(auth), Some(Identity::Login(user))) = (&self.listener.auth, &self.identity) {
+            if !auth.senders.may_send_as(user, reverse_path) {
+                Metrics::count(&self.listener.metrics.refused);
+                info!(client = %self.client_label(), user = %user, from = %path_label(reverse_path), "refused MAIL: not the user's sender (auth.senders)");
+                return Verdict::Reply(Reply::new(
+                    553,
+                    "5.7.1",
+                    format!(
+                        "<{}>: Sender address rejected: not owned by user {user}; it may use {}",
+                        reverse_path.map(Mailbox::address).unwrap_or_default(),
+                        auth.senders.describe(user)
+                    ),
+                ));
+            }
+        }
+        if let (Some(policy), Some(Identity::Local(user))) = (&self.listener.local, &self.identity)
+        {
             if !policy.may_send_as(user, reverse_path) {
                 Metrics::count(&self.listener.metrics.refused);
                 info!(client = %self.peer, from = %path_label(reverse_path), "refused MAIL: not the user's own sender");
@@ -270,22 +416,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         Verdict::Accept
     }
 
-    /// Whether this client may do one more `what` under `[rate_limits]`.
+    /// Whether this client may do one more `what` under `[rate_limits]`:
+    /// counted by its address (or local user), and a password user also by
+    /// its name.
     fn within_rate(&self, what: Limited) -> bool {
         let trusted = self.listener.policy.is_trusted(self.peer.ip());
-        self.listener
-            .connections
-            .rates()
-            .allows(what, self.peer.limit_key(), trusted)
+        let rates = self.listener.connections.rates();
+        let by_login = match &self.identity {
+            Some(Identity::Login(user)) => rates.allows_login(what, user),
+            _ => true,
+        };
+        by_login && rates.allows(what, self.peer.limit_key(), trusted)
     }
 
-    /// Who a rate refusal names: the client's address, or the local user.
+    /// Who a rate refusal names: the user who logged in, the client's
+    /// address, or the local user.
     fn rate_subject(&self) -> String {
-        match (&self.peer, &self.user) {
+        match (&self.peer, &self.identity) {
+            (_, Some(Identity::Login(user))) => format!("user {user}"),
             (Peer::Tcp(addr), _) => addr.ip().to_string(),
-            (_, Some(user)) => format!("user {}", user.name),
+            (_, Some(identity)) => format!("user {}", identity.name()),
             (peer, None) => peer.to_string(),
         }
+    }
+
+    /// The client's address alone, for fail2ban.
+    fn client_ip_label(&self) -> String {
+        self.peer
+            .ip()
+            .map_or_else(|| self.peer.to_string(), |ip| ip.to_string())
     }
 
     /// Answers a paused RCPT with the relay policy's decision.
@@ -293,7 +452,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         let decision =
             self.listener
                 .policy
-                .decide(self.peer.ip(), self.user.is_some(), rcpt, params);
+                .decide(self.peer.ip(), self.identity.is_some(), rcpt, params);
         if let Some(refusal) = decision.refusal(rcpt) {
             Metrics::count(&self.listener.metrics.refused);
             let why = match decision {
@@ -353,11 +512,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             esmtp: self.session.is_esmtp(),
             smtputf8,
             tls: tls.as_deref(),
-            authenticated: self.user.is_some(),
-            local_user: self
-                .user
-                .as_ref()
-                .map(|user| (user.name.as_str(), user.uid)),
+            authenticated: self.identity.is_some(),
+            local_user: match &self.identity {
+                Some(Identity::Local(user)) => Some((user.name.as_str(), user.uid)),
+                _ => None,
+            },
             id: incoming.id(),
             single_recipient: single_recipient.as_deref(),
         });
@@ -452,7 +611,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                     &mut envelope,
                     incoming.path(),
                     self.peer.ip(),
-                    self.user.as_ref().map(|user| user.name.as_str()),
+                    self.identity.as_ref().map(Identity::name),
                     &self.listener.session_config.hostname,
                     &self.listener.metrics,
                 )
@@ -605,10 +764,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 helo: self.session.helo().unwrap_or("").to_owned(),
                 esmtp: self.session.is_esmtp(),
                 tls: self.stream.tls_description(),
-                auth: self
-                    .user
-                    .as_ref()
-                    .map(|user| format!("{} (uid {})", user.name, user.uid)),
+                auth: self.identity.as_ref().map(|identity| match identity {
+                    Identity::Local(user) => format!("{} (uid {})", user.name, user.uid),
+                    Identity::Login(user) => user.clone(),
+                }),
             },
             listener: self.listener.name.clone(),
             received_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

@@ -1,5 +1,6 @@
 //! Inbound SMTP: listeners, the per-connection driver, relay policy, limits and TLS.
 
+pub mod auth;
 pub mod connection;
 pub mod early;
 pub mod limits;
@@ -18,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::config::{Config, LimitsConfig, ListenerConfig};
+use crate::config::{Config, LimitsConfig, ListenerConfig, ListenerMode};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::scan::ScanChain;
@@ -56,6 +57,11 @@ pub struct Listener {
     /// Local submission: who may use which sender (this listener then
     /// offers AUTH EXTERNAL and requires it).
     pub local: Option<SenderPolicy>,
+    /// Relaying or submission (and then whether TLS starts at once).
+    pub mode: ListenerMode,
+    /// How a submission listener checks passwords (shared by all of them,
+    /// so failures count across listeners).
+    pub auth: Option<Arc<auth::SubmissionAuth>>,
 }
 
 impl Listener {
@@ -78,9 +84,11 @@ impl Listener {
                 max_recipients: config.limits.max_recipients,
                 max_line_length: config.limits.max_line_length,
                 max_errors: config.limits.max_errors,
-                starttls: tls.is_some(),
+                starttls: tls.is_some() && listener.mode != ListenerMode::Submissions,
                 auth_external: false,
-                require_auth: false,
+                auth_password: listener.mode.is_submission(),
+                require_auth: listener.mode.is_submission(),
+                require_tls: listener.mode.is_submission(),
             },
             limits: config.limits.clone(),
             policy: RelayPolicy::new(config).map_err(|err| err.to_string())?,
@@ -92,6 +100,8 @@ impl Listener {
             metrics: Arc::default(),
             scanners: ScanChain::new(&listener.scanners, &config.scanners),
             local: None,
+            mode: listener.mode,
+            auth: None,
         })
     }
 

@@ -1,6 +1,8 @@
 //! `[rate_limits]`: how fast one client may open connections, start
 //! transactions and add recipients, counted per client (an IPv4 address,
-//! an IPv6 /64, or a local user) with governor's GCRA: up to COUNT at once,
+//! an IPv6 /64, a local user, or a user authenticated with a password —
+//! such a session is counted both by its address and by its user) with
+//! governor's GCRA: up to COUNT at once,
 //! then one more each PERIOD/COUNT. Clients in the trusted networks are
 //! exempt unless `limit_trusted`.
 
@@ -14,11 +16,12 @@ use crate::config::{Rate, RateLimitsConfig};
 
 /// Whom a rate counts: one address, or one IPv6 /64 (what one client
 /// usually controls), or one local user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Counted {
     V4(u32),
     V6Prefix(u64),
     Uid(u32),
+    Login(String),
 }
 
 impl Counted {
@@ -90,17 +93,30 @@ impl RateLimits {
     /// Whether `client` (trusted or not) may do one more `what` now; a
     /// client with no key (an unknown Unix peer) is not limited.
     pub fn allows(&self, what: Limited, client: Option<ClientKey>, trusted: bool) -> bool {
-        let limiter = match what {
-            Limited::Connections => &self.connections,
-            Limited::Messages => &self.messages,
-            Limited::Recipients => &self.recipients,
-        };
-        let (Some(limiter), Some(client)) = (limiter, client) else {
+        let Some(client) = client else {
             return true;
         };
         if trusted && !self.limit_trusted {
             return true;
         }
+        self.check(what, &Counted::of(client))
+    }
+
+    /// Whether the user `login` (authenticated with a password) may do one
+    /// more `what` now, wherever it connects from.
+    pub fn allows_login(&self, what: Limited, login: &str) -> bool {
+        self.check(what, &Counted::Login(login.to_lowercase()))
+    }
+
+    fn check(&self, what: Limited, counted: &Counted) -> bool {
+        let limiter = match what {
+            Limited::Connections => &self.connections,
+            Limited::Messages => &self.messages,
+            Limited::Recipients => &self.recipients,
+        };
+        let Some(limiter) = limiter else {
+            return true;
+        };
         if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
             for limiter in [&self.connections, &self.messages, &self.recipients]
                 .into_iter()
@@ -110,7 +126,7 @@ impl RateLimits {
                 limiter.shrink_to_fit();
             }
         }
-        limiter.check_key(&Counted::of(client)).is_ok()
+        limiter.check_key(counted).is_ok()
     }
 }
 
@@ -144,6 +160,16 @@ mod tests {
             "no limit set"
         );
         assert!(limits.allows(Limited::Messages, None, false), "no key");
+    }
+
+    #[test]
+    fn a_login_is_counted_wherever_it_connects_from() {
+        let limits = limits("2/1h");
+        assert!(limits.allows_login(Limited::Messages, "alice"));
+        assert!(limits.allows_login(Limited::Messages, "Alice"));
+        assert!(!limits.allows_login(Limited::Messages, "alice"));
+        assert!(limits.allows_login(Limited::Messages, "bob"));
+        assert!(limits.allows(Limited::Messages, ip("192.0.2.1"), false));
     }
 
     #[test]

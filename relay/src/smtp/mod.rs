@@ -10,4 +10,4 @@ pub mod reply;
 pub mod session;
 
 pub use reply::Reply;
-pub use session::{Event, Session, SessionConfig, Verdict};
+pub use session::{Credentials, Event, Mechanism, Password, Session, SessionConfig, Verdict};

@@ -23,8 +23,9 @@ impl Session {
             "CHUNKING".to_owned(),
             "DSN".to_owned(),
         ];
-        if self.config.auth_external && !self.authenticated {
-            lines.push("AUTH EXTERNAL".to_owned());
+        let offered = self.offered_mechanisms();
+        if !offered.is_empty() && !self.authenticated {
+            lines.push(format!("AUTH {}", offered.join(" ")));
         }
         if self.config.starttls && !self.tls {
             lines.push("STARTTLS".to_owned());

@@ -11,6 +11,13 @@ impl Session {
         if self.transaction.has_mail() {
             return self.error(Reply::new(503, "5.5.1", "Nested MAIL command"));
         }
+        if self.config.require_tls && !self.tls {
+            return self.error(Reply::new(
+                530,
+                "5.7.0",
+                "Must issue a STARTTLS command first",
+            ));
+        }
         if self.config.require_auth && !self.authenticated {
             return self.error(Reply::new(530, "5.7.0", "Authentication required"));
         }

@@ -15,6 +15,8 @@ mod mail;
 mod rcpt;
 mod simple;
 
+pub use auth::{Credentials, Mechanism, Password};
+
 use std::collections::VecDeque;
 
 use super::command::{self, Command, CommandError, MAX_ANY_LINE};
@@ -40,8 +42,14 @@ pub struct SessionConfig {
     /// Whether AUTH EXTERNAL is offered: the listener knows who the client
     /// is from outside the protocol (a Unix socket's peer credentials).
     pub auth_external: bool,
+    /// Whether AUTH PLAIN and LOGIN are offered (only once TLS is active):
+    /// a submission listener that checks passwords.
+    pub auth_password: bool,
     /// Whether MAIL needs a successful AUTH first (530 5.7.0 otherwise).
     pub require_auth: bool,
+    /// Whether AUTH and MAIL need TLS first (530 5.7.0 otherwise): a
+    /// submission listener, where STARTTLS is required (RFC 8314 §3.3).
+    pub require_tls: bool,
 }
 
 /// Something the driver must do or decide.
@@ -80,6 +88,12 @@ pub enum Event {
         /// The requested authorization identity, decoded.
         authzid: String,
     },
+    /// AUTH PLAIN or LOGIN: check the password; decide with [`Verdict`]
+    /// (235 on Accept), or close with [`Session::abort`].
+    AuthPassword {
+        /// What the client presented.
+        credentials: Credentials,
+    },
     /// Start the TLS handshake now, then call [`Session::tls_started`].
     StartTls,
     /// Close the connection after sending the replies before this event.
@@ -107,7 +121,7 @@ enum Pending {
         last: bool,
     },
     MessageEnd,
-    AuthExternal,
+    Auth,
 }
 
 #[derive(Debug)]
@@ -129,7 +143,7 @@ enum State {
         refusal: Option<Reply>,
     },
     /// After `334`: reading the client's SASL response line.
-    AuthResponse,
+    AuthResponse(auth::AuthStep),
     /// Waiting for the TLS handshake.
     AwaitingTls,
     /// Closed; everything else is ignored.
@@ -279,6 +293,14 @@ impl Session {
         &self.transaction
     }
 
+    /// The connection is TLS from its first octet (implicit TLS, RFC 8314
+    /// port 465); call before [`Session::start`].
+    pub fn tls_from_start(&mut self) {
+        if matches!(self.state, State::New) {
+            self.tls = true;
+        }
+    }
+
     /// The TLS handshake succeeded: plaintext sent after STARTTLS is discarded
     /// (CVE-2011-0411) and the session starts over, waiting for EHLO.
     pub fn tls_started(&mut self) {
@@ -315,7 +337,7 @@ impl Session {
             Pending::DataStart => self.data_start_decided(verdict),
             Pending::BdatStart { size, last } => self.bdat_start_decided(size, last, verdict),
             Pending::MessageEnd => self.message_end_decided(verdict),
-            Pending::AuthExternal => self.auth_decided(verdict),
+            Pending::Auth => self.auth_decided(verdict),
         }
     }
 
@@ -324,7 +346,7 @@ impl Session {
         match &mut self.state {
             State::New | State::Paused(_) | State::AwaitingTls | State::Closed => false,
             State::Command => self.read_command(),
-            State::AuthResponse => self.read_auth_response(),
+            State::AuthResponse(_) => self.read_auth_response(),
             State::Data(_) => self.read_data(),
             State::Bdat { .. } => self.read_bdat(),
         }
