@@ -97,7 +97,11 @@ fn main() -> ExitCode {
         Command::Sendmail { args } => postern::sendmail::main(args),
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => match Config::load(&file).and_then(|config| config.check_files().map(|()| config)) {
+        } => match Config::load(&file)
+            .and_then(|config| config.check_files().map(|()| config))
+            .map_err(|err| err.to_string())
+            .and_then(|config| check_password_file(&config).map(|()| config))
+        {
             Ok(config) => {
                 for warning in config.warnings() {
                     eprintln!("{}: warning: {warning}", file.display());
@@ -140,7 +144,12 @@ fn main() -> ExitCode {
             if relayhost.is_some() {
                 config.delivery.relayhost = relayhost;
             }
-            if let Err(err) = config.validate().and_then(|()| config.check_files()) {
+            if let Err(err) = config
+                .validate()
+                .and_then(|()| config.check_files())
+                .map_err(|err| err.to_string())
+                .and_then(|()| check_password_file(&config))
+            {
                 eprintln!("{err}");
                 return ExitCode::FAILURE;
             }
@@ -179,4 +188,15 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// Loads `[auth] password_file`, naming a line that holds a plaintext or
+/// unknown hash, so the relay refuses it before it starts.
+fn check_password_file(config: &Config) -> Result<(), String> {
+    match &config.auth.password_file {
+        Some(path) => postern::inbound::auth::passwords::PasswordFile::load(path)
+            .map(|_| ())
+            .map_err(|err| format!("auth.password_file: {err}")),
+        None => Ok(()),
+    }
 }

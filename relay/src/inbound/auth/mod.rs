@@ -54,6 +54,9 @@ pub enum AuthError {
 #[derive(Debug)]
 pub struct SubmissionAuth {
     checker: Checker,
+    /// Hashes checked at once: each argon2id check may take tens of MiB,
+    /// so a flood of attempts waits here instead of exhausting memory.
+    hashing: tokio::sync::Semaphore,
     /// Failure counts and delays.
     pub throttle: AuthThrottle,
     /// Which senders each user may use.
@@ -80,8 +83,10 @@ impl SubmissionAuth {
             }
             (None, None) => return Ok(None),
         };
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Ok(Some(SubmissionAuth {
             checker,
+            hashing: tokio::sync::Semaphore::new(cores),
             throttle: AuthThrottle::new(config),
             senders: SenderLogins::new(config),
         }))
@@ -100,6 +105,11 @@ impl SubmissionAuth {
                         reason: Some("acting as another user is not allowed".into()),
                     });
                 }
+                let _permit = self
+                    .hashing
+                    .acquire()
+                    .await
+                    .map_err(|_| AuthError::Worker)?;
                 let file: Arc<PasswordFile> = file.current();
                 let user = credentials.user.clone();
                 let password = credentials.password.clone();
