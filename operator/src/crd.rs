@@ -140,6 +140,9 @@ pub struct MailQueueSpec {
     /// spooled message before the end-of-data reply and decides it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scanners: Vec<Scanner>,
+    /// Password authentication for `submission` and `submissions` listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<SubmissionAuth>,
     /// Next hop for all mail without a matching route (`host:port`, `[host]:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = NEXT_HOP))]
@@ -270,6 +273,58 @@ pub struct Listener {
     /// Names of `spec.scanners` run, in order, on every message of this listener.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scanners: Vec<String>,
+    /// `smtp` (relaying, the default), `submission` (587: STARTTLS, then
+    /// AUTH) or `submissions` (465: implicit TLS, then AUTH). Submission
+    /// listeners need `tlsSecret` and `spec.auth`.
+    #[serde(default, skip_serializing_if = "ListenerMode::is_smtp")]
+    pub mode: ListenerMode,
+}
+
+/// What a listener is for.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Relaying: the relay policy decides, no AUTH.
+    #[default]
+    Smtp,
+    /// Message submission with STARTTLS, then AUTH PLAIN or LOGIN.
+    Submission,
+    /// Message submission over implicit TLS (RFC 8314).
+    Submissions,
+}
+
+impl ListenerMode {
+    /// Whether this is the relaying default.
+    pub fn is_smtp(&self) -> bool {
+        *self == ListenerMode::Smtp
+    }
+}
+
+/// How submission listeners check passwords: one of `passwordSecret` or
+/// `dovecot`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubmissionAuth {
+    /// A Secret whose `passwd` key holds `user:hash` lines (argon2id,
+    /// bcrypt or SHA-512-crypt, as `doveadm pw` or `mkpasswd` make them;
+    /// plaintext is refused). Mounted read-only under `/etc/postern/auth`;
+    /// the relays re-read it when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
+    pub password_secret: Option<String>,
+    /// Dovecot's authentication service, `host:port` of an `inet_listener`
+    /// in its `service auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dovecot: Option<String>,
+    /// Which envelope senders each user may use: addresses, `@domain`, or
+    /// `<>`. A user not listed may use its login when that is an address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub senders: BTreeMap<String, Vec<String>>,
+    /// Failed attempts from one address or for one user within 15 minutes
+    /// before it is refused (421) for the rest of the window; default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_failures: Option<u32>,
 }
 
 /// A Secret name (DNS-1123 subdomain).
@@ -702,6 +757,7 @@ fn default_listeners() -> Vec<Listener> {
         service_port: Some(25),
         tls_secret: None,
         scanners: Vec::new(),
+        mode: ListenerMode::Smtp,
     }]
 }
 

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use postern::config::{
-    ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig, MutualTlsFiles,
-    ObjectStoreConfig, Protocol, RouteConfig, ScannerConfig, ScannerFailure, ScannerKind, TlsMode,
-    DEFAULT_EARLY_BUDGET, DEFAULT_SCAN_TIMEOUT,
+    AuthConfig, ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig,
+    ListenerMode, MutualTlsFiles, ObjectStoreConfig, Protocol, RouteConfig, ScannerConfig,
+    ScannerFailure, ScannerKind, TlsMode, DEFAULT_EARLY_BUDGET, DEFAULT_SCAN_TIMEOUT,
 };
 use sha2::{Digest, Sha256};
 
@@ -44,6 +44,10 @@ pub const PEER_SECRET_KEY: &str = "secret";
 /// Where the `spec.etcd.peerTlsSecret` Secret is mounted; its keys are
 /// cert-manager's (`tls.crt`, `tls.key`, `ca.crt`), as for etcd's.
 pub const PEER_TLS_DIR: &str = "/etc/postern/peer-tls";
+/// Where `spec.auth.passwordSecret` is mounted.
+pub const AUTH_DIR: &str = "/etc/postern/auth";
+/// The password file's key in that Secret (and its file name).
+pub const AUTH_PASSWD_KEY: &str = "passwd";
 /// Where the `spec.etcd.tlsSecret` Secret is mounted.
 pub const ETCD_TLS_DIR: &str = "/etc/postern/etcd/tls";
 /// Keys of the etcd TLS Secret (cert-manager's names), also the file names
@@ -74,6 +78,36 @@ pub enum SpecError {
     /// The relay's own validation rejects the rendered configuration.
     #[error("the relay rejects the configuration: {0}")]
     Relay(#[source] ConfigError),
+}
+
+/// `spec.auth` as the relay's `[auth]`: the password Secret's file, or
+/// Dovecot's address, and the sender rules.
+fn auth_config(auth: &crd::SubmissionAuth) -> Result<AuthConfig, SpecError> {
+    if auth.password_secret.is_some() == auth.dovecot.is_some() {
+        return Err(field(
+            "auth",
+            "set exactly one of passwordSecret and dovecot",
+        ));
+    }
+    if let Some(dovecot) = &auth.dovecot {
+        if dovecot.starts_with('/') || !dovecot.contains(':') {
+            return Err(field(
+                "auth.dovecot",
+                "must be host:port of Dovecot's auth inet_listener",
+            ));
+        }
+    }
+    let defaults = AuthConfig::default();
+    Ok(AuthConfig {
+        password_file: auth
+            .password_secret
+            .as_ref()
+            .map(|_| PathBuf::from(AUTH_DIR).join(AUTH_PASSWD_KEY)),
+        dovecot: auth.dovecot.clone(),
+        senders: auth.senders.clone(),
+        max_failures: auth.max_failures.unwrap_or(defaults.max_failures),
+        ..defaults
+    })
 }
 
 fn field(field: impl Into<String>, message: impl Into<String>) -> SpecError {
@@ -163,7 +197,31 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
                 .as_ref()
                 .map(|_| tls_dir.join("tls.key")),
             scanners: listener.scanners.clone(),
+            mode: match listener.mode {
+                crd::ListenerMode::Smtp => ListenerMode::Smtp,
+                crd::ListenerMode::Submission => ListenerMode::Submission,
+                crd::ListenerMode::Submissions => ListenerMode::Submissions,
+            },
         });
+        if !listener.mode.is_smtp() {
+            if listener.tls_secret.is_none() {
+                return Err(field(
+                    format!("{at}.tlsSecret"),
+                    "a submission listener needs a certificate: passwords are only taken under TLS",
+                ));
+            }
+            if spec.auth.is_none() {
+                return Err(field(
+                    "auth",
+                    format!(
+                        "{at} is a submission listener: set auth.passwordSecret or auth.dovecot"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(auth) = &spec.auth {
+        config.auth = auth_config(auth)?;
     }
     let mut service_ports = std::collections::BTreeSet::new();
     for (index, listener) in spec.listeners.iter().enumerate() {
@@ -599,6 +657,93 @@ mod tests {
         mq.spec.listeners[0].port = 9325;
         let err = render(&mq).unwrap_err().to_string();
         assert!(err.contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn submission_listeners_and_auth_are_rendered() {
+        let mq = mail_queue(serde_json::json!({
+            "image": "postern:1",
+            "listeners": [
+                {"name": "smtp", "port": 2525, "servicePort": 25},
+                {"name": "submission", "port": 2587, "servicePort": 587,
+                 "tlsSecret": "mx-tls", "mode": "submission"},
+                {"name": "submissions", "port": 2465, "servicePort": 465,
+                 "tlsSecret": "mx-tls", "mode": "submissions"},
+            ],
+            "auth": {"passwordSecret": "mx-users", "maxFailures": 5,
+                     "senders": {"alice": ["alice@example.org", "@sales.example.org"]}},
+        }));
+        let rendered = render(&mq).unwrap();
+        let parsed = Config::parse(&rendered.toml).unwrap();
+        assert_eq!(parsed, rendered.config);
+        let modes: Vec<ListenerMode> = parsed.listeners.iter().map(|l| l.mode).collect();
+        assert_eq!(
+            modes,
+            [
+                ListenerMode::Smtp,
+                ListenerMode::Submission,
+                ListenerMode::Submissions
+            ]
+        );
+        assert_eq!(
+            parsed.auth.password_file.as_deref(),
+            Some(std::path::Path::new("/etc/postern/auth/passwd"))
+        );
+        assert_eq!(parsed.auth.max_failures, 5);
+        assert_eq!(parsed.auth.senders["alice"][1], "@sales.example.org");
+
+        let dovecot = mail_queue(serde_json::json!({
+            "image": "postern:1",
+            "listeners": [{"name": "submission", "port": 2587, "tlsSecret": "mx-tls",
+                           "mode": "submission"}],
+            "auth": {"dovecot": "dovecot.mail.svc:12345"},
+        }));
+        let parsed = Config::parse(&render(&dovecot).unwrap().toml).unwrap();
+        assert_eq!(
+            parsed.auth.dovecot.as_deref(),
+            Some("dovecot.mail.svc:12345")
+        );
+        assert_eq!(parsed.auth.password_file, None);
+    }
+
+    #[test]
+    fn submission_mistakes_are_spec_errors() {
+        let submission = |listener: serde_json::Value, auth: serde_json::Value| {
+            let mut spec = serde_json::json!({"image": "postern:1", "listeners": [listener]});
+            if !auth.is_null() {
+                spec["auth"] = auth;
+            }
+            render(&mail_queue(spec)).unwrap_err().to_string()
+        };
+        let err = submission(
+            serde_json::json!({"name": "sub", "port": 2587, "mode": "submission"}),
+            serde_json::json!({"passwordSecret": "users"}),
+        );
+        assert!(err.contains("spec.listeners[0].tlsSecret"), "{err}");
+        let err = submission(
+            serde_json::json!({"name": "sub", "port": 2587, "mode": "submissions",
+                               "tlsSecret": "tls"}),
+            serde_json::Value::Null,
+        );
+        assert!(err.contains("spec.auth"), "{err}");
+        let err = submission(
+            serde_json::json!({"name": "sub", "port": 2587, "mode": "submission",
+                               "tlsSecret": "tls"}),
+            serde_json::json!({"passwordSecret": "users", "dovecot": "dovecot:1"}),
+        );
+        assert!(err.contains("exactly one"), "{err}");
+        let err = submission(
+            serde_json::json!({"name": "sub", "port": 2587, "mode": "submission",
+                               "tlsSecret": "tls"}),
+            serde_json::json!({"dovecot": "/run/dovecot/auth-client"}),
+        );
+        assert!(err.contains("spec.auth.dovecot"), "{err}");
+        let err = submission(
+            serde_json::json!({"name": "sub", "port": 2587, "mode": "submission",
+                               "tlsSecret": "tls"}),
+            serde_json::json!({"passwordSecret": "users", "senders": {"a": ["not an address"]}}),
+        );
+        assert!(err.contains("auth.senders"), "{err}");
     }
 
     fn clustered(ack: serde_json::Value) -> MailQueue {

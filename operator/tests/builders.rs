@@ -321,8 +321,8 @@ fn the_network_policy_opens_listeners_and_http_and_the_peer_port_to_relays_only(
     };
     let ingress = spec.ingress.unwrap();
     assert_eq!(ingress.len(), 2);
-    // Container ports (what a policy matches), not the Service's 25 and 587.
-    assert_eq!(ports(&ingress[0]), [2525, 2587, 9325]);
+    // Container ports (what a policy matches), not the Service's 25, 587, 465.
+    assert_eq!(ports(&ingress[0]), [2525, 2587, 2465, 9325]);
     assert_eq!(ingress[0].from, None, "from anywhere");
     assert_eq!(ports(&ingress[1]), [9327]);
     let from = ingress[1].from.as_ref().unwrap();
@@ -394,4 +394,61 @@ fn the_peer_tls_example_issues_the_secret_the_mail_queue_names() {
             .any(|n| n == &peers),
         "{relays}"
     );
+}
+
+/// The example's submission listeners: container and Service ports, the
+/// password Secret mounted where the rendered `[auth]` looks, and the
+/// listeners' modes in the relay configuration.
+#[test]
+fn the_examples_submission_listeners_get_their_ports_and_password_file() {
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    let rendered = relay_config::render(&mq).unwrap();
+    let config = postern::config::Config::parse(&rendered.toml).unwrap();
+    let modes: Vec<(String, postern::config::ListenerMode)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.mode))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("smtp".to_owned(), postern::config::ListenerMode::Smtp),
+            (
+                "submission".to_owned(),
+                postern::config::ListenerMode::Submission
+            ),
+            (
+                "submissions".to_owned(),
+                postern::config::ListenerMode::Submissions
+            ),
+        ]
+    );
+    let password_file = config.auth.password_file.clone().unwrap();
+    let sts = serde_json::to_value(build::stateful_set(&mq, &rendered, 3, 300)).unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "mx-users")
+        .expect("the password Secret is a volume");
+    assert_eq!(volume["secret"]["items"][0]["key"], "passwd");
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("and is mounted");
+    assert_eq!(
+        std::path::Path::new(mount["mountPath"].as_str().unwrap()).join("passwd"),
+        password_file
+    );
+    assert_eq!(mount["readOnly"], true);
+    let ports: Vec<i64> = pod["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_i64().unwrap())
+        .collect();
+    assert!(ports.contains(&2587) && ports.contains(&2465), "{ports:?}");
 }

@@ -1,7 +1,8 @@
 //! A running relay against people rather than crashes: Debian's
-//! `testssl.sh` on the STARTTLS listener and on a mutual-TLS port (the TCP
-//! admin service, which runs the same code as the peer channel:
-//! `peer::tls::MutualTls`); `nmap --script smtp-open-relay` on the SMTP
+//! `testssl.sh` on the STARTTLS listener, the two submission listeners
+//! (STARTTLS and implicit TLS) and a mutual-TLS port (the TCP admin
+//! service, which runs the same code as the peer channel:
+//! `peer::tls::MutualTls`); `nmap --script smtp-open-relay` on every SMTP
 //! listener from a client the relay does not trust; and Python's smtplib
 //! as clients over their `[rate_limits]` next to one that is not. Each
 //! scanner's report is parsed and printed in short; the tests fail on a
@@ -22,6 +23,10 @@ use common::*;
 struct Scanned {
     relay: Relay,
     admin: u16,
+    /// A `submission` listener (STARTTLS, then AUTH).
+    submission: std::net::SocketAddr,
+    /// A `submissions` listener (implicit TLS, then AUTH).
+    submissions: std::net::SocketAddr,
     /// The CA of every certificate here (testssl's `--add-ca`).
     ca_file: std::path::PathBuf,
     _pki: tempfile::TempDir,
@@ -33,6 +38,18 @@ fn scanned() -> Scanned {
     let listener = pki::member_files(pki_dir.path(), &ca, "listener");
     let admin_tls = pki::member_files(pki_dir.path(), &ca, "admin");
     let admin = free_port();
+    let submission = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let submissions = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // One user with a bcrypt hash; the scanners never log in.
+    let passwd = pki::write(
+        pki_dir.path(),
+        "passwd",
+        "alice:$2y$05$VFGFUgLucYiovSaQUwx1Lep100QOEK6zmfgM.p9/QEJRT77f/3/Be\n",
+    );
+    let (cert, key) = (
+        listener.cert_file.display().to_string(),
+        listener.key_file.display().to_string(),
+    );
     let relay = Relay::start(RelayConfig {
         listener_toml: format!(
             "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
@@ -43,16 +60,24 @@ fn scanned() -> Scanned {
             "[delivery]\npaused = true\n\n\
              [policy]\nrelay_domains = [\"example.test\"]\ntrusted_networks = []\n\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[admin.tls]\ncert_file = \"{}\"\n\
-             key_file = \"{}\"\nca_file = \"{}\"\n",
+             key_file = \"{}\"\nca_file = \"{}\"\n\n\
+             [[listener]]\nname = \"submission\"\naddress = \"{submission}\"\nmode = \"submission\"\n\
+             tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\n\
+             [[listener]]\nname = \"submissions\"\naddress = \"{submissions}\"\nmode = \"submissions\"\n\
+             tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\n\
+             [auth]\npassword_file = \"{}\"\n",
             admin_tls.cert_file.display(),
             admin_tls.key_file.display(),
-            admin_tls.ca_file.display()
+            admin_tls.ca_file.display(),
+            passwd.display()
         ),
         ..RelayConfig::default()
     });
     Scanned {
         relay,
         admin,
+        submission,
+        submissions,
         ca_file: listener.ca_file.clone(),
         _pki: pki_dir,
     }
@@ -160,32 +185,61 @@ fn testssl_finds_nothing_high_or_critical_on_starttls_or_mutual_tls() {
 }
 
 #[test]
-fn nmap_finds_no_open_relay() {
+fn testssl_finds_nothing_high_or_critical_on_the_submission_ports() {
     let scanned = scanned();
+    let work = tempfile::tempdir().unwrap();
+    let starttls = testssl(
+        &scanned.submission.to_string(),
+        &["--add-ca", scanned.ca_file.to_str().unwrap(), "-t", "smtp"],
+        &work.path().join("587.json"),
+    );
+    judge("submission (587-style, STARTTLS)", &starttls);
+    let implicit = testssl(
+        &scanned.submissions.to_string(),
+        &["--add-ca", scanned.ca_file.to_str().unwrap()],
+        &work.path().join("465.json"),
+    );
+    judge("submissions (465-style, implicit TLS)", &implicit);
+}
+
+#[test]
+fn nmap_finds_no_open_relay_on_any_listener() {
+    let scanned = scanned();
+    for listener in [scanned.relay.smtp, scanned.submission, scanned.submissions] {
+        nmap_open_relay(listener);
+    }
+}
+
+/// nmap's smtp-open-relay script against `listener`, from a client the
+/// relay does not trust and that does not log in.
+fn nmap_open_relay(listener: std::net::SocketAddr) {
     let output = Command::new(require_tool("nmap"))
         .args([
             "-Pn",
             "-sT",
             "-sV",
             "-p",
-            &scanned.relay.smtp.port().to_string(),
+            &listener.port().to_string(),
             "--script",
             "smtp-open-relay",
             "--script-args",
             "smtp-open-relay.domain=postern.test",
-            &scanned.relay.smtp.ip().to_string(),
+            &listener.ip().to_string(),
         ])
         .output()
         .expect("run nmap");
     let report = String::from_utf8_lossy(&output.stdout);
-    eprintln!("nmap against {}: {report}", scanned.relay.smtp);
+    eprintln!("nmap against {listener}: {report}");
     assert!(output.status.success(), "{report}");
     assert!(
         report.contains("smtp-open-relay"),
         "the script ran: {report}"
     );
+    // "doesn't seem to be an open relay, all tests failed" on the SMTP
+    // listener; "isn't an open relay, authentication needed" on submission.
     assert!(
-        report.contains("doesn't seem to be an open relay"),
+        report.contains("doesn't seem to be an open relay")
+            || report.contains("isn't an open relay, authentication needed"),
         "{report}"
     );
     assert!(!report.contains("is an open relay"), "{report}");

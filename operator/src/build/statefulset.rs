@@ -22,9 +22,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{labels, metadata, selector_labels, Names, CONFIG_HASH, TRAFFIC_LABEL, TRAFFIC_SERVE};
 use crate::crd::{MailQueue, PullPolicy};
 use crate::relay_config::{
-    RelayConfig, CONFIG_DIR, CONFIG_FILE, DATA_DIR, ETCD_AUTH_DIR, ETCD_CA_KEY, ETCD_CERT_KEY,
-    ETCD_KEY_KEY, ETCD_PASSWORD_KEY, ETCD_TLS_DIR, ETCD_USERNAME_KEY, HTTP_PORT, PEER_PORT,
-    PEER_PORT_NAME, PEER_SECRET_DIR, PEER_SECRET_KEY, PEER_TLS_DIR, ROUTE_AUTH_DIR, TLS_DIR,
+    RelayConfig, AUTH_DIR, AUTH_PASSWD_KEY, CONFIG_DIR, CONFIG_FILE, DATA_DIR, ETCD_AUTH_DIR,
+    ETCD_CA_KEY, ETCD_CERT_KEY, ETCD_KEY_KEY, ETCD_PASSWORD_KEY, ETCD_TLS_DIR, ETCD_USERNAME_KEY,
+    HTTP_PORT, PEER_PORT, PEER_PORT_NAME, PEER_SECRET_DIR, PEER_SECRET_KEY, PEER_TLS_DIR,
+    ROUTE_AUTH_DIR, TLS_DIR,
 };
 
 /// User and group the relay runs as (the distroless `nonroot` ids); the
@@ -34,6 +35,7 @@ const SPOOL_VOLUME: &str = "spool";
 const CONFIG_VOLUME: &str = "config";
 const PEER_SECRET_VOLUME: &str = "peer-secret";
 const PEER_TLS_VOLUME: &str = "peer-tls";
+const AUTH_VOLUME: &str = "auth";
 const ETCD_TLS_VOLUME: &str = "etcd-tls";
 const ETCD_AUTH_VOLUME: &str = "etcd-auth";
 /// CPU the relay container requests when the MailQueue sets no `resources`.
@@ -87,6 +89,19 @@ pub fn stateful_set(
                 ..VolumeMount::default()
             });
         }
+    }
+    if let Some(secret) = spec
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.password_secret.as_ref())
+    {
+        volumes.push(secret_volume(AUTH_VOLUME, secret, &[AUTH_PASSWD_KEY]));
+        mounts.push(VolumeMount {
+            name: AUTH_VOLUME.into(),
+            mount_path: AUTH_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
     }
     for (index, route) in spec.routes.iter().enumerate() {
         if let Some(secret) = &route.credentials_secret {
