@@ -7,8 +7,11 @@ pub const MAX_COMMAND_LINE: usize = 512;
 pub const MAX_MAIL_LINE: usize = MAX_COMMAND_LINE + 26 + 108 + 24;
 /// See `MAX_MAIL_LINE`.
 pub const MAX_RCPT_LINE: usize = MAX_COMMAND_LINE + 530;
+/// RFC 4954 §4: AUTH lines (the command with an initial response, and the
+/// responses after 334) may be up to 12288 octets, CRLF included.
+pub const MAX_AUTH_LINE: usize = 12288;
 /// Longest line the parser will buffer before refusing it.
-pub const MAX_ANY_LINE: usize = MAX_RCPT_LINE;
+pub const MAX_ANY_LINE: usize = MAX_AUTH_LINE;
 
 /// A parsed SMTP command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +82,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     let limit = match verb.as_str() {
         "MAIL" => MAX_MAIL_LINE,
         "RCPT" => MAX_RCPT_LINE,
+        "AUTH" => MAX_AUTH_LINE,
         _ => MAX_COMMAND_LINE,
     };
     if wire_len > limit {

@@ -12,7 +12,7 @@ use std::fmt;
 
 use super::{Event, Pending, Reply, Session, State, Verdict};
 use crate::smtp::base64;
-use crate::smtp::command::MAX_ANY_LINE;
+use crate::smtp::command::MAX_AUTH_LINE;
 
 /// A password mechanism.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,42 @@ pub struct Credentials {
     pub user: String,
     /// The password.
     pub password: Password,
+}
+
+/// Why a PLAIN response cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PlainError {
+    /// Not three fields separated by two NULs.
+    #[error("PLAIN response must be authzid NUL authcid NUL password")]
+    Fields,
+    /// The authentication identity is empty.
+    #[error("PLAIN response has an empty user name")]
+    EmptyUser,
+    /// A field is not UTF-8 (RFC 4616 §2).
+    #[error("PLAIN response is not UTF-8")]
+    NotUtf8,
+}
+
+/// Decodes a PLAIN message (RFC 4616 §2, already base64-decoded):
+/// `[authzid] NUL authcid NUL passwd`, each UTF-8 without NUL.
+pub fn parse_plain(message: &[u8]) -> Result<Credentials, PlainError> {
+    let mut fields = message.split(|&b| b == 0);
+    let (Some(authzid), Some(user), Some(password), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Err(PlainError::Fields);
+    };
+    let text = |field: &[u8]| String::from_utf8(field.to_vec()).map_err(|_| PlainError::NotUtf8);
+    let credentials = Credentials {
+        mechanism: Mechanism::Plain,
+        authzid: text(authzid)?,
+        user: text(user)?,
+        password: Password::new(text(password)?),
+    };
+    if credentials.user.is_empty() {
+        return Err(PlainError::EmptyUser);
+    }
+    Ok(credentials)
 }
 
 /// Which response the session waits for after its `334`.
@@ -172,7 +208,7 @@ impl Session {
     /// Reads the response line that follows our `334`.
     pub(super) fn read_auth_response(&mut self) -> bool {
         let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
-            if self.input.len() > MAX_ANY_LINE {
+            if self.input.len() > MAX_AUTH_LINE {
                 // Skip the rest of the line too, so it is not read as a command.
                 self.input.clear();
                 self.discarding_line = true;
@@ -186,6 +222,10 @@ impl Session {
         let State::AuthResponse(step) = std::mem::replace(&mut self.state, State::Command) else {
             return true;
         };
+        if line.len() > MAX_AUTH_LINE {
+            self.error(Reply::new(500, "5.5.6", "Authentication response too long"));
+            return true;
+        }
         let Some(body) = line[..line.len() - 1].strip_suffix(b"\r") else {
             return self.bare_line_ending();
         };
@@ -215,24 +255,12 @@ impl Session {
             AuthStep::External => {
                 self.pause(Pending::Auth, Event::AuthExternal { authzid: text });
             }
-            AuthStep::Plain => {
-                let mut parts = text.split('\0');
-                let (Some(authzid), Some(user), Some(password), None) =
-                    (parts.next(), parts.next(), parts.next(), parts.next())
-                else {
-                    return self.error(Reply::new(
-                        501,
-                        "5.5.2",
-                        "PLAIN response must be authzid NUL authcid NUL password",
-                    ));
-                };
-                let credentials = Credentials {
-                    mechanism: Mechanism::Plain,
-                    authzid: authzid.to_owned(),
-                    user: user.to_owned(),
-                    password: Password::new(password.to_owned()),
-                };
-                self.pause(Pending::Auth, Event::AuthPassword { credentials });
+            AuthStep::Plain => match parse_plain(text.as_bytes()) {
+                Ok(credentials) => self.pause(Pending::Auth, Event::AuthPassword { credentials }),
+                Err(err) => self.error(Reply::new(501, "5.5.2", err.to_string())),
+            },
+            AuthStep::LoginUser if text.is_empty() => {
+                self.error(Reply::new(501, "5.5.2", "LOGIN needs a user name"));
             }
             AuthStep::LoginUser => self.challenge(AuthStep::LoginPassword { user: text }),
             AuthStep::LoginPassword { user } => {
@@ -255,5 +283,86 @@ impl Session {
             }
             Verdict::Reply(reply) => self.error(reply),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::SessionConfig;
+
+    #[test]
+    fn plain_messages_split_into_three_utf8_fields_with_a_user() {
+        let ok = parse_plain(b"\0alice\0pass word").unwrap();
+        assert_eq!((ok.authzid.as_str(), ok.user.as_str()), ("", "alice"));
+        assert_eq!(ok.password.expose(), "pass word");
+        assert!(!format!("{ok:?}").contains("pass word"), "Debug hides it");
+        let proxy = parse_plain("bob\0alice\0pw\u{e9}".as_bytes()).unwrap();
+        assert_eq!(proxy.authzid, "bob");
+        for (message, err) in [
+            (&b"alice\0pw"[..], PlainError::Fields),
+            (b"\0alice\0pw\0extra", PlainError::Fields),
+            (b"", PlainError::Fields),
+            (b"\0\0pw", PlainError::EmptyUser),
+            (b"\0al\xffice\0pw", PlainError::NotUtf8),
+        ] {
+            assert_eq!(parse_plain(message).unwrap_err(), err, "{message:?}");
+        }
+    }
+
+    fn submission() -> Session {
+        let mut session = Session::new(SessionConfig {
+            hostname: "mx.test".into(),
+            max_message_size: 1 << 20,
+            max_recipients: 10,
+            max_line_length: 1000,
+            max_errors: 10,
+            starttls: true,
+            auth_external: false,
+            auth_password: true,
+            require_auth: true,
+            require_tls: true,
+        });
+        session.tls_from_start();
+        session.start();
+        session.feed(b"EHLO client.example\r\n");
+        while session.next_event().is_some() {}
+        session
+    }
+
+    fn replies(session: &mut Session) -> Vec<String> {
+        std::iter::from_fn(|| session.next_event())
+            .filter_map(|event| match event {
+                Event::Reply(reply) => Some(reply.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn auth_lines_up_to_12288_octets_are_read_and_longer_ones_refused() {
+        // A long password in the initial response fits (RFC 4954 §4).
+        let mut session = submission();
+        let response = base64::encode(format!("\0alice\0{}", "p".repeat(9000)).as_bytes());
+        session.feed(format!("AUTH PLAIN {response}\r\n").as_bytes());
+        let event = session.next_event();
+        assert!(
+            matches!(&event, Some(Event::AuthPassword { credentials }) if credentials.password.expose().len() == 9000),
+            "{event:?}"
+        );
+        // After 334, a response line over 12288 octets is refused, and the
+        // rest of it is not read as commands.
+        let mut session = submission();
+        session.feed(b"AUTH PLAIN\r\n");
+        assert_eq!(replies(&mut session), ["334 \r\n"]);
+        session.feed(&vec![b'A'; MAX_AUTH_LINE + 10]);
+        session.feed(b"QUIT\r\nNOOP\r\n");
+        assert_eq!(
+            replies(&mut session),
+            [
+                "500 5.5.6 Authentication response too long\r\n",
+                "250 2.0.0 Ok\r\n"
+            ]
+        );
     }
 }

@@ -15,7 +15,7 @@ mod mail;
 mod rcpt;
 mod simple;
 
-pub use auth::{Credentials, Mechanism, Password};
+pub use auth::{parse_plain, Credentials, Mechanism, Password, PlainError};
 
 use std::collections::VecDeque;
 
