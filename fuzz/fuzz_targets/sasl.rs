@@ -20,7 +20,10 @@ fuzz_target!(|input: &[u8]| {
         );
         assert_eq!(joined.as_bytes(), input);
     }
-    assert_eq!(base64::decode(&base64::encode(input)).as_deref(), Some(input));
+    assert_eq!(
+        base64::decode(&base64::encode(input)).as_deref(),
+        Some(input)
+    );
     if let Ok(text) = std::str::from_utf8(input) {
         if let Some(decoded) = base64::decode(text) {
             let _ = parse_plain(&decoded);

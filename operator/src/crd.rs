@@ -324,7 +324,7 @@ pub struct SubmissionAuth {
     /// before it is refused (421) for the rest of the window; default 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
-    pub max_failures: Option<u32>,
+    pub max_failures: Option<i32>,
 }
 
 /// A Secret name (DNS-1123 subdomain).

@@ -105,7 +105,13 @@ fn auth_config(auth: &crd::SubmissionAuth) -> Result<AuthConfig, SpecError> {
             .map(|_| PathBuf::from(AUTH_DIR).join(AUTH_PASSWD_KEY)),
         dovecot: auth.dovecot.clone(),
         senders: auth.senders.clone(),
-        max_failures: auth.max_failures.unwrap_or(defaults.max_failures),
+        max_failures: match auth.max_failures {
+            Some(max) => u32::try_from(max)
+                .ok()
+                .filter(|max| *max > 0)
+                .ok_or_else(|| field("auth.maxFailures", "must be at least 1"))?,
+            None => defaults.max_failures,
+        },
         ..defaults
     })
 }
@@ -489,10 +495,8 @@ fn cluster(mq: &MailQueue, etcd: &crd::Etcd, replicas: usize) -> Result<ClusterC
             "says what tlsSecret holds, and tlsSecret is not set",
         ));
     }
-    let peers = format!(
-        "{}.{namespace}.svc:{PEER_PORT}",
-        crate::build::Names::of(mq).peers
-    );
+    let peer_service = format!("{}.{namespace}.svc", crate::build::Names::of(mq).peers);
+    let peers = format!("{peer_service}:{PEER_PORT}");
     let tls = PathBuf::from(ETCD_TLS_DIR);
     let auth = PathBuf::from(ETCD_AUTH_DIR);
     let client_certificate = etcd.client_certificate();
@@ -521,6 +525,9 @@ fn cluster(mq: &MailQueue, etcd: &crd::Etcd, replicas: usize) -> Result<ClusterC
                 cert_file: dir.join(ETCD_CERT_KEY),
                 key_file: dir.join(ETCD_KEY_KEY),
                 ca_file: dir.join(ETCD_CA_KEY),
+                // Certificates the CA issued for other names (another
+                // MailQueue's relays, under a shared issuer) are refused.
+                member_name: Some(peer_service.clone()),
             }
         }),
         ..ClusterConfig::default()
@@ -880,6 +887,7 @@ mod tests {
         );
         assert_eq!(tls.key_file, PathBuf::from("/etc/postern/peer-tls/tls.key"));
         assert_eq!(tls.ca_file, PathBuf::from("/etc/postern/peer-tls/ca.crt"));
+        assert_eq!(tls.member_name.as_deref(), Some("mx-peers.mail.svc"));
         let plain = render(&secured(serde_json::json!({}))).unwrap();
         assert_eq!(plain.config.cluster.unwrap().tls, None);
     }

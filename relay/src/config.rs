@@ -602,12 +602,26 @@ pub struct MutualTlsFiles {
     pub key_file: PathBuf,
     /// The CA certificates the other end's certificate must come from.
     pub ca_file: PathBuf,
+    /// A DNS name every member's certificate must be valid for (the peer
+    /// Service's, `mx-peers.mail.svc`, or a wildcard's parent), checked
+    /// both ways: a certificate the same CA issued for another name —
+    /// another cluster's relays, another service — is refused. Unset:
+    /// every certificate of the CA is a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_name: Option<String>,
 }
 
 impl MutualTlsFiles {
     /// Reads the three files, naming one that is missing or holds nothing
     /// usable.
     pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.member_name {
+            if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "tls.member_name {name:?} is not a DNS name"
+                )));
+            }
+        }
         read_pem(&self.cert_file, Pem::Certificates)?;
         read_pem(&self.key_file, Pem::PrivateKey)?;
         read_pem(&self.ca_file, Pem::Certificates)?;

@@ -820,6 +820,83 @@ async fn mutual_tls_lets_members_in_and_refuses_the_rest_saying_why() {
     .await;
 }
 
+/// With `member_name`, a certificate the cluster's CA issued for another
+/// name (another cluster's relays under a shared issuer) is refused in
+/// both directions, and the log says so; one for the member name gets in.
+#[tokio::test]
+async fn with_a_member_name_certificates_for_other_names_are_refused_both_ways() {
+    let (_guard, log) = capture_log();
+    let pki_dir = tempfile::tempdir().unwrap();
+    let ca = pki::ca("shared CA");
+    let named = |file: &str, dns: &'static str| {
+        let mut files = pki::member_files_with(pki_dir.path(), &ca, file, |params| {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::DnsName(dns.try_into().unwrap()));
+        });
+        files.member_name = Some("mx-peers.mail.svc".into());
+        files
+    };
+    let server_files = named("server", "mx-peers.mail.svc");
+    let member = named("member", "mx-peers.mail.svc");
+    let other_cluster = named("other", "other-peers.mail.svc");
+    let peer = tempfile::tempdir().unwrap();
+    let server = start_serving(
+        peer.path(),
+        None,
+        None,
+        Some(MutualTls::load(&server_files).unwrap()),
+    )
+    .await;
+    let staging = tempfile::tempdir().unwrap();
+    let held = |job: &CopyJob| {
+        server
+            .replicas
+            .join(&job.spool)
+            .join(format!("{}.env", job.id))
+            .exists()
+    };
+    let job = job(staging.path(), "s1", &suite::message(10_000));
+    tls_client(&member)
+        .replicate(server.addr, &job)
+        .await
+        .unwrap();
+    assert!(held(&job), "a member replicates");
+
+    // Another cluster's relay, same CA: the server refuses it.
+    let refused = self::job(staging.path(), "s1", &suite::message(1_000));
+    let err = tls_client(&other_cluster)
+        .replicate(server.addr, &refused)
+        .await
+        .unwrap_err();
+    assert!(!held(&refused), "a replica was written ({err})");
+    logged(&log, &["not for the member name"]).await;
+
+    // And a member does not send to a server whose certificate is another
+    // cluster's: the client refuses it.
+    let impostor_dir = tempfile::tempdir().unwrap();
+    let impostor = start_serving(
+        impostor_dir.path(),
+        None,
+        None,
+        Some(MutualTls::load(&other_cluster).unwrap()),
+    )
+    .await;
+    let err = tls_client(&member)
+        .replicate(impostor.addr, &refused)
+        .await
+        .unwrap_err();
+    assert!(
+        !impostor
+            .replicas
+            .join("s1")
+            .join(format!("{}.env", refused.id))
+            .exists(),
+        "sent to an impostor ({err})"
+    );
+    eprintln!("member to another cluster's server: {err}");
+}
+
 /// The certificate files are re-read when they change: after the server's
 /// files move to a new CA, members of the new CA get in and those of the old
 /// one no longer do, without a restart.

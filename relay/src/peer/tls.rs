@@ -10,10 +10,12 @@
 //! changed, so a rotated certificate is used without a restart (a file that
 //! does not load keeps the previous configuration, with a log line).
 //!
-//! Peers are dialled at resolved addresses, so a server certificate is
-//! checked against the CA and its validity period, not a name: every
-//! certificate the cluster's CA issued is a member. Give the cluster a CA of
-//! its own.
+//! Peers are dialled at resolved addresses, so a certificate is not checked
+//! against the address dialled. With `member_name` set, every certificate —
+//! the server's and the client's — must be valid for that one name (the peer
+//! Service's): a certificate the same CA issued for another name is refused.
+//! Without it, every certificate the CA issued is a member: then give the
+//! cluster a CA of its own.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -104,9 +107,23 @@ fn build(files: &MutualTlsFiles) -> Result<Configs, TlsError> {
             .map_err(|err| file_error(&files.ca_file, err))?;
     }
     let roots = Arc::new(roots);
+    let member_name = match &files.member_name {
+        Some(name) => Some(
+            ServerName::try_from(name.clone())
+                .map_err(|err| TlsError::Verifier(format!("member_name {name:?}: {err}")))?,
+        ),
+        None => None,
+    };
     let clients = WebPkiClientVerifier::builder(Arc::clone(&roots))
         .build()
         .map_err(|err| TlsError::Verifier(err.to_string()))?;
+    let clients: Arc<dyn ClientCertVerifier> = match &member_name {
+        Some(name) => Arc::new(NamedClients {
+            inner: clients,
+            name: name.clone(),
+        }),
+        None => clients,
+    };
     let mut server = ServerConfig::builder()
         .with_client_cert_verifier(clients)
         .with_single_cert(chain.clone(), key.clone_key())?;
@@ -118,7 +135,10 @@ fn build(files: &MutualTlsFiles) -> Result<Configs, TlsError> {
         .map_err(|err| TlsError::Verifier(err.to_string()))?;
     let mut client = ClientConfig::builder()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(MemberVerifier(servers)))
+        .with_custom_certificate_verifier(Arc::new(MemberVerifier {
+            inner: servers,
+            name: member_name,
+        }))
         .with_client_auth_cert(chain, key)?;
     client.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Configs {
@@ -242,15 +262,24 @@ fn refusal(err: &io::Error) -> String {
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
         ) => "the peer's certificate is not valid yet".into(),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "the peer's certificate is from the CA but not for the member name \
+              (tls.member_name): another cluster's or service's certificate"
+            .into(),
         rustls::Error::InvalidMessage(_) => format!("not TLS (plaintext?): {tls}"),
         other => other.to_string(),
     }
 }
 
-/// Checks a peer's server certificate against the cluster's CA, leaving out
-/// the name (peers are dialled by address; see the module's comment).
+/// Checks a peer's server certificate against the cluster's CA and, with a
+/// member name, that it is valid for that name instead of the address
+/// dialled (see the module's comment).
 #[derive(Debug)]
-struct MemberVerifier(Arc<WebPkiServerVerifier>);
+struct MemberVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: Option<ServerName<'static>>,
+}
 
 impl ServerCertVerifier for MemberVerifier {
     fn verify_server_cert(
@@ -261,10 +290,22 @@ impl ServerCertVerifier for MemberVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        if let Some(name) = &self.name {
+            return self.inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                name,
+                ocsp_response,
+                now,
+            );
+        }
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -278,7 +319,7 @@ impl ServerCertVerifier for MemberVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -287,11 +328,71 @@ impl ServerCertVerifier for MemberVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Checks a client certificate against the CA (`inner`), then that it is
+/// valid for the member name.
+#[derive(Debug)]
+struct NamedClients {
+    inner: Arc<dyn ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ClientCertVerifier for NamedClients {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_is_valid_for_subject_name(&self.name)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::NotValidForName))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -97,5 +97,6 @@ pub fn member_files_with(
         cert_file: write(dir, &format!("{name}.crt"), &cert),
         key_file: write(dir, &format!("{name}.key"), &key),
         ca_file: write(dir, &format!("{name}-ca.crt"), &issuer.pem()),
+        member_name: None,
     }
 }
