@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
 fn drain(session: &mut Session, choices: &mut Choices<'_>, message: &mut Vec<u8>) {
     while let Some(event) = session.next_event() {
         match event {
-            Event::AuthPassword { .. } if choices.next() % 8 == 0 => {
+            Event::AuthPassword { .. } if choices.next() < 32 => {
                 session.abort(Reply::new(421, "4.7.0", "too many failures"));
             }
             Event::Mail { .. }

@@ -634,3 +634,111 @@ fn dovecot_checks_passwords_over_its_auth_socket() {
         .log()
         .contains("SASL PLAIN authentication failed from 127.0.0.2"));
 }
+
+/// `[rate_limits]` count a password user wherever it connects from: bob's
+/// fourth transaction, from a third address, hears 450 naming him, while
+/// alice on another address is served in full.
+#[test]
+fn a_user_over_its_message_rate_is_slowed_from_any_address() {
+    let sub = start(|dir| format!("{}\n[rate_limits]\nmessages = \"3/1h\"\n", file_auth(dir)));
+    let send = |source: &str, user: &str, password: &str, from: &str| {
+        let replies = converse(
+            sub.submissions,
+            source,
+            &sub.ca_file,
+            true,
+            &[
+                "EHLO c.example",
+                &format!("PLAIN {user} {password}"),
+                &format!("MAIL FROM:<{from}>"),
+                "QUIT",
+            ],
+        );
+        (
+            replies[3]["code"].as_u64().unwrap(),
+            replies[3]["text"].as_str().unwrap().to_owned(),
+        )
+    };
+    let bob: Vec<(u64, String)> = [("127.0.0.2"), ("127.0.0.3"), ("127.0.0.2"), ("127.0.0.4")]
+        .iter()
+        .map(|source| send(source, "bob", "bob-pw", "bob@example.org"))
+        .collect();
+    let alice: Vec<u64> = (0..3)
+        .map(|_| send("127.0.0.5", "alice", "alice-pw", "alice@example.org").0)
+        .collect();
+    eprintln!("bob from three addresses: {bob:?}; alice: {alice:?}");
+    assert_eq!(
+        bob.iter().map(|(code, _)| *code).collect::<Vec<_>>(),
+        [250, 250, 250, 450]
+    );
+    assert!(bob[3].1.contains("user bob"), "{bob:?}");
+    assert_eq!(alice, [250, 250, 250]);
+}
+
+/// A password file holding a plaintext password, or a hash of a scheme we
+/// do not take, stops `config check` and the relay, naming the line; a
+/// changed file is re-read without a restart.
+#[test]
+fn the_password_file_refuses_plaintext_and_is_reread_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |passwd: &Path| {
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[listener]]\nname = \"submission\"\naddress = \"127.0.0.1:2587\"\n\
+                 mode = \"submission\"\ntls_cert = \"/nonexistent\"\ntls_key = \"/nonexistent\"\n\n\
+                 [auth]\npassword_file = \"{}\"\n",
+                passwd.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    for (text, says) in [
+        ("alice:{SSHA}abc\nbob:secret\n", "line 1"),
+        (
+            &format!("alice:{}\nbob:secret\n", hash("BLF-CRYPT", "x")) as &str,
+            "line 2",
+        ),
+    ] {
+        let passwd = pki::write(dir.path(), "passwd", text);
+        let output = Command::new(postern_bin())
+            .args(["config", "check"])
+            .arg(config(&passwd))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprintln!("config check: {}", stderr.trim());
+        assert!(!output.status.success());
+        assert!(
+            stderr.contains(says) && stderr.contains("plaintext"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("secret"),
+            "the password is in the error: {stderr}"
+        );
+    }
+
+    // Re-read: dave is added to the file of a running relay.
+    let sub = start(file_auth);
+    let passwd = sub._pki.path().join("passwd");
+    let dave = || {
+        codes(&converse(
+            sub.submissions,
+            "127.0.0.6",
+            &sub.ca_file,
+            true,
+            &["EHLO c.example", "PLAIN dave dave-pw", "QUIT"],
+        ))[2]
+    };
+    assert_eq!(dave(), 535);
+    let mut text = std::fs::read_to_string(&passwd).unwrap();
+    text.push_str(&format!("dave:{}\n", hash("SHA512-CRYPT", "dave-pw")));
+    std::fs::write(&passwd, text).unwrap();
+    // The file is looked at no more than once a second.
+    let accepted = wait_for(Duration::from_secs(10), || (dave() == 235).then_some(()));
+    assert!(accepted.is_some(), "the new user was not taken");
+    assert!(sub.relay.log().contains("password file changed"));
+}

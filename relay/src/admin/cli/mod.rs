@@ -102,7 +102,7 @@ pub enum Target {
         /// `host:port`.
         addr: String,
         /// This client's certificate and key, and the service's CA.
-        files: crate::config::MutualTlsFiles,
+        files: Box<crate::config::MutualTlsFiles>,
     },
 }
 
@@ -152,7 +152,7 @@ impl QueueArgs {
             return Ok(match (config.admin.listen, config.admin.tls) {
                 (Some(listen), Some(files)) if !socket.exists() => Target::Tls {
                     addr: listen.to_string(),
-                    files,
+                    files: Box::new(files),
                 },
                 (Some(listen), None) if !socket.exists() => Target::Tcp(listen.to_string()),
                 _ => Target::Unix(socket),
