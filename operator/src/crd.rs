@@ -143,6 +143,10 @@ pub struct MailQueueSpec {
     /// Password authentication for `submission` and `submissions` listeners.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<SubmissionAuth>,
+    /// DKIM keys: mail from the relay's own users (authenticated, trusted
+    /// networks) whose `From:` domain has a key is signed with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimKey>,
     /// Next hop for all mail without a matching route (`host:port`, `[host]:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = NEXT_HOP))]
@@ -298,6 +302,22 @@ impl ListenerMode {
     pub fn is_smtp(&self) -> bool {
         *self == ListenerMode::Smtp
     }
+}
+
+/// One DKIM signing key.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimKey {
+    /// The signing domain (`d=`); its subdomains are signed with it too.
+    pub domain: String,
+    /// The selector: the public key is at `<selector>._domainkey.<domain>`.
+    #[schemars(regex(pattern = LABEL))]
+    pub selector: String,
+    /// A Secret whose `private.key` is the PEM private key (RSA of 2048
+    /// bits or more, or Ed25519), mounted read-only under
+    /// `/etc/postern/dkim/<selector>.<domain>`.
+    #[schemars(regex(pattern = LABEL_OR_SUBDOMAIN))]
+    pub secret: String,
 }
 
 /// How submission listeners check passwords: one of `passwordSecret` or

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use postern::config::{
-    AuthConfig, ClusterConfig, Config, ConfigError, CopyKind as RelayCopy, ListenerConfig,
-    ListenerMode, MutualTlsFiles, ObjectStoreConfig, Protocol, RouteConfig, ScannerConfig,
-    ScannerFailure, ScannerKind, TlsMode, DEFAULT_EARLY_BUDGET, DEFAULT_SCAN_TIMEOUT,
+    default_dkim_headers, AuthConfig, ClusterConfig, Config, ConfigError, CopyKind as RelayCopy,
+    DkimConfig, ListenerConfig, ListenerMode, MutualTlsFiles, ObjectStoreConfig, Protocol,
+    RouteConfig, ScannerConfig, ScannerFailure, ScannerKind, TlsMode, DEFAULT_EARLY_BUDGET,
+    DEFAULT_SCAN_TIMEOUT,
 };
 use sha2::{Digest, Sha256};
 
@@ -48,6 +49,10 @@ pub const PEER_TLS_DIR: &str = "/etc/postern/peer-tls";
 pub const AUTH_DIR: &str = "/etc/postern/auth";
 /// The password file's key in that Secret (and its file name).
 pub const AUTH_PASSWD_KEY: &str = "passwd";
+/// Where the DKIM keys' Secrets are mounted, one directory each.
+pub const DKIM_DIR: &str = "/etc/postern/dkim";
+/// The private key's key in a DKIM Secret (and its file name).
+pub const DKIM_KEY: &str = "private.key";
 /// Where the `spec.etcd.tlsSecret` Secret is mounted.
 pub const ETCD_TLS_DIR: &str = "/etc/postern/etcd/tls";
 /// Keys of the etcd TLS Secret (cert-manager's names), also the file names
@@ -78,6 +83,11 @@ pub enum SpecError {
     /// The relay's own validation rejects the rendered configuration.
     #[error("the relay rejects the configuration: {0}")]
     Relay(#[source] ConfigError),
+}
+
+/// Where a DKIM key's Secret is mounted.
+pub fn dkim_dir(key: &crd::DkimKey) -> PathBuf {
+    PathBuf::from(DKIM_DIR).join(format!("{}.{}", key.selector, key.domain))
 }
 
 /// `spec.auth` as the relay's `[auth]`: the password Secret's file, or
@@ -229,6 +239,16 @@ pub fn render(mq: &MailQueue) -> Result<RelayConfig, SpecError> {
     if let Some(auth) = &spec.auth {
         config.auth = auth_config(auth)?;
     }
+    config.dkim = spec
+        .dkim
+        .iter()
+        .map(|key| DkimConfig {
+            domain: key.domain.clone(),
+            selector: key.selector.clone(),
+            key_file: dkim_dir(key).join(DKIM_KEY),
+            headers: default_dkim_headers(),
+        })
+        .collect();
     let mut service_ports = std::collections::BTreeSet::new();
     for (index, listener) in spec.listeners.iter().enumerate() {
         let port = listener.service_port.unwrap_or(listener.port);

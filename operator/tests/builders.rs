@@ -452,3 +452,34 @@ fn the_examples_submission_listeners_get_their_ports_and_password_file() {
         .collect();
     assert!(ports.contains(&2587) && ports.contains(&2465), "{ports:?}");
 }
+
+/// The example's DKIM keys: each Secret's `private.key` is mounted where
+/// the rendered `[[dkim]]` reads it.
+#[test]
+fn the_examples_dkim_keys_are_mounted_where_the_relay_reads_them() {
+    let mq = common::mail_queue_from("charts/postern/examples/mailqueue.yaml");
+    let rendered = relay_config::render(&mq).unwrap();
+    let config = postern::config::Config::parse(&rendered.toml).unwrap();
+    assert_eq!(config.dkim.len(), 2);
+    let sts = serde_json::to_value(build::stateful_set(&mq, &rendered, 3, 300)).unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    for (dkim, secret) in config.dkim.iter().zip(["mx-dkim-rsa", "mx-dkim-ed25519"]) {
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"]["secretName"] == secret)
+            .unwrap_or_else(|| panic!("{secret} is a volume"));
+        assert_eq!(volume["secret"]["items"][0]["key"], "private.key");
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .expect("and is mounted");
+        assert_eq!(
+            std::path::Path::new(mount["mountPath"].as_str().unwrap()).join("private.key"),
+            dkim.key_file
+        );
+    }
+}

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod health;
 pub mod http;
 pub mod inbound;

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
         } => match Config::load(&file)
             .and_then(|config| config.check_files().map(|()| config))
             .map_err(|err| err.to_string())
-            .and_then(|config| check_password_file(&config).map(|()| config))
+            .and_then(|config| check_key_files(&config).map(|()| config))
         {
             Ok(config) => {
                 for warning in config.warnings() {
@@ -148,7 +148,7 @@ fn main() -> ExitCode {
                 .validate()
                 .and_then(|()| config.check_files())
                 .map_err(|err| err.to_string())
-                .and_then(|()| check_password_file(&config))
+                .and_then(|()| check_key_files(&config))
             {
                 eprintln!("{err}");
                 return ExitCode::FAILURE;
@@ -190,13 +190,14 @@ fn init_logging() {
         .init();
 }
 
-/// Loads `[auth] password_file`, naming a line that holds a plaintext or
-/// unknown hash, so the relay refuses it before it starts.
-fn check_password_file(config: &Config) -> Result<(), String> {
-    match &config.auth.password_file {
-        Some(path) => postern::inbound::auth::passwords::PasswordFile::load(path)
-            .map(|_| ())
-            .map_err(|err| format!("auth.password_file: {err}")),
-        None => Ok(()),
+/// Loads `[auth] password_file` (naming a line that holds a plaintext or
+/// unknown hash) and the `[[dkim]]` keys, so the relay refuses them before
+/// it starts.
+fn check_key_files(config: &Config) -> Result<(), String> {
+    if let Some(path) = &config.auth.password_file {
+        postern::inbound::auth::passwords::PasswordFile::load(path)
+            .map_err(|err| format!("auth.password_file: {err}"))?;
     }
+    postern::dkim::DkimKeys::load(&config.dkim).map_err(|err| err.to_string())?;
+    Ok(())
 }

@@ -126,6 +126,10 @@ pub struct Metrics {
     pub quarantined: AtomicU64,
     /// AUTH PLAIN/LOGIN attempts that failed or were refused by the throttle.
     pub auth_failures: AtomicU64,
+    /// DKIM signatures added to accepted messages.
+    pub dkim_signatures: AtomicU64,
+    /// Messages that should have been signed but could not be (sent unsigned).
+    pub dkim_failures: AtomicU64,
     /// End-of-data to reply.
     pub ack_latency: Histogram,
     /// Accept to final outcome, per recipient.
@@ -149,6 +153,8 @@ impl Default for Metrics {
             repaired: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
+            dkim_signatures: AtomicU64::new(0),
+            dkim_failures: AtomicU64::new(0),
             ack_latency: Histogram::new(ACK_BUCKETS),
             delivery_latency: Histogram::new(DELIVERY_BUCKETS),
             gauges: Mutex::new(QueueGauges::default()),
@@ -190,6 +196,16 @@ impl Metrics {
                 "postern_auth_failures_total",
                 "Password authentications that failed or were refused by the throttle.",
                 &self.auth_failures,
+            ),
+            (
+                "postern_dkim_signatures_total",
+                "DKIM signatures added to accepted messages.",
+                &self.dkim_signatures,
+            ),
+            (
+                "postern_dkim_failures_total",
+                "Messages that should have been DKIM-signed but went unsigned.",
+                &self.dkim_failures,
             ),
             (
                 "postern_recipients_delivered_total",

@@ -212,6 +212,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let submission_auth = inbound::auth::SubmissionAuth::new(&config.auth)
         .context("[auth]")?
         .map(Arc::new);
+    let dkim = postern_dkim(&config)?;
     let mut listeners = Vec::new();
     for listener_config in &config.listeners {
         let mut listener =
@@ -223,6 +224,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         if listener_config.mode.is_submission() {
             listener.auth = submission_auth.clone();
         }
+        listener.dkim = dkim.clone();
         let socket = TcpListener::bind(listener_config.address)
             .await
             .with_context(|| {
@@ -241,6 +243,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     if config.submission.enabled {
         let mut listener = Listener::submission(&config, spool.clone(), connections.clone())
             .map_err(|err| anyhow::anyhow!("submission: {err}"))?;
+        listener.dkim = dkim.clone();
         listener.draining = shutdown.clone();
         listener.queue = Some(queue.clone());
         listener.metrics = Arc::clone(&metrics);
@@ -389,4 +392,14 @@ async fn forward_stale_segments(queue: Queue, after: Duration) {
         tokio::time::sleep(every).await;
         queue.forward_stale_segments(after).await;
     }
+}
+
+/// The `[[dkim]]` keys, each named in the log with the DNS name its public
+/// key must be published under.
+fn postern_dkim(config: &Config) -> anyhow::Result<Option<Arc<crate::dkim::DkimKeys>>> {
+    let keys = crate::dkim::DkimKeys::load(&config.dkim).context("[[dkim]]")?;
+    for dkim in &config.dkim {
+        info!(domain = %dkim.domain, record = %format!("{}._domainkey.{}", dkim.selector, dkim.domain), "DKIM signing");
+    }
+    Ok(keys.map(Arc::new))
 }

@@ -527,3 +527,136 @@ fn the_tcp_admin_service_takes_only_clients_with_a_certificate_from_its_ca() {
         "{stderr}"
     );
 }
+
+/// `queue shape` (qshape) and the bulk forms of hold, release, flush and
+/// delete, selecting by recipient domain, sender, age and state.
+#[test]
+fn shape_and_bulk_actions_select_by_domain_sender_age_and_state() {
+    let closed = free_port();
+    let relay = Relay::start(RelayConfig {
+        extra_toml: format!(
+            "[delivery]\nrelayhost = \"127.0.0.1:{closed}\"\nretry_schedule = [\"1h\"]\n"
+        ),
+        ..RelayConfig::default()
+    });
+    let dir = relay.data_dir.clone();
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(submit(
+            &relay,
+            "alice@x.test",
+            &["r@a.test"],
+            &format!("a{n}"),
+        ));
+    }
+    for n in 0..2 {
+        ids.push(submit(
+            &relay,
+            "",
+            &["r@b.test", "s@a.test"],
+            &format!("b{n}"),
+        ));
+    }
+    for id in &ids {
+        wait_attempts(&dir, id, 1);
+    }
+
+    let shape = json(&ok(&dir, &["shape", "--json"]));
+    let rows: Vec<(String, u64, u64)> = shape["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["domain"].as_str().unwrap().to_owned(),
+                r["total"].as_u64().unwrap(),
+                r["counts"][0].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("TOTAL".to_owned(), 6, 6),
+            ("a.test".to_owned(), 6, 6),
+            ("b.test".to_owned(), 2, 2)
+        ]
+    );
+    let table = ok(&dir, &["shape"]);
+    eprintln!("postern queue shape:\n{table}");
+    assert!(
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with("T 5 10 20"),
+        "{table}"
+    );
+    let by_sender = ok(&dir, &["shape", "--by", "sender"]);
+    assert!(
+        by_sender.contains("x.test") && by_sender.contains("<>"),
+        "{by_sender}"
+    );
+
+    // A destructive action needs an id or a selection, not both.
+    assert!(fails(&dir, &["hold"]).contains("--all"));
+    assert!(fails(&dir, &["hold", &ids[0], "--to", "a.test"]).contains("not both"));
+
+    let held = ok(&dir, &["hold", "--from", "<>"]);
+    assert_eq!(held, "2 of 2 selected message(s) held\n");
+    let states: Vec<String> = list(&dir)
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["id"].as_str().unwrap(),
+                m["state"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        list(&dir).iter().filter(|m| m["state"] == "held").count(),
+        2,
+        "{states:?}"
+    );
+    let listed = json(&ok(&dir, &["list", "--state", "held", "--json"]));
+    let mut held_ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    held_ids.sort_unstable();
+    let mut expected: Vec<&str> = ids[4..].iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(held_ids, expected);
+    assert!(json(&ok(&dir, &["list", "--older", "1h", "--json"]))
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    let flushed = json(&ok(
+        &dir,
+        &["flush", "--to", "a.test", "--state", "deferred", "--json"],
+    ));
+    assert_eq!(flushed["selected"], 4, "{flushed}");
+    assert_eq!(flushed["done"], 4, "{flushed}");
+
+    let released = ok(&dir, &["release", "--state", "held"]);
+    assert_eq!(released, "2 of 2 selected message(s) released\n");
+    let deleted = ok(&dir, &["delete", "--to", "b.test"]);
+    assert_eq!(deleted, "2 of 2 selected message(s) deleted\n");
+    let left: Vec<String> = list(&dir)
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut first_four = ids[..4].to_vec();
+    first_four.sort();
+    let mut left_sorted = left.clone();
+    left_sorted.sort();
+    assert_eq!(left_sorted, first_four);
+    let all = ok(&dir, &["delete", "--all"]);
+    assert_eq!(all, "4 of 4 selected message(s) deleted\n");
+    assert!(list(&dir).is_empty());
+}

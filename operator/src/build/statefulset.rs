@@ -22,10 +22,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{labels, metadata, selector_labels, Names, CONFIG_HASH, TRAFFIC_LABEL, TRAFFIC_SERVE};
 use crate::crd::{MailQueue, PullPolicy};
 use crate::relay_config::{
-    RelayConfig, AUTH_DIR, AUTH_PASSWD_KEY, CONFIG_DIR, CONFIG_FILE, DATA_DIR, ETCD_AUTH_DIR,
-    ETCD_CA_KEY, ETCD_CERT_KEY, ETCD_KEY_KEY, ETCD_PASSWORD_KEY, ETCD_TLS_DIR, ETCD_USERNAME_KEY,
-    HTTP_PORT, PEER_PORT, PEER_PORT_NAME, PEER_SECRET_DIR, PEER_SECRET_KEY, PEER_TLS_DIR,
-    ROUTE_AUTH_DIR, TLS_DIR,
+    dkim_dir, RelayConfig, AUTH_DIR, AUTH_PASSWD_KEY, CONFIG_DIR, CONFIG_FILE, DATA_DIR, DKIM_KEY,
+    ETCD_AUTH_DIR, ETCD_CA_KEY, ETCD_CERT_KEY, ETCD_KEY_KEY, ETCD_PASSWORD_KEY, ETCD_TLS_DIR,
+    ETCD_USERNAME_KEY, HTTP_PORT, PEER_PORT, PEER_PORT_NAME, PEER_SECRET_DIR, PEER_SECRET_KEY,
+    PEER_TLS_DIR, ROUTE_AUTH_DIR, TLS_DIR,
 };
 
 /// User and group the relay runs as (the distroless `nonroot` ids); the
@@ -99,6 +99,16 @@ pub fn stateful_set(
         mounts.push(VolumeMount {
             name: AUTH_VOLUME.into(),
             mount_path: AUTH_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    for (index, key) in spec.dkim.iter().enumerate() {
+        let volume = format!("dkim-{index}");
+        volumes.push(secret_volume(&volume, &key.secret, &[DKIM_KEY]));
+        mounts.push(VolumeMount {
+            name: volume,
+            mount_path: dkim_dir(key).display().to_string(),
             read_only: Some(true),
             ..VolumeMount::default()
         });

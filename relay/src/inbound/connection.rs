@@ -591,8 +591,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                     .iter()
                     .any(|r| deliverer.route(&r.address.domain).early_budget.is_some())
         });
-        if !self.listener.scanners.is_empty() || early.is_some() {
-            // Scanners and next hops read the spooled file itself.
+        // Our own users' mail is signed; mail arriving from elsewhere is not.
+        let dkim =
+            self.listener.dkim.as_ref().filter(|_| {
+                self.identity.is_some() || self.listener.policy.is_trusted(self.peer.ip())
+            });
+        if !self.listener.scanners.is_empty() || early.is_some() || dkim.is_some() {
+            // Scanners, the signer and next hops read the spooled file itself.
             match incoming.write_out().await {
                 Ok(len) => envelope.data_len = len,
                 Err(err) => {
@@ -621,6 +626,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
                 incoming.abort().await;
                 return reply;
             }
+        }
+        if let Some(keys) = dkim {
+            let client = self.client_label();
+            let metrics = &self.listener.metrics;
+            sign(keys, &mut envelope, incoming.path(), metrics, &client).await;
         }
         let mut settled = EarlyOutcome::sort(Vec::new(), recipients);
         if let Some(queue) = early {
@@ -797,6 +807,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
 
 /// A reply as one line of at most 200 characters, for logs, states and
 /// our own replies that quote another server's.
+/// Signs the spooled message with the keys for its `From:` domain; the
+/// signatures go first in the added headers. A failure is logged and
+/// counted, and the message goes out unsigned rather than not at all.
+async fn sign(
+    keys: &std::sync::Arc<crate::dkim::DkimKeys>,
+    envelope: &mut Envelope,
+    path: &std::path::Path,
+    metrics: &Metrics,
+    client: &str,
+) {
+    let keys = std::sync::Arc::clone(keys);
+    let path = path.to_owned();
+    let signed = tokio::task::spawn_blocking(move || {
+        let message = std::fs::read(&path).map_err(|err| err.to_string())?;
+        keys.sign(&message).map_err(|err| err.to_string())
+    })
+    .await
+    .unwrap_or_else(|err| Err(err.to_string()));
+    match signed {
+        Ok(headers) if headers.is_empty() => {}
+        Ok(headers) => {
+            let count = headers.matches("DKIM-Signature:").count() as u64;
+            metrics
+                .dkim_signatures
+                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+            envelope.added_headers.insert_str(0, &headers);
+        }
+        Err(err) => {
+            Metrics::count(&metrics.dkim_failures);
+            warn!(client = %client, id = %envelope.id, "DKIM signing failed, sending unsigned: {err}");
+        }
+    }
+}
+
 fn short(reply: &Reply) -> String {
     let text = reply.one_line();
     match text.char_indices().nth(200) {

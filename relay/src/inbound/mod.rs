@@ -62,6 +62,9 @@ pub struct Listener {
     /// How a submission listener checks passwords (shared by all of them,
     /// so failures count across listeners).
     pub auth: Option<Arc<auth::SubmissionAuth>>,
+    /// DKIM keys: mail from authenticated, local or trusted clients is
+    /// signed when its `From:` domain has one.
+    pub dkim: Option<Arc<crate::dkim::DkimKeys>>,
 }
 
 impl Listener {
@@ -102,6 +105,7 @@ impl Listener {
             local: None,
             mode: listener.mode,
             auth: None,
+            dkim: None,
         })
     }
 

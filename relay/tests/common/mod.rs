@@ -11,6 +11,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod cluster;
+pub mod dns;
 pub mod mail;
 pub mod pki;
 pub mod rspamd;

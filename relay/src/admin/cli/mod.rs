@@ -5,7 +5,10 @@
 //! `--admin ADDR`, and prints tables, or JSON with `--json`. One file per
 //! command that formats something; the plain actions live here.
 
+pub mod bulk;
+pub mod filter;
 pub mod list;
+pub mod shape;
 pub mod show;
 pub mod stats;
 
@@ -46,40 +49,62 @@ pub struct QueueArgs {
 
 #[derive(clap::Subcommand, Debug)]
 enum QueueCommand {
-    /// Every queued message, oldest first: id, age, size, sender, recipients,
-    /// next attempt and last error.
+    /// Every queued message (or those selected), oldest first: id, age,
+    /// size, sender, recipients, next attempt and last error.
     List {
         /// Every relay of the cluster, with a RELAY column.
         #[arg(long)]
         cluster: bool,
+        #[command(flatten)]
+        filter: filter::Filter,
+    },
+    /// Postfix's qshape: messages per destination domain by age in minutes.
+    Shape {
+        /// Every relay of the cluster, summed.
+        #[arg(long)]
+        cluster: bool,
+        /// Rows by recipient domain (default) or by sender domain.
+        #[arg(long, value_enum, default_value_t)]
+        by: shape::By,
+        #[command(flatten)]
+        filter: filter::Filter,
     },
     /// One message: its envelope and the state of each recipient.
     Show {
         /// Message id.
         id: String,
     },
-    /// Attempt delivery now: of one message, or of every message not held.
+    /// Attempt delivery now: of one message, of those selected, or of
+    /// every message not held.
     Flush {
-        /// Message id; all messages when absent.
+        /// Message id; every message not held when absent (and no selection).
         id: Option<String>,
+        #[command(flatten)]
+        bulk: bulk::Selection,
     },
-    /// Keep a message from being delivered until it is released.
+    /// Keep a message, or those selected, from being delivered until released.
     Hold {
-        /// Message id.
-        id: String,
+        /// Message id (or select with --to, --from, --older, --state, --all).
+        id: Option<String>,
+        #[command(flatten)]
+        bulk: bulk::Selection,
     },
-    /// Release a held message; delivery is attempted at once.
+    /// Release a held message, or those selected; delivery is attempted at once.
     Release {
-        /// Message id.
-        id: String,
+        /// Message id (or select with --to, --from, --older, --state, --all).
+        id: Option<String>,
+        #[command(flatten)]
+        bulk: bulk::Selection,
     },
-    /// Remove a message and every copy of it.
+    /// Remove a message, or those selected, and every copy of each.
     Delete {
-        /// Message id.
-        id: String,
-        /// First report its undelivered recipients to the sender (a DSN).
+        /// Message id (or select with --to, --from, --older, --state, --all).
+        id: Option<String>,
+        /// First report undelivered recipients to the sender (a DSN).
         #[arg(long)]
         bounce: bool,
+        #[command(flatten)]
+        bulk: bulk::Selection,
     },
     /// Counts by state and destination, and the oldest message's age.
     Stats {
@@ -132,6 +157,17 @@ pub enum CliError {
     /// The relay refused the request.
     #[error("{}", .0.message())]
     Rpc(#[from] tonic::Status),
+    /// Neither an id nor a selection, or both.
+    #[error("{0}")]
+    Usage(String),
+    /// A bulk action failed for some messages; what it printed says which.
+    #[error("{output}{failed} message(s) failed")]
+    Partly {
+        /// The report of what was done.
+        output: String,
+        /// How many failed.
+        failed: usize,
+    },
 }
 
 impl QueueArgs {
@@ -183,6 +219,11 @@ pub fn run(args: QueueArgs) -> ExitCode {
             print!("{output}");
             ExitCode::SUCCESS
         }
+        Err(CliError::Partly { output, failed }) => {
+            print!("{output}");
+            eprintln!("postern queue: {failed} message(s) failed");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("postern queue: {err}");
             ExitCode::FAILURE
@@ -196,12 +237,13 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
     let mut client = connect(&target).await?;
     let json = args.json;
     let out = match &args.command {
-        QueueCommand::List { cluster } => {
+        QueueCommand::List { cluster, filter } => {
             let response = client
                 .list(proto::ListRequest { cluster: *cluster })
                 .await?
                 .into_inner();
-            let messages = response.messages;
+            let mut messages = response.messages;
+            messages.retain(|m| filter.matches(m));
             let mut out = if json {
                 json_line(&serde_json::Value::Array(
                     messages.iter().map(list::message_json).collect(),
@@ -218,6 +260,57 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
             }
             out
         }
+        QueueCommand::Shape {
+            cluster,
+            by,
+            filter,
+        } => {
+            let response = client
+                .list(proto::ListRequest { cluster: *cluster })
+                .await?
+                .into_inner();
+            let mut messages = response.messages;
+            messages.retain(|m| filter.matches(m));
+            let rows = shape::shape(&messages, *by);
+            if json {
+                json_line(&shape::json(&rows))
+            } else {
+                let mut out = shape::render(&rows);
+                for unreachable in &response.unreachable {
+                    let _ = writeln!(out, "-- not answering: {unreachable}");
+                }
+                out
+            }
+        }
+        QueueCommand::Flush { id: None, bulk } if bulk.filter.is_given() || bulk.cluster => {
+            bulk::run(&mut client, bulk, bulk::Action::Flush, json).await?
+        }
+        QueueCommand::Hold { id: None, bulk } => {
+            bulk::run(&mut client, bulk.required()?, bulk::Action::Hold, json).await?
+        }
+        QueueCommand::Release { id: None, bulk } => {
+            bulk::run(&mut client, bulk.required()?, bulk::Action::Release, json).await?
+        }
+        QueueCommand::Delete {
+            id: None,
+            bounce,
+            bulk,
+        } => {
+            let action = bulk::Action::Delete { bounce: *bounce };
+            bulk::run(&mut client, bulk.required()?, action, json).await?
+        }
+        QueueCommand::Flush { id: Some(_), bulk }
+        | QueueCommand::Hold { id: Some(_), bulk }
+        | QueueCommand::Release { id: Some(_), bulk }
+        | QueueCommand::Delete {
+            id: Some(_), bulk, ..
+        } if bulk.filter.is_given() || bulk.cluster => {
+            return Err(CliError::Usage(
+                "give a message id or a selection (--to, --from, --older, --state, --all), \
+                 not both"
+                    .into(),
+            ));
+        }
         QueueCommand::Show { id } => {
             let message = client
                 .show(proto::ShowRequest { id: id.clone() })
@@ -229,7 +322,7 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
                 show::render(&message)
             }
         }
-        QueueCommand::Flush { id } => {
+        QueueCommand::Flush { id, .. } => {
             let flushed = client
                 .flush(proto::FlushRequest { id: id.clone() })
                 .await?
@@ -244,21 +337,25 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
                 }
             }
         }
-        QueueCommand::Hold { id } => {
+        QueueCommand::Hold { id: Some(id), .. } => {
             let message = client
                 .hold(proto::HoldRequest { id: id.clone() })
                 .await?
                 .into_inner();
             done(json, &message, "held")
         }
-        QueueCommand::Release { id } => {
+        QueueCommand::Release { id: Some(id), .. } => {
             let message = client
                 .release(proto::ReleaseRequest { id: id.clone() })
                 .await?
                 .into_inner();
             done(json, &message, "released")
         }
-        QueueCommand::Delete { id, bounce } => {
+        QueueCommand::Delete {
+            id: Some(id),
+            bounce,
+            ..
+        } => {
             let response = client
                 .delete(proto::DeleteRequest {
                     id: id.clone(),
