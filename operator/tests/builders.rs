@@ -426,24 +426,7 @@ fn the_examples_submission_listeners_get_their_ports_and_password_file() {
     let password_file = config.auth.password_file.clone().unwrap();
     let sts = serde_json::to_value(build::stateful_set(&mq, &rendered, 3, 300)).unwrap();
     let pod = &sts["spec"]["template"]["spec"];
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["secret"]["secretName"] == "mx-users")
-        .expect("the password Secret is a volume");
-    assert_eq!(volume["secret"]["items"][0]["key"], "passwd");
-    let mount = pod["containers"][0]["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == volume["name"])
-        .expect("and is mounted");
-    assert_eq!(
-        std::path::Path::new(mount["mountPath"].as_str().unwrap()).join("passwd"),
-        password_file
-    );
-    assert_eq!(mount["readOnly"], true);
+    assert_eq!(secret_file(pod, "mx-users", "passwd"), password_file);
     let ports: Vec<i64> = pod["containers"][0]["ports"]
         .as_array()
         .unwrap()
@@ -464,22 +447,26 @@ fn the_examples_dkim_keys_are_mounted_where_the_relay_reads_them() {
     let sts = serde_json::to_value(build::stateful_set(&mq, &rendered, 3, 300)).unwrap();
     let pod = &sts["spec"]["template"]["spec"];
     for (dkim, secret) in config.dkim.iter().zip(["mx-dkim-rsa", "mx-dkim-ed25519"]) {
-        let volume = pod["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["secret"]["secretName"] == secret)
-            .unwrap_or_else(|| panic!("{secret} is a volume"));
-        assert_eq!(volume["secret"]["items"][0]["key"], "private.key");
-        let mount = pod["containers"][0]["volumeMounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == volume["name"])
-            .expect("and is mounted");
-        assert_eq!(
-            std::path::Path::new(mount["mountPath"].as_str().unwrap()).join("private.key"),
-            dkim.key_file
-        );
+        assert_eq!(secret_file(pod, secret, "private.key"), dkim.key_file);
     }
+}
+
+/// Where the pod sees `key` of the Secret `secret`: its volume projects
+/// only that key, mounted read-only.
+fn secret_file(pod: &serde_json::Value, secret: &str, key: &str) -> std::path::PathBuf {
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret)
+        .unwrap_or_else(|| panic!("{secret} is a volume"));
+    assert_eq!(volume["secret"]["items"][0]["key"], key);
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .unwrap_or_else(|| panic!("{secret} is mounted"));
+    assert_eq!(mount["readOnly"], true);
+    std::path::Path::new(mount["mountPath"].as_str().unwrap()).join(key)
 }

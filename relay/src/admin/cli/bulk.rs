@@ -91,17 +91,8 @@ pub async fn run(
     action: Action,
     json: bool,
 ) -> Result<String, CliError> {
-    let listed = client
-        .list(proto::ListRequest {
-            cluster: selection.cluster,
-        })
-        .await?
-        .into_inner();
-    let selected: Vec<proto::Message> = listed
-        .messages
-        .into_iter()
-        .filter(|m| selection.filter.matches(m))
-        .collect();
+    let listed = super::filter::listed(client, selection.cluster, &selection.filter).await?;
+    let selected = &listed.messages;
     let bar = if !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let bar = indicatif::ProgressBar::new(selected.len() as u64);
         bar.set_style(
@@ -114,7 +105,7 @@ pub async fn run(
         indicatif::ProgressBar::hidden()
     };
     let mut failed: Vec<(String, String)> = Vec::new();
-    for message in &selected {
+    for message in selected {
         if let Err(status) = action.apply(client, &message.id).await {
             // A message delivered (and gone) since the listing is not a failure.
             if status.code() != tonic::Code::NotFound {

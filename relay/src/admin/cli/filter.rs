@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
-use super::state_name;
+use tonic::transport::Channel;
+
+use super::{state_name, CliError};
 use crate::admin::proto;
+use crate::admin::proto::queue_client::QueueClient;
 
 /// A message state to select.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +101,21 @@ impl Filter {
         }
         true
     }
+}
+
+/// The queue (this relay's, or every relay's with `cluster`), keeping only
+/// the messages `filter` selects.
+pub async fn listed(
+    client: &mut QueueClient<Channel>,
+    cluster: bool,
+    filter: &Filter,
+) -> Result<proto::ListResponse, CliError> {
+    let mut response = client
+        .list(proto::ListRequest { cluster })
+        .await?
+        .into_inner();
+    response.messages.retain(|m| filter.matches(m));
+    Ok(response)
 }
 
 impl From<StateFilter> for proto::MessageState {

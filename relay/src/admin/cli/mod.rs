@@ -238,12 +238,8 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
     let json = args.json;
     let out = match &args.command {
         QueueCommand::List { cluster, filter } => {
-            let response = client
-                .list(proto::ListRequest { cluster: *cluster })
-                .await?
-                .into_inner();
-            let mut messages = response.messages;
-            messages.retain(|m| filter.matches(m));
+            let response = filter::listed(&mut client, *cluster, filter).await?;
+            let messages = response.messages;
             let mut out = if json {
                 json_line(&serde_json::Value::Array(
                     messages.iter().map(list::message_json).collect(),
@@ -265,13 +261,8 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
             by,
             filter,
         } => {
-            let response = client
-                .list(proto::ListRequest { cluster: *cluster })
-                .await?
-                .into_inner();
-            let mut messages = response.messages;
-            messages.retain(|m| filter.matches(m));
-            let rows = shape::shape(&messages, *by);
+            let response = filter::listed(&mut client, *cluster, filter).await?;
+            let rows = shape::shape(&response.messages, *by);
             if json {
                 json_line(&shape::json(&rows))
             } else {
