@@ -43,6 +43,13 @@ enum Command {
     },
     /// Manage the queue of a running relay (over its admin socket or --admin).
     Queue(postern::admin::cli::QueueArgs),
+    /// A live view of a running relay: `postern queue top` (`--help` there).
+    #[command(disable_help_flag = true)]
+    Top {
+        /// The options of `postern queue top`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Submit mail with sendmail's command line (`-i`, `-t`, `-f`, `-bs`, ...)
     /// over the relay's submission socket; `postern sendmail --help` lists
     /// the options. A link named sendmail, mailq or newaliases runs this too.
@@ -94,6 +101,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Queue(args) => postern::admin::cli::run(args),
+        Command::Top { args } => {
+            #[derive(Parser)]
+            struct Queue {
+                #[command(flatten)]
+                args: postern::admin::cli::QueueArgs,
+            }
+            let argv = ["postern queue", "top"]
+                .map(OsString::from)
+                .into_iter()
+                .chain(args);
+            postern::admin::cli::run(Queue::parse_from(argv).args)
+        }
         Command::Sendmail { args } => postern::sendmail::main(args),
         Command::Config {
             command: ConfigCommand::Check { file },

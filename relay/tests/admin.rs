@@ -660,3 +660,102 @@ fn shape_and_bulk_actions_select_by_domain_sender_age_and_state() {
     assert_eq!(all, "4 of 4 selected message(s) deleted\n");
     assert!(list(&dir).is_empty());
 }
+
+/// `tmux` on a private server socket, so tests never touch another session.
+fn tmux(socket: &str, args: &[&str]) -> Output {
+    Command::new(require_tool("tmux"))
+        .args(["-L", socket])
+        .args(args)
+        .output()
+        .expect("tmux")
+}
+
+/// `postern top` in a real terminal (tmux): the screen shows the queue,
+/// the counters since start, the rate lines with sparklines and one row per
+/// destination with its depth and oldest age; `q` ends it.
+#[test]
+fn top_draws_a_live_screen_in_a_real_terminal_and_quits_on_q() {
+    let (closed_a, closed_b) = (free_port(), free_port());
+    let relay = Relay::start(RelayConfig {
+        extra_toml: format!(
+            "[delivery]\nretry_schedule = [\"1h\"]\n\n\
+             [[route]]\ndomains = [\"a.test\"]\nnext_hop = \"127.0.0.1:{closed_a}\"\n\n\
+             [[route]]\ndomains = [\"b.test\"]\nnext_hop = \"127.0.0.1:{closed_b}\"\n"
+        ),
+        ..RelayConfig::default()
+    });
+    let dir = relay.data_dir.clone();
+    for n in 0..3 {
+        submit(&relay, "alice@x.test", &["r@a.test"], &format!("a{n}"));
+    }
+    let socket = format!("postern-top-{}", std::process::id());
+    let command = format!(
+        "{} top --data-dir {} --interval 300ms",
+        postern_bin().display(),
+        dir.display()
+    );
+    let started = tmux(
+        &socket,
+        &[
+            "new-session",
+            "-d",
+            "-x",
+            "110",
+            "-y",
+            "30",
+            "-s",
+            "top",
+            &command,
+        ],
+    );
+    assert!(started.status.success(), "{started:?}");
+    for n in 0..2 {
+        submit(&relay, "bob@x.test", &["r@b.test"], &format!("b{n}"));
+    }
+    let screen = || {
+        String::from_utf8_lossy(&tmux(&socket, &["capture-pane", "-p", "-t", "top"]).stdout)
+            .into_owned()
+    };
+    let shown = wait_for(Duration::from_secs(20), || {
+        let text = screen();
+        (text.contains("accepted 5") && text.contains(&format!("127.0.0.1:{closed_b}")))
+            .then_some(text)
+    });
+    let Some(shown) = shown else {
+        let last = screen();
+        let _ = tmux(&socket, &["kill-server"]);
+        panic!("top never showed the queue:\n{last}");
+    };
+    eprintln!("postern top, as tmux captured it:\n{shown}");
+    assert!(shown.starts_with("postern top  "), "{shown}");
+    assert!(shown.contains("queue 5  "), "{shown}");
+    for line in ["in ", "out ", "deferred "] {
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with(line) && l.chars().any(|c| ('▁'..='█').contains(&c))),
+            "no sparkline for {line}:\n{shown}"
+        );
+    }
+    let row = |port: u16| {
+        shown
+            .lines()
+            .find(|l| l.starts_with(&format!("127.0.0.1:{port}")))
+            .unwrap_or_else(|| panic!("no row for {port}:\n{shown}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row(closed_a)[1..3], ["3", "3"]);
+    assert_eq!(row(closed_b)[1..3], ["2", "2"]);
+
+    let _ = tmux(&socket, &["send-keys", "-t", "top", "q"]);
+    let ended = wait_for(Duration::from_secs(10), || {
+        (!tmux(&socket, &["has-session", "-t", "top"])
+            .status
+            .success())
+        .then_some(())
+    });
+    let _ = tmux(&socket, &["kill-server"]);
+    assert!(ended.is_some(), "q did not end postern top");
+}

@@ -13,7 +13,7 @@ use common::*;
 fn help_names_every_command() {
     let (ok, output) = run(Command::new(postern_bin()).arg("--help"));
     assert!(ok, "postern --help failed:\n{output}");
-    for word in ["serve", "queue", "config"] {
+    for word in ["serve", "queue", "top", "config"] {
         assert!(
             output.contains(word),
             "--help does not mention `{word}`:\n{output}"

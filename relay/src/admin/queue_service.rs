@@ -218,7 +218,7 @@ pub fn stats(
         oldest_arrival_ms: entries.iter().map(|e| e.arrival_ms).min(),
         ..Default::default()
     };
-    let mut destinations: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut destinations: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
     for entry in entries {
         match state_of(entry, now) {
             proto::MessageState::Held => response.held += 1,
@@ -231,8 +231,11 @@ pub fn stats(
                 continue;
             }
             let key = destination(domain);
-            let counts = destinations.entry(key.clone()).or_default();
+            let counts = destinations
+                .entry(key.clone())
+                .or_insert((0, 0, entry.arrival_ms));
             counts.1 += 1;
+            counts.2 = counts.2.min(entry.arrival_ms);
             if !seen.contains(&key) {
                 counts.0 += 1;
                 seen.push(key);
@@ -242,14 +245,27 @@ pub fn stats(
     response.destinations = destinations
         .into_iter()
         .map(
-            |(destination, (messages, recipients))| proto::DestinationCount {
+            |(destination, (messages, recipients, oldest))| proto::DestinationCount {
                 destination,
                 messages,
                 recipients,
+                oldest_arrival_ms: Some(oldest),
             },
         )
         .collect();
     response
+}
+
+/// The relay's counters since it started.
+fn counters(metrics: &crate::metrics::Metrics) -> proto::Counters {
+    use std::sync::atomic::Ordering::Relaxed;
+    proto::Counters {
+        accepted: metrics.accepted.load(Relaxed),
+        refused: metrics.refused.load(Relaxed),
+        delivered: metrics.delivered.load(Relaxed),
+        deferred: metrics.deferred.load(Relaxed),
+        bounced: metrics.bounced.load(Relaxed),
+    }
 }
 
 /// Adds a peer's statistics to `total`.
@@ -258,6 +274,14 @@ fn add_stats(total: &mut proto::StatsResponse, peer: proto::StatsResponse, relay
     total.active += peer.active;
     total.deferred += peer.deferred;
     total.held += peer.held;
+    if let Some(peer) = peer.counters {
+        let sum = total.counters.get_or_insert_with(Default::default);
+        sum.accepted += peer.accepted;
+        sum.refused += peer.refused;
+        sum.delivered += peer.delivered;
+        sum.deferred += peer.deferred;
+        sum.bounced += peer.bounced;
+    }
     total.oldest_arrival_ms = match (total.oldest_arrival_ms, peer.oldest_arrival_ms) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -271,6 +295,10 @@ fn add_stats(total: &mut proto::StatsResponse, peer: proto::StatsResponse, relay
             Some(sum) => {
                 sum.messages += count.messages;
                 sum.recipients += count.recipients;
+                sum.oldest_arrival_ms = match (sum.oldest_arrival_ms, count.oldest_arrival_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
             }
             None => total.destinations.push(count),
         }
@@ -427,6 +455,7 @@ impl queue_server::Queue for QueueService {
     ) -> Result<Response<proto::StatsResponse>, Status> {
         let entries = self.queue.list();
         let mut response = stats(&entries, now_ms(), |domain| self.queue.destination(domain));
+        response.counters = Some(counters(self.queue.metrics()));
         if let (true, Some(cluster)) = (request.get_ref().cluster, &self.cluster) {
             response.relays.push(cluster.member().to_owned());
             for (addr, client) in cluster.peers().await {

@@ -424,6 +424,11 @@ impl Queue {
             }));
     }
 
+    /// The relay's counters, which the queue and the listeners share.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// The delivery engine; early delivery shares its connections and limits.
     pub fn deliverer(&self) -> &Deliverer {
         &self.inner.deliverer

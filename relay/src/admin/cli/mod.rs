@@ -11,6 +11,7 @@ pub mod list;
 pub mod shape;
 pub mod show;
 pub mod stats;
+pub mod top;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -105,6 +106,19 @@ enum QueueCommand {
         bounce: bool,
         #[command(flatten)]
         bulk: bulk::Selection,
+    },
+    /// A live view: rates in and out, deferrals, and queue depth and oldest
+    /// age per destination, with sparklines; `q` quits (also `postern top`).
+    Top {
+        /// Every relay of the cluster, summed.
+        #[arg(long)]
+        cluster: bool,
+        /// Time between samples.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Print one frame (two samples an interval apart) and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Counts by state and destination, and the oldest message's age.
     Stats {
@@ -301,6 +315,14 @@ pub async fn execute(args: &QueueArgs) -> Result<String, CliError> {
                  not both"
                     .into(),
             ));
+        }
+        QueueCommand::Top {
+            cluster,
+            interval,
+            once,
+        } => {
+            let interval = (*interval).max(Duration::from_millis(100));
+            top::run(&mut client, &target.to_string(), *cluster, interval, *once).await?
         }
         QueueCommand::Show { id } => {
             let message = client

@@ -90,11 +90,13 @@ mod tests {
                     destination: "127.0.0.1:2526".into(),
                     messages: 3,
                     recipients: 5,
+                    oldest_arrival_ms: Some(1_000),
                 },
                 proto::DestinationCount {
                     destination: "mx:example.org".into(),
                     messages: 1,
                     recipients: 1,
+                    oldest_arrival_ms: None,
                 },
             ],
             oldest_arrival_ms: Some(1_000),
