@@ -571,11 +571,7 @@ impl DovecotAuth {
 
 impl Drop for DovecotAuth {
     fn drop(&mut self) {
-        let _ = Command::new("dovecot")
-            .arg("-c")
-            .arg(&self.config)
-            .arg("stop")
-            .status();
+        common::mail::stop_dovecot(&self.config);
     }
 }
 

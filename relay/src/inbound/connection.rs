@@ -6,7 +6,6 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{info, warn};
 
-use super::auth::dovecot::ClientAddresses;
 use super::auth::Checked;
 
 use super::early::EarlyOutcome;
@@ -320,11 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             );
             return Err(too_many());
         }
-        let client = ClientAddresses {
-            remote: ip,
-            local: None,
-        };
-        match auth.check(credentials, client).await {
+        match auth.check(credentials, ip).await {
             Ok(Checked::Valid { user }) => {
                 auth.throttle.succeeded(&credentials.user);
                 info!(client = %self.client_label(), user = %user, mechanism, "authenticated");
@@ -826,13 +821,11 @@ async fn sign(
     .await
     .unwrap_or_else(|err| Err(err.to_string()));
     match signed {
-        Ok(headers) if headers.is_empty() => {}
         Ok(headers) => {
-            let count = headers.matches("DKIM-Signature:").count() as u64;
             metrics
                 .dkim_signatures
-                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-            envelope.added_headers.insert_str(0, &headers);
+                .fetch_add(headers.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            envelope.added_headers.insert_str(0, &headers.concat());
         }
         Err(err) => {
             Metrics::count(&metrics.dkim_failures);

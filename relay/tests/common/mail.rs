@@ -296,10 +296,15 @@ impl Dovecot {
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
-        let _ = Command::new("dovecot")
-            .arg("-c")
-            .arg(&self.config)
-            .arg("stop")
-            .status();
+        stop_dovecot(&self.config);
     }
+}
+
+/// Stops the private Dovecot started with `config`.
+pub fn stop_dovecot(config: &std::path::Path) {
+    let _ = Command::new("dovecot")
+        .arg("-c")
+        .arg(config)
+        .arg("stop")
+        .status();
 }

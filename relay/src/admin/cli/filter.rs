@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tonic::transport::Channel;
 
-use super::{state_name, CliError};
+use super::CliError;
 use crate::admin::proto;
 use crate::admin::proto::queue_client::QueueClient;
 
@@ -57,7 +57,7 @@ impl Filter {
     /// Whether `message` is selected.
     pub fn matches(&self, message: &proto::Message) -> bool {
         if let Some(state) = self.state {
-            if state_name(message.state()) != state_name(state.into()) {
+            if message.state() != proto::MessageState::from(state) {
                 return false;
             }
         }

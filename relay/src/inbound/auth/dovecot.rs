@@ -3,7 +3,7 @@
 //! tab-separated lines over a Unix socket or TCP. The relay always asks
 //! with PLAIN, whatever mechanism its own client used, flags the request
 //! `secured` (it only ever happens under TLS) and `nologin`, and passes the
-//! client's address so Dovecot's logs and its own penalties see it.
+//! client's address (`rip`) so Dovecot's logs and its own penalties see it.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -68,15 +68,6 @@ pub struct DovecotAuth {
     timeout: Duration,
 }
 
-/// What the relay tells Dovecot about the client.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddresses {
-    /// The client's address (`rip`).
-    pub remote: Option<IpAddr>,
-    /// Our address the client connected to (`lip`).
-    pub local: Option<IpAddr>,
-}
-
 impl DovecotAuth {
     /// A Unix socket path (starts with `/`) or `host:port`.
     pub fn new(address: &str, timeout: Duration) -> DovecotAuth {
@@ -93,7 +84,7 @@ impl DovecotAuth {
         authzid: &str,
         user: &str,
         password: &str,
-        client: ClientAddresses,
+        client: Option<IpAddr>,
     ) -> Result<DovecotAnswer, DovecotError> {
         let at = self.address.clone();
         let exchange = async {
@@ -133,7 +124,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     authzid: &str,
     user: &str,
     password: &str,
-    client: ClientAddresses,
+    client: Option<IpAddr>,
 ) -> Result<DovecotAnswer, Failure> {
     let mut stream = BufReader::new(stream);
     let handshake = format!("VERSION\t1\t2\nCPID\t{}\n", std::process::id());
@@ -161,10 +152,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let response = base64::encode(format!("{authzid}\0{user}\0{password}").as_bytes());
     let mut request = String::from("AUTH\t1\tPLAIN\tservice=smtp\tsecured\tnologin");
-    if let Some(ip) = client.local {
-        request.push_str(&format!("\tlip={ip}"));
-    }
-    if let Some(ip) = client.remote {
+    if let Some(ip) = client {
         request.push_str(&format!("\trip={ip}"));
     }
     request.push_str(&format!("\tresp={response}\n"));

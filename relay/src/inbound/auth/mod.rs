@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::config::AuthConfig;
 use crate::smtp::Credentials;
 use crate::watch::Reloading;
-use dovecot::{ClientAddresses, DovecotAnswer, DovecotAuth, DovecotError};
+use dovecot::{DovecotAnswer, DovecotAuth, DovecotError};
 use passwords::{PasswordFile, PasswordFileError};
 use senders::SenderLogins;
 use throttle::AuthThrottle;
@@ -96,7 +96,7 @@ impl SubmissionAuth {
     pub async fn check(
         &self,
         credentials: &Credentials,
-        client: ClientAddresses,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Checked, AuthError> {
         match &self.checker {
             Checker::File(file) => {
