@@ -185,7 +185,7 @@ fn serve_with_flags_only_runs_the_embedded_default() {
     // The embedded default: one durable local copy, no object store.
     assert!(
         postern::spool::local::shard_dir(&data_dir.join("spool"), &id)
-            .join(format!("{id}.env"))
+            .join(format!("{id}.msg"))
             .is_file(),
         "{:?}",
         files_under(&data_dir)

@@ -835,7 +835,7 @@ fn cluster_admin_lists_every_relay_and_acts_by_id_on_the_holder() {
     assert!(!left.contains(&ids[B]), "{left:?}");
     assert!(
         !postern::spool::local::shard_dir(&cluster.relays[B].data_dir.join("spool"), &ids[B])
-            .join(format!("{}.env", ids[B]))
+            .join(format!("{}.msg", ids[B]))
             .exists(),
         "the deleted message's local copy is gone"
     );

@@ -73,15 +73,17 @@ fn delivers_to_an_smtp_sink_byte_for_byte_and_cleans_up() {
     );
 }
 
-/// Stops `relay`, flips a byte near the end of message `id`'s `.eml` (as
-/// a failing disk would), and starts it again delivering to `sink`.
+/// Stops `relay`, flips a byte near the end of message `id`'s data (as
+/// a failing disk would; the seal after it stays intact), and starts it
+/// again delivering to `sink`.
 fn flip_a_byte_while_down_then_deliver_to(relay: &mut Relay, id: &str, sink: &Sink) {
     relay.stop();
-    let eml = relay.spool_file(id, "eml");
-    let mut bytes = fs::read(&eml).unwrap();
-    let at = bytes.len() - 5;
+    let path = relay.spool_file(id);
+    let data_len = relay.eml(id).len();
+    let mut bytes = fs::read(&path).unwrap();
+    let at = data_len - 5;
     bytes[at] ^= 0x20;
-    fs::write(&eml, bytes).unwrap();
+    fs::write(&path, bytes).unwrap();
     let config = fs::read_to_string(&relay.config_path).unwrap().replace(
         "[delivery]\npaused = true\n",
         &format!("[delivery]\nrelayhost = \"{}\"\n", sink.addr),
@@ -109,7 +111,7 @@ fn a_byte_flipped_while_down_is_quarantined_before_delivery_not_sent() {
     let quarantine = relay.data_dir.join("quarantine");
     let quarantined = wait_for(Duration::from_secs(20), || {
         let files = files_under(&quarantine);
-        (files.len() == 2).then_some(files)
+        (files.len() == 1).then_some(files)
     })
     .unwrap_or_else(|| panic!("nothing quarantined; log:\n{}", relay.log()));
     assert!(
@@ -159,7 +161,7 @@ fn a_byte_flipped_while_down_is_repaired_from_the_object_copy_and_delivered_inta
     let quarantined = files_under(&relay.data_dir.join("quarantine"));
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
     assert!(
-        quarantined[0].contains(&format!("{id}.eml")),
+        quarantined[0].contains(&format!("{id}.msg")),
         "{quarantined:?}"
     );
     let log = relay.log();

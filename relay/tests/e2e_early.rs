@@ -45,11 +45,11 @@ fn send(relay: &Relay, rcpts: &[&str], data: &[u8]) -> Reply {
     smtp.send_mail(&format!("<{SENDER}>"), &rcpts, data)
 }
 
-/// `.eml`/`.env` files under `dir` (the spool's lock file is not a message).
+/// Message files under `dir` (the spool's lock file is not a message).
 fn messages_in(dir: &std::path::Path) -> Vec<String> {
     files_under(dir)
         .into_iter()
-        .filter(|f| f.ends_with(".eml") || f.ends_with(".env"))
+        .filter(|f| f.ends_with(".msg"))
         .collect()
 }
 

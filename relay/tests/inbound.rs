@@ -91,8 +91,32 @@ fn connect(listener: Arc<Listener>, peer: &str) -> Client<tokio::io::DuplexStrea
 }
 
 /// The local spool's file of message `id` with extension `ext`.
-fn spool_file(dir: &Path, id: &str, ext: &str) -> PathBuf {
-    postern::spool::local::shard_dir(&dir.join("spool"), id).join(format!("{id}.{ext}"))
+fn spool_file(dir: &Path, id: &str) -> PathBuf {
+    postern::spool::message_file::path(
+        &postern::spool::local::shard_dir(&dir.join("spool"), id),
+        id,
+    )
+}
+
+/// The data and the envelope JSON of committed message `id` in the local
+/// spool under `dir`.
+fn sealed(dir: &Path, id: &str) -> (Vec<u8>, Vec<u8>) {
+    use postern::spool::message_file::{read_seal_at, Seal};
+    let path = spool_file(dir, id);
+    let Seal::Sealed {
+        data_len,
+        envelope_json,
+    } = read_seal_at(&path).unwrap()
+    else {
+        panic!("{} is not sealed", path.display());
+    };
+    let mut data = std::fs::read(&path).unwrap();
+    data.truncate(data_len as usize);
+    (data, envelope_json)
+}
+
+fn envelope_of(dir: &Path, id: &str) -> Envelope {
+    serde_json::from_slice(&sealed(dir, id).1).unwrap()
 }
 
 /// Every file in the local spool's subdirectories.
@@ -110,7 +134,12 @@ fn spool_files(dir: &Path) -> Vec<PathBuf> {
 
 fn committed(dir: &Path) -> Vec<PathBuf> {
     let mut found = spool_files(dir);
-    found.retain(|p| p.extension().is_some_and(|e| e == "env"));
+    found.retain(|p| {
+        matches!(
+            postern::spool::message_file::read_seal_at(p),
+            Ok(postern::spool::message_file::Seal::Sealed { .. })
+        )
+    });
     found
 }
 
@@ -137,7 +166,7 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     let reply = client.expect("250 2.0.0 Ok: queued as ").await;
     let id = queued_id(&reply);
 
-    let eml = std::fs::read(spool_file(dir.path(), &id, "eml")).unwrap();
+    let (eml, envelope_json) = sealed(dir.path(), &id);
     let text = String::from_utf8(eml.clone()).unwrap();
     assert!(
         text.starts_with("Received: from client.example ([127.0.0.1])\r\n\tby mx.test (Postern)"),
@@ -147,9 +176,7 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     let unstuffed = "Subject: test\r\n\r\n.dot\r\nline two\r\n";
     assert!(text.ends_with(unstuffed), "{text}");
 
-    let env: Envelope =
-        serde_json::from_slice(&std::fs::read(spool_file(dir.path(), &id, "env")).unwrap())
-            .unwrap();
+    let env: Envelope = serde_json::from_slice(&envelope_json).unwrap();
     assert_eq!(env.id, id);
     assert_eq!(env.data_len, eml.len() as u64);
     assert_eq!(env.recipients[0].address.address(), "b@example.net");
@@ -171,7 +198,7 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     assert_eq!(range(slots[0].data_range()), &eml[..]);
     assert_eq!(
         range(slots[0].envelope_range()),
-        &std::fs::read(spool_file(dir.path(), &id, "env")).unwrap()[..]
+        &envelope_json[..]
     );
     client.send("QUIT\r\n").await;
     client.expect("221").await;
@@ -241,9 +268,7 @@ async fn strangers_reach_the_postmaster_whose_mail_goes_to_policy_postmaster() {
     client.send(&format!("{body}.\r\n")).await;
     let id = queued_id(&client.expect("250 2.0.0").await);
 
-    let env: Envelope =
-        serde_json::from_slice(&std::fs::read(spool_file(dir.path(), &id, "env")).unwrap())
-            .unwrap();
+    let env = envelope_of(dir.path(), &id);
     let recipients: Vec<(String, Option<String>)> = env
         .recipients
         .iter()
@@ -263,8 +288,7 @@ async fn strangers_reach_the_postmaster_whose_mail_goes_to_policy_postmaster() {
         ]
     );
     // The message is what the client sent, behind our trace header.
-    let eml =
-        String::from_utf8(std::fs::read(spool_file(dir.path(), &id, "eml")).unwrap()).unwrap();
+    let eml = String::from_utf8(sealed(dir.path(), &id).0).unwrap();
     assert!(eml.starts_with("Received: "), "{eml}");
     assert!(eml.ends_with(body), "{eml}");
 }
@@ -342,7 +366,7 @@ async fn client_disconnecting_mid_data_leaves_nothing() {
         .filter_map(|path| path.file_name().map(ToOwned::to_owned))
         .filter(|name| {
             let name = name.to_string_lossy();
-            name.ends_with(".eml") || name.contains(".env")
+            name.ends_with(".msg")
         })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
@@ -410,7 +434,7 @@ async fn starttls_discards_pipelined_plaintext_and_records_tls() {
     client.expect("354").await;
     client.send("Subject: secret\r\n\r\nbody\r\n.\r\n").await;
     let id = queued_id(&client.expect("250 2.0.0").await);
-    let eml = std::fs::read_to_string(spool_file(dir.path(), &id, "eml")).unwrap();
+    let eml = String::from_utf8(sealed(dir.path(), &id).0).unwrap();
     assert!(eml.contains("with ESMTPS id"), "{eml}");
 }
 

@@ -88,8 +88,8 @@ fn tls_client(files: &MutualTlsFiles) -> PeerClient {
 /// length and digest as the spool does.
 fn job(dir: &Path, spool: &str, data: &[u8]) -> Arc<CopyJob> {
     let id = postern::spool::id::IdGenerator::new().next_id();
-    let eml_path = dir.join(format!("{id}.eml"));
-    std::fs::write(&eml_path, data).unwrap();
+    let data_path = dir.join(format!("{id}.part"));
+    std::fs::write(&data_path, data).unwrap();
     let mut envelope = suite::envelope();
     envelope.id = id.clone();
     envelope.spool = spool.into();
@@ -98,11 +98,27 @@ fn job(dir: &Path, spool: &str, data: &[u8]) -> Arc<CopyJob> {
     Arc::new(CopyJob {
         spool: spool.into(),
         id,
-        eml_file: Arc::new(std::fs::File::open(&eml_path).unwrap()),
-        eml_path,
+        data_file: Arc::new(std::fs::File::open(&data_path).unwrap()),
+        data_path,
         data_len: data.len() as u64,
         envelope_json: Bytes::from(serde_json::to_vec(&envelope).unwrap()),
     })
+}
+
+/// The data and the envelope JSON of the sealed message `id` in `dir`.
+fn sealed(dir: &Path, id: &str) -> (Vec<u8>, Vec<u8>) {
+    use postern::spool::message_file::{path, read_seal_at, Seal};
+    let file = path(dir, id);
+    let Seal::Sealed {
+        data_len,
+        envelope_json,
+    } = read_seal_at(&file).unwrap()
+    else {
+        panic!("{} is not sealed", file.display());
+    };
+    let mut data = std::fs::read(&file).unwrap();
+    data.truncate(data_len as usize);
+    (data, envelope_json)
 }
 
 /// Every file under `dir`, relative, sorted.
@@ -182,18 +198,10 @@ async fn a_replica_is_byte_equal_and_committed_and_retries_are_idempotent() {
 
     client.replicate(server.addr, &job).await.unwrap();
     let dir = server.replicas.join("s1");
-    assert_eq!(
-        std::fs::read(dir.join(format!("{}.eml", job.id))).unwrap(),
-        data
-    );
-    assert_eq!(
-        std::fs::read(dir.join(format!("{}.env", job.id))).unwrap(),
-        job.envelope_json
-    );
-    assert_eq!(
-        tree(&server.replicas),
-        vec![format!("s1/{}.eml", job.id), format!("s1/{}.env", job.id)]
-    );
+    let (stored, envelope) = sealed(&dir, &job.id);
+    assert_eq!(stored, data);
+    assert_eq!(envelope, job.envelope_json);
+    assert_eq!(tree(&server.replicas), vec![format!("s1/{}.msg", job.id)]);
 
     // The same replica again (a retry after a lost answer) is confirmed.
     client.replicate(server.addr, &job).await.unwrap();
@@ -204,8 +212,8 @@ async fn a_replica_is_byte_equal_and_committed_and_retries_are_idempotent() {
     let conflicting = CopyJob {
         spool: job.spool.clone(),
         id: job.id.clone(),
-        eml_path: job.eml_path.clone(),
-        eml_file: Arc::clone(&job.eml_file),
+        data_path: job.data_path.clone(),
+        data_file: Arc::clone(&job.data_file),
         data_len: job.data_len,
         envelope_json: Bytes::from(serde_json::to_vec(&other).unwrap()),
     };
@@ -214,10 +222,7 @@ async fn a_replica_is_byte_equal_and_committed_and_retries_are_idempotent() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::AlreadyExists), "{err}");
-    assert_eq!(
-        std::fs::read(dir.join(format!("{}.env", job.id))).unwrap(),
-        job.envelope_json
-    );
+    assert_eq!(sealed(&dir, &job.id).1, job.envelope_json);
 }
 
 #[tokio::test]
@@ -255,7 +260,7 @@ async fn without_the_secret_nothing_is_written() {
     );
     // The right secret works on the same server.
     client().replicate(server.addr, &job).await.unwrap();
-    assert_eq!(tree(&server.replicas).len(), 2);
+    assert_eq!(tree(&server.replicas).len(), 1);
 }
 
 #[tokio::test]
@@ -278,9 +283,9 @@ async fn a_cut_stream_leaves_no_partial_replica() {
         raw.replicate(bearer(tonic::Request::new(stream), SECRET))
             .await
     });
-    let eml = server.replicas.join("s1").join(format!("{}.eml", job.id));
-    eventually("the partial .eml is being written", || {
-        std::fs::metadata(&eml).is_ok_and(|m| m.len() > 0)
+    let part = server.replicas.join("s1").join(format!("{}.part", job.id));
+    eventually("the partial replica is being written", || {
+        std::fs::metadata(&part).is_ok_and(|m| m.len() > 0)
     })
     .await;
     call.abort();
@@ -304,7 +309,7 @@ async fn a_cut_stream_leaves_no_partial_replica() {
 
     // And the message can be replicated whole afterwards.
     client().replicate(server.addr, &job).await.unwrap();
-    assert_eq!(std::fs::read(&eml).unwrap(), data);
+    assert_eq!(sealed(&dir, &job.id).0, data);
 }
 
 #[tokio::test]
@@ -417,21 +422,16 @@ async fn list_fetch_and_remove_see_replicas_and_the_origins_own_spool() {
         .fetch(server.addr, "s1", &own_id, &dest)
         .await
         .unwrap();
-    assert_eq!(eml, dest.join(format!("{own_id}.eml")));
-    assert_eq!(std::fs::read(&eml).unwrap(), own);
-    assert_eq!(
-        envelope,
-        std::fs::read(spool.envelope_path(&own_id)).unwrap()
-    );
-    assert_eq!(
-        std::fs::read(dest.join(format!("{own_id}.env"))).unwrap(),
-        envelope
-    );
+    assert_eq!(eml, dest.join(format!("{own_id}.msg")));
+    assert_eq!(sealed(&dest, &own_id).0, own);
+    assert_eq!(envelope, sealed(spool.message_dir(&own_id), &own_id).1);
+    assert_eq!(sealed(&dest, &own_id).1, envelope);
     let (eml, envelope) = client
         .fetch(server.addr, "s1", &job.id, &dest)
         .await
         .unwrap();
-    assert_eq!(std::fs::read(eml).unwrap(), replicated);
+    assert_eq!(eml, dest.join(format!("{}.msg", job.id)));
+    assert_eq!(sealed(&dest, &job.id).0, replicated);
     assert_eq!(envelope, job.envelope_json);
     // A message of another spool is not served as one of s1.
     let err = client
@@ -439,7 +439,7 @@ async fn list_fetch_and_remove_see_replicas_and_the_origins_own_spool() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
-    assert_eq!(tree(&dest).len(), 4);
+    assert_eq!(tree(&dest).len(), 2);
 
     // Remove: the replica and the local files of s1's message go; the
     // message of s2 stays; absent is fine.
@@ -450,9 +450,7 @@ async fn list_fetch_and_remove_see_replicas_and_the_origins_own_spool() {
         .remove(server.addr, "s1", &elsewhere_id)
         .await
         .unwrap();
-    assert!(!spool.envelope_path(&own_id).exists());
     assert!(!spool.message_path(&own_id).exists());
-    assert!(spool.envelope_path(&elsewhere_id).exists());
     assert!(spool.message_path(&elsewhere_id).exists());
     assert!(tree(&server.replicas).is_empty());
     assert!(client.list(server.addr, "s1").await.unwrap().is_empty());
@@ -477,17 +475,14 @@ async fn a_large_message_streams_through_and_back() {
     let job = job(staging.path(), "s1", &data);
     let client = client();
     client.replicate(server.addr, &job).await.unwrap();
-    let stored = server.replicas.join("s1").join(format!("{}.eml", job.id));
-    assert_eq!(
-        Sha256::digest(std::fs::read(&stored).unwrap()),
-        Sha256::digest(&data)
-    );
+    let stored = sealed(&server.replicas.join("s1"), &job.id).0;
+    assert_eq!(Sha256::digest(&stored), Sha256::digest(&data));
     let back = tempfile::tempdir().unwrap();
-    let (eml, _) = client
+    client
         .fetch(server.addr, "s1", &job.id, back.path())
         .await
         .unwrap();
-    assert_eq!(std::fs::read(eml).unwrap(), data);
+    assert!(sealed(back.path(), &job.id).0 == data);
 }
 
 #[tokio::test]
@@ -503,7 +498,7 @@ async fn peer_copies_fail_over_spread_and_remove_everywhere() {
         server
             .replicas
             .join(&job.spool)
-            .join(format!("{}.env", job.id))
+            .join(format!("{}.msg", job.id))
             .exists()
     };
 
@@ -600,13 +595,11 @@ async fn a_spool_with_peer_copies_commits_a_replica_on_a_peer() {
     let committed = suite::receive(&spool, &data, 4096).await.unwrap();
     assert!(committed.confirmed.contains(&CopyKind::Peer));
     let dir = server.replicas.join("origin.1");
+    let (replica, envelope) = sealed(&dir, &committed.id);
+    assert!(replica == data);
     assert_eq!(
-        std::fs::read(dir.join(format!("{}.eml", committed.id))).unwrap(),
-        data
-    );
-    assert_eq!(
-        std::fs::read(dir.join(format!("{}.env", committed.id))).unwrap(),
-        std::fs::read(spool.envelope_path(&committed.id)).unwrap()
+        envelope,
+        sealed(spool.message_dir(&committed.id), &committed.id).1
     );
     spool.drain().await;
 }
@@ -639,7 +632,7 @@ async fn damaged_local_data_is_repaired_from_a_peer_replica_unless_that_is_damag
         server
             .replicas
             .join("origin.1")
-            .join(format!("{second}.eml")),
+            .join(format!("{second}.msg")),
     );
     drop(spool);
 
@@ -652,7 +645,7 @@ async fn damaged_local_data_is_repaired_from_a_peer_replica_unless_that_is_damag
         outcomes,
         vec![Checked::Repaired(CopyKind::Peer), Checked::Quarantined]
     );
-    assert!(std::fs::read(spool.message_path(&first)).unwrap() == one);
+    assert!(sealed(spool.message_dir(&first), &first).0 == one);
     assert!(!spool.message_path(&second).exists());
     spool.drain().await;
 }
@@ -761,7 +754,7 @@ async fn mutual_tls_lets_members_in_and_refuses_the_rest_saying_why() {
         server
             .replicas
             .join(&job.spool)
-            .join(format!("{}.env", job.id))
+            .join(format!("{}.msg", job.id))
             .exists()
     };
 
@@ -853,7 +846,7 @@ async fn with_a_member_name_certificates_for_other_names_are_refused_both_ways()
         server
             .replicas
             .join(&job.spool)
-            .join(format!("{}.env", job.id))
+            .join(format!("{}.msg", job.id))
             .exists()
     };
     let job = job(staging.path(), "s1", &suite::message(10_000));
@@ -890,7 +883,7 @@ async fn with_a_member_name_certificates_for_other_names_are_refused_both_ways()
         !impostor
             .replicas
             .join("s1")
-            .join(format!("{}.env", refused.id))
+            .join(format!("{}.msg", refused.id))
             .exists(),
         "sent to an impostor ({err})"
     );

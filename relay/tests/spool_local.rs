@@ -38,18 +38,15 @@ async fn commit_writes_both_copies_with_the_same_bytes() {
     let id = committed.id.clone();
     assert_eq!(committed.confirmed.len(), 2);
 
-    assert_eq!(std::fs::read(spool.message_path(&id)).unwrap(), data);
-    let env: Envelope =
-        serde_json::from_slice(&std::fs::read(spool.envelope_path(&id)).unwrap()).unwrap();
+    let (local_data, local_json) = suite::sealed(&spool.message_path(&id));
+    assert!(local_data == data);
+    let env: Envelope = serde_json::from_slice(&local_json).unwrap();
     let mut expected = envelope();
     expected.id = id.clone();
     expected.data_len = data.len() as u64;
     expected.data_sha256 = hex::encode(Sha256::digest(&data));
     assert_eq!(env, expected);
-    assert_eq!(
-        files(spool.dir()),
-        vec![format!("{id}.eml"), format!("{id}.env")]
-    );
+    assert_eq!(files(spool.dir()), vec![format!("{id}.msg")]);
 
     // The object copy: one segment file holding the message.
     let (object_env, object_data) = spool
@@ -158,10 +155,7 @@ async fn no_room_is_reported_before_and_while_writing_and_harms_nothing() {
         Err(SpoolError::NoRoom { .. })
     ));
     assert_eq!(spool.committed().await.unwrap()[0].id, kept);
-    assert_eq!(
-        files(spool.dir()),
-        vec![format!("{kept}.eml"), format!("{kept}.env")]
-    );
+    assert_eq!(files(spool.dir()), vec![format!("{kept}.msg")]);
 }
 
 #[tokio::test]
@@ -246,12 +240,12 @@ async fn a_failed_object_copy_fails_the_quorum_and_takes_back_the_local_copy() {
 }
 
 /// What a last run left: one committed message (its id returned) and what a
-/// crash mid-DATA leaves, an `.eml` without `.env`.
+/// crash mid-DATA leaves, a `.part` file.
 async fn last_run_with_a_crash(config: &Config) -> String {
     let (spool, _) = Spool::open(config).await.unwrap();
     let kept = receive(&spool, &message(7_000), 512).await.unwrap().id;
     let crashed = postern::spool::id::IdGenerator::new().next_id();
-    std::fs::write(spool.message_path(&crashed), message(400_000)).unwrap();
+    std::fs::write(spool.receiving_path(&crashed), message(400_000)).unwrap();
     kept
 }
 
@@ -266,10 +260,7 @@ async fn reopening_recovers_committed_messages_and_drops_uncommitted_ones() {
     assert_eq!(recovered.quarantined, 0);
     let ids: Vec<&str> = recovered.messages.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, vec![kept.as_str()]);
-    assert_eq!(
-        files(spool.dir()),
-        vec![format!("{kept}.eml"), format!("{kept}.env")]
-    );
+    assert_eq!(files(spool.dir()), vec![format!("{kept}.msg")]);
 }
 
 #[tokio::test]
@@ -307,7 +298,7 @@ async fn recovery_runs_while_new_messages_are_received() {
     let late = receiving.commit(envelope()).await.unwrap().id;
     let mut expected: Vec<String> = [&kept, &fresh, &late]
         .iter()
-        .flat_map(|id| [format!("{id}.eml"), format!("{id}.env")])
+        .map(|id| format!("{id}.msg"))
         .collect();
     expected.sort();
     assert_eq!(files(spool.dir()), expected);
@@ -326,11 +317,19 @@ async fn damaged_local_data_with_no_other_copy_is_quarantined() {
     config.spool.copies = vec![CopyKind::Local];
     config.spool.required = 1;
     let (spool, _) = Spool::open(&config).await.unwrap();
-    let id = receive(&spool, &message(7_000), 512).await.unwrap().id;
-    std::fs::write(spool.message_path(&id), b"truncated").unwrap();
+    let cut = receive(&spool, &message(7_000), 512).await.unwrap().id;
+    let flipped = receive(&spool, &message(8_000), 512).await.unwrap().id;
+    // The seal gone with the tail, and a data octet flipped under an intact seal.
+    std::fs::write(spool.message_path(&cut), b"truncated").unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(spool.message_path(&flipped))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, b"#", 100).unwrap();
     drop(spool);
     let (spool, recovered) = Spool::open(&config).await.unwrap();
-    assert_eq!(recovered.quarantined, 0);
+    assert_eq!(recovered.quarantined, 1, "the cut one, at start");
+    assert_eq!(recovered.messages.len(), 1);
     assert_eq!(
         spool
             .verify_or_repair(&recovered.messages[0])
@@ -338,10 +337,9 @@ async fn damaged_local_data_with_no_other_copy_is_quarantined() {
             .unwrap(),
         postern::spool::Checked::Quarantined
     );
-    assert_eq!(
-        files(spool.quarantine_dir()),
-        vec![format!("{id}.eml"), format!("{id}.env")]
-    );
+    let mut expected = vec![format!("{cut}.msg"), format!("{flipped}.msg")];
+    expected.sort();
+    assert_eq!(files(spool.quarantine_dir()), expected);
     assert!(files(spool.dir()).is_empty());
 }
 
@@ -364,8 +362,8 @@ async fn with_files_synced_one_by_one_a_commit_is_recovered_the_same() {
     let (spool, _) = Spool::open(&config).await.unwrap();
     let data = message(70_000);
     let id = receive(&spool, &data, 4096).await.unwrap().id;
-    assert_eq!(std::fs::read(spool.message_path(&id)).unwrap(), data);
-    assert!(!files(spool.dir()).iter().any(|f| f.ends_with(".tmp")));
+    assert!(suite::sealed(&spool.message_path(&id)).0 == data);
+    assert_eq!(files(spool.dir()), vec![format!("{id}.msg")]);
     drop(spool);
     let (_, recovered) = Spool::open(&config).await.unwrap();
     let ids: Vec<&str> = recovered.messages.iter().map(|m| m.id.as_str()).collect();

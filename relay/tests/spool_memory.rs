@@ -45,10 +45,12 @@ async fn a_hundred_concurrent_10_mib_messages_stay_under_256_mib() {
         .collect();
     for task in tasks {
         let committed = task.await.unwrap();
-        let len = std::fs::metadata(spool.message_path(&committed.id))
-            .unwrap()
-            .len();
-        assert_eq!(len, 10 * 1024 * 1024);
+        let seal = postern::spool::message_file::read_seal_at(&spool.message_path(&committed.id))
+            .unwrap();
+        assert!(
+            matches!(seal, postern::spool::message_file::Seal::Sealed { data_len, .. } if data_len == 10 * 1024 * 1024),
+            "{seal:?}"
+        );
     }
     spool.drain().await;
     let peak = peak_rss_kib();

@@ -96,11 +96,26 @@ pub fn files(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The data and the envelope JSON of the sealed message file at `path`.
+pub fn sealed(path: &Path) -> (Vec<u8>, Vec<u8>) {
+    use postern::spool::message_file::{read_seal_at, Seal};
+    let Seal::Sealed {
+        data_len,
+        envelope_json,
+    } = read_seal_at(path).unwrap()
+    else {
+        panic!("{} is not sealed", path.display());
+    };
+    let mut data = std::fs::read(path).unwrap();
+    data.truncate(data_len as usize);
+    (data, envelope_json)
+}
+
 /// A job for `data`, staged in `dir` under a fresh id.
 pub fn job(dir: &Path, data: &[u8]) -> Arc<CopyJob> {
     let id = postern::spool::id::IdGenerator::new().next_id();
-    let eml_path = dir.join(format!("{id}.eml"));
-    std::fs::write(&eml_path, data).unwrap();
+    let data_path = dir.join(format!("{id}.part"));
+    std::fs::write(&data_path, data).unwrap();
     let mut env = envelope();
     env.id = id.clone();
     env.data_len = data.len() as u64;
@@ -108,8 +123,8 @@ pub fn job(dir: &Path, data: &[u8]) -> Arc<CopyJob> {
     Arc::new(CopyJob {
         spool: String::new(),
         id,
-        eml_file: Arc::new(std::fs::File::open(&eml_path).unwrap()),
-        eml_path,
+        data_file: Arc::new(std::fs::File::open(&data_path).unwrap()),
+        data_path,
         data_len: data.len() as u64,
         envelope_json: Bytes::from(serde_json::to_vec(&env).unwrap()),
     })
@@ -193,7 +208,7 @@ pub async fn object_copy_conformance(config: &Config) {
         let (env, data) = object(&copy, &job.id).await.unwrap();
         assert_eq!(env, job.envelope_json.to_vec());
         assert_eq!(data.len() as u64, job.data_len);
-        assert!(data == std::fs::read(&job.eml_path).unwrap());
+        assert!(data == std::fs::read(&job.data_path).unwrap());
     }
 
     // A relay that never saw them (a restart, a takeover) finds them by
@@ -288,7 +303,7 @@ pub async fn object_copy_conformance(config: &Config) {
     assert!(!before.contains(&after[0]), "{before:?} {after:?}");
     let (env, data) = object(&copy, &ten[9].id).await.unwrap();
     assert_eq!(env, ten[9].envelope_json.to_vec());
-    assert!(data == std::fs::read(&ten[9].eml_path).unwrap());
+    assert!(data == std::fs::read(&ten[9].data_path).unwrap());
     copy.release(&ten[9].id, true).await;
     assert!(segment_keys(&copy, "").await.is_empty());
 
@@ -339,23 +354,28 @@ pub async fn damaged_local_data_is_repaired_from_the_object_copy(config: &Config
     use postern::spool::Checked;
     let (spool, _) = Spool::open(config).await.unwrap();
     let mut sent = Vec::new();
-    for n in 0..4 {
+    for n in 0..3 {
         let data = message(7_000 + n * 1_001);
         let id = receive(&spool, &data, 512).await.unwrap().id;
         sent.push((id, data));
     }
-    let cut = spool.message_path(&sent[0].0);
-    std::fs::write(&cut, &sent[0].1[..100]).unwrap();
-    let flipped = spool.message_path(&sent[1].0);
-    let mut bytes = sent[1].1.clone();
-    bytes[3_000] ^= 0x20;
-    std::fs::write(&flipped, bytes).unwrap();
-    std::fs::remove_file(spool.message_path(&sent[2].0)).unwrap();
+    // Cut short: the tail, and the seal with it, is gone.
+    let cut = std::fs::OpenOptions::new()
+        .write(true)
+        .open(spool.message_path(&sent[0].0))
+        .unwrap();
+    cut.set_len(100).unwrap();
+    // One data octet flipped in place: the seal still holds.
+    let flipped = std::fs::OpenOptions::new()
+        .write(true)
+        .open(spool.message_path(&sent[1].0))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&flipped, &[sent[1].1[3_000] ^ 0x20], 3_000).unwrap();
     drop(spool);
 
     let (spool, recovered) = Spool::open(config).await.unwrap();
-    assert_eq!(recovered.quarantined, 0, "data is checked before delivery");
-    assert_eq!(recovered.messages.len(), 4);
+    assert_eq!(recovered.quarantined, 0, "{recovered:?}");
+    assert_eq!(recovered.messages.len(), 3, "the cut one repaired at start");
     let mut outcomes = Vec::new();
     for envelope in &recovered.messages {
         outcomes.push(spool.verify_or_repair(envelope).await.unwrap());
@@ -363,20 +383,20 @@ pub async fn damaged_local_data_is_repaired_from_the_object_copy(config: &Config
     let repaired = Checked::Repaired(CopyKind::ObjectStore);
     assert_eq!(
         outcomes,
-        vec![repaired, repaired, repaired, Checked::Intact],
-        "in id order: cut, flipped, gone, intact"
+        vec![Checked::Intact, repaired, Checked::Intact],
+        "in id order: cut (repaired at start), flipped, intact"
     );
     for (id, data) in &sent {
         assert!(
-            std::fs::read(spool.message_path(id)).unwrap() == *data,
+            sealed(&spool.message_path(id)).0 == *data,
             "{id}: the spool holds the original bytes again"
         );
     }
     let mut kept = files(spool.quarantine_dir());
     kept.sort();
-    let mut expected = vec![format!("{}.eml", sent[0].0), format!("{}.eml", sent[1].0)];
+    let mut expected = vec![format!("{}.msg", sent[0].0), format!("{}.msg", sent[1].0)];
     expected.sort();
-    assert_eq!(kept, expected, "the damaged data, kept for a human");
+    assert_eq!(kept, expected, "the damaged files, kept for a human");
     let scratch = config.data_dir.join("repair");
     assert!(files(&scratch).is_empty(), "{:?}", files(&scratch));
 }

@@ -61,7 +61,7 @@ pub trait PeerAccess: Send + Sync + std::fmt::Debug + 'static {
     /// Ids of the committed messages of `spool` that relay `addr` holds.
     async fn list(&self, addr: SocketAddr, spool: &str) -> Result<Vec<String>, String>;
     /// Copies message `id` of `spool` from `addr` durably into `dest_dir`
-    /// (`<id>.eml`, then `<id>.env`).
+    /// (a sealed `<id>.msg`).
     async fn fetch(
         &self,
         addr: SocketAddr,
@@ -884,17 +884,16 @@ async fn materialize(
     sources: &[Source],
 ) -> Result<(Envelope, PathBuf), String> {
     if sources.contains(&Source::Local) {
-        let envelope = read_envelope(&inner.spool.envelope_path(id))?;
-        return Ok((envelope, inner.spool.message_path(id)));
+        let path = inner.spool.message_path(id);
+        return Ok((read_envelope(&path)?, path));
     }
     let dir = inner
         .replica_store
         .spool_dir(spool)
         .map_err(|e| e.to_string())?;
-    let eml = dir.join(format!("{id}.eml"));
-    let env = dir.join(format!("{id}.env"));
+    let path = crate::spool::message_file::path(&dir, id);
     if sources.contains(&Source::Replica) {
-        return Ok((read_envelope(&env)?, eml));
+        return Ok((read_envelope(&path)?, path));
     }
     // Both fetches write through the replica store's one durable write path,
     // which checks the length and digest the envelope announces.
@@ -909,7 +908,7 @@ async fn materialize(
             Source::Local | Source::Replica => continue,
         };
         match fetched {
-            Ok(()) => return Ok((read_envelope(&env)?, eml)),
+            Ok(()) => return Ok((read_envelope(&path)?, path)),
             Err(err) => last = format!("{source:?}: {err}"),
         }
     }
@@ -921,8 +920,8 @@ fn read_envelope(path: &Path) -> Result<Envelope, String> {
 }
 
 /// Copies message `id` of `spool` from the object store into this relay's
-/// replicas (the `.eml` streamed, checked against the envelope, fsync'd,
-/// then the `.env`).
+/// replicas (the data streamed and checked against the envelope, then
+/// sealed and synced).
 async fn fetch_object(inner: &Inner, spool: &str, id: &str) -> Result<(), String> {
     let objects = inner.objects.as_ref().ok_or("no object store")?;
     let (envelope_json, data) = objects.open(id).await.map_err(|e| e.to_string())?;
@@ -1089,11 +1088,11 @@ async fn repair_one(
     targets: &[Arc<dyn crate::spool::quorum::CopyTarget>],
     id: &str,
     entry: &crate::queue::Entry,
-    eml_path: &Path,
+    data_path: &Path,
     missing_object: bool,
     missing_peer: bool,
 ) {
-    let Ok(job) = CopyJob::from_files(&entry.spool, id, eml_path, entry.data_len).await else {
+    let Ok(job) = CopyJob::from_files(&entry.spool, id, data_path, entry.data_len).await else {
         return;
     };
     let job = Arc::new(job);

@@ -1,5 +1,5 @@
 //! The SMTP/LMTP client transport: one connection to a next hop, over which
-//! messages are sent one transaction at a time, straight from the `.eml` file.
+//! messages are sent one transaction at a time, straight from the spool file.
 
 use std::io;
 use std::net::SocketAddr;
@@ -475,7 +475,7 @@ impl Connection {
                     .for_each(|&p| outcomes[p] = Some(outcome.clone()));
                 return Ok(());
             }
-            self.send_data(envelope.added_headers.as_bytes(), eml)
+            self.send_data(envelope.added_headers.as_bytes(), eml, envelope.data_len)
                 .await?;
             self.read_final_replies(accepted.len()).await?
         };
@@ -507,21 +507,23 @@ impl Connection {
     /// spool is already wire format.
     async fn send_bdat(&mut self, envelope: &Envelope, eml: &Path) -> Result<(), ClientError> {
         let len = envelope.data_len;
-        let mut file = tokio::fs::File::open(eml).await?;
+        let file = tokio::fs::File::open(eml).await?;
+        // The data is the file's first `len` octets (its seal follows).
         let actual = file.metadata().await?.len();
-        if actual != len {
+        if actual < len {
             return Err(ClientError::Protocol(format!(
-                "spool file {} has {actual} octets, envelope says {len}",
+                "spool file {} has {actual} octets, envelope says {len} of data",
                 eml.display()
             )));
         }
+        let mut file = file.take(len);
         let mut command = format!("BDAT {} LAST\r\n", envelope.wire_len()).into_bytes();
         command.extend_from_slice(envelope.added_headers.as_bytes());
         self.write(&command, self.settings.timeouts.data_block)
             .await?;
         if let Stream::Tcp(tcp) = &self.stream {
             // Plain TCP: the kernel copies the spool file to the socket.
-            let file = file.into_std().await;
+            let file = file.into_inner().into_std().await;
             return sendfile_all(tcp, &file, len, self.settings.timeouts.data_block).await;
         }
         let mut buf = vec![0u8; 64 * 1024];
@@ -536,9 +538,15 @@ impl Connection {
         Ok(())
     }
 
-    /// DATA content (`prefix`, then the file), dot-stuffed on the fly.
-    async fn send_data(&mut self, prefix: &[u8], eml: &Path) -> Result<(), ClientError> {
-        let mut file = tokio::fs::File::open(eml).await?;
+    /// DATA content (`prefix`, then the file's first `len` octets: its
+    /// data, not its seal), dot-stuffed on the fly.
+    async fn send_data(
+        &mut self,
+        prefix: &[u8],
+        eml: &Path,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        let mut file = tokio::fs::File::open(eml).await?.take(len);
         let mut stuffer = DotStuffer::default();
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(66 * 1024);

@@ -20,7 +20,7 @@ use super::store::{file_sha256, read_chunks, write_replica, Header, ReplicaError
 use super::tls::MutualTls;
 use super::PeerError;
 use crate::spool::fsync::DirSync;
-use crate::spool::local::eml_path;
+use crate::spool::message_file;
 use crate::spool::quorum::CopyJob;
 
 /// How long connecting to a peer may take.
@@ -106,10 +106,10 @@ impl PeerClient {
     }
 
     /// Streams the message of `job` to the peer at `addr`; returns once the
-    /// peer has its replica durably (`.eml`, then `.env`, fsync'd). The data
-    /// is read from `job.eml_file` one chunk at a time.
+    /// peer has its replica durably (sealed and synced). The data
+    /// is read from `job.data_file` one chunk at a time.
     pub async fn replicate(&self, addr: SocketAddr, job: &CopyJob) -> Result<(), PeerError> {
-        let file = Arc::clone(&job.eml_file);
+        let file = Arc::clone(&job.data_file);
         let data_len = job.data_len;
         let data_sha256 = match recorded_sha256(&job.envelope_json) {
             Some(sha) => sha,
@@ -164,10 +164,9 @@ impl PeerClient {
     }
 
     /// Fetches message `spool`/`id` from the peer at `addr` and writes it
-    /// durably into `dest_dir` (created as needed) as `<id>.eml` and
-    /// `<id>.env`, with the same write path (and the same checks) as a
-    /// replica the peer service receives. Returns the `.eml` path and the
-    /// envelope JSON.
+    /// durably into `dest_dir` (created as needed) as a sealed `<id>.msg`,
+    /// with the same write path (and the same checks) as a replica the peer
+    /// service receives. Returns its path and the envelope JSON.
     ///
     /// When `dest_dir` already holds it with the same envelope, nothing is
     /// written. NOT_FOUND comes back as [`PeerError::Rpc`].
@@ -230,7 +229,7 @@ impl PeerClient {
             .map_err(std::io::Error::other)??;
         let files = self.files_of(dest_dir)?;
         write_replica(dest_dir, &files, &self.writing, header, data).await?;
-        Ok((eml_path(dest_dir, id), envelope_json))
+        Ok((message_file::path(dest_dir, id), envelope_json))
     }
 
     /// The shared `syncfs` committer of `dir` (opened on first use).

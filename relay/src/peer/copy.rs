@@ -15,7 +15,6 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::{PeerClient, PeerError, Peers};
 use crate::config::{Config, CopyKind};
-use crate::spool::envelope::Envelope;
 use crate::spool::quorum::{CopyError, CopyJob, CopyTarget};
 
 /// How long a peer may take to confirm before the next one is tried too.
@@ -265,7 +264,8 @@ impl CopyTarget for PeerCopy {
 
     fn restore(
         self: Arc<Self>,
-        envelope: Arc<Envelope>,
+        spool: String,
+        id: String,
         scratch: PathBuf,
     ) -> BoxFuture<'static, Result<bool, CopyError>> {
         Box::pin(async move {
@@ -276,12 +276,12 @@ impl CopyTarget for PeerCopy {
             for addr in self.peers.resolve().await.addrs {
                 match self
                     .client
-                    .fetch(addr, &envelope.spool, &envelope.id, &scratch)
+                    .fetch(addr, &spool, &id, &scratch)
                     .await
                 {
                     Ok(_) => return Ok(true),
                     Err(err) => {
-                        tracing::debug!(id = %envelope.id, %addr, error = %err, "no intact replica there");
+                        tracing::debug!(%id, %addr, error = %err, "no intact replica there");
                     }
                 }
             }
@@ -344,12 +344,12 @@ mod tests {
     #[tokio::test]
     async fn without_peers_a_write_fails_clearly() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.eml");
+        let path = dir.path().join("m.msg");
         let job = Arc::new(CopyJob {
             spool: "s1".into(),
             id: "01ARZ3NDEKTSV4RRFFQ69G5FAV".into(),
-            eml_file: Arc::new(std::fs::File::create(&path).unwrap()),
-            eml_path: path,
+            data_file: Arc::new(std::fs::File::create(&path).unwrap()),
+            data_path: path,
             data_len: 0,
             envelope_json: bytes::Bytes::from_static(b"{}"),
         });

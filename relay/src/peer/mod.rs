@@ -19,9 +19,9 @@
 //! # On disk, under `data_dir`
 //!
 //! ```text
-//! replicas/<spool>/<id>.eml       message bytes, fsync'd before the .env exists
-//! replicas/<spool>/<id>.env       envelope JSON; its presence commits the replica
-//! replicas/<spool>/<id>.env.tmp   only while committing
+//! replicas/<spool>/<id>.msg       message bytes, then (once committed) the
+//!                                 envelope and a footer: the local spool's
+//!                                 format, see crate::spool::message_file
 //! ```
 //!
 //! `<spool>` is the origin's spool (1-128 of `[A-Za-z0-9._-]`, never `.` or

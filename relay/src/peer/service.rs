@@ -233,11 +233,19 @@ impl peer_server::Peer for PeerService {
 
 /// Whether the local spool holds a committed `id` of `spool`.
 async fn local_belongs(dir: &Path, id: &str, spool: &str) -> Result<bool, Status> {
-    let path = crate::spool::local::env_path(dir, id);
+    let path = crate::spool::message_file::path(dir, id);
     let spool = spool.to_owned();
-    tokio::task::spawn_blocking(move || match std::fs::read(&path) {
+    tokio::task::spawn_blocking(move || match crate::spool::message_file::read_envelope_json(&path) {
         Ok(json) => Ok(belongs_to(&json, &spool)),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        // Absent, being received, or damaged: not a committed message.
+        Err(err)
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+            ) =>
+        {
+            Ok(false)
+        }
         Err(err) => Err(err),
     })
     .await

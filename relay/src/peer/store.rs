@@ -1,16 +1,18 @@
-//! Replicas on disk (`<data_dir>/replicas/<spool>/<id>.{eml,env}`) and the
-//! one durable write path every replica takes, whether it arrives through
-//! `Replicate` or is fetched by [`PeerClient::fetch`](super::PeerClient::fetch).
+//! Replicas on disk (`<data_dir>/replicas/<spool>/<id>.msg`, the same
+//! sealed message files as the local spool, see
+//! [`message_file`](crate::spool::message_file)) and the one durable write
+//! path every replica takes, whether it arrives through `Replicate` or is
+//! fetched by [`PeerClient::fetch`](super::PeerClient::fetch).
 //!
-//! A replica is written like the local spool commits a message: the `.eml`
-//! is created (never reused), filled as the data streams in and checked
-//! against the announced length and SHA-256; then the envelope goes to
-//! `<id>.env.tmp` and is renamed to `<id>.env` without replacing anything,
-//! and a group-committed `syncfs(2)` makes all of it durable, shared with
-//! every replica written meanwhile (so the replicas streamed to a peer at
-//! once cost it one sync). Only then is the write confirmed. Whatever fails
-//! (or is cancelled) before the rename leaves no file behind; a failed sync
-//! takes the replica back.
+//! A replica is written like the local spool commits a message: the file
+//! is created as `<id>.part` (never reused), filled as the data streams in
+//! and checked against the announced length and SHA-256; then it is sealed
+//! with the envelope and renamed to `<id>.msg` without replacing anything,
+//! and a group-committed `syncfs(2)` makes all of it durable,
+//! shared with every replica written meanwhile (so the replicas streamed to
+//! a peer at once cost it one sync). Only then is the write confirmed.
+//! Whatever fails (or is cancelled) before the rename leaves no file behind;
+//! a failed sync takes the replica back.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,9 +26,10 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 
 use super::{valid_spool, CHUNK};
-use crate::spool::fsync::{remove_if_present, rename_noreplace, sync_dir, write_new, DirSync};
+use crate::spool::fsync::{remove_if_present, rename_noreplace, sync_dir, DirSync};
 use crate::spool::id;
-use crate::spool::local::{available_bytes, create_eml, eml_path, env_path, env_tmp_path, Writer};
+use crate::spool::local::{available_bytes, Writer};
+use crate::spool::message_file::{self, Seal};
 
 /// Why a replica could not be written, read or removed. Each maps to one
 /// gRPC status ([`ReplicaError::to_status`]).
@@ -134,7 +137,7 @@ pub fn check_spool(spool: &str) -> Result<(), ReplicaError> {
 pub struct Header {
     /// The spool id.
     pub id: String,
-    /// The `.env` contents, stored as they are.
+    /// The envelope JSON, stored as it is.
     pub envelope_json: Bytes,
     /// Announced length of the data.
     pub data_len: u64,
@@ -152,32 +155,32 @@ pub enum Written {
     AlreadyThere,
 }
 
-/// The `.eml` files being written, so two streams never write one replica,
-/// and a removal during a write keeps the write from committing.
+/// The message files being written, so two streams never write one
+/// replica, and a removal during a write keeps the write from committing.
 #[derive(Debug, Clone, Default)]
 pub struct Writing {
-    /// `.eml` path → removed while being written.
+    /// Message file path → removed while being written.
     paths: Arc<Mutex<HashMap<PathBuf, bool>>>,
 }
 
 impl Writing {
-    /// Registers a write of `eml`; `None` when one is running.
-    fn enter(&self, eml: &Path) -> Option<WritingGuard> {
+    /// Registers a write of `path`; `None` when one is running.
+    fn enter(&self, path: &Path) -> Option<WritingGuard> {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        if paths.contains_key(eml) {
+        if paths.contains_key(path) {
             return None;
         }
-        paths.insert(eml.to_owned(), false);
+        paths.insert(path.to_owned(), false);
         Some(WritingGuard {
             writing: self.clone(),
-            eml: eml.to_owned(),
+            path: path.to_owned(),
         })
     }
 
-    /// Keeps a running write of `eml` from committing.
-    pub fn cancel(&self, eml: &Path) {
+    /// Keeps a running write of `path` from committing.
+    pub fn cancel(&self, path: &Path) {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(removed) = paths.get_mut(eml) {
+        if let Some(removed) = paths.get_mut(path) {
             *removed = true;
         }
     }
@@ -186,11 +189,11 @@ impl Writing {
 /// One registered write; deregisters on drop.
 struct WritingGuard {
     writing: Writing,
-    eml: PathBuf,
+    path: PathBuf,
 }
 
 impl WritingGuard {
-    /// Runs `commit` (the rename making the replica visible) unless the
+    /// Runs `commit` (the seal committing the replica) unless the
     /// message was removed meanwhile; holds the registry lock while it runs,
     /// so a removal comes either before (and wins) or after (and sees it).
     fn commit(
@@ -199,7 +202,7 @@ impl WritingGuard {
         commit: impl FnOnce() -> io::Result<()>,
     ) -> Result<(), ReplicaError> {
         let paths = self.writing.paths.lock().unwrap_or_else(|e| e.into_inner());
-        if paths.get(&self.eml).copied().unwrap_or(true) {
+        if paths.get(&self.path).copied().unwrap_or(true) {
             return Err(ReplicaError::Removed { id: id.to_owned() });
         }
         commit()?;
@@ -211,7 +214,7 @@ impl WritingGuard {
 impl Drop for WritingGuard {
     fn drop(&mut self) {
         let mut paths = self.writing.paths.lock().unwrap_or_else(|e| e.into_inner());
-        paths.remove(&self.eml);
+        paths.remove(&self.path);
     }
 }
 
@@ -237,13 +240,22 @@ impl Drop for Leftovers {
     }
 }
 
-/// Reads the committed envelope of `id` in `dir`, if any.
-fn read_envelope(dir: &Path, id: &str) -> io::Result<Option<Vec<u8>>> {
-    match std::fs::read(env_path(dir, id)) {
-        Ok(bytes) => Ok(Some(bytes)),
+/// Reads the seal of `id`'s message file in `dir`; `None` when there is
+/// no file.
+fn read_seal(dir: &Path, id: &str) -> io::Result<Option<Seal>> {
+    match message_file::read_seal_at(&message_file::path(dir, id)) {
+        Ok(seal) => Ok(Some(seal)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(err),
     }
+}
+
+/// The envelope JSON of the committed message `id` in `dir`, if any.
+fn read_envelope(dir: &Path, id: &str) -> io::Result<Option<Vec<u8>>> {
+    Ok(match read_seal(dir, id)? {
+        Some(Seal::Sealed { envelope_json, .. }) => Some(envelope_json),
+        _ => None,
+    })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -256,7 +268,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Writes the replica `header` describes into `dir` (which must exist) from
 /// `data`, durably: returns once `files` (a [`DirSync::filesystem`] of
-/// `dir`'s filesystem) has synced `<id>.eml` and `<id>.env`.
+/// `dir`'s filesystem) has synced the sealed `<id>.msg`.
 ///
 /// An identical replica already committed is [`Written::AlreadyThere`]; one
 /// with different envelope bytes is [`ReplicaError::AlreadyExists`]. A
@@ -277,17 +289,14 @@ where
 {
     check_id(&header.id)?;
     let id = header.id.clone();
-    let (eml, env, tmp) = (
-        eml_path(dir, &id),
-        env_path(dir, &id),
-        env_tmp_path(dir, &id),
-    );
+    let path = message_file::path(dir, &id);
+    let part = message_file::part_path(dir, &id);
     let guard = writing
-        .enter(&eml)
+        .enter(&path)
         .ok_or_else(|| ReplicaError::Busy { id: id.clone() })?;
 
     let prepared = {
-        let (dir, id, eml, tmp) = (dir.to_owned(), id.clone(), eml.clone(), tmp.clone());
+        let (dir, id, path, part) = (dir.to_owned(), id.clone(), path.clone(), part.clone());
         let envelope = header.envelope_json.clone();
         let needed = header
             .data_len
@@ -304,11 +313,11 @@ where
             if available < needed {
                 return Err(ReplicaError::NoRoom { needed, available });
             }
-            // No `.env` and no running write: anything here is what a crash
-            // mid-write left.
-            remove_if_present(&tmp)?;
-            remove_if_present(&eml)?;
-            Ok(Some(create_eml(&eml)?))
+            // Not sealed and no running write: anything here is what a
+            // crash mid-write left, or a damaged replica, written again.
+            remove_if_present(&part)?;
+            remove_if_present(&path)?;
+            Ok(Some(message_file::create(&part)?))
         })
         .await?
     };
@@ -319,7 +328,7 @@ where
         return Ok(Written::AlreadyThere);
     };
     let mut leftovers = Leftovers {
-        paths: vec![eml.clone(), tmp.clone()],
+        paths: vec![part.clone()],
     };
 
     let mut writer = Writer::new(file);
@@ -353,10 +362,10 @@ where
     let expected_sha = header.data_sha256.map(|s| s.to_ascii_lowercase());
     let envelope = header.envelope_json;
     let commit_id = id.clone();
-    let (commit_eml, commit_tmp, commit_env) = (eml.clone(), tmp.clone(), env.clone());
+    let (commit_part, commit_path) = (part.clone(), path.clone());
     blocking(move || {
         let mut leftovers = Leftovers {
-            paths: vec![commit_eml, commit_tmp.clone()],
+            paths: vec![commit_part.clone()],
         };
         let (file, len, digest) = writer.finish_blocking()?;
         if len != expected_len {
@@ -373,25 +382,17 @@ where
                 });
             }
         }
-        drop(file);
-        write_new(&commit_tmp, &envelope)?;
         guard.commit(&commit_id, || {
-            rename_noreplace(&commit_tmp, &commit_env).map_err(|err| {
-                if err.kind() == io::ErrorKind::AlreadyExists {
-                    io::Error::new(err.kind(), format!("{} appeared", commit_env.display()))
-                } else {
-                    err
-                }
-            })
+            message_file::seal(&file, len, &envelope)?;
+            rename_noreplace(&commit_part, &commit_path)
         })?;
         leftovers.disarm();
         Ok(())
     })
     .await?;
     if let Err(err) = files.sync().await {
-        // Named but maybe not durable: not a replica anyone may count on.
-        let _ = remove_if_present(&env);
-        let _ = remove_if_present(&eml);
+        // Sealed but maybe not durable: not a replica anyone may count on.
+        let _ = remove_if_present(&path);
         return Err(err.into());
     }
     Ok(Written::Stored)
@@ -424,35 +425,39 @@ pub fn read_chunks(
 /// A committed message opened for reading.
 #[derive(Debug)]
 pub struct Opened {
-    /// The `.eml`, open (so it stays readable if removed meanwhile).
+    /// The message file, open (so it stays readable if removed meanwhile).
     pub file: Arc<File>,
-    /// Its length when opened.
+    /// Octets of data, from offset 0.
     pub data_len: u64,
-    /// The `.env` contents.
+    /// The envelope JSON.
     pub envelope_json: Bytes,
 }
 
-/// Opens the committed message `id` in `dir`; `None` when it has no `.env`.
+/// Opens the committed message `id` in `dir`; `None` when it is absent or
+/// not sealed.
 pub fn open_committed(dir: &Path, id: &str) -> io::Result<Option<Opened>> {
-    let Some(envelope) = read_envelope(dir, id)? else {
-        return Ok(None);
-    };
-    let file = match File::open(eml_path(dir, id)) {
+    let file = match File::open(message_file::path(dir, id)) {
         Ok(file) => file,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(err),
     };
-    let data_len = file.metadata()?.len();
+    let Seal::Sealed {
+        data_len,
+        envelope_json,
+    } = message_file::read_seal(&file)?
+    else {
+        return Ok(None);
+    };
     Ok(Some(Opened {
         file: Arc::new(file),
         data_len,
-        envelope_json: envelope.into(),
+        envelope_json: envelope_json.into(),
     }))
 }
 
-/// Ids of the committed messages (those with a `.env`) in `dir`, sorted;
+/// Ids of the message files in `dir` (committed or being written), sorted;
 /// an absent directory holds none.
-pub fn committed_ids(dir: &Path) -> io::Result<Vec<String>> {
+fn message_ids(dir: &Path) -> io::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -461,7 +466,7 @@ pub fn committed_ids(dir: &Path) -> io::Result<Vec<String>> {
     let mut ids = Vec::new();
     for entry in entries {
         let name = entry?.file_name();
-        if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".env")) {
+        if let Some(id) = name.to_str().and_then(message_file::id_of) {
             if id::is_valid(id) {
                 ids.push(id.to_owned());
             }
@@ -471,21 +476,63 @@ pub fn committed_ids(dir: &Path) -> io::Result<Vec<String>> {
     Ok(ids)
 }
 
-/// Removes message `id` from `dir`: `.env` first, fsync of `dir`, then
-/// `.eml`, so a crash in between leaves an uncommitted `.eml` (swept at
-/// start) rather than a `.env` without data. Absent files are fine.
+/// Ids of the committed (sealed) messages in `dir`, sorted; an absent
+/// directory holds none.
+pub fn committed_ids(dir: &Path) -> io::Result<Vec<String>> {
+    let mut ids = message_ids(dir)?;
+    let mut kept = Vec::with_capacity(ids.len());
+    for id in ids.drain(..) {
+        if matches!(read_seal(dir, &id)?, Some(Seal::Sealed { .. })) {
+            kept.push(id);
+        }
+    }
+    Ok(kept)
+}
+
+/// Blocking: turns the `<id>.eml` + `<id>.env` replicas an older version
+/// wrote in `dir` into sealed message files (the `.env` goes once they are
+/// durable; see [`message_file::convert_older`]).
+fn convert_older(dir: &Path) -> io::Result<()> {
+    let mut converted = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+            continue;
+        };
+        if !id::is_valid(id) {
+            continue;
+        }
+        let env = dir.join(&name);
+        if !message_file::path(dir, id).exists() {
+            if !dir.join(format!("{id}.eml")).exists() {
+                // No data here: the owner writes the replica again.
+                converted.push(env);
+                continue;
+            }
+            message_file::convert_older(dir, id, &std::fs::read(&env)?)?;
+        }
+        converted.push(env);
+    }
+    if !converted.is_empty() {
+        sync_dir(dir)?;
+        for env in &converted {
+            remove_if_present(env)?;
+        }
+        sync_dir(dir)?;
+        tracing::info!(dir = %dir.display(), converted = converted.len(), "converted replicas of an older version into sealed message files");
+    }
+    Ok(())
+}
+
+/// Removes message `id` from `dir`, durably (the directory is synced when
+/// a file went). Absent is fine.
 pub async fn remove_message(dir: &Path, sync: &Arc<DirSync>, id: &str) -> Result<(), ReplicaError> {
-    let (env, eml) = (env_path(dir, id), eml_path(dir, id));
-    let had_env = blocking(move || {
-        let had = env.exists();
-        remove_if_present(&env)?;
-        Ok(had)
-    })
-    .await?;
-    if had_env {
+    let path = message_file::path(dir, id);
+    let removed = blocking(move || Ok(crate::spool::fsync::remove_existing(&path)?)).await?;
+    if removed {
         sync.sync().await?;
     }
-    blocking(move || Ok(remove_if_present(&eml)?)).await
+    Ok(())
 }
 
 /// The replicas this relay holds for others, under `<data_dir>/replicas/`.
@@ -500,9 +547,12 @@ pub struct ReplicaStore {
 }
 
 impl ReplicaStore {
-    /// Opens (creating) `<data_dir>/replicas`, removing what interrupted
-    /// writes left: `.env.tmp` files and `.eml` files without a `.env`.
-    /// Blocking; call it before serving.
+    /// Opens (creating) `<data_dir>/replicas`, converting the `.eml` +
+    /// `.env` replicas of older versions into sealed message files and
+    /// removing what interrupted writes left (`.part` files, message files
+    /// whose seal does not hold, `.env.tmp` files, `.eml` files without a
+    /// `.env`): the owner writes a replica again when it repairs its
+    /// copies. Blocking; call it before serving.
     pub fn open(data_dir: &Path) -> io::Result<ReplicaStore> {
         let root = data_dir.join("replicas");
         if !root.exists() {
@@ -516,13 +566,15 @@ impl ReplicaStore {
                 continue;
             }
             let dir = spool.path();
+            convert_older(&dir)?;
             let committed = committed_ids(&dir)?;
             for entry in std::fs::read_dir(&dir)? {
                 let name = entry?.file_name();
                 let Some(name) = name.to_str() else { continue };
-                let stale = name.ends_with(".env.tmp")
-                    || name
-                        .strip_suffix(".eml")
+                let stale = [".part", ".env.tmp", ".env", ".eml"]
+                    .iter()
+                    .any(|suffix| name.ends_with(suffix))
+                    || message_file::id_of(name)
                         .is_some_and(|id| committed.binary_search(&id.to_owned()).is_err());
                 if stale {
                     remove_if_present(&dir.join(name))?;
@@ -604,13 +656,12 @@ impl ReplicaStore {
         blocking(move || Ok(open_committed(&dir, &id)?)).await
     }
 
-    /// Removes the replica `spool`/`id` (`.env`, directory fsync, `.eml`),
-    /// and keeps a write of it that is still running from committing.
-    /// Absent is fine.
+    /// Removes the replica `spool`/`id` durably, and keeps a write of it
+    /// that is still running from committing. Absent is fine.
     pub async fn remove(&self, spool: &str, id: &str) -> Result<(), ReplicaError> {
         let dir = self.spool_dir(spool)?;
         check_id(id)?;
-        self.writing.cancel(&eml_path(&dir, id));
+        self.writing.cancel(&message_file::path(&dir, id));
         if !dir.is_dir() {
             return Ok(());
         }
@@ -706,15 +757,12 @@ mod tests {
             .unwrap();
         assert_eq!(written, Written::Stored);
         let spool = store.spool_dir("s1").unwrap();
-        assert_eq!(std::fs::read(eml_path(&spool, ID)).unwrap(), data);
-        assert_eq!(
-            std::fs::read(env_path(&spool, ID)).unwrap(),
-            b"{\"id\":\"x\"}"
-        );
-        assert_eq!(
-            names(&spool),
-            vec![format!("{ID}.eml"), format!("{ID}.env")]
-        );
+        let opened = open_committed(&spool, ID).unwrap().unwrap();
+        assert_eq!(opened.data_len, data.len() as u64);
+        assert_eq!(&opened.envelope_json[..], b"{\"id\":\"x\"}");
+        assert_eq!(file_sha256(&opened.file, opened.data_len).unwrap(), hex::encode(Sha256::digest(&data)));
+        assert_eq!(&std::fs::read(message_file::path(&spool, ID)).unwrap()[..data.len()], &data[..]);
+        assert_eq!(names(&spool), vec![format!("{ID}.msg")]);
         assert_eq!(store.list("s1").await.unwrap(), vec![ID.to_owned()]);
         assert!(store.list("other").await.unwrap().is_empty());
     }
@@ -805,7 +853,7 @@ mod tests {
         assert!(matches!(err, ReplicaError::AlreadyExists { .. }), "{err}");
         let spool = store.spool_dir("s1").unwrap();
         assert_eq!(
-            std::fs::read(env_path(&spool, ID)).unwrap(),
+            read_envelope(&spool, ID).unwrap().unwrap(),
             b"{\"id\":\"x\"}"
         );
     }
@@ -886,20 +934,33 @@ mod tests {
     }
 
     #[test]
-    fn opening_sweeps_what_interrupted_writes_left() {
+    fn opening_sweeps_what_interrupted_writes_left_and_converts_older_replicas() {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("replicas").join("s1");
         std::fs::create_dir_all(&spool).unwrap();
-        let other = "01ARZ3NDEKTSV4RRFFQ69G5FAW";
-        std::fs::write(eml_path(&spool, ID), b"kept").unwrap();
-        std::fs::write(env_path(&spool, ID), b"{}").unwrap();
-        std::fs::write(eml_path(&spool, other), b"partial").unwrap();
-        std::fs::write(env_tmp_path(&spool, other), b"{}").unwrap();
+        let (older, partial, unsealed) = (
+            "01ARZ3NDEKTSV4RRFFQ69G5FAW",
+            "01ARZ3NDEKTSV4RRFFQ69G5FAX",
+            "01ARZ3NDEKTSV4RRFFQ69G5FAY",
+        );
+        // Committed by this version.
+        let mut sealed = b"kept".to_vec();
+        sealed.extend(message_file::seal_bytes(4, b"{}").unwrap());
+        std::fs::write(message_file::path(&spool, ID), sealed).unwrap();
+        // Committed by an older version.
+        std::fs::write(spool.join(format!("{older}.eml")), b"older").unwrap();
+        std::fs::write(spool.join(format!("{older}.env")), b"{\"o\":1}").unwrap();
+        // Interrupted writes of an older version and of this one.
+        std::fs::write(spool.join(format!("{partial}.eml")), b"partial").unwrap();
+        std::fs::write(spool.join(format!("{partial}.env.tmp")), b"{}").unwrap();
+        std::fs::write(message_file::path(&spool, unsealed), b"half").unwrap();
         ReplicaStore::open(dir.path()).unwrap();
         assert_eq!(
             names(&spool),
-            vec![format!("{ID}.eml"), format!("{ID}.env")]
+            vec![format!("{ID}.msg"), format!("{older}.msg")]
         );
+        let converted = open_committed(&spool, older).unwrap().unwrap();
+        assert_eq!((converted.data_len, &converted.envelope_json[..]), (5, &b"{\"o\":1}"[..]));
     }
 
     #[tokio::test]

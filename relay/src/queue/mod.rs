@@ -37,8 +37,8 @@ use state::{DeliveryState, Status};
 /// One queued message as the queue keeps it in memory: its schedule and
 /// per-recipient state, and only as much of its envelope as scheduling and
 /// statistics need. The envelope itself is kept while the message is new
-/// (at most [`ENVELOPES_KEPT`] of them) and read back from the `.env`
-/// beside its data otherwise ([`Queue::envelope_of`]), so a deep queue costs
+/// (at most [`ENVELOPES_KEPT`] of them) and read back from its message
+/// file's seal otherwise ([`Queue::envelope_of`]), so a deep queue costs
 /// a few hundred bytes per message.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -58,7 +58,7 @@ pub struct Entry {
     pub arrival_ms: u64,
     /// A delivery attempt is running.
     pub in_flight: bool,
-    /// Where its `.eml` is when not in the local spool: a replica of a
+    /// Where its message file is when not in the local spool: a replica of a
     /// spool taken over.
     replica: Option<Box<PathBuf>>,
     /// The latest state is saved locally but not yet committed to the cluster.
@@ -483,10 +483,10 @@ impl Queue {
 
     /// Takes over a message of a spool this relay now owns, with the state
     /// its previous owner committed; `false` if it is queued already.
-    pub fn adopt(&self, envelope: Envelope, eml_path: PathBuf, state: DeliveryState) -> bool {
+    pub fn adopt(&self, envelope: Envelope, data_path: PathBuf, state: DeliveryState) -> bool {
         let at = state.next_attempt_ms;
-        let local = eml_path == self.inner.spool.message_path(&envelope.id);
-        let replica = (!local).then_some(eml_path);
+        let local = data_path == self.inner.spool.message_path(&envelope.id);
+        let replica = (!local).then_some(data_path);
         let Some(entry) = self.new_entry(envelope, state, replica, true) else {
             return false;
         };
@@ -1169,12 +1169,16 @@ impl Queue {
             .write(head.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        let eml = self.get(&envelope.id).map_or_else(
-            || spool.message_path(&envelope.id),
-            |e| self.message_path(&e),
-        );
+        let eml = match self.get(&envelope.id) {
+            Some(entry) => self.message_path(&entry),
+            // Refused early, before it was committed: still being received.
+            None => spool.receiving_path(&envelope.id),
+        };
         let mut original = envelope.added_headers.clone().into_bytes();
-        original.extend(tokio::fs::read(eml).await.map_err(|e| e.to_string())?);
+        let mut data = tokio::fs::read(eml).await.map_err(|e| e.to_string())?;
+        // The data only, not the seal after it.
+        data.truncate(usize::try_from(envelope.data_len).unwrap_or(usize::MAX));
+        original.extend(data);
         let original = if dsn::returns_full_message(envelope) {
             &original[..]
         } else {
@@ -1288,7 +1292,7 @@ impl Queue {
     }
 
     /// Where `entry`'s data is: the local spool, or the replica of a spool
-    /// taken over that it is delivered from. Its `.env` is beside it.
+    /// taken over that it is delivered from. Its envelope is sealed into it.
     pub fn message_path(&self, entry: &Entry) -> PathBuf {
         match &entry.replica {
             Some(path) => PathBuf::clone(path),
@@ -1296,20 +1300,15 @@ impl Queue {
         }
     }
 
-    /// `entry`'s envelope: the one kept in memory, or read from its `.env`.
+    /// `entry`'s envelope: the one kept in memory, or read from its file's seal.
     pub async fn envelope_of(&self, entry: &Entry) -> std::io::Result<Arc<Envelope>> {
         if let Some(envelope) = &entry.envelope {
             return Ok(Arc::clone(envelope));
         }
-        let path = self.envelope_path(entry);
+        let path = self.message_path(entry);
         tokio::task::spawn_blocking(move || Envelope::read(&path).map(Arc::new))
             .await
             .map_err(std::io::Error::other)?
-    }
-
-    /// Where `entry`'s `.env` is: beside its data.
-    fn envelope_path(&self, entry: &Entry) -> PathBuf {
-        self.message_path(entry).with_extension("env")
     }
 
     /// [`list`](Queue::list) with each message's envelope, read in one
@@ -1323,7 +1322,7 @@ impl Queue {
                 .filter_map(|entry| {
                     let envelope = match &entry.envelope {
                         Some(kept) => Arc::clone(kept),
-                        None => Arc::new(Envelope::read(&queue.envelope_path(&entry)).ok()?),
+                        None => Arc::new(Envelope::read(&queue.message_path(&entry)).ok()?),
                     };
                     Some((entry, envelope))
                 })

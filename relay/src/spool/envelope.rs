@@ -1,7 +1,8 @@
-//! The `<id>.env` record: the envelope of one message as versioned JSON.
+//! The envelope of one message as versioned JSON, kept in its message
+//! file's seal (see [`super::message_file`]).
 //!
-//! The `.env` file is immutable once written; its appearance commits the
-//! message. Mutable delivery state lives elsewhere (DESIGN.md §2.5).
+//! The envelope is immutable once written; the seal that carries it commits
+//! the message. Mutable delivery state lives elsewhere (DESIGN.md §2.5).
 
 use serde::{Deserialize, Serialize};
 
@@ -33,26 +34,27 @@ pub struct Envelope {
     pub listener: String,
     /// Arrival time, RFC 3339 UTC.
     pub received_at: String,
-    /// Length of `<id>.eml` in octets.
+    /// Octets of data in the message file (from offset 0).
     pub data_len: u64,
-    /// SHA-256 of `<id>.eml`, lower-case hex.
+    /// SHA-256 of the data, lower-case hex.
     pub data_sha256: String,
     /// Header lines (CRLF-terminated) that scanners added: prepended when
-    /// the message goes out, so the `.eml` itself never changes.
+    /// the message goes out, so the data itself never changes.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub added_headers: String,
 }
 
 impl Envelope {
-    /// Blocking: the envelope in the `.env` file at `path`; a file that is
-    /// not one is `InvalidData`.
+    /// Blocking: the envelope sealed into the message file at `path`; a
+    /// file that is not sealed, or whose envelope is not one, is
+    /// `InvalidData`.
     pub fn read(path: &std::path::Path) -> std::io::Result<Envelope> {
-        let text = std::fs::read(path)?;
+        let text = super::message_file::read_envelope_json(path)?;
         serde_json::from_slice(&text)
             .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
     }
 
-    /// Octets on the wire: the added headers plus the `.eml`.
+    /// Octets on the wire: the added headers plus the data.
     pub fn wire_len(&self) -> u64 {
         self.added_headers.len() as u64 + self.data_len
     }

@@ -1,20 +1,21 @@
-//! The local spool: streams a message into `<id>.eml` through a bounded
+//! The local spool: streams a message into `<id>.part` through a bounded
 //! buffer, watches disk space while doing so, and commits the local copy by
-//! writing `<id>.env` (temp file, rename) and then waiting for a
-//! group-committed `syncfs(2)` that makes the data, the envelope and both
-//! names durable at once, for every message committed meanwhile
-//! (`spool.sync = "filesystem"`); or, with `spool.sync = "files"`, by
-//! fsyncing the `.eml` and the `.env`'s temp file, renaming it, and waiting
-//! for a group-committed directory fsync.
+//! sealing the file (the envelope and a footer after the data, see
+//! [`message_file`]), renaming it to `<id>.msg`, and then waiting for a
+//! group-committed `syncfs(2)` that makes the data, the seal and the name
+//! durable at once, for every message committed meanwhile (`spool.sync =
+//! "filesystem"`); or, with `spool.sync = "files"`, by `fdatasync`ing the
+//! file before the rename and waiting for a group-committed directory fsync
+//! after it.
 //!
 //! Layout under `data_dir/spool/`: 32 subdirectories named by the last
 //! character of the ids they hold (`spool/<c>/`, see [`Shards`]), each with
-//! `<id>.eml` (wire-format bytes), `<id>.env` (the envelope; its presence
-//! commits the message) and, only during a commit, `<id>.env.tmp`. Creating,
-//! renaming and unlinking a name locks its directory; with one directory,
-//! every session and delivery queued on that lock.
+//! one `<id>.msg` per committed message and one `<id>.part` per message
+//! being received. Creating, renaming and unlinking a name locks its
+//! directory; with one directory, every session and delivery queued on that
+//! lock.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +23,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::fsync::{remove_if_present, write_new, write_synced, DirSync};
+use super::fsync::{remove_if_present, DirSync};
 use super::id;
+use super::message_file;
 use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
 use crate::config::CopyKind;
 
@@ -87,21 +89,6 @@ impl Shards {
     }
 }
 
-/// `<dir>/<id>.eml`.
-pub fn eml_path(dir: &Path, id: &str) -> PathBuf {
-    dir.join(format!("{id}.eml"))
-}
-
-/// `<dir>/<id>.env`.
-pub fn env_path(dir: &Path, id: &str) -> PathBuf {
-    dir.join(format!("{id}.env"))
-}
-
-/// `<dir>/<id>.env.tmp`.
-pub fn env_tmp_path(dir: &Path, id: &str) -> PathBuf {
-    dir.join(format!("{id}.env.tmp"))
-}
-
 /// Octets of the filesystem holding `dir` that an unprivileged writer may use.
 pub fn available_bytes(dir: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -124,22 +111,12 @@ pub fn is_out_of_space(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-/// Creates `<id>.eml`, refusing to reuse an existing name.
-pub fn create_eml(path: &Path) -> io::Result<File> {
-    // Readable too: the object copy reads the data back through this handle.
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-}
-
-/// The open `.eml` of a message being received, its unwritten tail and the
+/// The open `.msg` of a message being received, its unwritten tail and the
 /// running digest. Moved into blocking tasks whole, so the runtime never
 /// blocks on the disk.
 #[derive(Debug)]
 pub struct Writer {
-    /// The `.eml`: open, or only named until the first write reaches the
+    /// The `.msg`: open, or only named until the first write reaches the
     /// disk (a message that fits the buffer is created, written and hashed
     /// in one blocking call at the end).
     file: Target,
@@ -154,7 +131,7 @@ pub struct Writer {
 enum Target {
     /// A file already created.
     Open(File),
-    /// A file to create (with [`create_eml`]) at the first write.
+    /// A file to create (with [`message_file::create`]) at the first write.
     Named(PathBuf),
 }
 
@@ -162,7 +139,7 @@ impl Target {
     /// Blocking: the open file, created now if it was only named.
     fn open(&mut self) -> io::Result<&mut File> {
         if let Target::Named(path) = self {
-            *self = Target::Open(create_eml(path)?);
+            *self = Target::Open(message_file::create(path)?);
         }
         match self {
             Target::Open(file) => Ok(file),
@@ -172,12 +149,12 @@ impl Target {
 }
 
 impl Writer {
-    /// Wraps a freshly created `.eml`.
+    /// Wraps a freshly created message file.
     pub fn new(file: File) -> Writer {
         Writer::with_target(Target::Open(file))
     }
 
-    /// A writer that creates the `.eml` at `path` (never reusing a name)
+    /// A writer that creates the message file at `path` (never reusing a name)
     /// when the first bytes go to disk.
     pub fn create_at(path: PathBuf) -> Writer {
         Writer::with_target(Target::Named(path))
@@ -228,53 +205,23 @@ impl Writer {
     }
 }
 
-/// The local-disk copy: the `.eml` already written by the receiver plus a
-/// durable `.env`.
+/// The local-disk copy: the `.part` already written by the receiver,
+/// sealed, named `<id>.msg` and made durable.
 #[derive(Debug)]
 pub struct LocalCopy {
     /// The spool's subdirectories and their fsyncs (removals).
     shards: Arc<Shards>,
     /// `syncfs` rounds of the spool's filesystem (commits); `None`: each
-    /// commit fsyncs its own files.
+    /// commit fsyncs its own file.
     files: Option<Arc<DirSync>>,
 }
 
 impl LocalCopy {
     /// The copy in the spool directory `shards.root()`; `files` syncs its
     /// filesystem ([`DirSync::filesystem`]), or each commit fsyncs its own
-    /// files when it is `None`.
+    /// file when it is `None`.
     pub fn new(shards: Arc<Shards>, files: Option<Arc<DirSync>>) -> LocalCopy {
         LocalCopy { shards, files }
-    }
-
-    /// Commits with fsyncs of this message's own files (`spool.sync =
-    /// "files"`): the `.eml` and the `.env`'s temp file side by side (they
-    /// can share a journal commit), then the rename and a group-committed
-    /// directory fsync that makes both names durable.
-    async fn write_files_synced(
-        &self,
-        job: &Arc<CopyJob>,
-        tmp: PathBuf,
-        env: PathBuf,
-    ) -> Result<(), CopyError> {
-        let data = {
-            let job = Arc::clone(job);
-            tokio::task::spawn_blocking(move || job.eml_file.sync_data())
-        };
-        let envelope = {
-            let (job, tmp) = (Arc::clone(job), tmp.clone());
-            tokio::task::spawn_blocking(move || write_synced(&tmp, &job.envelope_json))
-        };
-        let (data, envelope) = tokio::join!(data, envelope);
-        if let Err(err) = joined(data).and(joined(envelope)) {
-            let _ = remove_if_present(&tmp);
-            return Err(err);
-        }
-        tokio::task::spawn_blocking(move || std::fs::rename(&tmp, &env)).await??;
-        // A crash before this returns may leave a `.env` whose `.eml` name
-        // was lost; recovery quarantines that, and the client never got its 250.
-        self.shards.sync_of(&job.id).sync().await?;
-        Ok(())
     }
 }
 
@@ -285,31 +232,34 @@ impl CopyTarget for LocalCopy {
 
     fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
-            let dir = self.shards.dir_of(&job.id);
-            let tmp = env_tmp_path(dir, &job.id);
-            let env = env_path(dir, &job.id);
-            let Some(files) = &self.files else {
-                return self.write_files_synced(&job, tmp, env).await;
-            };
-            let named = {
-                let (job, tmp) = (Arc::clone(&job), tmp.clone());
+            let own_sync = self.files.is_none();
+            let committed = message_file::path(self.shards.dir_of(&job.id), &job.id);
+            let sealed = {
+                let job = Arc::clone(&job);
                 tokio::task::spawn_blocking(move || {
-                    write_new(&tmp, &job.envelope_json)?;
-                    std::fs::rename(&tmp, &env)
+                    message_file::seal(&job.data_file, job.data_len, &job.envelope_json)?;
+                    if own_sync {
+                        job.data_file.sync_data()?;
+                    }
+                    if job.data_path != committed {
+                        std::fs::rename(&job.data_path, &committed)?;
+                    }
+                    Ok::<_, io::Error>(())
                 })
             };
-            if let Err(err) = joined(named.await) {
-                let _ = remove_if_present(&tmp);
-                return Err(err);
+            joined(sealed.await)?;
+            match &self.files {
+                // One syncfs makes the data, the seal and the name durable,
+                // shared with every commit that sealed before it started. A
+                // crash before it returns may leave a seal whose data did
+                // not all reach the disk: the client never got its 250, and
+                // recovery (length) or the check before the first delivery
+                // (SHA-256) finds it. A failed sync fails the commit; the
+                // quorum then takes the copy back.
+                Some(files) => files.sync().await?,
+                // The file is synced; its name needs the directory's.
+                None => self.shards.sync_of(&job.id).sync().await?,
             }
-            // One syncfs makes the `.eml` (data and name) and the `.env`
-            // durable, shared with every commit that named its `.env` before
-            // it started. A crash before it returns may leave a `.env` whose
-            // data did not all reach the disk: the client never got its 250,
-            // and recovery (length) or the check before the first delivery
-            // (SHA-256) quarantines it. A failed sync fails the commit; the
-            // quorum then takes the copy back.
-            files.sync().await?;
             Ok(())
         })
     }
@@ -320,17 +270,15 @@ impl CopyTarget for LocalCopy {
         id: String,
     ) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
-            let dir = self.shards.dir_of(&id).to_owned();
-            let id2 = id.clone();
+            let dir = self.shards.dir_of(&id);
+            let (path, part) = (message_file::path(dir, &id), message_file::part_path(dir, &id));
             tokio::task::spawn_blocking(move || {
-                remove_if_present(&env_tmp_path(&dir, &id2))?;
-                remove_if_present(&env_path(&dir, &id2))
+                remove_if_present(&path)?;
+                remove_if_present(&part)
             })
             .await??;
-            // The `.env` must be gone for good before the client hears 451.
+            // The seal must be gone for good before the client hears 451.
             self.shards.sync_of(&id).sync().await?;
-            let dir = self.shards.dir_of(&id).to_owned();
-            tokio::task::spawn_blocking(move || remove_if_present(&eml_path(&dir, &id))).await??;
             Ok(())
         })
     }
@@ -343,8 +291,8 @@ mod tests {
     #[test]
     fn writer_hashes_and_counts_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.eml");
-        let mut writer = Writer::new(create_eml(&path).unwrap());
+        let path = dir.path().join("a.msg");
+        let mut writer = Writer::new(message_file::create(&path).unwrap());
         let data = vec![b'x'; BUFFER_CAP * 2 + 17];
         for chunk in data.chunks(BUFFER_CAP / 3) {
             let mut rest = chunk;
@@ -364,12 +312,12 @@ mod tests {
     }
 
     #[test]
-    fn create_eml_never_reuses_a_name() {
+    fn a_message_file_never_reuses_a_name() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.eml");
-        create_eml(&path).unwrap();
+        let path = dir.path().join("a.msg");
+        message_file::create(&path).unwrap();
         assert_eq!(
-            create_eml(&path).unwrap_err().kind(),
+            message_file::create(&path).unwrap_err().kind(),
             io::ErrorKind::AlreadyExists
         );
     }
@@ -382,36 +330,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_local_copy_commits_with_env_and_takes_it_back() {
+    async fn the_local_copy_seals_and_takes_it_back() {
         let root = tempfile::tempdir().unwrap();
         let shards = Arc::new(Shards::open(root.path()).unwrap());
         let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
         let dir = shards.dir_of(id).to_owned();
         assert_eq!(dir, root.path().join("V"));
-        let path = eml_path(&dir, id);
-        let mut writer = Writer::new(create_eml(&path).unwrap());
-        writer.push(b"Subject: x\r\n\r\nbody\r\n");
-        let (_, data_len, _) = writer.finish_blocking().unwrap();
+        let path = message_file::path(&dir, id);
+        let part = message_file::part_path(&dir, id);
+        let data = b"Subject: x\r\n\r\nbody\r\n";
         for files in [
             Some(DirSync::filesystem(root.path().to_owned()).unwrap()),
             None,
         ] {
+            let mut writer = Writer::new(message_file::create(&part).unwrap());
+            writer.push(data);
+            let (file, data_len, _) = writer.finish_blocking().unwrap();
             let job = Arc::new(CopyJob {
                 spool: String::new(),
                 id: id.into(),
-                eml_path: path.clone(),
-                eml_file: Arc::new(std::fs::File::open(&path).unwrap()),
+                data_path: part.clone(),
+                data_file: Arc::new(file),
                 data_len,
                 envelope_json: bytes::Bytes::from_static(b"{}"),
             });
             let copy = Arc::new(LocalCopy::new(Arc::clone(&shards), files));
             Arc::clone(&copy).write(job).await.unwrap();
-            assert_eq!(std::fs::read(env_path(&dir, id)).unwrap(), b"{}");
-            assert!(!env_tmp_path(&dir, id).exists());
+            assert_eq!(
+                message_file::read_seal_at(&path).unwrap(),
+                message_file::Seal::Sealed {
+                    data_len,
+                    envelope_json: b"{}".to_vec()
+                }
+            );
+            assert_eq!(&std::fs::read(&path).unwrap()[..data.len()], data);
+            assert!(!part.exists());
             copy.remove(String::new(), id.into()).await.unwrap();
             assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
-            // Written again for the next mode.
-            std::fs::write(&path, b"Subject: x\r\n\r\nbody\r\n").unwrap();
         }
     }
 }

@@ -1,12 +1,13 @@
-//! The spool: message ids, wire-format `.eml` files, `.env` envelopes, the
-//! local spool, the object-store copy, the quorum writer and recovery on start.
+//! The spool: message ids, message files (wire-format data, sealed with the
+//! envelope once committed), the local spool, the object-store copy, the
+//! quorum writer and recovery on start.
 //!
 //! On disk, under `data_dir`:
 //!
 //! ```text
-//! spool/<c>/<id>.eml      message bytes, exactly as they go on the wire
-//! spool/<c>/<id>.env      envelope JSON; its presence commits the message
-//! spool/<c>/<id>.env.tmp  only while committing
+//! spool/<c>/<id>.msg      message bytes exactly as they go on the wire, then
+//!                         (once committed) the envelope JSON and a footer;
+//!                         see message_file
 //!                         (<c>: the id's last character, see local::Shards)
 //! spool/.lock             held (flock) by the relay that owns the spool
 //! quarantine/             damaged records found by recovery, kept for a human
@@ -22,6 +23,7 @@ pub mod envelope;
 pub mod fsync;
 pub mod id;
 pub mod local;
+pub mod message_file;
 pub mod object;
 pub mod quorum;
 pub mod recovery;
@@ -79,9 +81,9 @@ pub struct Committed {
     pub confirmed: Vec<CopyKind>,
     /// Time from `commit` to quorum.
     pub quorum_time: Duration,
-    /// Length of the `.eml`, as recorded in the envelope.
+    /// Length of the data, as recorded in the envelope.
     pub data_len: u64,
-    /// SHA-256 of the `.eml`, as recorded in the envelope.
+    /// SHA-256 of the data, as recorded in the envelope.
     pub data_sha256: String,
 }
 
@@ -94,6 +96,9 @@ pub struct Recovered {
     pub removed: usize,
     /// Damaged records moved to quarantine.
     pub quarantined: usize,
+    /// Ids of committed message files whose seal does not hold, left in
+    /// place to be repaired from another copy (see [`Recovery::next_batch`]).
+    pub damaged: Vec<String>,
 }
 
 /// Recovery of the spool, one subdirectory at a time, while the relay may
@@ -124,6 +129,12 @@ impl Recovery {
         .map_err(std::io::Error::other)??;
         self.counts.removed += found.removed;
         self.counts.quarantined += found.quarantined;
+        for id in std::mem::take(&mut found.damaged) {
+            match self.spool.repair_damaged(&id).await? {
+                Some(envelope) => found.messages.push(envelope),
+                None => self.counts.quarantined += 1,
+            }
+        }
         found.messages.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Some(found.messages))
     }
@@ -171,7 +182,7 @@ struct Inner {
     ids: id::IdGenerator,
     /// Every copy of the ack policy, in `spool.copies` order.
     copies: Vec<Arc<dyn CopyTarget>>,
-    /// Whether the local `.eml` is a copy (else only staging for the others).
+    /// Whether the local message file is a copy (else only staging for the others).
     keep_local: bool,
     /// The spool's subdirectories, each with its group-committed fsync.
     shards: Arc<local::Shards>,
@@ -343,7 +354,7 @@ impl Spool {
         Ok(())
     }
 
-    /// Starts receiving a message: assigns its id; its `.eml` is created
+    /// Starts receiving a message: assigns its id; its file is created
     /// when the first bytes go to disk (see [`Writer::create_at`]).
     ///
     /// Fails with `NoRoom` when the disk is already down to the reserve.
@@ -352,7 +363,7 @@ impl Spool {
         if let Some(begun) = self.inner.begun.lock().expect("spool lock").as_mut() {
             begun.insert(id.clone());
         }
-        let path = local::eml_path(self.inner.shards.dir_of(&id), &id);
+        let path = message_file::part_path(self.inner.shards.dir_of(&id), &id);
         // statvfs reads counters the kernel keeps in memory: no disk wait.
         self.check_room(0)?;
         Ok(Incoming {
@@ -375,8 +386,8 @@ impl Spool {
         &self.inner.quarantine_dir
     }
 
-    /// Checks the length and digest of message `envelope.id`'s `.eml`
-    /// against its envelope (start checks only the length). A damaged one is
+    /// Checks the seal, length and digest of message `envelope.id`'s data
+    /// against its envelope (start checks only the seal). A damaged one is
     /// repaired from the first other copy of the policy that holds it intact
     /// (the damaged file kept in quarantine); with none, the message is moved
     /// to quarantine. Each outcome is logged.
@@ -396,24 +407,8 @@ impl Spool {
             };
         let id = envelope.id.as_str();
         tracing::error!(id, reason = %damage, "damaged spool record found before delivery");
-        for copy in self.copies().iter().filter(|c| c.kind() != CopyKind::Local) {
-            let kind = copy.kind();
-            let scratch = self.inner.repair_dir.clone();
-            if self.restore_from(copy, &shared, &scratch).await {
-                let (dir, quarantine_dir, id_owned) =
-                    (dir.clone(), quarantine_dir.clone(), id.to_owned());
-                let repaired = local::eml_path(&scratch, id);
-                let replaced = tokio::task::spawn_blocking(move || {
-                    recovery::replace_data(&dir, &quarantine_dir, &id_owned, &repaired)
-                })
-                .await
-                .map_err(std::io::Error::other)?;
-                clear_scratch(&scratch, id);
-                replaced?;
-                tracing::warn!(id, copy = ?kind, "repaired a damaged spool record from another copy; the damaged data is in quarantine");
-                return Ok(Checked::Repaired(kind));
-            }
-            clear_scratch(&scratch, id);
+        if let Some((kind, _)) = self.repair(&envelope.spool, id, Some(&shared)).await? {
+            return Ok(Checked::Repaired(kind));
         }
         tracing::error!(id, reason = %damage, "quarantining a damaged spool record: no other copy holds it intact");
         let id_owned = id.to_owned();
@@ -425,42 +420,114 @@ impl Spool {
         Ok(Checked::Quarantined)
     }
 
-    /// Message `envelope.id`'s data from `copy` into `scratch`, if that copy
-    /// holds it with the length and digest the envelope records.
+    /// Repairs committed message `id`, whose seal recovery found damaged
+    /// (so its envelope is unknown here), from the first other copy that
+    /// holds it intact, and returns the envelope that copy had; with none,
+    /// quarantines it and returns `None`. The copies are asked for it in
+    /// the spool new messages go into (on a single relay, the only one).
+    async fn repair_damaged(&self, id: &str) -> Result<Option<Envelope>, SpoolError> {
+        if let Some((_, envelope)) = self.repair(&self.current_spool(), id, None).await? {
+            return Ok(Some(envelope));
+        }
+        tracing::error!(id, "quarantining a damaged spool record: no other copy holds it intact");
+        let (dir, quarantine_dir, id_owned) = (
+            self.message_dir(id).to_owned(),
+            self.inner.quarantine_dir.clone(),
+            id.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            recovery::quarantine_message(&dir, &quarantine_dir, &id_owned)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(None)
+    }
+
+    /// Puts an intact copy of message `spool`/`id` from the first other copy
+    /// holding one in place of the local file (the damaged one kept in
+    /// quarantine); returns which copy and the envelope it had. `expected`:
+    /// the envelope the data must match (else the copy's own envelope must
+    /// name `id` and match its data).
+    async fn repair(
+        &self,
+        spool: &str,
+        id: &str,
+        expected: Option<&Arc<Envelope>>,
+    ) -> Result<Option<(CopyKind, Envelope)>, SpoolError> {
+        let dir = self.message_dir(id).to_owned();
+        let quarantine_dir = self.inner.quarantine_dir.clone();
+        for copy in self.copies().iter().filter(|c| c.kind() != CopyKind::Local) {
+            let kind = copy.kind();
+            let scratch = self.inner.repair_dir.clone();
+            if let Some(envelope) = self.restore_from(copy, spool, id, expected, &scratch).await {
+                let (dir, quarantine_dir, id_owned) =
+                    (dir.clone(), quarantine_dir.clone(), id.to_owned());
+                let repaired = message_file::path(&scratch, id);
+                let replaced = tokio::task::spawn_blocking(move || {
+                    recovery::replace_data(&dir, &quarantine_dir, &id_owned, &repaired)
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                clear_scratch(&scratch, id);
+                replaced?;
+                tracing::warn!(id, copy = ?kind, "repaired a damaged spool record from another copy; the damaged file is in quarantine");
+                return Ok(Some((kind, envelope)));
+            }
+            clear_scratch(&scratch, id);
+        }
+        Ok(None)
+    }
+
+    /// Message `spool`/`id` from `copy` into `scratch` as a sealed message
+    /// file, if that copy holds it intact: data of the length and digest
+    /// `expected` records (or, with no `expected`, its own envelope does,
+    /// naming `id`). Returns the envelope it was sealed with.
     async fn restore_from(
         &self,
         copy: &Arc<dyn CopyTarget>,
-        envelope: &Arc<Envelope>,
+        spool: &str,
+        id: &str,
+        expected: Option<&Arc<Envelope>>,
         scratch: &std::path::Path,
-    ) -> bool {
-        let id = envelope.id.as_str();
+    ) -> Option<Envelope> {
         let kind = copy.kind();
         let made = std::fs::create_dir_all(scratch);
         if let Err(err) = made {
             tracing::warn!(id, "cannot make the repair directory: {err}");
-            return false;
+            return None;
         }
         match Arc::clone(copy)
-            .restore(Arc::clone(envelope), scratch.to_owned())
+            .restore(spool.to_owned(), id.to_owned(), scratch.to_owned())
             .await
         {
             Ok(true) => {}
-            Ok(false) => return false,
+            Ok(false) => return None,
             Err(err) => {
                 tracing::warn!(id, copy = ?kind, error = %err, "cannot read the message back from this copy");
-                return false;
+                return None;
             }
         }
-        let (scratch, envelope) = (scratch.to_owned(), Arc::clone(envelope));
-        let verdict =
-            tokio::task::spawn_blocking(move || recovery::verify_data(&scratch, &envelope)).await;
+        let (scratch, id_owned, expected) =
+            (scratch.to_owned(), id.to_owned(), expected.map(Arc::clone));
+        let verdict = tokio::task::spawn_blocking(move || -> Result<Envelope, recovery::Damage> {
+            let path = message_file::path(&scratch, &id_owned);
+            let json = message_file::read_envelope_json(&path).map_err(recovery::Damage::Unreadable)?;
+            let own = recovery::check_envelope(&id_owned, &json)?;
+            let envelope = match expected {
+                Some(expected) => Envelope::clone(&expected),
+                None => own,
+            };
+            recovery::verify_data(&scratch, &envelope)?;
+            Ok(envelope)
+        })
+        .await;
         match verdict {
-            Ok(Ok(())) => true,
+            Ok(Ok(envelope)) => Some(envelope),
             Ok(Err(damage)) => {
                 tracing::error!(id, copy = ?kind, reason = %damage, "that copy is damaged too");
-                false
+                None
             }
-            Err(_) => false,
+            Err(_) => None,
         }
     }
 
@@ -474,14 +541,14 @@ impl Spool {
         self.inner.shards.sync_of(id)
     }
 
-    /// The local `.eml` of message `id`.
+    /// The local message file of committed message `id`.
     pub fn message_path(&self, id: &str) -> PathBuf {
-        local::eml_path(self.message_dir(id), id)
+        message_file::path(self.message_dir(id), id)
     }
 
-    /// The local `.env` of message `id`.
-    pub fn envelope_path(&self, id: &str) -> PathBuf {
-        local::env_path(self.message_dir(id), id)
+    /// The file of message `id` while it is being received (not committed).
+    pub fn receiving_path(&self, id: &str) -> PathBuf {
+        message_file::part_path(self.message_dir(id), id)
     }
 
     /// The envelopes of the locally committed messages, oldest first.
@@ -565,28 +632,33 @@ fn clear_scratch(scratch: &std::path::Path, id: &str) {
     }
 }
 
-/// Takes an exclusive, non-blocking flock on `<dir>/.lock`.
-/// Blocking: the envelopes of the `.env` files among `entries` (one spool
-/// subdirectory's listing); unreadable ones are skipped with a warning.
+/// Blocking: the envelopes of the sealed message files among `entries` (one
+/// spool subdirectory's listing); unreadable ones are skipped with a warning.
 fn read_envelopes(entries: std::fs::ReadDir) -> Result<Vec<Envelope>, SpoolError> {
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+        let Some(stem) = name.to_str().and_then(message_file::id_of) else {
             continue;
         };
-        match std::fs::read(entry.path()).map(|text| serde_json::from_slice::<Envelope>(&text)) {
-            Ok(Ok(envelope)) => found.push(envelope),
-            Ok(Err(err)) => tracing::warn!(id = %stem, error = %err, "unreadable envelope"),
+        let json = match message_file::read_seal_at(&entry.path()) {
+            Ok(message_file::Seal::Sealed { envelope_json, .. }) => envelope_json,
+            // Being received, or damaged (recovery quarantines it).
+            Ok(_) => continue,
             // Removed between listing and reading: no longer committed.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => return Err(err.into()),
+        };
+        match serde_json::from_slice::<Envelope>(&json) {
+            Ok(envelope) => found.push(envelope),
+            Err(err) => tracing::warn!(id = %stem, error = %err, "unreadable envelope"),
         }
     }
     Ok(found)
 }
 
+/// Takes an exclusive, non-blocking flock on `<dir>/.lock`.
 fn lock_spool(dir: &std::path::Path) -> Result<std::fs::File, SpoolError> {
     use std::os::fd::AsRawFd;
     let file = std::fs::OpenOptions::new()
@@ -616,7 +688,7 @@ pub struct Incoming {
     writer: Option<Writer>,
     /// Octets written since the last free-space check.
     unchecked: u64,
-    /// Whether dropping this removes the `.eml`.
+    /// Whether dropping this removes the message file.
     armed: bool,
 }
 
@@ -648,7 +720,7 @@ impl Incoming {
         Ok(())
     }
 
-    /// Puts everything written so far into the `.eml` on disk (not yet
+    /// Puts everything written so far into the message file (not yet
     /// fsync'd) so a scanner or an early delivery can read it at
     /// [`path`](Incoming::path); returns its length. `commit` still works after.
     pub async fn write_out(&mut self) -> Result<u64, SpoolError> {
@@ -656,7 +728,8 @@ impl Incoming {
         Ok(self.writer.as_ref().ok_or_else(broken)?.written())
     }
 
-    /// Where the `.eml` being received is.
+    /// Where the message file being received is (only the data until it is
+    /// committed).
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
@@ -707,7 +780,7 @@ impl Incoming {
         }
     }
 
-    /// Removes the partial `.eml` now, to give the space back at once.
+    /// Removes the partial message file now, to give the space back at once.
     fn discard(&mut self) {
         self.writer = None;
         if self.armed {
@@ -767,8 +840,8 @@ impl Incoming {
         let job = Arc::new(CopyJob {
             spool: envelope.spool.clone(),
             id: self.id.clone(),
-            eml_path: self.path.clone(),
-            eml_file: Arc::new(file),
+            data_path: self.path.clone(),
+            data_file: Arc::new(file),
             data_len,
             envelope_json: json.into(),
         });

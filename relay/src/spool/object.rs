@@ -45,7 +45,6 @@ use object_store::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::envelope::Envelope;
 use super::fsync::{remove_if_present, rename_noreplace, write_synced, DirSync};
 use super::id::IdGenerator;
 use super::quorum::{joined, CopyError, CopyJob, CopyTarget};
@@ -837,7 +836,7 @@ impl ObjectCopy {
         for waiting in &batch.waiting {
             pieces.push(Piece::Bytes(waiting.job.envelope_json.clone()));
             pieces.push(Piece::File(
-                Arc::clone(&waiting.job.eml_file),
+                Arc::clone(&waiting.job.data_file),
                 waiting.job.data_len,
             ));
         }
@@ -1151,22 +1150,26 @@ impl CopyTarget for ObjectCopy {
 
     fn restore(
         self: Arc<Self>,
-        envelope: Arc<Envelope>,
+        spool: String,
+        id: String,
         scratch: PathBuf,
     ) -> BoxFuture<'static, Result<bool, CopyError>> {
         Box::pin(async move {
-            if self.location(&envelope.id).is_none() {
+            if self.location(&id).is_none() {
                 // Not seen since start (single-node relays list no segments).
-                self.list_spool(&envelope.spool).await?;
+                self.list_spool(&spool).await?;
             }
-            let Some((_, data)) = self.read(&envelope.id).await? else {
+            let Some((envelope_json, data)) = self.read(&id).await? else {
                 return Ok(false);
             };
-            let path = scratch.join(format!("{}.eml", envelope.id));
+            let path = super::message_file::path(&scratch, &id);
             joined(
                 tokio::task::spawn_blocking(move || {
                     remove_if_present(&path)?;
-                    write_synced(&path, &data)
+                    let mut sealed = data.to_vec();
+                    let len = data.len() as u64;
+                    sealed.extend(super::message_file::seal_bytes(len, &envelope_json)?);
+                    write_synced(&path, &sealed)
                 })
                 .await,
             )?;

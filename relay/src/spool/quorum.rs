@@ -15,7 +15,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::envelope::Envelope;
 use super::{Committed, SpoolError};
 use crate::config::CopyKind;
 
@@ -69,32 +68,46 @@ pub struct CopyJob {
     pub spool: String,
     /// Spool id.
     pub id: String,
-    /// The local `.eml` (the local copy, or staging for the others).
-    pub eml_path: PathBuf,
-    /// An open handle on `eml_path`, all bytes written.
-    pub eml_file: Arc<std::fs::File>,
+    /// The local message file (the local copy, or staging for the others).
+    pub data_path: PathBuf,
+    /// An open handle on `data_path`, all data written; readable, and
+    /// writable when the local copy seals it.
+    pub data_file: Arc<std::fs::File>,
     /// Length of the data in octets.
     pub data_len: u64,
-    /// The `.env` contents.
+    /// The envelope JSON.
     pub envelope_json: Bytes,
 }
 
 impl CopyJob {
-    /// A job for a message already on disk here: its data at `eml_path`,
-    /// its envelope beside it (`.env`).
+    /// A job for a message already committed here, in the sealed message
+    /// file at `path` (opened read-only: for copies other than the local one).
     pub async fn from_files(
         spool: &str,
         id: &str,
-        eml_path: &std::path::Path,
+        path: &std::path::Path,
         data_len: u64,
     ) -> std::io::Result<CopyJob> {
-        let envelope_json = tokio::fs::read(eml_path.with_extension("env")).await?;
-        let file = tokio::fs::File::open(eml_path).await?.into_std().await;
+        let opened = path.to_owned();
+        let (file, envelope_json) = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&opened)?;
+            match super::message_file::read_seal(&file)? {
+                super::message_file::Seal::Sealed { envelope_json, .. } => {
+                    Ok((file, envelope_json))
+                }
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is not sealed", opened.display()),
+                )),
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         Ok(CopyJob {
             spool: spool.to_owned(),
             id: id.to_owned(),
-            eml_path: eml_path.to_owned(),
-            eml_file: Arc::new(file),
+            data_path: path.to_owned(),
+            data_file: Arc::new(file),
             data_len,
             envelope_json: envelope_json.into(),
         })
@@ -103,9 +116,9 @@ impl CopyJob {
 
 /// One durable copy of messages.
 ///
-/// `write` returns `Ok` only once `.eml` and then `.env` are durable (fsync'd
+/// `write` returns `Ok` only once the data and the envelope are durable (fsync'd
 /// or acknowledged by the store); it never overwrites an existing copy.
-/// `remove` takes back `.env` first, then `.eml`, and succeeds when they are
+/// `remove` takes the copy back (uncommitting it first), and succeeds when it is
 /// already absent.
 pub trait CopyTarget: Send + Sync + 'static {
     /// Which copy of the ack policy this is.
@@ -118,17 +131,18 @@ pub trait CopyTarget: Send + Sync + 'static {
         spool: String,
         id: String,
     ) -> BoxFuture<'static, Result<(), CopyError>>;
-    /// Writes message `envelope.id`'s data as this copy holds it to
-    /// `<scratch>/<id>.eml`, fsync'd, to repair a damaged local copy (the
-    /// caller checks it against the envelope). `Ok(false)` when this copy
+    /// Writes message `id` of `spool` as this copy holds it (data and
+    /// envelope) to `<scratch>/<id>.msg`, sealed and fsync'd, to repair a
+    /// damaged local copy (the caller checks it). `Ok(false)` when this copy
     /// does not hold the message; the local copy never does (it is the one
     /// being repaired).
     fn restore(
         self: Arc<Self>,
-        envelope: Arc<Envelope>,
+        spool: String,
+        id: String,
         scratch: PathBuf,
     ) -> BoxFuture<'static, Result<bool, CopyError>> {
-        let _ = (envelope, scratch);
+        let _ = (spool, id, scratch);
         Box::pin(async { Ok(false) })
     }
 }
@@ -419,12 +433,12 @@ mod tests {
             })
             .collect();
         let dir = tempfile::tempdir().unwrap();
-        let eml_path = dir.path().join("X.eml");
+        let data_path = dir.path().join("X.msg");
         let job = Arc::new(CopyJob {
             spool: String::new(),
             id: "X".into(),
-            eml_file: Arc::new(std::fs::File::create(&eml_path).unwrap()),
-            eml_path,
+            data_file: Arc::new(std::fs::File::create(&data_path).unwrap()),
+            data_path,
             data_len: 0,
             envelope_json: Bytes::from_static(b"{}"),
         });

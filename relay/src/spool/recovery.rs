@@ -1,17 +1,21 @@
 //! Recovery on start: decides, file by file, what a crash left in the local
-//! spool. A valid `.env` is a committed message; one that is damaged goes
-//! to quarantine with its data (never deleted, never a crash loop);
-//! uncommitted leftovers (`.eml` without `.env`, `.env.tmp`) are removed.
-//! Records of the flat layout of older versions are first moved into their
-//! subdirectory. Start reads no message body: each recovered message's data
-//! (length and digest) is checked before its first delivery
-//! ([`verify_data`]), where a damaged one is repaired from another copy or
-//! quarantined, so a deep queue is accepting again in the time it takes to
-//! list it.
+//! spool. A sealed `<id>.msg` (see [`message_file`]) is a committed message;
+//! one whose seal does not hold is damaged, and is listed for repair from
+//! another copy (see [`super::Recovery`]); one whose envelope is not valid
+//! goes to quarantine (never deleted, never a crash loop); a `<id>.part` is
+//! a message whose client never got its 250, and is removed. Records of
+//! older versions are converted first:
+//! the flat layout is moved into subdirectories, and `<id>.eml` + `<id>.env`
+//! pairs become one sealed `<id>.msg`. Start reads no message body, only the
+//! seals: each recovered message's data (length and digest) is checked
+//! before its first delivery ([`verify_data`]), where a damaged one is
+//! repaired from another copy or quarantined, so a deep queue is accepting
+//! again in the time it takes to list it.
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -19,59 +23,65 @@ use sha2::{Digest, Sha256};
 use super::envelope::{Envelope, ENVELOPE_VERSION};
 use super::fsync::{remove_if_present, sync_dir};
 use super::id;
-use super::local::{eml_path, env_path, shard_dir, Shards};
+use super::local::{shard_dir, Shards};
+use super::message_file::{self, Seal};
 use super::Recovered;
 
 /// Why a committed record cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Damage {
-    /// The file name is not `<id>.env`.
+    /// The file name is not `<id>.msg`.
     #[error("the file name is not a spool id")]
     BadName,
-    /// The `.env` could not be read.
-    #[error("cannot read the envelope: {0}")]
+    /// The message file could not be read.
+    #[error("cannot read the message file: {0}")]
     Unreadable(io::Error),
-    /// The `.env` is not a valid envelope.
+    /// The seal (envelope and footer) fails its own checks.
+    #[error("the seal is damaged: {0}")]
+    Seal(String),
+    /// The envelope is not a valid one.
     #[error("the envelope is not valid JSON of a known shape: {0}")]
     Malformed(serde_json::Error),
-    /// The `.env` was written by a newer version.
+    /// The envelope was written by a newer version.
     #[error("envelope version {0} is newer than {ENVELOPE_VERSION}")]
     TooNew(u32),
-    /// The `.env` names another message.
+    /// The envelope names another message.
     #[error("the envelope names id {0}")]
     WrongId(String),
-    /// The `.eml` is missing.
-    #[error("the data file is missing")]
+    /// The message file is missing.
+    #[error("the message file is missing")]
     NoData,
-    /// The `.eml` could not be read.
-    #[error("cannot read the data file: {0}")]
-    DataUnreadable(io::Error),
-    /// The `.eml` has the wrong length.
-    #[error("the data file has {actual} octets, the envelope says {expected}")]
+    /// The data has the wrong length.
+    #[error("the file holds {actual} octets of data, the envelope says {expected}")]
     Length {
         /// `data_len` of the envelope.
         expected: u64,
-        /// Length on disk.
+        /// Data octets the file holds.
         actual: u64,
     },
-    /// The `.eml` has the wrong digest.
-    #[error("the data file's SHA-256 is {actual}, the envelope says {expected}")]
+    /// The data has the wrong digest.
+    #[error("the data's SHA-256 is {actual}, the envelope says {expected}")]
     Digest {
         /// `data_sha256` of the envelope.
         expected: String,
-        /// Digest of the file.
+        /// Digest of the data.
         actual: String,
     },
 }
 
-/// Blocking: scans `spool_dir` and its subdirectories (moving records of
-/// the flat layout that older versions wrote into their subdirectory
-/// first), quarantines into `quarantine_dir`, removes leftovers and returns
-/// the committed messages, oldest first.
+/// Blocking: scans `spool_dir` and its subdirectories (converting records
+/// that older versions wrote first), quarantines into `quarantine_dir`
+/// (damaged message files too: this has no other copy to repair them
+/// from), removes leftovers and returns the committed messages, oldest first.
 pub fn recover(spool_dir: &Path, quarantine_dir: &Path) -> io::Result<Recovered> {
     let mut recovered = Recovered::default();
     for dir in prepare(spool_dir, quarantine_dir)? {
         recover_dir(&dir, quarantine_dir, &|_| false, &mut recovered)?;
+        for id in std::mem::take(&mut recovered.damaged) {
+            quarantine_message(&dir, quarantine_dir, &id)?;
+            recovered.quarantined += 1;
+        }
     }
     recovered.messages.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(recovered)
@@ -97,9 +107,9 @@ pub fn prepare(spool_dir: &Path, quarantine_dir: &Path) -> io::Result<Vec<PathBu
     Ok(dirs)
 }
 
-/// Blocking: moves the `<id>.eml`, `<id>.env` and `<id>.env.tmp` files
-/// directly under `spool_dir` (the layout before subdirectories) into the
-/// subdirectory of their id; returns how many moved.
+/// Blocking: moves the record files directly under `spool_dir` (the layout
+/// before subdirectories) into the subdirectory of their id; returns how
+/// many moved.
 fn move_into_shards(spool_dir: &Path) -> io::Result<usize> {
     let mut moved = 0;
     for entry in std::fs::read_dir(spool_dir)? {
@@ -119,15 +129,28 @@ fn move_into_shards(spool_dir: &Path) -> io::Result<usize> {
     Ok(moved)
 }
 
-/// The id part of a spool record's file name.
+/// The id part of a spool record's file name (this version's `.msg` and
+/// `.part`, and the `.eml`, `.env` and `.env.tmp` of older ones).
 fn record_stem(name: &str) -> Option<&str> {
-    [".env.tmp", ".env", ".eml"]
+    [".msg", ".part", ".env.tmp", ".env", ".eml"]
         .iter()
         .find_map(|suffix| name.strip_suffix(suffix))
 }
 
+/// A spool directory's record files, by kind.
+#[derive(Default)]
+struct Listing {
+    /// `<id>.msg`.
+    messages: BTreeSet<String>,
+    /// `<id>.env` of an older version.
+    envelopes: BTreeSet<String>,
+    /// `<id>.eml` of an older version.
+    data: BTreeSet<String>,
+}
+
 /// Blocking: recovers the records of one spool directory into `recovered`
-/// (unsorted), leaving alone those of the ids `skip` names (messages this
+/// (unsorted; damaged message files into `recovered.damaged`, left in
+/// place), leaving alone those of the ids `skip` names (messages this
 /// process began: they are its own, not leftovers).
 pub fn recover_dir(
     dir: &Path,
@@ -135,8 +158,7 @@ pub fn recover_dir(
     skip: &dyn Fn(&str) -> bool,
     recovered: &mut Recovered,
 ) -> io::Result<()> {
-    let mut envs = BTreeSet::new();
-    let mut emls = BTreeSet::new();
+    let mut found = Listing::default();
     let (removed, quarantined) = (recovered.removed, recovered.quarantined);
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -151,33 +173,38 @@ pub fn recover_dir(
         {
             continue;
         }
-        if name.ends_with(".env.tmp") {
-            // A commit that never reached its rename.
+        if name.ends_with(".env.tmp") || message_file::id_of_part(name).is_some() {
+            // A commit that never reached its rename (of an older version's
+            // envelope, or of this version's message file).
             remove_if_present(&entry.path())?;
             recovered.removed += 1;
+        } else if let Some(stem) = message_file::id_of(name) {
+            found.messages.insert(stem.to_owned());
         } else if let Some(stem) = name.strip_suffix(".env") {
-            envs.insert(stem.to_owned());
+            found.envelopes.insert(stem.to_owned());
         } else if let Some(stem) = name.strip_suffix(".eml") {
-            emls.insert(stem.to_owned());
+            found.data.insert(stem.to_owned());
         } else {
             tracing::warn!(file = %name, "ignoring an unknown file in the spool");
         }
     }
+    convert_older_records(dir, quarantine_dir, &mut found, recovered)?;
 
-    for stem in &envs {
+    for stem in &found.messages {
         match check(dir, stem) {
             Ok(envelope) => recovered.messages.push(envelope),
+            Err(damage @ (Damage::Seal(_) | Damage::Unreadable(_))) => {
+                // Committed (it has its final name) but its seal does not
+                // hold: another copy may still have it whole.
+                tracing::error!(id = %stem, reason = %damage, "damaged spool record found at start");
+                recovered.damaged.push(stem.clone());
+            }
             Err(damage) => {
                 tracing::error!(id = %stem, reason = %damage, "quarantining a damaged spool record");
                 quarantine(dir, quarantine_dir, stem)?;
                 recovered.quarantined += 1;
             }
         }
-    }
-    for stem in emls.difference(&envs) {
-        // Data whose envelope never committed: the client got no 250.
-        remove_if_present(&eml_path(dir, stem))?;
-        recovered.removed += 1;
     }
     if recovered.removed > removed || recovered.quarantined > quarantined {
         sync_dir(dir)?;
@@ -186,17 +213,75 @@ pub fn recover_dir(
     Ok(())
 }
 
-/// Reads and checks one committed record's envelope.
+/// Blocking: turns the `<id>.eml` + `<id>.env` pairs of older versions into
+/// sealed `<id>.msg` files (added to `found.messages`), and removes their
+/// leftovers. Safe to repeat after a crash at any point: the `.env` goes
+/// only once the sealed `.msg` that replaces it is durable.
+fn convert_older_records(
+    dir: &Path,
+    quarantine_dir: &Path,
+    found: &mut Listing,
+    recovered: &mut Recovered,
+) -> io::Result<()> {
+    let mut converted = Vec::new();
+    for stem in &found.envelopes {
+        let env = dir.join(format!("{stem}.env"));
+        if found.messages.contains(stem) {
+            // Converted before a crash that came before the `.env` went.
+            converted.push(env);
+            continue;
+        }
+        let json = std::fs::read(&env)?;
+        if let Err(damage) = check_envelope(stem, &json) {
+            tracing::error!(id = %stem, reason = %damage, "quarantining a damaged spool record");
+            quarantine(dir, quarantine_dir, stem)?;
+            found.messages.remove(stem);
+            recovered.quarantined += 1;
+            continue;
+        }
+        message_file::convert_older(dir, stem, &json)?;
+        found.messages.insert(stem.clone());
+        converted.push(env);
+    }
+    for stem in found.data.difference(&found.envelopes) {
+        // An older version's data whose envelope never committed.
+        remove_if_present(&dir.join(format!("{stem}.eml")))?;
+        recovered.removed += 1;
+    }
+    if !converted.is_empty() {
+        sync_dir(dir)?;
+        for env in &converted {
+            remove_if_present(env)?;
+        }
+        sync_dir(dir)?;
+        tracing::info!(dir = %dir.display(), converted = converted.len(), "converted spool records of an older version into sealed message files");
+    }
+    Ok(())
+}
+
+/// Reads and checks one committed message file's seal and envelope.
 pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
     if !id::is_valid(stem) {
         return Err(Damage::BadName);
     }
-    let text = std::fs::read(env_path(spool_dir, stem)).map_err(Damage::Unreadable)?;
-    let envelope: Envelope = match serde_json::from_slice(&text) {
+    let seal = message_file::read_seal_at(&message_file::path(spool_dir, stem))
+        .map_err(Damage::Unreadable)?;
+    match seal {
+        Seal::Unsealed => Err(Damage::Seal("no seal at the end of the file".into())),
+        Seal::Damaged(why) => Err(Damage::Seal(why)),
+        // The data is checked before the first delivery (`verify_data`),
+        // where a damaged copy can be repaired from another one.
+        Seal::Sealed { envelope_json, .. } => check_envelope(stem, &envelope_json),
+    }
+}
+
+/// Parses an envelope and checks it belongs to message `stem`.
+pub fn check_envelope(stem: &str, json: &[u8]) -> Result<Envelope, Damage> {
+    let envelope: Envelope = match serde_json::from_slice(json) {
         Ok(envelope) => envelope,
         Err(err) => {
             // A newer writer may have changed the shape; say so when we can.
-            let version = serde_json::from_slice::<serde_json::Value>(&text)
+            let version = serde_json::from_slice::<serde_json::Value>(json)
                 .ok()
                 .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64));
             return Err(match version {
@@ -211,36 +296,30 @@ pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
     if envelope.id != stem {
         return Err(Damage::WrongId(envelope.id));
     }
-    // The data is checked before the first delivery (`verify_data`), where a
-    // damaged copy can be repaired from another one.
     Ok(envelope)
 }
 
-/// Opens message `id`'s `.eml`; missing or unreadable is damage.
-fn open_data(spool_dir: &Path, id: &str) -> Result<File, Damage> {
-    File::open(eml_path(spool_dir, id)).map_err(|err| match err.kind() {
-        io::ErrorKind::NotFound => Damage::NoData,
-        _ => Damage::DataUnreadable(err),
-    })
-}
-
-fn check_length(file: &File, envelope: &Envelope) -> Result<(), Damage> {
-    let actual = file.metadata().map_err(Damage::DataUnreadable)?.len();
-    if actual != envelope.data_len {
+/// Blocking: checks that message `envelope.id`'s file in `spool_dir` is
+/// sealed and holds data of the length and SHA-256 its envelope records.
+pub fn verify_data(spool_dir: &Path, envelope: &Envelope) -> Result<(), Damage> {
+    let file = File::open(message_file::path(spool_dir, &envelope.id)).map_err(|err| {
+        match err.kind() {
+            io::ErrorKind::NotFound => Damage::NoData,
+            _ => Damage::Unreadable(err),
+        }
+    })?;
+    let data_len = match message_file::read_seal(&file).map_err(Damage::Unreadable)? {
+        Seal::Sealed { data_len, .. } => data_len,
+        Seal::Unsealed => return Err(Damage::Seal("the file is no longer sealed".into())),
+        Seal::Damaged(why) => return Err(Damage::Seal(why)),
+    };
+    if data_len != envelope.data_len {
         return Err(Damage::Length {
             expected: envelope.data_len,
-            actual,
+            actual: data_len,
         });
     }
-    Ok(())
-}
-
-/// Blocking: checks that message `envelope.id`'s `.eml` has the length and
-/// SHA-256 its envelope records (recovery checks only the length).
-pub fn verify_data(spool_dir: &Path, envelope: &Envelope) -> Result<(), Damage> {
-    let mut file = open_data(spool_dir, &envelope.id)?;
-    check_length(&file, envelope)?;
-    let digest = sha256_of(&mut file).map_err(Damage::DataUnreadable)?;
+    let digest = sha256_of(&file, data_len).map_err(Damage::Unreadable)?;
     if !digest.eq_ignore_ascii_case(&envelope.data_sha256) {
         return Err(Damage::Digest {
             expected: envelope.data_sha256.clone(),
@@ -250,7 +329,7 @@ pub fn verify_data(spool_dir: &Path, envelope: &Envelope) -> Result<(), Damage> 
     Ok(())
 }
 
-/// Blocking: moves message `id`'s files into quarantine, durably.
+/// Blocking: moves message `id`'s file into quarantine, durably.
 pub fn quarantine_message(spool_dir: &Path, quarantine_dir: &Path, id: &str) -> io::Result<()> {
     std::fs::create_dir_all(quarantine_dir)?;
     quarantine(spool_dir, quarantine_dir, id)?;
@@ -258,21 +337,20 @@ pub fn quarantine_message(spool_dir: &Path, quarantine_dir: &Path, id: &str) -> 
     sync_dir(quarantine_dir)
 }
 
-fn sha256_of(file: &mut File) -> io::Result<String> {
+/// The SHA-256 of the first `len` octets of `file`, lower-case hex.
+fn sha256_of(file: &File, len: u64) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
+    let mut offset = 0u64;
+    while offset < len {
+        let n = (len - offset).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset)?;
         hasher.update(&buf[..n]);
+        offset += n as u64;
     }
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Moves `<stem>.env` and `<stem>.eml` (those present) into quarantine,
-/// never replacing an earlier quarantined file.
 /// A name in `quarantine_dir` for `file` that no earlier quarantined file
 /// has (`<name>`, `<name>.1`, ...).
 fn free_name(quarantine_dir: &Path, file: &Path) -> PathBuf {
@@ -286,9 +364,9 @@ fn free_name(quarantine_dir: &Path, file: &Path) -> PathBuf {
     to
 }
 
-/// Blocking: puts the intact data at `repaired` in place of message `id`'s
-/// damaged `.eml`, durably. The damaged file is linked into quarantine
-/// first, so the spool never lacks the message's data.
+/// Blocking: puts the intact, sealed message file at `repaired` in place of
+/// message `id`'s damaged one, durably. The damaged file is linked into
+/// quarantine first, so the spool never lacks the message.
 pub fn replace_data(
     spool_dir: &Path,
     quarantine_dir: &Path,
@@ -296,18 +374,22 @@ pub fn replace_data(
     repaired: &Path,
 ) -> io::Result<()> {
     std::fs::create_dir_all(quarantine_dir)?;
-    let eml = eml_path(spool_dir, id);
-    match std::fs::hard_link(&eml, free_name(quarantine_dir, &eml)) {
+    let path = message_file::path(spool_dir, id);
+    match std::fs::hard_link(&path, free_name(quarantine_dir, &path)) {
         Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
         _ => {}
     }
-    std::fs::rename(repaired, &eml)?;
+    std::fs::rename(repaired, &path)?;
     sync_dir(spool_dir)?;
     sync_dir(quarantine_dir)
 }
 
+/// Moves message `stem`'s files (its `.msg`, and an older version's `.env`
+/// and `.eml`; those present) into quarantine, never replacing an earlier
+/// quarantined file.
 fn quarantine(spool_dir: &Path, quarantine_dir: &Path, stem: &str) -> io::Result<()> {
-    for from in [env_path(spool_dir, stem), eml_path(spool_dir, stem)] {
+    for suffix in ["msg", "env", "eml"] {
+        let from = spool_dir.join(format!("{stem}.{suffix}"));
         if !from.exists() {
             continue;
         }
@@ -347,12 +429,31 @@ mod tests {
         }
     }
 
-    /// Writes a committed message and returns its id.
+    /// Writes the sealed message file of `id` with `data` and `json` as its
+    /// envelope into `dir`.
+    fn write_sealed(dir: &Path, id: &str, data: &[u8], json: &[u8]) {
+        let mut whole = data.to_vec();
+        whole.extend(message_file::seal_bytes(data.len() as u64, json).unwrap());
+        std::fs::write(message_file::path(dir, id), whole).unwrap();
+    }
+
+    /// Writes a committed message in the shard of its id and returns its id.
     fn committed(dirs: &Dirs, ids: &IdGenerator, data: &[u8]) -> String {
         let id = ids.next_id();
-        std::fs::write(eml_path(&dirs.spool, &id), data).unwrap();
+        let dir = shard_dir(&dirs.spool, &id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = serde_json::to_vec(&envelope(&id, data)).unwrap();
+        write_sealed(&dir, &id, data, &json);
+        id
+    }
+
+    /// Writes a committed message as versions before the seal did (`.eml`
+    /// and `.env`, directly in the spool directory) and returns its id.
+    fn committed_by_an_older_version(dirs: &Dirs, ids: &IdGenerator, data: &[u8]) -> String {
+        let id = ids.next_id();
+        std::fs::write(dirs.spool.join(format!("{id}.eml")), data).unwrap();
         std::fs::write(
-            env_path(&dirs.spool, &id),
+            dirs.spool.join(format!("{id}.env")),
             serde_json::to_vec(&envelope(&id, data)).unwrap(),
         )
         .unwrap();
@@ -391,6 +492,14 @@ mod tests {
         files
     }
 
+    fn data_of(dirs: &Dirs, id: &str) -> Vec<u8> {
+        let path = message_file::path(&shard_dir(&dirs.spool, id), id);
+        let Seal::Sealed { data_len, .. } = message_file::read_seal_at(&path).unwrap() else {
+            panic!("{id} is not sealed");
+        };
+        std::fs::read(path).unwrap()[..data_len as usize].to_vec()
+    }
+
     #[test]
     fn whole_messages_are_returned_oldest_first() {
         let dirs = dirs();
@@ -401,29 +510,66 @@ mod tests {
         let got: Vec<&str> = found.messages.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(got, vec![a.as_str(), b.as_str()]);
         assert_eq!((found.removed, found.quarantined), (0, 0));
+        assert_eq!(spool_files(&dirs), vec![format!("{a}.msg"), format!("{b}.msg")]);
     }
 
     #[test]
-    fn records_of_the_flat_layout_move_into_their_subdirectory() {
+    fn records_of_older_versions_become_sealed_message_files() {
         let dirs = dirs();
         let ids = IdGenerator::new();
-        // `committed` writes where versions before subdirectories did.
-        let old = committed(&dirs, &ids, b"old layout\r\n");
+        let old = committed_by_an_older_version(&dirs, &ids, b"old layout\r\n");
         let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
         assert_eq!(found.messages.len(), 1);
+        assert_eq!(found.messages[0], envelope(&old, b"old layout\r\n"));
         let dir = shard_dir(&dirs.spool, &old);
         assert_eq!(dir.file_name().unwrap().to_str(), old.get(25..));
-        assert_eq!(
-            std::fs::read(eml_path(&dir, &old)).unwrap(),
-            b"old layout\r\n"
-        );
+        assert_eq!(data_of(&dirs, &old), b"old layout\r\n");
         verify_data(&dir, &found.messages[0]).unwrap();
-        let mut files = walk(&dirs.spool);
-        files.sort();
-        assert_eq!(files, vec![eml_path(&dir, &old), env_path(&dir, &old)]);
-        // A second start finds them where the first put them.
+        assert_eq!(spool_files(&dirs), vec![format!("{old}.msg")]);
+        // A second start finds it where the first put it.
         let again = recover(&dirs.spool, &dirs.quarantine).unwrap();
         assert_eq!(again.messages, found.messages);
+    }
+
+    #[test]
+    fn a_conversion_cut_short_by_a_crash_is_finished() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        // Sealed but not renamed yet.
+        let sealed = committed_by_an_older_version(&dirs, &ids, b"sealed\r\n");
+        let eml = dirs.spool.join(format!("{sealed}.eml"));
+        let json = std::fs::read(dirs.spool.join(format!("{sealed}.env"))).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&eml).unwrap();
+        message_file::seal(&file, 8, &json).unwrap();
+        // Renamed, with the `.env` still there.
+        let renamed = committed_by_an_older_version(&dirs, &ids, b"renamed\r\n");
+        let json = std::fs::read(dirs.spool.join(format!("{renamed}.env"))).unwrap();
+        write_sealed(&dirs.spool, &renamed, b"renamed\r\n", &json);
+        std::fs::remove_file(dirs.spool.join(format!("{renamed}.eml"))).unwrap();
+
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(found.messages.len(), 2);
+        assert_eq!((found.removed, found.quarantined), (0, 0));
+        assert_eq!(data_of(&dirs, &sealed), b"sealed\r\n");
+        assert_eq!(data_of(&dirs, &renamed), b"renamed\r\n");
+        for envelope in &found.messages {
+            verify_data(&shard_dir(&dirs.spool, &envelope.id), envelope).unwrap();
+        }
+        let mut expected = vec![format!("{sealed}.msg"), format!("{renamed}.msg")];
+        expected.sort();
+        assert_eq!(spool_files(&dirs), expected);
+    }
+
+    #[test]
+    fn an_older_record_without_data_is_kept_for_repair() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let id = committed_by_an_older_version(&dirs, &ids, b"gone\r\n");
+        std::fs::remove_file(dirs.spool.join(format!("{id}.eml"))).unwrap();
+        let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
+        assert_eq!(found.messages.len(), 1);
+        let damage = verify_data(&shard_dir(&dirs.spool, &id), &found.messages[0]).unwrap_err();
+        assert!(matches!(damage, Damage::Length { actual: 0, expected: 6 }), "{damage}");
     }
 
     #[test]
@@ -435,9 +581,9 @@ mod tests {
         let new = committed(&dirs, &ids, b"accepted meanwhile\r\n");
         let mut found = Recovered::default();
         let prepared = prepare(&dirs.spool, &dirs.quarantine).unwrap();
-        // A message being received now: its data without an envelope yet.
-        let receiving_eml = eml_path(&shard_dir(&dirs.spool, &receiving), &receiving);
-        std::fs::write(&receiving_eml, b"half").unwrap();
+        // A message being received now: its data, not sealed yet.
+        let receiving_file = message_file::path(&shard_dir(&dirs.spool, &receiving), &receiving);
+        std::fs::write(&receiving_file, b"half").unwrap();
         let skip = |id: &str| id == receiving || id == new;
         for dir in prepared {
             recover_dir(&dir, &dirs.quarantine, &skip, &mut found).unwrap();
@@ -446,10 +592,10 @@ mod tests {
         assert_eq!(got, vec![old.as_str()]);
         assert_eq!((found.removed, found.quarantined), (0, 0));
         assert!(
-            receiving_eml.exists(),
+            receiving_file.exists(),
             "a message being received is not a leftover"
         );
-        assert!(env_path(&shard_dir(&dirs.spool, &new), &new).exists());
+        assert!(message_file::path(&shard_dir(&dirs.spool, &new), &new).exists());
     }
 
     #[test]
@@ -457,16 +603,17 @@ mod tests {
         let dirs = dirs();
         let ids = IdGenerator::new();
         let kept = committed(&dirs, &ids, b"kept\r\n");
+        // Being received when the last run stopped.
+        let receiving = ids.next_id();
+        std::fs::write(message_file::part_path(&dirs.spool, &receiving), b"half a mess").unwrap();
+        // What older versions left mid-commit.
         let orphan = ids.next_id();
-        std::fs::write(eml_path(&dirs.spool, &orphan), b"half a mess").unwrap();
+        std::fs::write(dirs.spool.join(format!("{orphan}.eml")), b"half").unwrap();
         std::fs::write(dirs.spool.join(format!("{orphan}.env.tmp")), b"{\"ver").unwrap();
         let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
-        assert_eq!(found.removed, 2);
+        assert_eq!(found.removed, 3);
         assert_eq!(found.messages.len(), 1);
-        assert_eq!(
-            spool_files(&dirs),
-            vec![format!("{kept}.eml"), format!("{kept}.env")]
-        );
+        assert_eq!(spool_files(&dirs), vec![format!("{kept}.msg")]);
     }
 
     /// Damages one committed message with `damage` and checks it lands in
@@ -476,17 +623,27 @@ mod tests {
         let ids = IdGenerator::new();
         let good = committed(&dirs, &ids, b"good\r\n");
         let bad = committed(&dirs, &ids, b"bad message\r\n");
-        damage(&dirs.spool, &bad);
+        damage(&shard_dir(&dirs.spool, &bad), &bad);
         let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
         assert_eq!(found.quarantined, 1);
         assert_eq!(found.messages.len(), 1);
         assert_eq!(found.messages[0].id, good);
         assert!(
-            quarantined(&dirs).contains(&format!("{bad}.env")),
+            quarantined(&dirs).contains(&format!("{bad}.msg")),
             "{:?}",
             quarantined(&dirs)
         );
         assert!(!spool_files(&dirs).iter().any(|f| f.starts_with(&bad)));
+    }
+
+    /// Replaces message `id`'s envelope with `json`, sealed properly.
+    fn reseal(dir: &Path, id: &str, json: &[u8]) {
+        let path = message_file::path(dir, id);
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let Seal::Sealed { data_len, .. } = message_file::read_seal(&file).unwrap() else {
+            panic!("not sealed");
+        };
+        message_file::seal(&file, data_len, json).unwrap();
     }
 
     /// Damages the data of one committed message with `damage`: start keeps
@@ -500,109 +657,140 @@ mod tests {
         let ids = IdGenerator::new();
         let good = committed(&dirs, &ids, b"good\r\n");
         let bad = committed(&dirs, &ids, b"bad message\r\n");
-        damage(&dirs.spool, &bad);
+        let bad_dir = shard_dir(&dirs.spool, &bad);
+        damage(&bad_dir, &bad);
         let recovered = recover(&dirs.spool, &dirs.quarantine).unwrap();
         assert_eq!(recovered.quarantined, 0);
         assert_eq!(recovered.messages.len(), 2);
         assert_eq!(recovered.messages[0].id, good);
-        let bad_dir = shard_dir(&dirs.spool, &bad);
+        verify_data(&shard_dir(&dirs.spool, &good), &recovered.messages[0]).unwrap();
         let damage = verify_data(&bad_dir, &recovered.messages[1]).unwrap_err();
         assert!(found(&damage), "{damage}");
     }
 
     #[test]
-    fn a_truncated_data_file_is_found_before_delivery() {
+    fn a_flipped_data_octet_is_found_before_delivery_not_at_start() {
         left_for_the_check_before_delivery(
-            |dir, id| std::fs::write(eml_path(dir, id), b"bad").unwrap(),
-            |damage| matches!(damage, Damage::Length { actual: 3, .. }),
+            |dir, id| {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(message_file::path(dir, id))
+                    .unwrap();
+                file.write_all_at(b"B", 0).unwrap();
+            },
+            |damage| matches!(damage, Damage::Digest { .. }),
         );
     }
 
     #[test]
-    fn a_corrupted_data_file_is_found_before_delivery_not_at_start() {
+    fn data_cut_short_under_an_intact_seal_is_found_before_delivery() {
+        left_for_the_check_before_delivery(
+            |dir, id| {
+                let bytes = std::fs::read(message_file::path(dir, id)).unwrap();
+                let json = &bytes[13..bytes.len() - message_file::FOOTER_LEN as usize];
+                write_sealed(dir, id, b"bad", json);
+            },
+            |damage| matches!(damage, Damage::Length { actual: 3, expected: 13 }),
+        );
+    }
+
+    #[test]
+    fn a_file_gone_after_start_is_found_before_delivery() {
         let dirs = dirs();
         let ids = IdGenerator::new();
-        let good = committed(&dirs, &ids, b"good\r\n");
-        let bad = committed(&dirs, &ids, b"bad message\r\n");
-        // Same length, one byte flipped: start reads no body, so it is kept.
-        std::fs::write(eml_path(&dirs.spool, &bad), b"BAD message\r\n").unwrap();
+        let id = committed(&dirs, &ids, b"x\r\n");
         let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
-        assert_eq!(found.quarantined, 0);
-        assert_eq!(found.messages.len(), 2);
-        verify_data(&shard_dir(&dirs.spool, &good), &found.messages[0]).unwrap();
-        let bad_dir = shard_dir(&dirs.spool, &bad);
-        let damage = verify_data(&bad_dir, &found.messages[1]).unwrap_err();
-        assert!(matches!(damage, Damage::Digest { .. }), "{damage}");
-        assert_eq!(found.messages[0].id, good);
-        quarantine_message(&bad_dir, &dirs.quarantine, &bad).unwrap();
-        let mut expected = vec![format!("{bad}.env"), format!("{bad}.eml")];
-        expected.sort();
-        assert_eq!(quarantined(&dirs), expected);
-        assert!(!spool_files(&dirs).iter().any(|f| f.starts_with(&bad)));
+        let dir = shard_dir(&dirs.spool, &id);
+        std::fs::remove_file(message_file::path(&dir, &id)).unwrap();
+        let damage = verify_data(&dir, &found.messages[0]).unwrap_err();
+        assert!(matches!(damage, Damage::NoData), "{damage}");
     }
 
     #[test]
-    fn a_missing_data_file_is_found_before_delivery() {
-        left_for_the_check_before_delivery(
-            |dir, id| std::fs::remove_file(eml_path(dir, id)).unwrap(),
-            |damage| matches!(damage, Damage::NoData),
-        );
-    }
-
-    #[test]
-    fn a_garbled_envelope_is_quarantined() {
+    fn a_damaged_seal_is_quarantined() {
         quarantines(|dir, id| {
-            std::fs::write(env_path(dir, id), b"{\"version\": 1, \"id\":").unwrap()
+            let path = message_file::path(dir, id);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = bytes.len() - 40;
+            bytes[at] ^= 1;
+            std::fs::write(path, bytes).unwrap();
         });
     }
 
     #[test]
+    fn a_committed_file_cut_short_is_quarantined_when_no_copy_can_repair_it() {
+        // The seal is gone with the tail; the name says it was committed.
+        quarantines(|dir, id| {
+            let path = message_file::path(dir, id);
+            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            file.set_len(10).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_damaged_seal_is_left_for_repair_by_the_spool() {
+        let dirs = dirs();
+        let ids = IdGenerator::new();
+        let bad = committed(&dirs, &ids, b"bad message\r\n");
+        let dir = shard_dir(&dirs.spool, &bad);
+        std::fs::write(message_file::path(&dir, &bad), b"bad mess").unwrap();
+        let mut found = Recovered::default();
+        for dir in prepare(&dirs.spool, &dirs.quarantine).unwrap() {
+            recover_dir(&dir, &dirs.quarantine, &|_| false, &mut found).unwrap();
+        }
+        assert_eq!(found.damaged, vec![bad.clone()]);
+        assert_eq!((found.removed, found.quarantined), (0, 0));
+        assert!(found.messages.is_empty());
+        assert!(message_file::path(&dir, &bad).exists(), "left in place");
+    }
+
+    #[test]
+    fn a_garbled_envelope_is_quarantined() {
+        quarantines(|dir, id| reseal(dir, id, b"{\"version\": 1, \"id\":"));
+    }
+
+    #[test]
     fn an_empty_envelope_is_quarantined() {
-        quarantines(|dir, id| std::fs::write(env_path(dir, id), b"").unwrap());
+        quarantines(|dir, id| reseal(dir, id, b""));
     }
 
     #[test]
     fn a_newer_envelope_version_is_quarantined() {
         quarantines(|dir, id| {
-            std::fs::write(
-                env_path(dir, id),
-                format!("{{\"version\": 9, \"id\": \"{id}\", \"new\": []}}"),
-            )
-            .unwrap()
+            let json = format!("{{\"version\": 9, \"id\": \"{id}\", \"new\": []}}");
+            reseal(dir, id, json.as_bytes());
         });
     }
 
     #[test]
     fn an_envelope_naming_another_id_is_quarantined() {
         quarantines(|dir, id| {
-            let text = std::fs::read_to_string(env_path(dir, id)).unwrap();
-            std::fs::write(
-                env_path(dir, id),
-                text.replace(id, &IdGenerator::new().next_id()),
-            )
-            .unwrap();
+            let other = IdGenerator::new().next_id();
+            let json = serde_json::to_vec(&envelope(&other, b"bad message\r\n")).unwrap();
+            reseal(dir, id, &json);
         });
     }
 
     #[test]
-    fn a_badly_named_envelope_is_quarantined_and_never_escapes_the_spool() {
+    fn a_badly_named_record_is_quarantined_and_never_escapes_the_spool() {
         let dirs = dirs();
-        std::fs::write(dirs.spool.join("not-an-id.env"), b"{}").unwrap();
+        write_sealed(&dirs.spool, "not-an-id", b"x", b"{}");
+        std::fs::write(dirs.spool.join("other-bad.env"), b"{}").unwrap();
         let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
-        assert_eq!(found.quarantined, 1);
-        assert_eq!(quarantined(&dirs), vec!["not-an-id.env"]);
+        assert_eq!(found.quarantined, 2);
+        assert_eq!(quarantined(&dirs), vec!["not-an-id.msg", "other-bad.env"]);
     }
 
     #[test]
     fn quarantine_keeps_earlier_evidence() {
         let dirs = dirs();
         std::fs::create_dir_all(&dirs.quarantine).unwrap();
-        std::fs::write(dirs.quarantine.join("x.env"), b"old").unwrap();
-        std::fs::write(dirs.spool.join("x.env"), b"new").unwrap();
+        std::fs::write(dirs.quarantine.join("x.msg"), b"old").unwrap();
+        write_sealed(&dirs.spool, "x", b"new", b"{}");
         recover(&dirs.spool, &dirs.quarantine).unwrap();
-        assert_eq!(quarantined(&dirs), vec!["x.env", "x.env.1"]);
+        assert_eq!(quarantined(&dirs), vec!["x.msg", "x.msg.1"]);
         assert_eq!(
-            std::fs::read(dirs.quarantine.join("x.env")).unwrap(),
+            std::fs::read(dirs.quarantine.join("x.msg")).unwrap(),
             b"old"
         );
     }

@@ -1,6 +1,5 @@
-//! Removing a finished message: the local `.env` first (uncommitting it),
-//! then the `.eml`; then releasing its object copy, whose segment goes once
-//! none of its messages is live.
+//! Removing a finished message: its local message file, then releasing its
+//! object copy, whose segment goes once none of its messages is live.
 
 use super::fsync::remove_if_present;
 use super::{Spool, SpoolError};
@@ -16,12 +15,8 @@ impl Spool {
     /// power failure, as Postfix, which does not sync its unlinks, would too.
     pub async fn remove_local(&self, id: &str, durable: bool) -> Result<(), SpoolError> {
         self.copies_settled(id).await;
-        let env = self.envelope_path(id);
-        let eml = self.message_path(id);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            remove_if_present(&env)?;
-            remove_if_present(&eml)
-        })
+        let path = self.message_path(id);
+        tokio::task::spawn_blocking(move || remove_if_present(&path))
         .await
         .map_err(std::io::Error::other)??;
         if durable {

@@ -27,6 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use postern::spool::message_file;
 use tempfile::TempDir;
 
 /// The hint every missing-tool failure carries.
@@ -102,6 +103,25 @@ pub fn crlf(text: &str) -> Vec<u8> {
 
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
+}
+
+/// The data and the envelope of the sealed message file at `path` (the
+/// spool's or a replica's); panics when it is not sealed.
+pub fn sealed_message(path: &Path) -> (Vec<u8>, serde_json::Value) {
+    let seal = message_file::read_seal_at(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let message_file::Seal::Sealed {
+        data_len,
+        envelope_json,
+    } = seal
+    else {
+        panic!("{} is not sealed: {seal:?}", path.display());
+    };
+    let mut data = fs::read(path).unwrap();
+    data.truncate(data_len as usize);
+    let envelope = serde_json::from_slice(&envelope_json)
+        .unwrap_or_else(|e| panic!("{}'s envelope is not JSON: {e}", path.display()));
+    (data, envelope)
 }
 
 /// The message after our `Received:` trace header: strips the first header
@@ -383,43 +403,48 @@ impl Relay {
         self.data_dir.join("objects")
     }
 
-    /// Ids of committed messages: those whose `.env` exists in the local spool.
+    /// Ids of committed messages: those whose file in the local spool is sealed.
     pub fn committed(&self) -> BTreeSet<String> {
         files_under(&self.spool_dir())
             .iter()
             .filter_map(|file| {
                 let name = Path::new(file).file_name()?.to_str()?;
-                name.strip_suffix(".env").map(str::to_owned)
+                let id = name.strip_suffix(".msg")?;
+                matches!(
+                    message_file::read_seal_at(Path::new(file)),
+                    Ok(message_file::Seal::Sealed { .. })
+                )
+                .then(|| id.to_owned())
             })
             .collect()
     }
 
-    /// The local spool's file of message `id` with extension `ext`.
-    pub fn spool_file(&self, id: &str, ext: &str) -> PathBuf {
-        postern::spool::local::shard_dir(&self.spool_dir(), id).join(format!("{id}.{ext}"))
+    /// The local spool's file of message `id`.
+    pub fn spool_file(&self, id: &str) -> PathBuf {
+        message_file::path(
+            &postern::spool::local::shard_dir(&self.spool_dir(), id),
+            id,
+        )
     }
 
+    /// The data of committed message `id`, as the local spool holds it.
     pub fn eml(&self, id: &str) -> Vec<u8> {
-        let path = self.spool_file(id, "eml");
-        fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+        sealed_message(&self.spool_file(id)).0
     }
 
+    /// The envelope of committed message `id`, as the local spool holds it.
     pub fn env(&self, id: &str) -> serde_json::Value {
-        let path = self.spool_file(id, "env");
-        let text =
-            fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        serde_json::from_slice(&text)
-            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+        sealed_message(&self.spool_file(id)).1
     }
 
-    /// Checks that message `id` is committed, its `.env` matches its `.eml`,
-    /// and the `.eml` is our `Received:` header followed by exactly `sent`.
+    /// Checks that message `id` is committed, its envelope matches its data,
+    /// and the data is our `Received:` header followed by exactly `sent`.
     pub fn assert_spooled(&self, id: &str, sent: &[u8]) {
         let eml = self.eml(id);
         let body = strip_received(&eml);
         if body != sent {
             panic!(
-                "{id}.eml differs from the sent message after the Received: header\n--- sent ({} octets)\n{}\n--- spooled ({} octets)\n{}",
+                "{id}'s data differs from the sent message after the Received: header\n--- sent ({} octets)\n{}\n--- spooled ({} octets)\n{}",
                 sent.len(),
                 String::from_utf8_lossy(sent).escape_debug(),
                 body.len(),
@@ -427,16 +452,16 @@ impl Relay {
             );
         }
         let env = self.env(id);
-        assert_eq!(env["id"], id, "{id}.env names another id: {env}");
+        assert_eq!(env["id"], id, "{id}'s envelope names another id: {env}");
         assert_eq!(
             env["data_len"],
             eml.len() as u64,
-            "{id}.env data_len: {env}"
+            "{id}'s envelope data_len: {env}"
         );
         assert_eq!(
             env["data_sha256"],
             sha256_hex(&eml),
-            "{id}.env data_sha256: {env}"
+            "{id}'s envelope data_sha256: {env}"
         );
     }
 
