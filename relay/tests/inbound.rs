@@ -196,10 +196,7 @@ async fn accepted_message_is_spooled_in_wire_format_with_both_copies() {
     assert_eq!(slots[0].id, id);
     let range = |r: std::ops::Range<u64>| &object[r.start as usize..r.end as usize];
     assert_eq!(range(slots[0].data_range()), &eml[..]);
-    assert_eq!(
-        range(slots[0].envelope_range()),
-        &envelope_json[..]
-    );
+    assert_eq!(range(slots[0].envelope_range()), &envelope_json[..]);
     client.send("QUIT\r\n").await;
     client.expect("221").await;
 }

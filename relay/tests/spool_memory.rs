@@ -45,8 +45,8 @@ async fn a_hundred_concurrent_10_mib_messages_stay_under_256_mib() {
         .collect();
     for task in tasks {
         let committed = task.await.unwrap();
-        let seal = postern::spool::message_file::read_seal_at(&spool.message_path(&committed.id))
-            .unwrap();
+        let seal =
+            postern::spool::message_file::read_seal_at(&spool.message_path(&committed.id)).unwrap();
         assert!(
             matches!(seal, postern::spool::message_file::Seal::Sealed { data_len, .. } if data_len == 10 * 1024 * 1024),
             "{seal:?}"

@@ -540,12 +540,7 @@ impl Connection {
 
     /// DATA content (`prefix`, then the file's first `len` octets: its
     /// data, not its seal), dot-stuffed on the fly.
-    async fn send_data(
-        &mut self,
-        prefix: &[u8],
-        eml: &Path,
-        len: u64,
-    ) -> Result<(), ClientError> {
+    async fn send_data(&mut self, prefix: &[u8], eml: &Path, len: u64) -> Result<(), ClientError> {
         let mut file = tokio::fs::File::open(eml).await?.take(len);
         let mut stuffer = DotStuffer::default();
         let mut buf = vec![0u8; 64 * 1024];

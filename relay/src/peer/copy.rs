@@ -274,11 +274,7 @@ impl CopyTarget for PeerCopy {
                 return Ok(false);
             }
             for addr in self.peers.resolve().await.addrs {
-                match self
-                    .client
-                    .fetch(addr, &spool, &id, &scratch)
-                    .await
-                {
+                match self.client.fetch(addr, &spool, &id, &scratch).await {
                     Ok(_) => return Ok(true),
                     Err(err) => {
                         tracing::debug!(%id, %addr, error = %err, "no intact replica there");

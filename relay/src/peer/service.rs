@@ -235,18 +235,20 @@ impl peer_server::Peer for PeerService {
 async fn local_belongs(dir: &Path, id: &str, spool: &str) -> Result<bool, Status> {
     let path = crate::spool::message_file::path(dir, id);
     let spool = spool.to_owned();
-    tokio::task::spawn_blocking(move || match crate::spool::message_file::read_envelope_json(&path) {
-        Ok(json) => Ok(belongs_to(&json, &spool)),
-        // Absent, being received, or damaged: not a committed message.
-        Err(err)
-            if matches!(
-                err.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
-            ) =>
-        {
-            Ok(false)
+    tokio::task::spawn_blocking(move || {
+        match crate::spool::message_file::read_envelope_json(&path) {
+            Ok(json) => Ok(belongs_to(&json, &spool)),
+            // Absent, being received, or damaged: not a committed message.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err),
         }
-        Err(err) => Err(err),
     })
     .await
     .map_err(|join| Status::internal(join.to_string()))?

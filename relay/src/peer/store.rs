@@ -760,8 +760,14 @@ mod tests {
         let opened = open_committed(&spool, ID).unwrap().unwrap();
         assert_eq!(opened.data_len, data.len() as u64);
         assert_eq!(&opened.envelope_json[..], b"{\"id\":\"x\"}");
-        assert_eq!(file_sha256(&opened.file, opened.data_len).unwrap(), hex::encode(Sha256::digest(&data)));
-        assert_eq!(&std::fs::read(message_file::path(&spool, ID)).unwrap()[..data.len()], &data[..]);
+        assert_eq!(
+            file_sha256(&opened.file, opened.data_len).unwrap(),
+            hex::encode(Sha256::digest(&data))
+        );
+        assert_eq!(
+            &std::fs::read(message_file::path(&spool, ID)).unwrap()[..data.len()],
+            &data[..]
+        );
         assert_eq!(names(&spool), vec![format!("{ID}.msg")]);
         assert_eq!(store.list("s1").await.unwrap(), vec![ID.to_owned()]);
         assert!(store.list("other").await.unwrap().is_empty());
@@ -960,7 +966,10 @@ mod tests {
             vec![format!("{ID}.msg"), format!("{older}.msg")]
         );
         let converted = open_committed(&spool, older).unwrap().unwrap();
-        assert_eq!((converted.data_len, &converted.envelope_json[..]), (5, &b"{\"o\":1}"[..]));
+        assert_eq!(
+            (converted.data_len, &converted.envelope_json[..]),
+            (5, &b"{\"o\":1}"[..])
+        );
     }
 
     #[tokio::test]

@@ -1171,8 +1171,15 @@ impl Queue {
             .map_err(|e| e.to_string())?;
         let eml = match self.get(&envelope.id) {
             Some(entry) => self.message_path(&entry),
-            // Refused early, before it was committed: still being received.
-            None => spool.receiving_path(&envelope.id),
+            None => {
+                let committed = spool.message_path(&envelope.id);
+                if tokio::fs::try_exists(&committed).await.unwrap_or(false) {
+                    committed
+                } else {
+                    // Refused early, before it was committed: being received.
+                    spool.receiving_path(&envelope.id)
+                }
+            }
         };
         let mut original = envelope.added_headers.clone().into_bytes();
         let mut data = tokio::fs::read(eml).await.map_err(|e| e.to_string())?;

@@ -271,7 +271,10 @@ impl CopyTarget for LocalCopy {
     ) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
             let dir = self.shards.dir_of(&id);
-            let (path, part) = (message_file::path(dir, &id), message_file::part_path(dir, &id));
+            let (path, part) = (
+                message_file::path(dir, &id),
+                message_file::part_path(dir, &id),
+            );
             tokio::task::spawn_blocking(move || {
                 remove_if_present(&path)?;
                 remove_if_present(&part)

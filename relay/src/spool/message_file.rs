@@ -244,7 +244,9 @@ mod tests {
         // crash would write) replaces the first, never stacks on it.
         seal(&file, 6, b"{}").unwrap();
         assert_eq!(file.metadata().unwrap().len(), first - 5);
-        assert!(matches!(read_seal(&file).unwrap(), Seal::Sealed { envelope_json, .. } if envelope_json == b"{}"));
+        assert!(
+            matches!(read_seal(&file).unwrap(), Seal::Sealed { envelope_json, .. } if envelope_json == b"{}")
+        );
     }
 
     #[test]

@@ -429,7 +429,10 @@ impl Spool {
         if let Some((_, envelope)) = self.repair(&self.current_spool(), id, None).await? {
             return Ok(Some(envelope));
         }
-        tracing::error!(id, "quarantining a damaged spool record: no other copy holds it intact");
+        tracing::error!(
+            id,
+            "quarantining a damaged spool record: no other copy holds it intact"
+        );
         let (dir, quarantine_dir, id_owned) = (
             self.message_dir(id).to_owned(),
             self.inner.quarantine_dir.clone(),
@@ -511,7 +514,8 @@ impl Spool {
             (scratch.to_owned(), id.to_owned(), expected.map(Arc::clone));
         let verdict = tokio::task::spawn_blocking(move || -> Result<Envelope, recovery::Damage> {
             let path = message_file::path(&scratch, &id_owned);
-            let json = message_file::read_envelope_json(&path).map_err(recovery::Damage::Unreadable)?;
+            let json =
+                message_file::read_envelope_json(&path).map_err(recovery::Damage::Unreadable)?;
             let own = recovery::check_envelope(&id_owned, &json)?;
             let envelope = match expected {
                 Some(expected) => Envelope::clone(&expected),

@@ -302,11 +302,11 @@ pub fn check_envelope(stem: &str, json: &[u8]) -> Result<Envelope, Damage> {
 /// Blocking: checks that message `envelope.id`'s file in `spool_dir` is
 /// sealed and holds data of the length and SHA-256 its envelope records.
 pub fn verify_data(spool_dir: &Path, envelope: &Envelope) -> Result<(), Damage> {
-    let file = File::open(message_file::path(spool_dir, &envelope.id)).map_err(|err| {
-        match err.kind() {
-            io::ErrorKind::NotFound => Damage::NoData,
-            _ => Damage::Unreadable(err),
-        }
+    let file = File::open(message_file::path(spool_dir, &envelope.id)).map_err(|err| match err
+        .kind()
+    {
+        io::ErrorKind::NotFound => Damage::NoData,
+        _ => Damage::Unreadable(err),
     })?;
     let data_len = match message_file::read_seal(&file).map_err(Damage::Unreadable)? {
         Seal::Sealed { data_len, .. } => data_len,
@@ -510,7 +510,10 @@ mod tests {
         let got: Vec<&str> = found.messages.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(got, vec![a.as_str(), b.as_str()]);
         assert_eq!((found.removed, found.quarantined), (0, 0));
-        assert_eq!(spool_files(&dirs), vec![format!("{a}.msg"), format!("{b}.msg")]);
+        assert_eq!(
+            spool_files(&dirs),
+            vec![format!("{a}.msg"), format!("{b}.msg")]
+        );
     }
 
     #[test]
@@ -539,7 +542,11 @@ mod tests {
         let sealed = committed_by_an_older_version(&dirs, &ids, b"sealed\r\n");
         let eml = dirs.spool.join(format!("{sealed}.eml"));
         let json = std::fs::read(dirs.spool.join(format!("{sealed}.env"))).unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&eml).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&eml)
+            .unwrap();
         message_file::seal(&file, 8, &json).unwrap();
         // Renamed, with the `.env` still there.
         let renamed = committed_by_an_older_version(&dirs, &ids, b"renamed\r\n");
@@ -569,7 +576,16 @@ mod tests {
         let found = recover(&dirs.spool, &dirs.quarantine).unwrap();
         assert_eq!(found.messages.len(), 1);
         let damage = verify_data(&shard_dir(&dirs.spool, &id), &found.messages[0]).unwrap_err();
-        assert!(matches!(damage, Damage::Length { actual: 0, expected: 6 }), "{damage}");
+        assert!(
+            matches!(
+                damage,
+                Damage::Length {
+                    actual: 0,
+                    expected: 6
+                }
+            ),
+            "{damage}"
+        );
     }
 
     #[test]
@@ -605,7 +621,11 @@ mod tests {
         let kept = committed(&dirs, &ids, b"kept\r\n");
         // Being received when the last run stopped.
         let receiving = ids.next_id();
-        std::fs::write(message_file::part_path(&dirs.spool, &receiving), b"half a mess").unwrap();
+        std::fs::write(
+            message_file::part_path(&dirs.spool, &receiving),
+            b"half a mess",
+        )
+        .unwrap();
         // What older versions left mid-commit.
         let orphan = ids.next_id();
         std::fs::write(dirs.spool.join(format!("{orphan}.eml")), b"half").unwrap();
@@ -639,7 +659,11 @@ mod tests {
     /// Replaces message `id`'s envelope with `json`, sealed properly.
     fn reseal(dir: &Path, id: &str, json: &[u8]) {
         let path = message_file::path(dir, id);
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
         let Seal::Sealed { data_len, .. } = message_file::read_seal(&file).unwrap() else {
             panic!("not sealed");
         };
@@ -690,7 +714,15 @@ mod tests {
                 let json = &bytes[13..bytes.len() - message_file::FOOTER_LEN as usize];
                 write_sealed(dir, id, b"bad", json);
             },
-            |damage| matches!(damage, Damage::Length { actual: 3, expected: 13 }),
+            |damage| {
+                matches!(
+                    damage,
+                    Damage::Length {
+                        actual: 3,
+                        expected: 13
+                    }
+                )
+            },
         );
     }
 

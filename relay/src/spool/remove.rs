@@ -17,8 +17,8 @@ impl Spool {
         self.copies_settled(id).await;
         let path = self.message_path(id);
         tokio::task::spawn_blocking(move || remove_if_present(&path))
-        .await
-        .map_err(std::io::Error::other)??;
+            .await
+            .map_err(std::io::Error::other)??;
         if durable {
             // Shared with the commits and removals around it (group commit).
             self.message_dir_sync(id).sync().await?;

@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use postern::spool::message_file;
+use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
 /// The hint every missing-tool failure carries.
@@ -405,13 +405,14 @@ impl Relay {
 
     /// Ids of committed messages: those whose file in the local spool is sealed.
     pub fn committed(&self) -> BTreeSet<String> {
-        files_under(&self.spool_dir())
+        let dir = self.spool_dir();
+        files_under(&dir)
             .iter()
             .filter_map(|file| {
                 let name = Path::new(file).file_name()?.to_str()?;
                 let id = name.strip_suffix(".msg")?;
                 matches!(
-                    message_file::read_seal_at(Path::new(file)),
+                    message_file::read_seal_at(&dir.join(file)),
                     Ok(message_file::Seal::Sealed { .. })
                 )
                 .then(|| id.to_owned())
@@ -421,10 +422,7 @@ impl Relay {
 
     /// The local spool's file of message `id`.
     pub fn spool_file(&self, id: &str) -> PathBuf {
-        message_file::path(
-            &postern::spool::local::shard_dir(&self.spool_dir(), id),
-            id,
-        )
+        message_file::path(&postern::spool::local::shard_dir(&self.spool_dir(), id), id)
     }
 
     /// The data of committed message `id`, as the local spool holds it.
