@@ -46,6 +46,7 @@ use super::{Change, Claim, Coordinator, Error, LeaseTrouble, MemberId, SpoolId};
 use crate::config::{Config, CopyKind};
 use crate::health::{ClusterDelivery, Delivery, StallReason};
 use crate::peer::store::{Header, ReplicaError, ReplicaStore};
+use crate::queue::lifecycle::{self, Takeover};
 use crate::queue::state::DeliveryState;
 use crate::queue::{Ownership, OwnershipError, Queue};
 use crate::spool::envelope::Envelope;
@@ -795,19 +796,19 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
     let mut pending: Vec<(&String, &Vec<Source>, Option<&DeliveryState>)> = Vec::new();
     for (id, sources) in &found {
         let committed = states.get(id);
-        if inner.queue.get(id).is_some() {
-            count += 1;
-            if let Some(committed) = committed {
-                inner.queue.merge_state(id, committed);
+        match lifecycle::take_over(inner.queue.get(id).is_some(), committed) {
+            Takeover::Merge => {
+                count += 1;
+                if let Some(committed) = committed {
+                    inner.queue.merge_state(id, committed);
+                }
             }
-            continue;
+            Takeover::Leftover => leftovers.push(id.as_str()),
+            Takeover::Adopt => {
+                count += 1;
+                pending.push((id, sources, committed));
+            }
         }
-        if committed.is_some_and(DeliveryState::is_final) {
-            leftovers.push(id.as_str());
-            continue;
-        }
-        count += 1;
-        pending.push((id, sources, committed));
     }
     // Copied here side by side (an object-store GET or a peer fetch each),
     // oldest first, and queued as they arrive.
@@ -819,18 +820,19 @@ async fn adopt_all(inner: &Arc<Inner>, membership: &Arc<Membership>, spool: &str
         let copied = futures::future::join_all(copying).await;
         for ((id, _, committed), copied) in batch.iter().zip(copied) {
             match copied {
-                Ok((envelope, eml_path)) => {
-                    let mut state = committed.cloned().unwrap_or_else(|| {
-                        DeliveryState::new(
-                            envelope.recipients.len(),
-                            crate::queue::schedule::now_ms(),
-                        )
-                    });
-                    state.next_attempt_ms = crate::queue::schedule::now_ms();
-                    if state.recipients.len() == envelope.recipients.len()
-                        && inner.queue.adopt(envelope, eml_path, state)
-                    {
-                        adopted += 1;
+                Ok((envelope, path)) => {
+                    let now = crate::queue::schedule::now_ms();
+                    match lifecycle::adopted_state(*committed, envelope.recipients.len(), now) {
+                        Some(state) => {
+                            if inner.queue.adopt(envelope, path, state) {
+                                adopted += 1;
+                            }
+                        }
+                        None => tracing::warn!(
+                            spool,
+                            %id,
+                            "the committed state does not fit the message's envelope; it is left alone"
+                        ),
                     }
                 }
                 Err(err) => {

@@ -3,10 +3,14 @@
 //! at a time), as a pure function of the state, the answers and the clock
 //! ([`settle`]); whether that outcome must be recorded ([`must_record`]);
 //! and what follows from how recording went ([`after_recording`]: saved,
-//! not saved, not committed, or the message lost to another relay). The
-//! queue's `attempt` is the driver that delivers, persists, commits and
-//! reports; the invariants are tested here over simulated weeks, with
-//! crashes, failed saves and lost claims injected.
+//! not saved, not committed, or the message lost to another relay); what an
+//! operator's action does ([`act`]: hold, release, flush, delete, bounce);
+//! and what taking over a spool does to each of its messages
+//! ([`take_over`], [`adopted_state`]). The queue's `attempt` and admin
+//! methods and the cluster node's takeover are the drivers that deliver,
+//! persist, commit, fetch and report; the invariants are tested here over
+//! simulated weeks, with crashes, failed saves, lost claims, takeovers and
+//! operators' actions injected.
 
 use std::time::Duration;
 
@@ -221,6 +225,136 @@ pub fn after_recording(next: Next, recorded: Recorded, now_ms: u64) -> Then {
     }
 }
 
+/// An operator's action on one queued message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Keep it from being delivered until released.
+    Hold,
+    /// Let a held message be delivered again, now.
+    Release,
+    /// Make it due now (unless held).
+    Flush,
+    /// Remove it without telling the sender.
+    Delete,
+    /// Remove it, failing its pending recipients and telling the sender.
+    Bounce,
+}
+
+/// The reply recorded for recipients an operator bounced.
+pub const BOUNCED_REPLY: &str = "550 5.3.0 Message deleted by the postmaster";
+
+/// What the driver does for an operator's [`Action`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acted {
+    /// An attempt is running; refused (the operator tries again).
+    Busy,
+    /// Nothing changes (holding a held message, flushing a held one,
+    /// releasing one not held).
+    Unchanged,
+    /// The state changed: record it, then schedule the message at `due_ms`
+    /// (`None`: not while it is held).
+    Record {
+        /// When it is due (Unix ms), if it may be delivered.
+        due_ms: Option<u64>,
+    },
+    /// Due at `due_ms`; nothing to record (a flush).
+    Schedule {
+        /// When it is due (Unix ms).
+        due_ms: u64,
+    },
+    /// Report the recipients now failed and remove every copy, as an
+    /// attempt's [`Then::Finish`] does.
+    Finish,
+    /// Remove every copy and the record, reporting nothing.
+    Remove,
+}
+
+/// Applies an operator's `action` to a message in `state` at `now_ms`;
+/// `in_flight` when a delivery attempt is running. Hold, release and flush
+/// do not wait for an attempt: its outcome keeps the hold (the driver
+/// merges it). Delete and bounce do: a message must not be removed under
+/// an attempt that may still record a delivery.
+pub fn act(state: &mut DeliveryState, action: Action, in_flight: bool, now_ms: u64) -> Acted {
+    match action {
+        Action::Hold if state.held => Acted::Unchanged,
+        Action::Hold => {
+            state.held = true;
+            Acted::Record { due_ms: None }
+        }
+        Action::Release if !state.held => Acted::Unchanged,
+        Action::Release => {
+            state.held = false;
+            state.next_attempt_ms = now_ms;
+            Acted::Record {
+                due_ms: Some(now_ms),
+            }
+        }
+        Action::Flush if state.held => Acted::Unchanged,
+        Action::Flush => {
+            state.next_attempt_ms = now_ms;
+            Acted::Schedule { due_ms: now_ms }
+        }
+        Action::Delete | Action::Bounce if in_flight => Acted::Busy,
+        Action::Delete => Acted::Remove,
+        Action::Bounce => {
+            for recipient in state
+                .recipients
+                .iter_mut()
+                .filter(|r| r.status == Status::Pending)
+            {
+                recipient.status = Status::Failed;
+                recipient.last_reply = Some(BOUNCED_REPLY.into());
+            }
+            Acted::Finish
+        }
+    }
+}
+
+/// What taking over a spool does with one of its messages, from whether
+/// this relay has it queued already and the state its previous owner
+/// committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// Queued here already: its state gains what was committed
+    /// ([`DeliveryState::merged`]).
+    Merge,
+    /// Every recipient is final in the record: only copies are left, to be
+    /// removed (and the record with them); it is never delivered again.
+    Leftover,
+    /// Fetch a copy here and queue it with [`adopted_state`].
+    Adopt,
+}
+
+/// Decides [`Takeover`] for one message of a spool taken over.
+pub fn take_over(queued_here: bool, committed: Option<&DeliveryState>) -> Takeover {
+    if queued_here {
+        Takeover::Merge
+    } else if committed.is_some_and(DeliveryState::is_final) {
+        Takeover::Leftover
+    } else {
+        Takeover::Adopt
+    }
+}
+
+/// The state a message taken over is queued with: the committed one (a
+/// recipient recorded as delivered is never delivered again), or a new one
+/// when nothing was committed; due now. `None` when the record does not fit
+/// the envelope's `recipients` (left alone, with a log line by the driver).
+pub fn adopted_state(
+    committed: Option<&DeliveryState>,
+    recipients: usize,
+    now_ms: u64,
+) -> Option<DeliveryState> {
+    let mut state = committed
+        .cloned()
+        .unwrap_or_else(|| DeliveryState::new(recipients, now_ms));
+    if state.recipients.len() != recipients {
+        return None;
+    }
+    state.next_attempt_ms = now_ms;
+    Some(state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,16 +531,24 @@ mod tests {
         delivered: Vec<u32>,
         unrecorded: Vec<u32>,
         last_seen: DeliveryState,
+        /// Held by the operator, who releases it at this time.
+        held_until: Option<u64>,
+        /// Deleted by the operator (finished without a report).
+        removed: bool,
     }
 
-    /// A week with faults. Each attempt may be cut short by a crash after
-    /// the next hop answered (nothing recorded), its save may fail, its
-    /// commit may fail, or (in a cluster) its claim may be lost, another
-    /// relay then carrying on from the last recorded state. Checked: a
-    /// recipient recorded as delivered is never delivered again; a
-    /// recipient is delivered more than once only for deliveries a fault
-    /// caught unrecorded; every message is finished, each recipient
-    /// delivered or failed: none lost.
+    /// A week with faults and an operator. Each attempt may be cut short by
+    /// a crash after the next hop answered (nothing recorded), its save may
+    /// fail, its commit may fail, or (in a cluster) its claim may be lost,
+    /// another relay then taking it over from the last recorded state
+    /// ([`take_over`], [`adopted_state`]; a restart recovers the same way).
+    /// Meanwhile an operator holds (releasing hours later), releases,
+    /// flushes, deletes and bounces messages ([`act`]). Checked: a recipient
+    /// recorded as delivered is never delivered again, not even by a bounce;
+    /// a recipient is delivered more than once only for deliveries a fault
+    /// caught unrecorded; a held message is never attempted until released,
+    /// across crashes and takeovers; every message not deleted is finished,
+    /// each recipient delivered or failed: none lost.
     #[test]
     fn crashes_failed_saves_and_lost_claims_lose_nothing_and_repeat_only_unrecorded_deliveries() {
         let schedule = schedule();
@@ -416,6 +558,7 @@ mod tests {
             delay_warning: None,
         };
         let mut faults_seen = [0usize; 4];
+        let mut actions_seen = [0usize; 5];
         for seed in 0..40u64 {
             let clustered = seed % 2 == 1;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -433,7 +576,12 @@ mod tests {
                         delivered: vec![0; recipients],
                         unrecorded: vec![0; recipients],
                         last_seen: state,
+                        held_until: None,
+                        removed: false,
                     });
+                }
+                for message in messages.iter_mut().filter(|m| !m.finished) {
+                    operate(message, &mut rng, now, &mut actions_seen);
                 }
                 let mut crashed = false;
                 for message in messages.iter_mut().filter(|m| !m.finished) {
@@ -443,6 +591,15 @@ mod tests {
                     if due > now || crashed {
                         continue;
                     }
+                    if state.held {
+                        // The driver never attempts a held message.
+                        assert!(message.held_until.is_some(), "seed {seed}: held by nobody");
+                        continue;
+                    }
+                    assert!(
+                        message.held_until.is_none(),
+                        "seed {seed}: a held message was attempted (the hold was lost)"
+                    );
                     let answers: Vec<Answer> = state
                         .pending()
                         .into_iter()
@@ -539,6 +696,7 @@ mod tests {
                     match recipient.status {
                         Status::Delivered => assert!(message.delivered[index] >= 1),
                         Status::Failed => {}
+                        Status::Pending if message.removed => {}
                         Status::Pending => panic!("seed {seed}: finished with a pending recipient"),
                     }
                     assert!(
@@ -554,6 +712,90 @@ mod tests {
             faults_seen.iter().all(|&n| n > 10),
             "every fault was injected: {faults_seen:?}"
         );
+        assert!(
+            actions_seen.iter().all(|&n| n > 10),
+            "every action was taken: {actions_seen:?}"
+        );
+    }
+
+    /// The operator's turn on one message, as the queue's admin methods
+    /// drive [`act`]: a held message is released when its time comes; any
+    /// other may be acted on at random (before day 3, so every hold ends
+    /// before the simulation does). The driver records before it answers,
+    /// so a recorded change is durable.
+    fn operate(
+        message: &mut Faulty,
+        rng: &mut rand::rngs::StdRng,
+        now: u64,
+        seen: &mut [usize; 5],
+    ) {
+        let Some((mut state, due)) = message.memory.clone() else {
+            return;
+        };
+        let action = if message.held_until.is_some_and(|at| at <= now) {
+            Action::Release
+        } else if now < 3 * DAY && rng.random_range(0..600) == 0 {
+            match rng.random_range(0..10) {
+                0..3 => Action::Hold,
+                3..5 => Action::Flush,
+                5 => Action::Delete,
+                6 => Action::Bounce,
+                _ => Action::Release,
+            }
+        } else {
+            return;
+        };
+        let before = state.clone();
+        match act(&mut state, action, false, now) {
+            Acted::Busy => panic!("no attempt is running"),
+            Acted::Unchanged => assert_eq!(state, before),
+            Acted::Record { due_ms } => {
+                match action {
+                    Action::Hold => {
+                        seen[0] += 1;
+                        assert!(due_ms.is_none());
+                        message.held_until = Some(now + rng.random_range(1..12) * HOUR);
+                    }
+                    Action::Release => {
+                        seen[1] += 1;
+                        assert_eq!(due_ms, Some(now));
+                        message.held_until = None;
+                    }
+                    other => panic!("{other:?} records nothing"),
+                }
+                message.durable = Some(state.clone());
+                message.last_seen = state.clone();
+                message.memory = Some((state, due_ms.unwrap_or(u64::MAX)));
+            }
+            Acted::Schedule { due_ms } => {
+                seen[2] += 1;
+                assert_eq!(action, Action::Flush);
+                assert!(due_ms <= due.max(now));
+                message.memory = Some((state, due_ms));
+            }
+            Acted::Remove => {
+                seen[3] += 1;
+                assert_eq!(action, Action::Delete);
+                message.finished = true;
+                message.removed = true;
+                message.memory = None;
+            }
+            Acted::Finish => {
+                seen[4] += 1;
+                assert_eq!(action, Action::Bounce);
+                assert!(state.is_final());
+                for (old, new) in before.recipients.iter().zip(&state.recipients) {
+                    if old.status != Status::Pending {
+                        assert_eq!(old, new, "a bounce changed a final recipient");
+                    } else {
+                        assert_eq!(new.last_reply.as_deref(), Some(BOUNCED_REPLY));
+                    }
+                }
+                message.finished = true;
+                message.last_seen = state;
+                message.memory = None;
+            }
+        }
     }
 
     /// A crash or hand-over: what memory held and the record lacks is
@@ -572,9 +814,66 @@ mod tests {
                 }
             }
         }
-        let state = record.unwrap_or_else(|| DeliveryState::new(recipients, now));
-        message.last_seen = state.clone();
-        message.memory = Some((state, now));
+        match take_over(false, record.as_ref()) {
+            Takeover::Merge => unreachable!("not queued anywhere now"),
+            Takeover::Leftover => {
+                // Final in the record: only its copies go.
+                message.last_seen = record.expect("final record");
+                message.finished = true;
+                message.memory = None;
+            }
+            Takeover::Adopt => {
+                let state = adopted_state(record.as_ref(), recipients, now)
+                    .expect("the record fits the envelope");
+                message.last_seen = state.clone();
+                message.memory = Some((state, now));
+            }
+        }
+    }
+
+    #[test]
+    fn delete_and_bounce_wait_for_a_running_attempt_hold_does_not() {
+        let mut state = DeliveryState::new(2, 0);
+        assert_eq!(act(&mut state, Action::Delete, true, 5), Acted::Busy);
+        assert_eq!(act(&mut state, Action::Bounce, true, 5), Acted::Busy);
+        assert_eq!(state, DeliveryState::new(2, 0));
+        assert_eq!(
+            act(&mut state, Action::Hold, true, 5),
+            Acted::Record { due_ms: None }
+        );
+        assert_eq!(act(&mut state, Action::Flush, false, 6), Acted::Unchanged);
+        assert_eq!(act(&mut state, Action::Hold, false, 6), Acted::Unchanged);
+        assert_eq!(
+            act(&mut state, Action::Release, false, 7),
+            Acted::Record { due_ms: Some(7) }
+        );
+        assert_eq!(state.next_attempt_ms, 7);
+        assert_eq!(act(&mut state, Action::Release, false, 8), Acted::Unchanged);
+        assert_eq!(
+            act(&mut state, Action::Flush, false, 9),
+            Acted::Schedule { due_ms: 9 }
+        );
+        assert_eq!(act(&mut state, Action::Delete, false, 9), Acted::Remove);
+    }
+
+    #[test]
+    fn a_takeover_never_queues_a_finished_message_nor_forgets_a_delivery() {
+        let mut done = DeliveryState::new(2, 0);
+        done.recipients[0].status = Status::Delivered;
+        done.recipients[1].status = Status::Failed;
+        assert_eq!(take_over(false, Some(&done)), Takeover::Leftover);
+        assert_eq!(take_over(true, Some(&done)), Takeover::Merge);
+        assert_eq!(take_over(false, None), Takeover::Adopt);
+        let mut half = DeliveryState::new(2, 0);
+        half.recipients[0].status = Status::Delivered;
+        half.held = true;
+        assert_eq!(take_over(false, Some(&half)), Takeover::Adopt);
+        let adopted = adopted_state(Some(&half), 2, 50).unwrap();
+        assert_eq!(adopted.recipients[0].status, Status::Delivered);
+        assert!(adopted.held, "a hold survives the takeover");
+        assert_eq!(adopted.next_attempt_ms, 50);
+        assert_eq!(adopted_state(Some(&half), 3, 50), None);
+        assert_eq!(adopted_state(None, 3, 50).unwrap().pending(), vec![0, 1, 2]);
     }
 
     #[test]

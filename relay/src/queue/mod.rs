@@ -1355,9 +1355,17 @@ impl Queue {
         let mut entries = self.inner.entries.lock().expect("queue lock");
         let mut count = 0;
         for (key, entry) in entries.map.iter_mut() {
-            if only.is_none_or(|only| only == *key) && !entry.state.held {
-                entry.state.next_attempt_ms = now;
-                self.schedule(*key, now);
+            if only.is_some_and(|only| only != *key) {
+                continue;
+            }
+            let acted = lifecycle::act(
+                &mut entry.state,
+                lifecycle::Action::Flush,
+                entry.in_flight,
+                now,
+            );
+            if let lifecycle::Acted::Schedule { due_ms } = acted {
+                self.schedule(*key, due_ms);
                 count += 1;
             }
         }
@@ -1375,15 +1383,24 @@ impl Queue {
     pub async fn set_held(&self, id: &str, held: bool) -> Result<(), QueueError> {
         let not_found = || QueueError::NotFound(id.to_owned());
         let key = id::to_bits(id).ok_or_else(not_found)?;
+        let action = if held {
+            lifecycle::Action::Hold
+        } else {
+            lifecycle::Action::Release
+        };
         let state = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             let entry = entries.get_mut(key).ok_or_else(not_found)?;
-            entry.state.held = held;
-            if !held {
-                entry.state.next_attempt_ms = now_ms();
-                self.schedule(key, entry.state.next_attempt_ms);
+            match lifecycle::act(&mut entry.state, action, entry.in_flight, now_ms()) {
+                lifecycle::Acted::Record { due_ms } => {
+                    if let Some(due_ms) = due_ms {
+                        self.schedule(key, due_ms);
+                    }
+                    entry.state.clone()
+                }
+                // Already so: nothing to record.
+                _ => return Ok(()),
             }
-            entry.state.clone()
         };
         self.inner.states.save(id, &state).await?;
         self.inner.wake.notify_one();
@@ -1394,13 +1411,20 @@ impl Queue {
     pub async fn delete(&self, id: &str, bounce: bool) -> Result<(), QueueError> {
         let not_found = || QueueError::NotFound(id.to_owned());
         let key = id::to_bits(id).ok_or_else(not_found)?;
-        let entry = {
+        let action = if bounce {
+            lifecycle::Action::Bounce
+        } else {
+            lifecycle::Action::Delete
+        };
+        let (entry, state, acted) = {
             let mut entries = self.inner.entries.lock().expect("queue lock");
             let entry = entries.get(key).ok_or_else(not_found)?;
-            if entry.in_flight {
+            let mut state = entry.state.clone();
+            let acted = lifecycle::act(&mut state, action, entry.in_flight, now_ms());
+            if acted == lifecycle::Acted::Busy {
                 return Err(QueueError::Busy(id.to_owned()));
             }
-            entries.remove(key).expect("present")
+            (entries.remove(key).expect("present"), state, acted)
         };
         let envelope = match self.envelope_of(&entry).await {
             Ok(envelope) => envelope,
@@ -1409,16 +1433,7 @@ impl Queue {
                 return Err(err.into());
             }
         };
-        if bounce {
-            let mut state = entry.state.clone();
-            for recipient in state
-                .recipients
-                .iter_mut()
-                .filter(|r| r.status == Status::Pending)
-            {
-                recipient.status = Status::Failed;
-                recipient.last_reply = Some("550 5.3.0 Message deleted by the postmaster".into());
-            }
+        if acted == lifecycle::Acted::Finish {
             if let Err(err) = self.finish(&envelope, &state).await {
                 // Nothing was removed: put the message back as it was.
                 self.inner.entries.lock().expect("queue lock").insert(entry);
