@@ -1,12 +1,12 @@
 //! The local spool: streams a message into `<id>.part` through a bounded
-//! buffer, watches disk space while doing so, and commits the local copy by
-//! sealing the file (the envelope and a footer after the data, see
-//! [`message_file`]), renaming it to `<id>.msg`, and then waiting for a
-//! group-committed `syncfs(2)` that makes the data, the seal and the name
-//! durable at once, for every message committed meanwhile (`spool.sync =
-//! "filesystem"`); or, with `spool.sync = "files"`, by `fdatasync`ing the
-//! file before the rename and waiting for a group-committed directory fsync
-//! after it.
+//! buffer, watches disk space while doing so; at the end of data the spool
+//! seals the file (the envelope and a footer after the data, see
+//! [`message_file`]) and renames it to `<id>.msg`, and the local copy makes
+//! it durable by waiting for a group-committed `syncfs(2)` that covers the
+//! data, the seal and the name at once, for every message committed
+//! meanwhile (`spool.sync = "filesystem"`); or, with `spool.sync = "files"`,
+//! by `fdatasync`ing the file and waiting for a group-committed directory
+//! fsync.
 //!
 //! Layout under `data_dir/spool/`: 32 subdirectories named by the last
 //! character of the ids they hold (`spool/<c>/`, see [`Shards`]), each with
@@ -205,8 +205,8 @@ impl Writer {
     }
 }
 
-/// The local-disk copy: the `.part` already written by the receiver,
-/// sealed, named `<id>.msg` and made durable.
+/// The local-disk copy: the `<id>.msg` the receiver wrote, sealed and
+/// named, made durable.
 #[derive(Debug)]
 pub struct LocalCopy {
     /// The spool's subdirectories and their fsyncs (removals).
@@ -232,22 +232,8 @@ impl CopyTarget for LocalCopy {
 
     fn write(self: Arc<Self>, job: Arc<CopyJob>) -> BoxFuture<'static, Result<(), CopyError>> {
         Box::pin(async move {
-            let own_sync = self.files.is_none();
-            let committed = message_file::path(self.shards.dir_of(&job.id), &job.id);
-            let sealed = {
-                let job = Arc::clone(&job);
-                tokio::task::spawn_blocking(move || {
-                    message_file::seal(&job.data_file, job.data_len, &job.envelope_json)?;
-                    if own_sync {
-                        job.data_file.sync_data()?;
-                    }
-                    if job.data_path != committed {
-                        std::fs::rename(&job.data_path, &committed)?;
-                    }
-                    Ok::<_, io::Error>(())
-                })
-            };
-            joined(sealed.await)?;
+            // The spool sealed and named the file before the copies started
+            // (see `Incoming::commit`); this makes it durable.
             match &self.files {
                 // One syncfs makes the data, the seal and the name durable,
                 // shared with every commit that sealed before it started. A
@@ -257,8 +243,15 @@ impl CopyTarget for LocalCopy {
                 // (SHA-256) finds it. A failed sync fails the commit; the
                 // quorum then takes the copy back.
                 Some(files) => files.sync().await?,
-                // The file is synced; its name needs the directory's.
-                None => self.shards.sync_of(&job.id).sync().await?,
+                // The file's own sync, then its directory's for the name.
+                None => {
+                    let synced = {
+                        let job = Arc::clone(&job);
+                        tokio::task::spawn_blocking(move || job.data_file.sync_data())
+                    };
+                    joined(synced.await)?;
+                    self.shards.sync_of(&job.id).sync().await?
+                }
             }
             Ok(())
         })
@@ -333,26 +326,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_local_copy_seals_and_takes_it_back() {
+    async fn the_local_copy_makes_the_sealed_file_durable_and_takes_it_back() {
         let root = tempfile::tempdir().unwrap();
         let shards = Arc::new(Shards::open(root.path()).unwrap());
         let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
         let dir = shards.dir_of(id).to_owned();
         assert_eq!(dir, root.path().join("V"));
         let path = message_file::path(&dir, id);
-        let part = message_file::part_path(&dir, id);
         let data = b"Subject: x\r\n\r\nbody\r\n";
         for files in [
             Some(DirSync::filesystem(root.path().to_owned()).unwrap()),
             None,
         ] {
-            let mut writer = Writer::new(message_file::create(&part).unwrap());
+            let mut writer = Writer::new(message_file::create(&path).unwrap());
             writer.push(data);
             let (file, data_len, _) = writer.finish_blocking().unwrap();
+            message_file::seal(&file, data_len, b"{}").unwrap();
             let job = Arc::new(CopyJob {
                 spool: String::new(),
                 id: id.into(),
-                data_path: part.clone(),
+                data_path: path.clone(),
                 data_file: Arc::new(file),
                 data_len,
                 envelope_json: bytes::Bytes::from_static(b"{}"),
@@ -367,7 +360,6 @@ mod tests {
                 }
             );
             assert_eq!(&std::fs::read(&path).unwrap()[..data.len()], data);
-            assert!(!part.exists());
             copy.remove(String::new(), id.into()).await.unwrap();
             assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         }

@@ -824,9 +824,8 @@ impl Incoming {
             }
         };
         // Held until the quorum answered, so `rotate` can wait for it.
-        let _committing = self
-            .spool
-            .inner
+        let spool_inner = Arc::clone(&self.spool.inner);
+        let _committing = spool_inner
             .committing
             .acquire()
             .await
@@ -837,6 +836,34 @@ impl Incoming {
         envelope.data_sha256 = data_sha256.clone();
         let mut json = serde_json::to_vec_pretty(&envelope).map_err(std::io::Error::other)?;
         json.push(b'\n');
+        let file = if self.spool.inner.keep_local {
+            // Sealed and named before any copy starts, so the local file is
+            // whole (and where the queue reads it) whichever copies answer
+            // first; the local copy makes it durable. A crash before then
+            // may leave it sealed though its client got no 250: delivered
+            // all the same, never lost.
+            let (part, path) = (self.path.clone(), self.spool.message_path(&self.id));
+            let sealing = json.clone();
+            let sealed = tokio::task::spawn_blocking(move || {
+                message_file::seal(&file, data_len, &sealing)?;
+                std::fs::rename(&part, &path)?;
+                Ok::<_, std::io::Error>(file)
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            match sealed {
+                Ok(file) => {
+                    self.path = self.spool.message_path(&self.id);
+                    file
+                }
+                Err(err) => {
+                    self.discard();
+                    return Err(err.into());
+                }
+            }
+        } else {
+            file
+        };
 
         // From here on the quorum writer owns the file: it removes it when the
         // commit fails, or when it was only staging.
