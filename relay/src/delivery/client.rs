@@ -507,25 +507,16 @@ impl Connection {
     /// spool is already wire format.
     async fn send_bdat(&mut self, envelope: &Envelope, eml: &Path) -> Result<(), ClientError> {
         let len = envelope.data_len;
-        let file = tokio::fs::File::open(eml).await?;
-        // The data is the file's first `len` octets (its seal follows).
-        let actual = file.metadata().await?.len();
-        if actual < len {
-            return Err(ClientError::Protocol(format!(
-                "spool file {} has {actual} octets, envelope says {len} of data",
-                eml.display()
-            )));
-        }
-        let mut file = file.take(len);
+        let file = open_data(eml, len).await?;
         let mut command = format!("BDAT {} LAST\r\n", envelope.wire_len()).into_bytes();
         command.extend_from_slice(envelope.added_headers.as_bytes());
         self.write(&command, self.settings.timeouts.data_block)
             .await?;
         if let Stream::Tcp(tcp) = &self.stream {
             // Plain TCP: the kernel copies the spool file to the socket.
-            let file = file.into_inner().into_std().await;
             return sendfile_all(tcp, &file, len, self.settings.timeouts.data_block).await;
         }
+        let mut file = tokio::fs::File::from_std(file).take(len);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = file.read(&mut buf).await?;
@@ -541,8 +532,23 @@ impl Connection {
     /// DATA content (`prefix`, then the file's first `len` octets: its
     /// data, not its seal), dot-stuffed on the fly.
     async fn send_data(&mut self, prefix: &[u8], eml: &Path, len: u64) -> Result<(), ClientError> {
-        let mut file = tokio::fs::File::open(eml).await?.take(len);
+        let file = open_data(eml, len).await?;
         let mut stuffer = DotStuffer::default();
+        if len <= WHOLE_READ_MAX {
+            // Small: read in one blocking call, sent in one write.
+            let data = tokio::task::spawn_blocking(move || {
+                let mut data = vec![0u8; len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, 0).map(|()| data)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            let mut out = Vec::with_capacity(prefix.len() + data.len() + data.len() / 64 + 8);
+            stuffer.stuff(prefix, &mut out);
+            stuffer.stuff(&data, &mut out);
+            out.extend_from_slice(stuffer.finish());
+            return self.write(&out, self.settings.timeouts.data_block).await;
+        }
+        let mut file = tokio::fs::File::from_std(file).take(len);
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(66 * 1024);
         if !prefix.is_empty() {
@@ -632,6 +638,29 @@ impl Connection {
             self.input.extend_from_slice(&buf[..n]);
         }
     }
+}
+
+/// Messages up to this size are read whole and sent with one write.
+const WHOLE_READ_MAX: u64 = 256 * 1024;
+
+/// Opens the spool file at `path` (in one blocking call) and checks that it
+/// holds `len` octets of data (its seal follows them).
+async fn open_data(path: &Path, len: u64) -> Result<std::fs::File, ClientError> {
+    let opened = path.to_owned();
+    let (file, actual) = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&opened)?;
+        let actual = file.metadata()?.len();
+        Ok::<_, std::io::Error>((file, actual))
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    if actual < len {
+        return Err(ClientError::Protocol(format!(
+            "spool file {} has {actual} octets, envelope says {len} of data",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// Sends `len` octets of `file` to `tcp` with sendfile(2), waiting for the

@@ -804,25 +804,6 @@ impl Incoming {
     /// [`Spool::drain`]).
     pub async fn commit(mut self, mut envelope: Envelope) -> Result<Committed, SpoolError> {
         let writer = self.writer.take().ok_or_else(broken)?;
-        let dir = self.spool.inner.dir.clone();
-        let reserve = self.spool.inner.reserve_bytes;
-        let finished = tokio::task::spawn_blocking(move || {
-            let len = writer.written();
-            writer
-                .finish_blocking()
-                .map_err(|err| no_room_or_io(err, &dir, len, reserve))
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .map_err(SpoolError::from)
-        .and_then(|r| r);
-        let (file, data_len, data_sha256) = match finished {
-            Ok(done) => done,
-            Err(err) => {
-                self.discard();
-                return Err(err);
-            }
-        };
         // Held until the quorum answered, so `rotate` can wait for it.
         let spool_inner = Arc::clone(&self.spool.inner);
         let _committing = spool_inner
@@ -832,38 +813,49 @@ impl Incoming {
             .map_err(std::io::Error::other)?;
         envelope.id = self.id.clone();
         envelope.spool = self.spool.current_spool();
-        envelope.data_len = data_len;
-        envelope.data_sha256 = data_sha256.clone();
-        let mut json = serde_json::to_vec_pretty(&envelope).map_err(std::io::Error::other)?;
-        json.push(b'\n');
-        let file = if self.spool.inner.keep_local {
-            // Sealed and named before any copy starts, so the local file is
-            // whole (and where the queue reads it) whichever copies answer
-            // first; the local copy makes it durable. A crash before then
-            // may leave it sealed though its client got no 250: delivered
-            // all the same, never lost.
-            let (part, path) = (self.path.clone(), self.spool.message_path(&self.id));
-            let sealing = json.clone();
-            let sealed = tokio::task::spawn_blocking(move || {
-                message_file::seal(&file, data_len, &sealing)?;
+        let dir = self.spool.inner.dir.clone();
+        let reserve = self.spool.inner.reserve_bytes;
+        // The local copy's file is sealed and named before any copy starts,
+        // so it is whole (and where the queue reads it) whichever copies
+        // answer first; the local copy then makes it durable. A crash before
+        // that may leave it sealed though its client got no 250: delivered
+        // all the same, never lost.
+        let named = self
+            .spool
+            .inner
+            .keep_local
+            .then(|| (self.path.clone(), self.spool.message_path(&self.id)));
+        // One blocking call: the tail written, the digest, the envelope, the
+        // seal and the name.
+        let finished = tokio::task::spawn_blocking(move || {
+            let len = writer.written();
+            let full = |err| no_room_or_io(err, &dir, len, reserve);
+            let (file, data_len, data_sha256) = writer.finish_blocking().map_err(full)?;
+            envelope.data_len = data_len;
+            envelope.data_sha256 = data_sha256;
+            let mut json = serde_json::to_vec_pretty(&envelope).map_err(std::io::Error::other)?;
+            json.push(b'\n');
+            if let Some((part, path)) = named {
+                message_file::seal(&file, data_len, &json).map_err(full)?;
                 std::fs::rename(&part, &path)?;
-                Ok::<_, std::io::Error>(file)
-            })
-            .await
-            .map_err(std::io::Error::other)?;
-            match sealed {
-                Ok(file) => {
-                    self.path = self.spool.message_path(&self.id);
-                    file
-                }
-                Err(err) => {
-                    self.discard();
-                    return Err(err.into());
-                }
             }
-        } else {
-            file
+            Ok::<_, SpoolError>((file, envelope, json))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .map_err(SpoolError::from)
+        .and_then(|r| r);
+        let (file, envelope, json) = match finished {
+            Ok(done) => done,
+            Err(err) => {
+                self.discard();
+                return Err(err);
+            }
         };
+        if self.spool.inner.keep_local {
+            self.path = self.spool.message_path(&self.id);
+        }
+        let data_len = envelope.data_len;
 
         // From here on the quorum writer owns the file: it removes it when the
         // commit fails, or when it was only staging.
@@ -908,7 +900,7 @@ impl Incoming {
             }
         });
         let mut committed = task.await.map_err(std::io::Error::other)??;
-        committed.data_sha256 = data_sha256;
+        committed.data_sha256 = envelope.data_sha256;
         committed.spool = envelope.spool;
         Ok(committed)
     }
