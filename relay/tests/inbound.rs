@@ -101,18 +101,7 @@ fn spool_file(dir: &Path, id: &str) -> PathBuf {
 /// The data and the envelope JSON of committed message `id` in the local
 /// spool under `dir`.
 fn sealed(dir: &Path, id: &str) -> (Vec<u8>, Vec<u8>) {
-    use postern::spool::message_file::{read_seal_at, Seal};
-    let path = spool_file(dir, id);
-    let Seal::Sealed {
-        data_len,
-        envelope_json,
-    } = read_seal_at(&path).unwrap()
-    else {
-        panic!("{} is not sealed", path.display());
-    };
-    let mut data = std::fs::read(&path).unwrap();
-    data.truncate(data_len as usize);
-    (data, envelope_json)
+    postern::spool::message_file::read_sealed(&spool_file(dir, id)).unwrap()
 }
 
 fn envelope_of(dir: &Path, id: &str) -> Envelope {

@@ -107,18 +107,8 @@ fn job(dir: &Path, spool: &str, data: &[u8]) -> Arc<CopyJob> {
 
 /// The data and the envelope JSON of the sealed message `id` in `dir`.
 fn sealed(dir: &Path, id: &str) -> (Vec<u8>, Vec<u8>) {
-    use postern::spool::message_file::{path, read_seal_at, Seal};
-    let file = path(dir, id);
-    let Seal::Sealed {
-        data_len,
-        envelope_json,
-    } = read_seal_at(&file).unwrap()
-    else {
-        panic!("{} is not sealed", file.display());
-    };
-    let mut data = std::fs::read(&file).unwrap();
-    data.truncate(data_len as usize);
-    (data, envelope_json)
+    use postern::spool::message_file::{path, read_sealed};
+    read_sealed(&path(dir, id)).unwrap()
 }
 
 /// Every file under `dir`, relative, sorted.

@@ -98,17 +98,7 @@ pub fn files(dir: &Path) -> Vec<String> {
 
 /// The data and the envelope JSON of the sealed message file at `path`.
 pub fn sealed(path: &Path) -> (Vec<u8>, Vec<u8>) {
-    use postern::spool::message_file::{read_seal_at, Seal};
-    let Seal::Sealed {
-        data_len,
-        envelope_json,
-    } = read_seal_at(path).unwrap()
-    else {
-        panic!("{} is not sealed", path.display());
-    };
-    let mut data = std::fs::read(path).unwrap();
-    data.truncate(data_len as usize);
-    (data, envelope_json)
+    postern::spool::message_file::read_sealed(path).unwrap()
 }
 
 /// A job for `data`, staged in `dir` under a fresh id.

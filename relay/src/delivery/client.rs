@@ -532,22 +532,18 @@ impl Connection {
     /// DATA content (`prefix`, then the file's first `len` octets: its
     /// data, not its seal), dot-stuffed on the fly.
     async fn send_data(&mut self, prefix: &[u8], eml: &Path, len: u64) -> Result<(), ClientError> {
-        let file = open_data(eml, len).await?;
         let mut stuffer = DotStuffer::default();
         if len <= WHOLE_READ_MAX {
-            // Small: read in one blocking call, sent in one write.
-            let data = tokio::task::spawn_blocking(move || {
-                let mut data = vec![0u8; len as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, 0).map(|()| data)
-            })
-            .await
-            .map_err(std::io::Error::other)??;
+            // Small: opened, checked and read in one blocking call, sent in
+            // one write.
+            let data = read_data(eml, len).await?;
             let mut out = Vec::with_capacity(prefix.len() + data.len() + data.len() / 64 + 8);
             stuffer.stuff(prefix, &mut out);
             stuffer.stuff(&data, &mut out);
             out.extend_from_slice(stuffer.finish());
             return self.write(&out, self.settings.timeouts.data_block).await;
         }
+        let file = open_data(eml, len).await?;
         let mut file = tokio::fs::File::from_std(file).take(len);
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(66 * 1024);
@@ -643,17 +639,11 @@ impl Connection {
 /// Messages up to this size are read whole and sent with one write.
 const WHOLE_READ_MAX: u64 = 256 * 1024;
 
-/// Opens the spool file at `path` (in one blocking call) and checks that it
-/// holds `len` octets of data (its seal follows them).
-async fn open_data(path: &Path, len: u64) -> Result<std::fs::File, ClientError> {
-    let opened = path.to_owned();
-    let (file, actual) = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&opened)?;
-        let actual = file.metadata()?.len();
-        Ok::<_, std::io::Error>((file, actual))
-    })
-    .await
-    .map_err(std::io::Error::other)??;
+/// Blocking: opens the spool file at `path` and checks that it holds `len`
+/// octets of data (its seal follows them).
+fn open_checked(path: &Path, len: u64) -> Result<std::fs::File, ClientError> {
+    let file = std::fs::File::open(path)?;
+    let actual = file.metadata()?.len();
     if actual < len {
         return Err(ClientError::Protocol(format!(
             "spool file {} has {actual} octets, envelope says {len} of data",
@@ -661,6 +651,28 @@ async fn open_data(path: &Path, len: u64) -> Result<std::fs::File, ClientError> 
         )));
     }
     Ok(file)
+}
+
+/// [`open_checked`] in one blocking call.
+async fn open_data(path: &Path, len: u64) -> Result<std::fs::File, ClientError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || open_checked(&path, len))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// The first `len` octets of the spool file at `path` (its data), opened,
+/// checked and read in one blocking call.
+async fn read_data(path: &Path, len: u64) -> Result<Vec<u8>, ClientError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let file = open_checked(&path, len)?;
+        let mut data = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, 0)?;
+        Ok(data)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Sends `len` octets of `file` to `tcp` with sendfile(2), waiting for the

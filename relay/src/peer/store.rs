@@ -513,15 +513,7 @@ fn convert_older(dir: &Path) -> io::Result<()> {
         }
         converted.push(env);
     }
-    if !converted.is_empty() {
-        sync_dir(dir)?;
-        for env in &converted {
-            remove_if_present(env)?;
-        }
-        sync_dir(dir)?;
-        tracing::info!(dir = %dir.display(), converted = converted.len(), "converted replicas of an older version into sealed message files");
-    }
-    Ok(())
+    message_file::remove_converted(dir, &converted)
 }
 
 /// Removes message `id` from `dir`, durably (the directory is synced when

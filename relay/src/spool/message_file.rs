@@ -204,6 +204,42 @@ pub fn convert_older(dir: &Path, id: &str, json: &[u8]) -> io::Result<PathBuf> {
     Ok(converted)
 }
 
+/// Blocking: once the sealed files that replace them are durable (the
+/// directory `dir` is synced first), removes the `.env` files of converted
+/// records (`envelopes`), durably; says so in the log.
+pub fn remove_converted(dir: &Path, envelopes: &[PathBuf]) -> io::Result<()> {
+    if envelopes.is_empty() {
+        return Ok(());
+    }
+    super::fsync::sync_dir(dir)?;
+    for env in envelopes {
+        super::fsync::remove_if_present(env)?;
+    }
+    super::fsync::sync_dir(dir)?;
+    tracing::info!(dir = %dir.display(), converted = envelopes.len(), "converted records of an older version into sealed message files");
+    Ok(())
+}
+
+/// Blocking: the data and the envelope JSON of the sealed message file at
+/// `path`; one that is not sealed, or damaged, is `InvalidData`.
+pub fn read_sealed(path: &Path) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let file = File::open(path)?;
+    match read_seal(&file)? {
+        Seal::Sealed {
+            data_len,
+            envelope_json,
+        } => {
+            let mut data = vec![0u8; data_len as usize];
+            file.read_exact_at(&mut data, 0)?;
+            Ok((data, envelope_json))
+        }
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not sealed: {other:?}", path.display()),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

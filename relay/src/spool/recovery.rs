@@ -248,15 +248,7 @@ fn convert_older_records(
         remove_if_present(&dir.join(format!("{stem}.eml")))?;
         recovered.removed += 1;
     }
-    if !converted.is_empty() {
-        sync_dir(dir)?;
-        for env in &converted {
-            remove_if_present(env)?;
-        }
-        sync_dir(dir)?;
-        tracing::info!(dir = %dir.display(), converted = converted.len(), "converted spool records of an older version into sealed message files");
-    }
-    Ok(())
+    message_file::remove_converted(dir, &converted)
 }
 
 /// Reads and checks one committed message file's seal and envelope.

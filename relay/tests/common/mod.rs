@@ -108,17 +108,8 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// The data and the envelope of the sealed message file at `path` (the
 /// spool's or a replica's); panics when it is not sealed.
 pub fn sealed_message(path: &Path) -> (Vec<u8>, serde_json::Value) {
-    let seal = message_file::read_seal_at(path)
+    let (data, envelope_json) = message_file::read_sealed(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let message_file::Seal::Sealed {
-        data_len,
-        envelope_json,
-    } = seal
-    else {
-        panic!("{} is not sealed: {seal:?}", path.display());
-    };
-    let mut data = fs::read(path).unwrap();
-    data.truncate(data_len as usize);
     let envelope = serde_json::from_slice(&envelope_json)
         .unwrap_or_else(|e| panic!("{}'s envelope is not JSON: {e}", path.display()));
     (data, envelope)
