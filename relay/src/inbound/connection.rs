@@ -32,7 +32,7 @@ struct MessageInProgress {
     incoming: Option<Incoming>,
     error: Option<SpoolError>,
     started: Instant,
-    /// Octets of `.eml` written, our trace header included.
+    /// Octets of data written, our trace header included.
     size: u64,
 }
 

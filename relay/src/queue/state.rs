@@ -1,4 +1,4 @@
-//! Per-recipient delivery state, kept apart from the immutable `.eml`/`.env`
+//! Per-recipient delivery state, kept apart from the immutable message file
 //! (DESIGN.md §2.5) and recorded in the state journal
 //! ([`journal`](super::journal)) before the next step. Outside a cluster a
 //! message delivered to every recipient gets none: it is removed at once

@@ -4,7 +4,7 @@
 //! becomes ours: accept (maybe with headers to add), tempfail or reject.
 //!
 //! Headers a scanner adds go into the envelope (`added_headers`) and are
-//! prepended when the message leaves, so the `.eml` never changes.
+//! prepended when the message leaves, so the spooled data never changes.
 
 pub mod header;
 pub mod rspamd;
@@ -26,7 +26,7 @@ use crate::spool::envelope::Envelope;
 pub struct ScanRequest<'a> {
     /// The envelope (`added_headers` holds what earlier scanners added).
     pub envelope: &'a Envelope,
-    /// The spooled `.eml`, complete on disk.
+    /// The spooled data (the message's `.part` file), complete on disk.
     pub eml: &'a Path,
     /// The SMTP client's address (none for local submission).
     pub client_ip: Option<IpAddr>,

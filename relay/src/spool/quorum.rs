@@ -311,7 +311,7 @@ pub async fn commit(
             }
         }
     }
-    // A copy that failed may have written its `.eml` first; one that found the
+    // A copy that failed may have written part of it; one that found the
     // message already there must not delete what it did not write.
     let leftovers: Vec<Arc<dyn CopyTarget>> = failed
         .iter()
