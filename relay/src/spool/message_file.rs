@@ -12,8 +12,8 @@
 //!                                     | CRC-32C u32 LE of (JSON, data_len, env_len)
 //! ```
 //!
-//! Sealing is one positioned write at `data_len`, so it can be repeated;
-//! a torn seal reads as unsealed or damaged, never as another message (the
+//! Sealing is one positioned write at `data_len` (no other call on the
+//! accept path); a torn seal reads as unsealed or damaged, never as another message (the
 //! footer's CRC-32C covers the envelope and both lengths). Readers of the data stop at
 //! `data_len` (`sendfile(2)` with that length, DATA dot-stuffing through a
 //! `take`); scanners and early delivery read the file before it is sealed,
@@ -113,15 +113,20 @@ pub fn seal_bytes(data_len: u64, envelope_json: &[u8]) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Blocking: seals `file` (its first `data_len` octets are the data): cuts
-/// anything after the data, then writes the envelope and the footer there.
-/// Not synced; the caller syncs. Repeating it gives the same file.
+/// Blocking: seals `file`, which holds exactly `data_len` octets of data:
+/// one positioned write of the envelope and the footer after them. Not
+/// synced; the caller syncs.
 pub fn seal(file: &File, data_len: u64, envelope_json: &[u8]) -> io::Result<()> {
-    let bytes = seal_bytes(data_len, envelope_json)?;
-    if file.metadata()?.len() != data_len {
-        file.set_len(data_len)?;
-    }
-    file.write_all_at(&bytes, data_len)
+    file.write_all_at(&seal_bytes(data_len, envelope_json)?, data_len)
+}
+
+/// Blocking: replaces the seal of a file whose first `data_len` octets are
+/// the data (cuts what follows them, then [`seal`]s). Tests use it to
+/// write damaged envelopes under an intact footer.
+#[cfg(test)]
+pub(crate) fn reseal(file: &File, data_len: u64, envelope_json: &[u8]) -> io::Result<()> {
+    file.set_len(data_len)?;
+    seal(file, data_len, envelope_json)
 }
 
 /// Blocking: reads the seal of an open message file.
@@ -272,13 +277,12 @@ mod tests {
     }
 
     #[test]
-    fn sealing_again_gives_the_same_file() {
+    fn resealing_replaces_the_seal() {
         let (_dir, file) = file_with(b"data\r\n");
         seal(&file, 6, b"{\"a\":1}").unwrap();
         let first = file.metadata().unwrap().len();
-        // A second seal (another envelope, as a migration repeated after a
-        // crash would write) replaces the first, never stacks on it.
-        seal(&file, 6, b"{}").unwrap();
+        // A second seal replaces the first, never stacks on it.
+        reseal(&file, 6, b"{}").unwrap();
         assert_eq!(file.metadata().unwrap().len(), first - 5);
         assert!(
             matches!(read_seal(&file).unwrap(), Seal::Sealed { envelope_json, .. } if envelope_json == b"{}")

@@ -659,7 +659,7 @@ mod tests {
         let Seal::Sealed { data_len, .. } = message_file::read_seal(&file).unwrap() else {
             panic!("not sealed");
         };
-        message_file::seal(&file, data_len, json).unwrap();
+        message_file::reseal(&file, data_len, json).unwrap();
     }
 
     /// Damages the data of one committed message with `damage`: start keeps
