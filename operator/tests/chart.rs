@@ -381,3 +381,155 @@ fn service_monitors_are_rendered_only_when_asked() {
         serde_json::json!(["mail"])
     );
 }
+
+/// What the relays and the operator serve on `/metrics`, rendered by the
+/// same code: every family's name and type, and its series lines.
+fn exported_metrics() -> (std::collections::HashMap<String, String>, Vec<String>) {
+    let mut text = postern::metrics::Metrics::default().render();
+    postern::metrics::CopyLatency::default().render(&mut text);
+    postern::metrics::render_delivery(&postern::health::Delivery::Running, &mut text);
+    text.push_str(&postern_operator::metrics::Metrics::default().render());
+    let mut types = std::collections::HashMap::new();
+    let mut series = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            types.insert(name.to_owned(), kind.to_owned());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            series.push(line.to_owned());
+        }
+    }
+    (types, series)
+}
+
+/// Names of the form `postern_…` in a query.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("postern_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The dashboard the chart ships (dashboard.enabled) is a ConfigMap for
+/// Grafana's sidecar whose every query names a metric the binaries export,
+/// with the right type: `rate`/`increase` only over counters and histogram
+/// buckets, `histogram_quantile` only over histogram buckets, and every
+/// label a legend shows carried by the series it queries.
+#[test]
+fn the_dashboard_queries_only_metrics_the_binaries_export() {
+    let objects = documents(&render(&chart().join("ci/dashboard-values.yaml")));
+    let config_map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "postern-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(config_map["metadata"]["namespace"], "monitoring");
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json = config_map["data"]["postern.json"].as_str().unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(dashboard["uid"], "postern-overview");
+    // Off by default.
+    let default = documents(&render(&chart().join("ci/default-values.yaml")));
+    assert!(!default.iter().any(|o| o["kind"] == "ConfigMap"));
+
+    let (types, series) = exported_metrics();
+    let kind_of = |name: &str| -> Option<(&str, bool)> {
+        if let Some(kind) = types.get(name) {
+            return Some((kind.as_str(), false));
+        }
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))?;
+        (types.get(base)? == "histogram").then_some(("histogram", name.ends_with("_bucket")))
+    };
+    let mut queries = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    let templating = dashboard["templating"]["list"].as_array().unwrap();
+    let variable_queries = templating
+        .iter()
+        .filter_map(|v| v["definition"].as_str().map(|q| (q, "")));
+    let panel_queries = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| {
+            let expr = t["expr"].as_str().unwrap().to_owned();
+            let legend = t["legendFormat"].as_str().unwrap_or("").to_owned();
+            (expr, legend)
+        })
+        .collect::<Vec<_>>();
+    let all = variable_queries
+        .map(|(q, l)| (q.to_owned(), l.to_owned()))
+        .chain(panel_queries);
+    for (expr, legend) in all {
+        queries += 1;
+        let names = metric_names(&expr);
+        assert!(
+            !names.is_empty(),
+            "a query that names no Postern metric: {expr}"
+        );
+        for name in &names {
+            let Some((kind, bucket)) = kind_of(name) else {
+                panic!("{name} (in {expr}) is not exported; exported: {types:?}");
+            };
+            seen.insert(name.clone());
+            for function in ["rate(", "increase("] {
+                if expr.contains(&format!("{function}{name}")) {
+                    assert!(
+                        kind == "counter" || bucket,
+                        "{function}…) over the {kind} {name}: {expr}"
+                    );
+                }
+            }
+            if expr.contains("histogram_quantile(") && expr.contains(&format!("({name}")) {
+                assert!(
+                    bucket,
+                    "histogram_quantile over {name}, not a bucket: {expr}"
+                );
+            }
+        }
+        // Labels a legend shows: Prometheus's own target labels, or ones
+        // the queried series carry.
+        for label in legend
+            .split("{{")
+            .skip(1)
+            .filter_map(|l| l.split_once("}}"))
+        {
+            let label = label.0.trim();
+            if ["pod", "instance", "namespace", "job"].contains(&label) {
+                continue;
+            }
+            let carried = names.iter().any(|name| {
+                series
+                    .iter()
+                    .any(|s| s.starts_with(name.as_str()) && s.contains(&format!("{label}=\"")))
+            });
+            assert!(carried, "legend label {label} is on none of {names:?}");
+        }
+    }
+    assert!(queries >= 20, "only {queries} queries");
+    // The issue's list: throughput, ack latency, queue depth and age,
+    // deferrals by reason, takeovers and drains, copy latency.
+    for wanted in [
+        "postern_messages_accepted_total",
+        "postern_ack_latency_seconds_bucket",
+        "postern_queue_depth",
+        "postern_queue_oldest_age_seconds",
+        "postern_recipients_deferred_total",
+        "postern_takeovers_total",
+        "postern_operator_drains_started_total",
+        "postern_copy_latency_seconds_bucket",
+    ] {
+        assert!(
+            seen.contains(wanted),
+            "the dashboard does not show {wanted}"
+        );
+    }
+}

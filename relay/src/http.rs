@@ -16,7 +16,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::health::Health;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, CopyLatency, Metrics};
 
 /// Shared readiness flag.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +39,7 @@ pub async fn serve(
     socket: TcpListener,
     readiness: Readiness,
     metrics: Arc<Metrics>,
+    copy_latency: Arc<CopyLatency>,
     health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -81,6 +82,7 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let mut text = metrics.render();
+                copy_latency.render(&mut text);
                 metrics::render_delivery(&health.delivery(), &mut text);
                 async move { ([("content-type", "text/plain; version=0.0.4")], text) }
             }),

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::config::CopyKind;
 use crate::health::{Delivery, StallReason};
+use crate::smtp::Reply;
 
 /// A latency histogram with fixed buckets (seconds).
 #[derive(Debug)]
@@ -42,18 +44,108 @@ impl Histogram {
 
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(name, "", out);
+    }
+
+    /// The series of one histogram of a family; `labels` (`key="value"`,
+    /// or empty) go before `le`.
+    fn render_series(&self, name: &str, labels: &str, out: &mut String) {
+        let (open, close) = if labels.is_empty() {
+            ("", "")
+        } else {
+            ("{", "}")
+        };
+        let sep = if labels.is_empty() { "" } else { "," };
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(
                 out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
                 count.load(Ordering::Relaxed)
             );
         }
         let total = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{open}{labels}{close} {sum}\n{name}_count{open}{labels}{close} {total}"
+        );
     }
+}
+
+/// How long each kind of copy took to confirm a message (the spool's
+/// `postern_copy_latency_seconds{copy="local|object_store|peer"}`).
+#[derive(Debug)]
+pub struct CopyLatency {
+    local: Histogram,
+    object_store: Histogram,
+    peer: Histogram,
+}
+
+impl Default for CopyLatency {
+    fn default() -> Self {
+        CopyLatency {
+            local: Histogram::new(ACK_BUCKETS),
+            object_store: Histogram::new(ACK_BUCKETS),
+            peer: Histogram::new(ACK_BUCKETS),
+        }
+    }
+}
+
+impl CopyLatency {
+    fn of(&self, kind: CopyKind) -> &Histogram {
+        match kind {
+            CopyKind::Local => &self.local,
+            CopyKind::ObjectStore => &self.object_store,
+            CopyKind::Peer => &self.peer,
+        }
+    }
+
+    /// Records a copy of `kind` confirmed `took` after it started.
+    pub fn observe(&self, kind: CopyKind, took: Duration) {
+        self.of(kind).observe(took);
+    }
+
+    /// Appends the family `postern_copy_latency_seconds`.
+    pub fn render(&self, out: &mut String) {
+        let name = "postern_copy_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from the start of a message's copy to its confirmation, by kind of copy.\n# TYPE {name} histogram"
+        );
+        for (kind, label) in [
+            (CopyKind::Local, "local"),
+            (CopyKind::ObjectStore, "object_store"),
+            (CopyKind::Peer, "peer"),
+        ] {
+            self.of(kind)
+                .render_series(name, &format!("copy=\"{label}\""), out);
+        }
+    }
+}
+
+/// The `reason` label of deferrals: the subject of the reply's enhanced
+/// status code (RFC 3463 `class.subject.detail`), `other` without one.
+pub const DEFERRAL_REASONS: [&str; 8] = [
+    "other",
+    "addressing",
+    "mailbox",
+    "mail_system",
+    "network",
+    "protocol",
+    "content",
+    "security",
+];
+
+/// The index in [`DEFERRAL_REASONS`] of a deferral that said `reply`.
+pub fn deferral_reason(reply: &Reply) -> usize {
+    reply
+        .status
+        .as_deref()
+        .and_then(|status| status.split('.').nth(1))
+        .and_then(|subject| subject.parse::<usize>().ok())
+        .filter(|subject| (1..DEFERRAL_REASONS.len()).contains(subject))
+        .unwrap_or(0)
 }
 
 const ACK_BUCKETS: &[f64] = &[
@@ -108,6 +200,10 @@ pub struct Metrics {
     pub delivered: AtomicU64,
     /// Recipient delivery attempts deferred.
     pub deferred: AtomicU64,
+    /// The same, by [`DEFERRAL_REASONS`].
+    deferred_by_reason: [AtomicU64; DEFERRAL_REASONS.len()],
+    /// Spools this relay took over from a member that left (in a cluster).
+    pub takeovers: AtomicU64,
     /// Recipients bounced (failed for good).
     pub bounced: AtomicU64,
     /// Recipients the next hop took during early delivery (no queueing).
@@ -144,6 +240,8 @@ impl Default for Metrics {
             refused: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             deferred: AtomicU64::new(0),
+            deferred_by_reason: std::array::from_fn(|_| AtomicU64::new(0)),
+            takeovers: AtomicU64::new(0),
             bounced: AtomicU64::new(0),
             delivered_early: AtomicU64::new(0),
             early_deferred: AtomicU64::new(0),
@@ -166,6 +264,12 @@ impl Metrics {
     /// Adds one to a counter.
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a recipient deferred with `reply`.
+    pub fn count_deferral(&self, reply: &Reply) {
+        Metrics::count(&self.deferred);
+        Metrics::count(&self.deferred_by_reason[deferral_reason(reply)]);
     }
 
     /// Updates the queue gauges.
@@ -213,11 +317,6 @@ impl Metrics {
                 &self.delivered,
             ),
             (
-                "postern_recipients_deferred_total",
-                "Recipient delivery attempts deferred.",
-                &self.deferred,
-            ),
-            (
                 "postern_recipients_bounced_total",
                 "Recipients that failed for good.",
                 &self.bounced,
@@ -257,10 +356,27 @@ impl Metrics {
                 "Damaged local copies moved to quarantine before delivery, no intact copy elsewhere.",
                 &self.quarantined,
             ),
+            (
+                "postern_takeovers_total",
+                "Spools this relay took over from a cluster member that left.",
+                &self.takeovers,
+            ),
         ] {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let name = "postern_recipients_deferred_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Recipient delivery attempts deferred, by the subject of the reply's enhanced status code (RFC 3463).\n# TYPE {name} counter"
+        );
+        for (reason, counter) in DEFERRAL_REASONS.iter().zip(&self.deferred_by_reason) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{reason}\"}} {}",
                 counter.load(Ordering::Relaxed)
             );
         }
@@ -319,6 +435,43 @@ mod tests {
         assert!(text.contains("postern_ack_latency_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("postern_ack_latency_seconds_bucket{le=\"0.05\"} 2\n"));
         assert!(text.contains("postern_ack_latency_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn deferrals_are_counted_by_the_subject_of_their_status_code() {
+        let metrics = Metrics::default();
+        metrics.count_deferral(&Reply::new(451, "4.4.1", "no answer from host"));
+        metrics.count_deferral(&Reply::new(452, "4.2.2", "mailbox full"));
+        metrics.count_deferral(&Reply::new(451, "4.4.2", "connection dropped"));
+        metrics.count_deferral(&Reply::plain(421, vec!["try later".into()]));
+        metrics.count_deferral(&Reply::new(450, "4.9.9", "no such subject"));
+        let text = metrics.render();
+        for line in [
+            "postern_recipients_deferred_total{reason=\"network\"} 2\n",
+            "postern_recipients_deferred_total{reason=\"mailbox\"} 1\n",
+            "postern_recipients_deferred_total{reason=\"other\"} 2\n",
+            "postern_recipients_deferred_total{reason=\"security\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert_eq!(metrics.deferred.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn copy_latency_has_one_histogram_per_kind_of_copy() {
+        let latency = CopyLatency::default();
+        latency.observe(CopyKind::ObjectStore, Duration::from_millis(40));
+        let mut text = String::new();
+        latency.render(&mut text);
+        assert!(text.contains("# TYPE postern_copy_latency_seconds histogram\n"));
+        assert!(text.contains(
+            "postern_copy_latency_seconds_bucket{copy=\"object_store\",le=\"0.05\"} 1\n"
+        ));
+        assert!(text.contains(
+            "postern_copy_latency_seconds_bucket{copy=\"object_store\",le=\"0.025\"} 0\n"
+        ));
+        assert!(text.contains("postern_copy_latency_seconds_count{copy=\"local\"} 0\n"));
+        assert!(text.contains("postern_copy_latency_seconds_count{copy=\"object_store\"} 1\n"));
     }
 
     #[test]

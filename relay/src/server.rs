@@ -200,6 +200,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         http_socket,
         readiness.clone(),
         Arc::clone(&metrics),
+        Arc::clone(spool.copy_latency()),
         health.clone(),
         signalled(shutdown.clone()),
     ));

@@ -369,3 +369,40 @@ async fn with_files_synced_one_by_one_a_commit_is_recovered_the_same() {
     let ids: Vec<&str> = recovered.messages.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, vec![id.as_str()]);
 }
+
+/// A delivered message's file goes to the free files, and the next message
+/// is written into it: the same inode, holding exactly the new message and
+/// its seal (nothing of the longer earlier one), recovered as itself.
+#[tokio::test]
+async fn a_finished_message_file_is_reused_whole_by_the_next_message() {
+    use std::os::unix::fs::MetadataExt;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = config(root.path());
+    config.spool.copies = vec![CopyKind::Local];
+    config.spool.required = 1;
+    let (spool, _) = Spool::open(&config).await.unwrap();
+    let first = receive(&spool, &message(20_000), 1000).await.unwrap();
+    let inode = std::fs::metadata(spool.message_path(&first.id))
+        .unwrap()
+        .ino();
+    spool.remove_local(&first.id, false).await.unwrap();
+    assert!(!spool.message_path(&first.id).exists());
+    let free = spool.dir().join(postern::spool::FREE_DIR);
+    assert_eq!(files(&free).len(), 1, "kept as a free file");
+
+    let data = message(3_000);
+    let second = receive(&spool, &data, 1000).await.unwrap();
+    let path = spool.message_path(&second.id);
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode, "reused");
+    assert!(files(&free).is_empty());
+    let (got, json) = suite::sealed(&path);
+    assert!(got == data, "the new message's data alone");
+    let env: Envelope = serde_json::from_slice(&json).unwrap();
+    assert_eq!(env.id, second.id);
+    assert_eq!(env.data_sha256, hex::encode(Sha256::digest(&data)));
+
+    drop(spool);
+    let (_spool, recovered) = Spool::open(&config).await.unwrap();
+    let ids: Vec<&str> = recovered.messages.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, vec![second.id.as_str()]);
+}

@@ -755,6 +755,7 @@ async fn gather(inner: &Inner, spool: &str) -> BTreeMap<String, Vec<Source>> {
 async fn take_over(inner: &Arc<Inner>, membership: &Arc<Membership>, claim: Claim) {
     let spool = claim.spool.to_string();
     tracing::info!(member = %inner.member, %spool, token = %claim.token, "taking over spool");
+    crate::metrics::Metrics::count(&inner.queue.metrics().takeovers);
     inner
         .held
         .lock()

@@ -17,8 +17,8 @@ use super::tls::MaybeTls;
 use super::{Listener, Peer};
 use crate::config::ListenerMode;
 use crate::metrics::Metrics;
+use crate::queue::lifecycle::{self, Queued, RefusedEarly};
 use crate::queue::schedule::now_ms;
-use crate::queue::state::{DeliveryState, RecipientState, Status};
 use crate::smtp::params::{MailParams, Mailbox, RcptParams};
 use crate::smtp::{Credentials, Event, Reply, Session, Verdict};
 use crate::spool::envelope::{ClientInfo, Envelope, Recipient, ENVELOPE_VERSION};
@@ -665,20 +665,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         }
         // Queued: the recipients still to deliver, and those refused early,
         // already failed, for the queue's DSN (delivered ones are left out).
-        let mut kept: Vec<usize> = settled.remaining.clone();
-        kept.extend(settled.refused.iter().map(|result| result.index));
-        kept.sort_unstable();
-        let mut state = DeliveryState::new(kept.len(), now_ms());
-        for (slot, &index) in kept.iter().enumerate() {
-            if let Some(refused) = settled.refused.iter().find(|r| r.index == index) {
-                state.recipients[slot] = RecipientState {
-                    status: Status::Failed,
-                    last_reply: Some(short(refused.outcome.reply())),
-                    remote: refused.remote.clone(),
-                };
-                Metrics::count(&self.listener.metrics.bounced);
-            }
+        let refused: Vec<RefusedEarly> = settled
+            .refused
+            .iter()
+            .map(|result| RefusedEarly {
+                index: result.index,
+                reply: short(result.outcome.reply()),
+                remote: result.remote.clone(),
+            })
+            .collect();
+        for _ in &refused {
+            Metrics::count(&self.listener.metrics.bounced);
         }
+        let Queued { kept, state } = lifecycle::accepted(&settled.remaining, &refused, now_ms());
         if kept.len() < recipients {
             envelope.recipients = kept
                 .iter()

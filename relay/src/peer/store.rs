@@ -30,6 +30,7 @@ use crate::spool::fsync::{remove_if_present, rename_noreplace, sync_dir, DirSync
 use crate::spool::id;
 use crate::spool::local::{available_bytes, Writer};
 use crate::spool::message_file::{self, Seal};
+use crate::spool::sweep::{sweep, Older};
 
 /// Why a replica could not be written, read or removed. Each maps to one
 /// gRPC status ([`ReplicaError::to_status`]).
@@ -489,33 +490,6 @@ pub fn committed_ids(dir: &Path) -> io::Result<Vec<String>> {
     Ok(kept)
 }
 
-/// Blocking: turns the `<id>.eml` + `<id>.env` replicas an older version
-/// wrote in `dir` into sealed message files (the `.env` goes once they are
-/// durable; see [`message_file::convert_older`]).
-fn convert_older(dir: &Path) -> io::Result<()> {
-    let mut converted = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
-            continue;
-        };
-        if !id::is_valid(id) {
-            continue;
-        }
-        let env = dir.join(&name);
-        if !message_file::path(dir, id).exists() {
-            if !dir.join(format!("{id}.eml")).exists() {
-                // No data here: the owner writes the replica again.
-                converted.push(env);
-                continue;
-            }
-            message_file::convert_older(dir, id, &std::fs::read(&env)?)?;
-        }
-        converted.push(env);
-    }
-    message_file::remove_converted(dir, &converted)
-}
-
 /// Removes message `id` from `dir`, durably (the directory is synced when
 /// a file went). Absent is fine.
 pub async fn remove_message(dir: &Path, sync: &Arc<DirSync>, id: &str) -> Result<(), ReplicaError> {
@@ -539,12 +513,12 @@ pub struct ReplicaStore {
 }
 
 impl ReplicaStore {
-    /// Opens (creating) `<data_dir>/replicas`, converting the `.eml` +
-    /// `.env` replicas of older versions into sealed message files and
-    /// removing what interrupted writes left (`.part` files, message files
-    /// whose seal does not hold, `.env.tmp` files, `.eml` files without a
-    /// `.env`): the owner writes a replica again when it repairs its
-    /// copies. Blocking; call it before serving.
+    /// Opens (creating) `<data_dir>/replicas`, sweeping each spool's
+    /// directory as the local spool's recovery does ([`sweep`]): older
+    /// versions' replicas become sealed message files, what interrupted
+    /// writes left goes, and so do message files whose seal does not hold
+    /// (the owner writes a replica again when it repairs its copies).
+    /// Blocking; call it before serving.
     pub fn open(data_dir: &Path) -> io::Result<ReplicaStore> {
         let root = data_dir.join("replicas");
         if !root.exists() {
@@ -558,20 +532,24 @@ impl ReplicaStore {
                 continue;
             }
             let dir = spool.path();
-            convert_older(&dir)?;
-            let committed = committed_ids(&dir)?;
-            for entry in std::fs::read_dir(&dir)? {
-                let name = entry?.file_name();
-                let Some(name) = name.to_str() else { continue };
-                let stale = [".part", ".env.tmp", ".env", ".eml"]
-                    .iter()
-                    .any(|suffix| name.ends_with(suffix))
-                    || message_file::id_of(name)
-                        .is_some_and(|id| committed.binary_search(&id.to_owned()).is_err());
-                if stale {
-                    remove_if_present(&dir.join(name))?;
-                    removed += 1;
+            // An older replica without its data: the owner writes it again.
+            let older = |_: &str, _: &[u8], has_data: bool| {
+                if has_data {
+                    Older::Convert
+                } else {
+                    Older::Drop
                 }
+            };
+            let swept = sweep(&dir, &|_| false, &older)?;
+            removed += swept.removed;
+            let damaged = swept.damaged.into_iter().map(|(id, why)| {
+                tracing::warn!(%id, reason = %why, "removing a damaged replica");
+                message_file::path(&dir, &id)
+            });
+            let misnamed = swept.misnamed.iter().map(|name| dir.join(name));
+            for path in damaged.chain(misnamed) {
+                remove_if_present(&path)?;
+                removed += 1;
             }
         }
         if removed > 0 {

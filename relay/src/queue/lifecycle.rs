@@ -10,7 +10,9 @@
 //! methods and the cluster node's takeover are the drivers that deliver,
 //! persist, commit, fetch and report; the invariants are tested here over
 //! simulated weeks, with crashes, failed saves, lost claims, takeovers and
-//! operators' actions injected.
+//! operators' actions injected. A message enters through [`accepted`]
+//! (what end of data leaves to queue after early delivery, whose results
+//! `inbound::early` sorts).
 
 use std::time::Duration;
 
@@ -336,6 +338,50 @@ pub fn take_over(queued_here: bool, committed: Option<&DeliveryState>) -> Takeov
     }
 }
 
+/// A recipient its next hop refused for good during end of data (early
+/// delivery), with what it said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedEarly {
+    /// Index in the envelope as received.
+    pub index: usize,
+    /// The next hop's reply, on one line.
+    pub reply: String,
+    /// The next hop.
+    pub remote: Option<String>,
+}
+
+/// What a message accepted at end of data enters the queue with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// The envelope's recipients (indexes as received) the queue keeps, in
+    /// envelope order.
+    pub kept: Vec<usize>,
+    /// Their states, slot for slot.
+    pub state: DeliveryState,
+}
+
+/// Accept: what end of data leaves to the queue once early delivery
+/// settled some recipients. Kept are those still to deliver (`remaining`,
+/// pending) and those refused early (already failed, so the queue's DSN
+/// reports them with the others); recipients delivered early are left out,
+/// so the queue never delivers them again.
+pub fn accepted(remaining: &[usize], refused: &[RefusedEarly], now_ms: u64) -> Queued {
+    let mut kept: Vec<usize> = remaining.to_vec();
+    kept.extend(refused.iter().map(|r| r.index));
+    kept.sort_unstable();
+    kept.dedup();
+    let mut state = DeliveryState::new(kept.len(), now_ms);
+    for (slot, index) in kept.iter().enumerate() {
+        if let Some(refused) = refused.iter().find(|r| r.index == *index) {
+            let recipient = &mut state.recipients[slot];
+            recipient.status = Status::Failed;
+            recipient.last_reply = Some(refused.reply.clone());
+            recipient.remote = refused.remote.clone();
+        }
+    }
+    Queued { kept, state }
+}
+
 /// The state a message taken over is queued with: the committed one (a
 /// recipient recorded as delivered is never delivered again), or a new one
 /// when nothing was committed; due now. `None` when the record does not fit
@@ -363,6 +409,40 @@ mod tests {
     const MINUTE: u64 = 60_000;
     const HOUR: u64 = 60 * MINUTE;
     const DAY: u64 = 24 * HOUR;
+
+    #[test]
+    fn accepted_keeps_what_is_left_and_what_was_refused_never_what_was_delivered() {
+        let refused = RefusedEarly {
+            index: 3,
+            reply: "550 5.1.1 no such user".into(),
+            remote: Some("mx.example".into()),
+        };
+        // Recipients 0..5: 1 and 4 delivered early, 3 refused, 0 and 2 left.
+        let queued = accepted(&[0, 2], std::slice::from_ref(&refused), 42);
+        assert_eq!(queued.kept, vec![0, 2, 3]);
+        let statuses: Vec<Status> = queued.state.recipients.iter().map(|r| r.status).collect();
+        assert_eq!(
+            statuses,
+            vec![Status::Pending, Status::Pending, Status::Failed]
+        );
+        assert_eq!(
+            queued.state.recipients[2].last_reply.as_deref(),
+            Some("550 5.1.1 no such user")
+        );
+        assert_eq!(
+            queued.state.recipients[2].remote.as_deref(),
+            Some("mx.example")
+        );
+        assert_eq!(queued.state.recipients.len(), queued.kept.len());
+        // Nothing settled early: everything is queued, pending.
+        let whole = accepted(&[0, 1, 2], &[], 42);
+        assert_eq!(whole.kept, vec![0, 1, 2]);
+        assert!(whole
+            .state
+            .recipients
+            .iter()
+            .all(|r| r.status == Status::Pending));
+    }
 
     fn schedule() -> Vec<Duration> {
         [5, 10, 20, 40, 80, 160, 240]

@@ -1047,7 +1047,7 @@ impl Queue {
                     lifecycle::Said::Failed
                 }
                 RcptOutcome::Deferred(_) => {
-                    Metrics::count(&metrics.deferred);
+                    metrics.count_deferral(result.outcome.reply());
                     info!(id = %envelope.id, to = %address, relay = %remote, "deferred: {reply_text}");
                     lifecycle::Said::Deferred
                 }

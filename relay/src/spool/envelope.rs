@@ -47,11 +47,24 @@ pub struct Envelope {
 impl Envelope {
     /// Blocking: the envelope sealed into the message file at `path`; a
     /// file that is not sealed, or whose envelope is not one, is
-    /// `InvalidData`.
+    /// `InvalidData`; one that now holds another message (reused after its
+    /// own finished) is `NotFound`.
     pub fn read(path: &std::path::Path) -> std::io::Result<Envelope> {
         let text = super::message_file::read_envelope_json(path)?;
-        serde_json::from_slice(&text)
-            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+        let envelope: Envelope = serde_json::from_slice(&text)
+            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))?;
+        // A message file finished and reused for another message since its
+        // path was found is no longer this one: gone, as if unlinked.
+        let named = path.file_name().and_then(|name| name.to_str());
+        if let Some(id) = named.and_then(super::message_file::id_of) {
+            if envelope.id != id {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} now holds message {}", path.display(), envelope.id),
+                ));
+            }
+        }
+        Ok(envelope)
     }
 
     /// Octets on the wire: the added headers plus the data.

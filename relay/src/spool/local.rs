@@ -13,7 +13,9 @@
 //! one `<id>.msg` per committed message and one `<id>.part` per message
 //! being received. Creating, renaming and unlinking a name locks its
 //! directory; with one directory, every session and delivery queued on that
-//! lock.
+//! lock. A new message's file is preferably a finished one taken from
+//! `spool/free/` ([`super::free_files`]), which the writer overwrites and
+//! cuts to what it wrote.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
+use super::free_files::FreeFiles;
 use super::fsync::{remove_if_present, DirSync};
 use super::id;
 use super::message_file;
@@ -116,34 +119,48 @@ pub fn is_out_of_space(err: &io::Error) -> bool {
 /// blocks on the disk.
 #[derive(Debug)]
 pub struct Writer {
-    /// The `.msg`: open, or only named until the first write reaches the
-    /// disk (a message that fits the buffer is created, written and hashed
-    /// in one blocking call at the end).
+    /// The message file: open, or only named until the first write reaches
+    /// the disk (a message that fits the buffer is created, written and
+    /// hashed in one blocking call at the end).
     file: Target,
     buf: Vec<u8>,
     hasher: Sha256,
     /// Octets accepted so far (buffered included).
     len: u64,
+    /// Octets of an earlier message a reused file holds beyond what was
+    /// written; cut at the next write, so the file never holds more than
+    /// this message's data.
+    stale: u64,
 }
 
 /// Where a [`Writer`]'s bytes go.
 #[derive(Debug)]
 enum Target {
-    /// A file already created.
+    /// A file already open.
     Open(File),
-    /// A file to create (with [`message_file::create`]) at the first write.
-    Named(PathBuf),
+    /// A file to take from the free files, or else to create (with
+    /// [`message_file::create`]), at the first write.
+    Named(PathBuf, Option<Arc<FreeFiles>>),
 }
 
 impl Target {
-    /// Blocking: the open file, created now if it was only named.
-    fn open(&mut self) -> io::Result<&mut File> {
-        if let Target::Named(path) = self {
-            *self = Target::Open(message_file::create(path)?);
+    /// Blocking: the open file, taken or created now if it was only named;
+    /// `stale` is set to what a taken file holds.
+    fn open(&mut self, stale: &mut u64) -> io::Result<&mut File> {
+        if let Target::Named(path, free) = self {
+            let reused = free.as_ref().and_then(|free| free.take(path));
+            let file = match reused {
+                Some((file, held)) => {
+                    *stale = held;
+                    file
+                }
+                None => message_file::create(path)?,
+            };
+            *self = Target::Open(file);
         }
         match self {
             Target::Open(file) => Ok(file),
-            Target::Named(_) => unreachable!("opened above"),
+            Target::Named(..) => unreachable!("opened above"),
         }
     }
 }
@@ -154,10 +171,11 @@ impl Writer {
         Writer::with_target(Target::Open(file))
     }
 
-    /// A writer that creates the message file at `path` (never reusing a name)
-    /// when the first bytes go to disk.
-    pub fn create_at(path: PathBuf) -> Writer {
-        Writer::with_target(Target::Named(path))
+    /// A writer whose message file at `path` is, when the first bytes go
+    /// to disk, a free file taken from `free` (if any) or else a new one
+    /// (never reusing a name).
+    pub fn create_at(path: PathBuf, free: Option<Arc<FreeFiles>>) -> Writer {
+        Writer::with_target(Target::Named(path, free))
     }
 
     fn with_target(file: Target) -> Writer {
@@ -166,6 +184,7 @@ impl Writer {
             buf: Vec::with_capacity(BUFFER_CAP),
             hasher: Sha256::new(),
             len: 0,
+            stale: 0,
         }
     }
 
@@ -186,10 +205,16 @@ impl Writer {
         self.len += data.len() as u64;
     }
 
-    /// Blocking: hashes and writes the buffered bytes.
+    /// Blocking: hashes and writes the buffered bytes (the file then holds
+    /// exactly the octets written so far).
     pub fn flush_blocking(&mut self) -> io::Result<()> {
         self.hasher.update(&self.buf);
-        self.file.open()?.write_all(&self.buf)?;
+        let file = self.file.open(&mut self.stale)?;
+        file.write_all(&self.buf)?;
+        if self.stale > self.len {
+            file.set_len(self.len)?;
+        }
+        self.stale = 0;
         self.buf.clear();
         Ok(())
     }
@@ -200,7 +225,7 @@ impl Writer {
         let digest = hex::encode(self.hasher.finalize());
         match self.file {
             Target::Open(file) => Ok((file, self.len, digest)),
-            Target::Named(_) => unreachable!("flush_blocking opened it"),
+            Target::Named(..) => unreachable!("flush_blocking opened it"),
         }
     }
 }
@@ -305,6 +330,44 @@ mod tests {
         assert_eq!(len, data.len() as u64);
         assert_eq!(digest, hex::encode(Sha256::digest(&data)));
         assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn a_reused_file_holds_only_the_new_message_from_its_first_write() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let free = Arc::new(FreeFiles::open(dir.path().join("free")).unwrap());
+        // Longer, shorter and as long as the earlier message.
+        for new_len in [10usize, 5_000, 40_000] {
+            let earlier = dir.path().join("earlier.msg");
+            std::fs::write(&earlier, vec![b'o'; 20_000]).unwrap();
+            let inode = std::fs::metadata(&earlier).unwrap().ino();
+            assert!(free.keep(&earlier).unwrap());
+
+            let path = dir.path().join(format!("{new_len}.part"));
+            let mut writer = Writer::create_at(path.clone(), Some(Arc::clone(&free)));
+            let data: Vec<u8> = (0..new_len).map(|i| b'a' + (i % 26) as u8).collect();
+            let (first, rest) = data.split_at(new_len / 2);
+            writer.push(first);
+            // What a scanner is given at the end of data: the data alone.
+            writer.flush_blocking().unwrap();
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                first,
+                "after the first write"
+            );
+            writer.push(rest);
+            let (_, len, digest) = writer.finish_blocking().unwrap();
+            assert_eq!(len, new_len as u64);
+            assert_eq!(digest, hex::encode(Sha256::digest(&data)));
+            assert_eq!(std::fs::read(&path).unwrap(), data);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().ino(),
+                inode,
+                "the same file"
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     #[test]

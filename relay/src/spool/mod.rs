@@ -9,6 +9,7 @@
 //!                         (once committed) the envelope JSON and a footer;
 //!                         see message_file
 //!                         (<c>: the id's last character, see local::Shards)
+//! spool/free/<n>          finished message files kept for reuse (free_files)
 //! spool/.lock             held (flock) by the relay that owns the spool
 //! quarantine/             damaged records found by recovery, kept for a human
 //! objects/segments/<seq>.seg   the local-directory object store (when configured)
@@ -20,6 +21,7 @@
 //! holds large segments during upload.
 
 pub mod envelope;
+pub mod free_files;
 pub mod fsync;
 pub mod id;
 pub mod local;
@@ -29,13 +31,16 @@ pub mod quorum;
 pub mod recovery;
 pub mod remove;
 pub mod segment;
+pub mod sweep;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, CopyKind};
+use crate::metrics::CopyLatency;
 use envelope::Envelope;
+use free_files::FreeFiles;
 use fsync::{remove_if_present, DirSync};
 use local::{LocalCopy, Writer};
 use object::ObjectCopy;
@@ -43,6 +48,10 @@ use quorum::{Background, CopyJob, CopyTarget, Policy};
 
 /// Most commits that may run at once (far above any connection limit).
 const COMMITS_IN_FLIGHT: usize = 1 << 20;
+
+/// The subdirectory of the spool that holds free message files (see
+/// [`free_files`]).
+pub const FREE_DIR: &str = "free";
 
 /// Why the spool could not take or commit a message; each maps to one SMTP reply.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +193,11 @@ struct Inner {
     copies: Vec<Arc<dyn CopyTarget>>,
     /// Whether the local message file is a copy (else only staging for the others).
     keep_local: bool,
+    /// Finished message files kept for new messages to overwrite (with a
+    /// local copy only).
+    free: Option<Arc<FreeFiles>>,
+    /// How long each kind of copy took (for `/metrics`).
+    copy_latency: Arc<CopyLatency>,
     /// The spool's subdirectories, each with its group-committed fsync.
     shards: Arc<local::Shards>,
     object: Option<Arc<ObjectCopy>>,
@@ -294,6 +308,12 @@ impl Spool {
         std::fs::create_dir_all(&dir)?;
         let lock = lock_spool(&dir)?;
         let shards = Arc::new(local::Shards::open(&dir)?);
+        let keep_local = config.spool.copies.contains(&CopyKind::Local);
+        let free = if keep_local {
+            Some(Arc::new(FreeFiles::open(dir.join(FREE_DIR))?))
+        } else {
+            None
+        };
         let files = match config.spool.sync {
             crate::config::SyncMode::Filesystem => Some(DirSync::filesystem(dir.clone())?),
             crate::config::SyncMode::Files => None,
@@ -329,7 +349,9 @@ impl Spool {
             },
             ids: id::IdGenerator::new(),
             copies,
-            keep_local: config.spool.copies.contains(&CopyKind::Local),
+            keep_local,
+            free,
+            copy_latency: Arc::default(),
             shards,
             object,
             background: Background::default(),
@@ -369,11 +391,16 @@ impl Spool {
         Ok(Incoming {
             spool: self.clone(),
             id,
-            writer: Some(Writer::create_at(path.clone())),
+            writer: Some(Writer::create_at(path.clone(), self.inner.free.clone())),
             path,
             unchecked: 0,
             armed: true,
         })
+    }
+
+    /// How long each kind of copy took to confirm (rendered on `/metrics`).
+    pub fn copy_latency(&self) -> &Arc<CopyLatency> {
+        &self.inner.copy_latency
     }
 
     /// The spool directory (`data_dir/spool`).
@@ -655,7 +682,9 @@ fn read_envelopes(entries: std::fs::ReadDir) -> Result<Vec<Envelope>, SpoolError
             Err(err) => return Err(err.into()),
         };
         match serde_json::from_slice::<Envelope>(&json) {
-            Ok(envelope) => found.push(envelope),
+            Ok(envelope) if envelope.id == stem => found.push(envelope),
+            // Finished and reused for another message since it was listed.
+            Ok(_) => continue,
             Err(err) => tracing::warn!(id = %stem, error = %err, "unreadable envelope"),
         }
     }
@@ -896,7 +925,16 @@ impl Incoming {
         let task = inner.background.spawn({
             let inner = Arc::clone(&inner);
             async move {
-                quorum::commit(&inner.copies, job, inner.policy, &inner.background, finally).await
+                let latency = Some(Arc::clone(&inner.copy_latency));
+                quorum::commit(
+                    &inner.copies,
+                    job,
+                    inner.policy,
+                    &inner.background,
+                    finally,
+                    latency,
+                )
+                .await
             }
         });
         let mut committed = task.await.map_err(std::io::Error::other)??;

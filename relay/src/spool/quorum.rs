@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::{Committed, SpoolError};
 use crate::config::CopyKind;
+use crate::metrics::CopyLatency;
 
 /// Why one copy failed; turned into text only in [`SpoolError::QuorumFailed`].
 #[derive(Debug, thiserror::Error)]
@@ -207,19 +208,32 @@ type Outcome = (usize, Result<Result<(), CopyError>, tokio::task::JoinError>);
 /// Writes `job` to every target and returns once `policy.required` confirmed.
 ///
 /// `finally` runs after every copy has finished, whatever the outcome (the
-/// spool uses it to drop a staging file).
+/// spool uses it to drop a staging file); `latency` records how long each
+/// copy that confirmed took.
 pub async fn commit(
     targets: &[Arc<dyn CopyTarget>],
     job: Arc<CopyJob>,
     policy: Policy,
     background: &Background,
     finally: Option<Box<dyn FnOnce() + Send>>,
+    latency: Option<Arc<CopyLatency>>,
 ) -> Result<Committed, SpoolError> {
     let started = Instant::now();
     let deadline = started + policy.deadline;
     let mut running: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
     for (index, target) in targets.iter().enumerate() {
-        let handle = background.spawn(Arc::clone(target).write(Arc::clone(&job)));
+        let (kind, write) = (target.kind(), Arc::clone(target).write(Arc::clone(&job)));
+        let latency = latency.clone();
+        // Timed where it runs, so a copy that confirms after the quorum
+        // answered is counted too.
+        let timed = async move {
+            let result = write.await;
+            if let (Ok(()), Some(latency)) = (&result, latency) {
+                latency.observe(kind, started.elapsed());
+            }
+            result
+        };
+        let handle = background.spawn(timed);
         running.push(Box::pin(async move { (index, handle.await) }));
     }
 
@@ -475,12 +489,14 @@ mod tests {
         let finally: Box<dyn FnOnce() + Send> = Box::new(move || {
             let _ = done_tx.send(());
         });
+        let latency = Arc::new(CopyLatency::default());
         let committed = commit(
             &h.targets,
             Arc::clone(&h.job),
             policy(1),
             &h.background,
             Some(finally),
+            Some(Arc::clone(&latency)),
         )
         .await
         .unwrap();
@@ -490,6 +506,14 @@ mod tests {
         done_rx.await.unwrap();
         h.background.idle().await;
         assert_eq!(log_of(&h), vec!["wrote Local X", "wrote ObjectStore X"]);
+        // Both copies timed, the one that confirmed after the quorum too.
+        let mut text = String::new();
+        latency.render(&mut text);
+        for kind in ["local", "object_store"] {
+            let line = format!("postern_copy_latency_seconds_count{{copy=\"{kind}\"}} 1\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains("postern_copy_latency_seconds_count{copy=\"peer\"} 0\n"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -503,6 +527,7 @@ mod tests {
             Arc::clone(&h.job),
             policy(2),
             &h.background,
+            None,
             None,
         )
         .await
@@ -524,6 +549,7 @@ mod tests {
             Arc::clone(&h.job),
             policy(2),
             &h.background,
+            None,
             None,
         )
         .await
@@ -559,6 +585,7 @@ mod tests {
             policy(2),
             &h.background,
             None,
+            None,
         )
         .await
         .unwrap_err();
@@ -593,6 +620,7 @@ mod tests {
             policy(1),
             &h.background,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -611,6 +639,7 @@ mod tests {
             Arc::clone(&h.job),
             policy(2),
             &h.background,
+            None,
             None,
         )
         .await

@@ -12,7 +12,6 @@
 //! repaired from another copy or quarantined, so a deep queue is accepting
 //! again in the time it takes to list it.
 
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -21,19 +20,17 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::envelope::{Envelope, ENVELOPE_VERSION};
-use super::fsync::{remove_if_present, sync_dir};
+use super::fsync::sync_dir;
 use super::id;
 use super::local::{shard_dir, Shards};
 use super::message_file::{self, Seal};
+use super::sweep::{record_stem, sweep, Older};
 use super::Recovered;
 
 /// Why a committed record cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Damage {
-    /// The file name is not `<id>.msg`.
-    #[error("the file name is not a spool id")]
-    BadName,
     /// The message file could not be read.
     #[error("cannot read the message file: {0}")]
     Unreadable(io::Error),
@@ -129,142 +126,60 @@ fn move_into_shards(spool_dir: &Path) -> io::Result<usize> {
     Ok(moved)
 }
 
-/// The id part of a spool record's file name (this version's `.msg` and
-/// `.part`, and the `.eml`, `.env` and `.env.tmp` of older ones).
-fn record_stem(name: &str) -> Option<&str> {
-    [".msg", ".part", ".env.tmp", ".env", ".eml"]
-        .iter()
-        .find_map(|suffix| name.strip_suffix(suffix))
-}
-
-/// A spool directory's record files, by kind.
-#[derive(Default)]
-struct Listing {
-    /// `<id>.msg`.
-    messages: BTreeSet<String>,
-    /// `<id>.env` of an older version.
-    envelopes: BTreeSet<String>,
-    /// `<id>.eml` of an older version.
-    data: BTreeSet<String>,
-}
-
 /// Blocking: recovers the records of one spool directory into `recovered`
 /// (unsorted; damaged message files into `recovered.damaged`, left in
 /// place), leaving alone those of the ids `skip` names (messages this
-/// process began: they are its own, not leftovers).
+/// process began: they are its own, not leftovers). The directory is swept
+/// as a replica store's is ([`sweep`]); what is not a committed message of
+/// this spool goes to quarantine.
 pub fn recover_dir(
     dir: &Path,
     quarantine_dir: &Path,
     skip: &dyn Fn(&str) -> bool,
     recovered: &mut Recovered,
 ) -> io::Result<()> {
-    let mut found = Listing::default();
-    let (removed, quarantined) = (recovered.removed, recovered.quarantined);
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
-            tracing::warn!(file = ?entry.path(), "ignoring a file with a non-UTF-8 name in the spool");
-            continue;
-        };
-        if name.starts_with('.')
-            || entry.file_type()?.is_dir()
-            || record_stem(name).is_some_and(skip)
-        {
-            continue;
+    let older = |stem: &str, json: &[u8], _has_data: bool| match check_envelope(stem, json) {
+        // Without its `.eml` it becomes a message with no data, whose
+        // length is found wrong before delivery (repaired or quarantined).
+        Ok(_) => Older::Convert,
+        Err(damage) => {
+            tracing::error!(id = %stem, reason = %damage, "quarantining a damaged spool record");
+            Older::Refuse
         }
-        if name.ends_with(".env.tmp") || message_file::id_of_part(name).is_some() {
-            // A commit that never reached its rename (of an older version's
-            // envelope, or of this version's message file).
-            remove_if_present(&entry.path())?;
-            recovered.removed += 1;
-        } else if let Some(stem) = message_file::id_of(name) {
-            found.messages.insert(stem.to_owned());
-        } else if let Some(stem) = name.strip_suffix(".env") {
-            found.envelopes.insert(stem.to_owned());
-        } else if let Some(stem) = name.strip_suffix(".eml") {
-            found.data.insert(stem.to_owned());
-        } else {
-            tracing::warn!(file = %name, "ignoring an unknown file in the spool");
-        }
+    };
+    let swept = sweep(dir, skip, &older)?;
+    recovered.removed += swept.removed;
+    let mut quarantined = swept.refused.len() + swept.misnamed.len();
+    for stem in &swept.refused {
+        quarantine(dir, quarantine_dir, stem)?;
     }
-    convert_older_records(dir, quarantine_dir, &mut found, recovered)?;
-
-    for stem in &found.messages {
-        match check(dir, stem) {
+    for name in &swept.misnamed {
+        tracing::error!(file = %name, "quarantining a spool record whose name is not a spool id");
+        let from = dir.join(name);
+        std::fs::rename(&from, free_name(quarantine_dir, &from))?;
+    }
+    for (stem, why) in swept.damaged {
+        // Committed (it has its final name) but its seal does not hold:
+        // another copy may still have it whole.
+        tracing::error!(id = %stem, reason = %why, "damaged spool record found at start");
+        recovered.damaged.push(stem);
+    }
+    for (stem, json) in swept.sealed {
+        match check_envelope(&stem, &json) {
             Ok(envelope) => recovered.messages.push(envelope),
-            Err(damage @ (Damage::Seal(_) | Damage::Unreadable(_))) => {
-                // Committed (it has its final name) but its seal does not
-                // hold: another copy may still have it whole.
-                tracing::error!(id = %stem, reason = %damage, "damaged spool record found at start");
-                recovered.damaged.push(stem.clone());
-            }
             Err(damage) => {
                 tracing::error!(id = %stem, reason = %damage, "quarantining a damaged spool record");
-                quarantine(dir, quarantine_dir, stem)?;
-                recovered.quarantined += 1;
+                quarantine(dir, quarantine_dir, &stem)?;
+                quarantined += 1;
             }
         }
     }
-    if recovered.removed > removed || recovered.quarantined > quarantined {
+    recovered.quarantined += quarantined;
+    if swept.removed > 0 || quarantined > 0 {
         sync_dir(dir)?;
         sync_dir(quarantine_dir)?;
     }
     Ok(())
-}
-
-/// Blocking: turns the `<id>.eml` + `<id>.env` pairs of older versions into
-/// sealed `<id>.msg` files (added to `found.messages`), and removes their
-/// leftovers. Safe to repeat after a crash at any point: the `.env` goes
-/// only once the sealed `.msg` that replaces it is durable.
-fn convert_older_records(
-    dir: &Path,
-    quarantine_dir: &Path,
-    found: &mut Listing,
-    recovered: &mut Recovered,
-) -> io::Result<()> {
-    let mut converted = Vec::new();
-    for stem in &found.envelopes {
-        let env = dir.join(format!("{stem}.env"));
-        if found.messages.contains(stem) {
-            // Converted before a crash that came before the `.env` went.
-            converted.push(env);
-            continue;
-        }
-        let json = std::fs::read(&env)?;
-        if let Err(damage) = check_envelope(stem, &json) {
-            tracing::error!(id = %stem, reason = %damage, "quarantining a damaged spool record");
-            quarantine(dir, quarantine_dir, stem)?;
-            found.messages.remove(stem);
-            recovered.quarantined += 1;
-            continue;
-        }
-        message_file::convert_older(dir, stem, &json)?;
-        found.messages.insert(stem.clone());
-        converted.push(env);
-    }
-    for stem in found.data.difference(&found.envelopes) {
-        // An older version's data whose envelope never committed.
-        remove_if_present(&dir.join(format!("{stem}.eml")))?;
-        recovered.removed += 1;
-    }
-    message_file::remove_converted(dir, &converted)
-}
-
-/// Reads and checks one committed message file's seal and envelope.
-pub fn check(spool_dir: &Path, stem: &str) -> Result<Envelope, Damage> {
-    if !id::is_valid(stem) {
-        return Err(Damage::BadName);
-    }
-    let seal = message_file::read_seal_at(&message_file::path(spool_dir, stem))
-        .map_err(Damage::Unreadable)?;
-    match seal {
-        Seal::Unsealed => Err(Damage::Seal("no seal at the end of the file".into())),
-        Seal::Damaged(why) => Err(Damage::Seal(why)),
-        // The data is checked before the first delivery (`verify_data`),
-        // where a damaged copy can be repaired from another one.
-        Seal::Sealed { envelope_json, .. } => check_envelope(stem, &envelope_json),
-    }
 }
 
 /// Parses an envelope and checks it belongs to message `stem`.

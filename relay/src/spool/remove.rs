@@ -1,4 +1,5 @@
-//! Removing a finished message: its local message file, then releasing its
+//! Removing a finished message: its local message file (kept as a free file
+//! for reuse when the pool has room, see [`super::free_files`]), then releasing its
 //! object copy, whose segment goes once none of its messages is live.
 
 use super::fsync::remove_if_present;
@@ -6,7 +7,9 @@ use super::{Spool, SpoolError};
 
 impl Spool {
     /// Removes the local copy of message `id` (waiting first for copies
-    /// still being written). A copy already gone is not an error.
+    /// still being written): its name goes; its file joins the free files
+    /// when they have room, else it is unlinked. A copy already gone is not
+    /// an error.
     ///
     /// `durable`: wait until the removal is on disk. A cluster needs that
     /// before it forgets the message's final state (else a power failure
@@ -16,9 +19,16 @@ impl Spool {
     pub async fn remove_local(&self, id: &str, durable: bool) -> Result<(), SpoolError> {
         self.copies_settled(id).await;
         let path = self.message_path(id);
-        tokio::task::spawn_blocking(move || remove_if_present(&path))
-            .await
-            .map_err(std::io::Error::other)??;
+        let free = self.inner.free.clone();
+        tokio::task::spawn_blocking(move || {
+            // Kept for a new message to overwrite when the pool has room.
+            if !free.is_some_and(|free| free.keep(&path).unwrap_or(false)) {
+                remove_if_present(&path)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         if durable {
             // Shared with the commits and removals around it (group commit).
             self.message_dir_sync(id).sync().await?;
