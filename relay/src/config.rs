@@ -491,6 +491,10 @@ pub struct SpoolConfig {
     /// bytes has them copied into a new segment, so it can go.
     #[serde(with = "humantime_serde")]
     pub segment_forward_after: Duration,
+    /// Finished message files kept in `spool/free/` for new messages to
+    /// overwrite instead of creating and unlinking a file per message (at
+    /// most 8 MiB of them, files up to 1 MiB); 0 unlinks every finished file.
+    pub free_files: usize,
 }
 
 impl Default for SpoolConfig {
@@ -504,6 +508,7 @@ impl Default for SpoolConfig {
             segment_window: None,
             segment_bytes: 4 * 1024 * 1024,
             segment_forward_after: Duration::from_secs(3600),
+            free_files: crate::spool::free_files::MAX_FILES,
         }
     }
 }

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use super::fsync::{remove_if_present, rename_noreplace};
 
-/// Most files the pool keeps.
+/// Most files the pool keeps by default (`spool.free_files`).
 pub const MAX_FILES: usize = 128;
 
 /// Most octets the pool's files may hold together.
@@ -40,8 +40,10 @@ pub struct FreeFiles {
     pool: Mutex<Pool>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pool {
+    /// Most files kept.
+    max_files: usize,
     /// Free files: their number (the name) and length.
     files: Vec<(u64, u64)>,
     /// Octets the free files hold.
@@ -52,17 +54,23 @@ struct Pool {
 
 impl Pool {
     fn has_room_for(&self, len: u64) -> bool {
-        len <= MAX_FILE_BYTES && self.files.len() < MAX_FILES && self.bytes + len <= MAX_BYTES
+        len <= MAX_FILE_BYTES && self.files.len() < self.max_files && self.bytes + len <= MAX_BYTES
     }
 }
 
 impl FreeFiles {
-    /// Blocking: opens (creating) the pool in `dir`, adopting the free
-    /// files found there (those beyond the bounds, and anything not named
-    /// as a free file, are removed).
-    pub fn open(dir: PathBuf) -> io::Result<FreeFiles> {
+    /// Blocking: opens (creating) the pool of at most `max_files` files in
+    /// `dir`, adopting the free files found there (those beyond the bounds,
+    /// and anything not named as a free file, are removed; so is every file
+    /// when `max_files` is 0).
+    pub fn open(dir: PathBuf, max_files: usize) -> io::Result<FreeFiles> {
         std::fs::create_dir_all(&dir)?;
-        let mut pool = Pool::default();
+        let mut pool = Pool {
+            max_files,
+            files: Vec::new(),
+            bytes: 0,
+            next: 0,
+        };
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             let number = entry
@@ -187,7 +195,7 @@ mod tests {
     #[test]
     fn a_kept_file_is_taken_under_its_new_name_with_its_old_length() {
         let root = tempfile::tempdir().unwrap();
-        let free = FreeFiles::open(root.path().join("free")).unwrap();
+        let free = FreeFiles::open(root.path().join("free"), MAX_FILES).unwrap();
         let done = root.path().join("A.msg");
         std::fs::write(&done, b"an earlier message").unwrap();
         assert!(free.keep(&done).unwrap());
@@ -208,7 +216,7 @@ mod tests {
     #[test]
     fn the_pool_keeps_within_its_bounds_and_takes_no_name_twice() {
         let root = tempfile::tempdir().unwrap();
-        let free = FreeFiles::open(root.path().join("free")).unwrap();
+        let free = FreeFiles::open(root.path().join("free"), MAX_FILES).unwrap();
         let big = root.path().join("big.msg");
         std::fs::File::create(&big)
             .unwrap()
@@ -238,12 +246,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("7"), b"seven").unwrap();
         std::fs::write(dir.join("stranger"), b"?").unwrap();
-        let free = FreeFiles::open(dir.clone()).unwrap();
+        let free = FreeFiles::open(dir.clone(), MAX_FILES).unwrap();
         assert_eq!(free.size(), (1, 5));
         assert_eq!(names(&dir), vec!["7".to_owned()]);
         let done = root.path().join("A.msg");
         std::fs::write(&done, b"a").unwrap();
         assert!(free.keep(&done).unwrap());
         assert_eq!(names(&dir), vec!["7".to_owned(), "8".to_owned()]);
+        drop(free);
+        // Turned off (spool.free_files = 0): what was kept goes.
+        let off = FreeFiles::open(dir.clone(), 0).unwrap();
+        assert_eq!(off.size(), (0, 0));
+        assert!(names(&dir).is_empty());
     }
 }

@@ -336,7 +336,9 @@ mod tests {
     fn a_reused_file_holds_only_the_new_message_from_its_first_write() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let free = Arc::new(FreeFiles::open(dir.path().join("free")).unwrap());
+        let free = Arc::new(
+            FreeFiles::open(dir.path().join("free"), super::super::free_files::MAX_FILES).unwrap(),
+        );
         // Longer, shorter and as long as the earlier message.
         for new_len in [10usize, 5_000, 40_000] {
             let earlier = dir.path().join("earlier.msg");

@@ -309,11 +309,14 @@ impl Spool {
         let lock = lock_spool(&dir)?;
         let shards = Arc::new(local::Shards::open(&dir)?);
         let keep_local = config.spool.copies.contains(&CopyKind::Local);
-        let free = if keep_local {
-            Some(Arc::new(FreeFiles::open(dir.join(FREE_DIR))?))
+        let max_free = if keep_local {
+            config.spool.free_files
         } else {
-            None
+            0
         };
+        // Opened even when off, to give back what an earlier run kept.
+        let free = FreeFiles::open(dir.join(FREE_DIR), max_free)?;
+        let free = (max_free > 0).then(|| Arc::new(free));
         let files = match config.spool.sync {
             crate::config::SyncMode::Filesystem => Some(DirSync::filesystem(dir.clone())?),
             crate::config::SyncMode::Files => None,
