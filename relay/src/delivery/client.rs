@@ -331,7 +331,7 @@ impl Connection {
     }
 
     /// Sends one message to `recipients` (indexes into `envelope.recipients`),
-    /// reading the data from `eml` with `prefix` (extra header lines) before it.
+    /// reading the data from `data_path` with `prefix` (extra header lines) before it.
     /// Returns one outcome per recipient given, in order. A connection-level
     /// error is returned as `Err` (then no recipient was delivered by this call,
     /// except for LMTP replies already read, which are in the partial result).
@@ -339,11 +339,11 @@ impl Connection {
         &mut self,
         envelope: &Envelope,
         recipients: &[usize],
-        eml: &Path,
+        data_path: &Path,
     ) -> Result<Vec<RcptOutcome>, (ClientError, Vec<Option<RcptOutcome>>)> {
         let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; recipients.len()];
         match self
-            .transaction(envelope, recipients, eml, &mut outcomes)
+            .transaction(envelope, recipients, data_path, &mut outcomes)
             .await
         {
             Ok(()) => Ok(outcomes
@@ -360,7 +360,7 @@ impl Connection {
         &mut self,
         envelope: &Envelope,
         recipients: &[usize],
-        eml: &Path,
+        data_path: &Path,
         outcomes: &mut [Option<RcptOutcome>],
     ) -> Result<(), ClientError> {
         let command = self.settings.timeouts.command;
@@ -462,7 +462,7 @@ impl Connection {
         }
         let final_replies = if caps.chunking {
             self.last_transfer = Some("BDAT");
-            self.send_bdat(envelope, eml).await?;
+            self.send_bdat(envelope, data_path).await?;
             self.read_final_replies(accepted.len()).await?
         } else {
             self.last_transfer = Some("DATA");
@@ -475,8 +475,12 @@ impl Connection {
                     .for_each(|&p| outcomes[p] = Some(outcome.clone()));
                 return Ok(());
             }
-            self.send_data(envelope.added_headers.as_bytes(), eml, envelope.data_len)
-                .await?;
+            self.send_data(
+                envelope.added_headers.as_bytes(),
+                data_path,
+                envelope.data_len,
+            )
+            .await?;
             self.read_final_replies(accepted.len()).await?
         };
         for (position, reply) in accepted.iter().zip(final_replies) {
@@ -505,9 +509,13 @@ impl Connection {
 
     /// BDAT LAST with the added headers and the file as one chunk: the
     /// spool is already wire format.
-    async fn send_bdat(&mut self, envelope: &Envelope, eml: &Path) -> Result<(), ClientError> {
+    async fn send_bdat(
+        &mut self,
+        envelope: &Envelope,
+        data_path: &Path,
+    ) -> Result<(), ClientError> {
         let len = envelope.data_len;
-        let file = open_data(eml, len).await?;
+        let file = open_data(data_path, len).await?;
         let mut command = format!("BDAT {} LAST\r\n", envelope.wire_len()).into_bytes();
         command.extend_from_slice(envelope.added_headers.as_bytes());
         self.write(&command, self.settings.timeouts.data_block)
@@ -531,19 +539,24 @@ impl Connection {
 
     /// DATA content (`prefix`, then the file's first `len` octets: its
     /// data, not its seal), dot-stuffed on the fly.
-    async fn send_data(&mut self, prefix: &[u8], eml: &Path, len: u64) -> Result<(), ClientError> {
+    async fn send_data(
+        &mut self,
+        prefix: &[u8],
+        data_path: &Path,
+        len: u64,
+    ) -> Result<(), ClientError> {
         let mut stuffer = DotStuffer::default();
         if len <= WHOLE_READ_MAX {
             // Small: opened, checked and read in one blocking call, sent in
             // one write.
-            let data = read_data(eml, len).await?;
+            let data = read_data(data_path, len).await?;
             let mut out = Vec::with_capacity(prefix.len() + data.len() + data.len() / 64 + 8);
             stuffer.stuff(prefix, &mut out);
             stuffer.stuff(&data, &mut out);
             out.extend_from_slice(stuffer.finish());
             return self.write(&out, self.settings.timeouts.data_block).await;
         }
-        let file = open_data(eml, len).await?;
+        let file = open_data(data_path, len).await?;
         let mut file = tokio::fs::File::from_std(file).take(len);
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(66 * 1024);

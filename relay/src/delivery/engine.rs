@@ -101,11 +101,11 @@ impl Deliverer {
         self.router.route(domain)
     }
 
-    /// Tries once to deliver `recipients` (indexes) of the message in `eml`.
+    /// Tries once to deliver `recipients` (indexes) of the message in `data_path`.
     pub async fn attempt(
         &self,
         envelope: &Envelope,
-        eml: &Path,
+        data_path: &Path,
         recipients: &[usize],
     ) -> Vec<RecipientResult> {
         let mut groups: Vec<(Destination, Vec<usize>)> = Vec::new();
@@ -119,7 +119,7 @@ impl Deliverer {
             }
         }
         let attempts = groups.iter().map(|(destination, members)| {
-            self.deliver_group(destination, envelope, eml, members, true)
+            self.deliver_group(destination, envelope, data_path, members, true)
         });
         futures::future::join_all(attempts)
             .await
@@ -133,7 +133,11 @@ impl Deliverer {
     /// budget (past it, those recipients are deferred and the connection is
     /// dropped). Recipients of other routes get no result. Not gated: the
     /// message is not in the queue, so no other relay can hold it.
-    pub async fn attempt_early(&self, envelope: &Envelope, eml: &Path) -> Vec<RecipientResult> {
+    pub async fn attempt_early(
+        &self,
+        envelope: &Envelope,
+        data_path: &Path,
+    ) -> Vec<RecipientResult> {
         let mut groups: Vec<(Destination, Vec<usize>)> = Vec::new();
         for (index, recipient) in envelope.recipients.iter().enumerate() {
             let destination = self.router.route(&recipient.address.domain);
@@ -147,7 +151,7 @@ impl Deliverer {
         }
         let attempts = groups.iter().map(|(destination, members)| async move {
             let budget = destination.early_budget.unwrap_or_default();
-            let attempt = self.deliver_group(destination, envelope, eml, members, false);
+            let attempt = self.deliver_group(destination, envelope, data_path, members, false);
             match tokio::time::timeout(budget, attempt).await {
                 Ok(results) => results,
                 Err(_) => members
@@ -179,7 +183,7 @@ impl Deliverer {
         &self,
         destination: &Destination,
         envelope: &Envelope,
-        eml: &Path,
+        data_path: &Path,
         members: &[usize],
         gated: bool,
     ) -> Vec<RecipientResult> {
@@ -237,14 +241,14 @@ impl Deliverer {
                     }
                 },
             };
-            let mut result = connection.send(envelope, members, eml).await;
+            let mut result = connection.send(envelope, members, data_path).await;
             if pooled && matches!(&result, Err((_, partial)) if partial.iter().all(Option::is_none))
             {
                 // The pooled connection had gone stale; try a fresh one once.
                 match Connection::open(target, self.settings(destination)).await {
                     Ok(fresh) => {
                         connection = fresh;
-                        result = connection.send(envelope, members, eml).await;
+                        result = connection.send(envelope, members, data_path).await;
                     }
                     Err(err) => {
                         last_failure = err.outcome(&target.label()).reply().clone();

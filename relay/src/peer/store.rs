@@ -678,6 +678,7 @@ pub fn file_sha256(file: &File, len: u64) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::file_names as names;
 
     const ID: &str = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
 
@@ -694,17 +695,6 @@ mod tests {
         data.chunks(size)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
             .collect()
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = match std::fs::read_dir(dir) {
-            Ok(entries) => entries
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        names.sort();
-        names
     }
 
     fn setup() -> (tempfile::TempDir, ReplicaStore) {

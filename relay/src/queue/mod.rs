@@ -839,7 +839,7 @@ impl Queue {
         };
         let id = entry.id();
         let id = id.as_str();
-        let eml = self.message_path(&entry);
+        let data_path = self.message_path(&entry);
         let envelope = match self.envelope_of(&entry).await {
             Ok(envelope) => envelope,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -884,7 +884,10 @@ impl Queue {
         let results = if pending.is_empty() {
             Vec::new()
         } else {
-            let delivery = self.inner.deliverer.attempt(&envelope, &eml, &pending);
+            let delivery = self
+                .inner
+                .deliverer
+                .attempt(&envelope, &data_path, &pending);
             match self.inner.ownership.get() {
                 None => delivery.await,
                 // The transaction is dropped (its connection closed, so a
@@ -1169,7 +1172,7 @@ impl Queue {
             .write(head.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        let eml = match self.get(&envelope.id) {
+        let data_path = match self.get(&envelope.id) {
             Some(entry) => self.message_path(&entry),
             None => {
                 let committed = spool.message_path(&envelope.id);
@@ -1182,7 +1185,9 @@ impl Queue {
             }
         };
         let mut original = envelope.added_headers.clone().into_bytes();
-        let mut data = tokio::fs::read(eml).await.map_err(|e| e.to_string())?;
+        let mut data = tokio::fs::read(data_path)
+            .await
+            .map_err(|e| e.to_string())?;
         // The data only, not the seal after it.
         data.truncate(usize::try_from(envelope.data_len).unwrap_or(usize::MAX));
         original.extend(data);

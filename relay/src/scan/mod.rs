@@ -27,7 +27,7 @@ pub struct ScanRequest<'a> {
     /// The envelope (`added_headers` holds what earlier scanners added).
     pub envelope: &'a Envelope,
     /// The spooled data (the message's `.part` file), complete on disk.
-    pub eml: &'a Path,
+    pub data_path: &'a Path,
     /// The SMTP client's address (none for local submission).
     pub client_ip: Option<IpAddr>,
     /// The authenticated user, if any.
@@ -156,7 +156,7 @@ impl ScanChain {
     pub async fn run(
         &self,
         envelope: &mut Envelope,
-        eml: &Path,
+        data_path: &Path,
         client_ip: Option<IpAddr>,
         user: Option<&str>,
         hostname: &str,
@@ -165,7 +165,7 @@ impl ScanChain {
         for scanner in &self.scanners {
             let request = ScanRequest {
                 envelope,
-                eml,
+                data_path,
                 client_ip,
                 user,
                 hostname,

@@ -20,16 +20,18 @@ const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 
 /// Asks rspamd at `config.address` about the message.
 pub async fn scan(config: &ScannerConfig, request: &ScanRequest<'_>) -> Result<Verdict, ScanError> {
-    let body =
-        if config.pass_file {
-            Vec::new()
-        } else {
-            let mut body = request.envelope.added_headers.clone().into_bytes();
-            body.extend(tokio::fs::read(request.eml).await.map_err(|err| {
-                ScanError(format!("cannot read {}: {err}", request.eml.display()))
-            })?);
-            body
-        };
+    let body = if config.pass_file {
+        Vec::new()
+    } else {
+        let mut body = request.envelope.added_headers.clone().into_bytes();
+        body.extend(tokio::fs::read(request.data_path).await.map_err(|err| {
+            ScanError(format!(
+                "cannot read {}: {err}",
+                request.data_path.display()
+            ))
+        })?);
+        body
+    };
     let head = request_head(config, request, body.len())?;
     let mut stream = TcpStream::connect(&config.address)
         .await
@@ -92,7 +94,7 @@ fn request_head(
         add("User", user);
     }
     if config.pass_file {
-        add("File", &percent_encode(&absolute(request.eml)?));
+        add("File", &percent_encode(&absolute(request.data_path)?));
     }
     head.push_str("\r\n");
     Ok(head)
@@ -308,10 +310,13 @@ mod tests {
     #[test]
     fn file_paths_are_percent_encoded() {
         assert_eq!(
-            percent_encode(Path::new("/var/spool/a+b c%.eml")),
-            "/var/spool/a%2Bb%20c%25.eml"
+            percent_encode(Path::new("/var/spool/a+b c%.data_path")),
+            "/var/spool/a%2Bb%20c%25.data_path"
         );
-        assert_eq!(percent_encode(Path::new("/d/01ABC.eml")), "/d/01ABC.eml");
+        assert_eq!(
+            percent_encode(Path::new("/d/01ABC.data_path")),
+            "/d/01ABC.data_path"
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub async fn scan(config: &ScannerConfig, request: &ScanRequest<'_>) -> Result<V
     }
     let recipients: Vec<usize> = (0..request.envelope.recipients.len()).collect();
     let outcomes = connection
-        .send(request.envelope, &recipients, request.eml)
+        .send(request.envelope, &recipients, request.data_path)
         .await
         .map_err(|(err, _)| ScanError(format!("{}: {err}", target.label())))?;
     tokio::spawn(connection.quit());

@@ -181,16 +181,8 @@ impl FreeFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::file_names as names;
     use std::io::Read;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
-    }
 
     #[test]
     fn a_kept_file_is_taken_under_its_new_name_with_its_old_length() {

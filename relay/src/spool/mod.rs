@@ -655,6 +655,20 @@ impl Spool {
 
 /// Removes what a repair of message `id` left in the scratch directory
 /// (one directory for all repairs, so a peer fetch opens it once).
+/// For unit tests: the names of the entries in `dir`, sorted (none when
+/// it is absent).
+#[cfg(test)]
+pub(crate) fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
 fn clear_scratch(scratch: &std::path::Path, id: &str) {
     let Ok(entries) = std::fs::read_dir(scratch) else {
         return;

@@ -169,21 +169,13 @@ fn convert_older(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spool::file_names as names;
     use crate::spool::id::IdGenerator;
 
     fn sealed_file(dir: &Path, id: &str, data: &[u8], json: &[u8]) {
         let mut whole = data.to_vec();
         whole.extend(message_file::seal_bytes(data.len() as u64, json).unwrap());
         std::fs::write(message_file::path(dir, id), whole).unwrap();
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
     }
 
     #[test]
