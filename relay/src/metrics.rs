@@ -50,25 +50,25 @@ impl Histogram {
     /// The series of one histogram of a family; `labels` (`key="value"`,
     /// or empty) go before `le`.
     fn render_series(&self, name: &str, labels: &str, out: &mut String) {
-        let (open, close) = if labels.is_empty() {
-            ("", "")
+        // `{labels}` for _sum and _count; `labels,` before `le`.
+        let (braced, before_le) = if labels.is_empty() {
+            (String::new(), String::new())
         } else {
-            ("{", "}")
+            (format!("{{{labels}}}"), format!("{labels},"))
         };
-        let sep = if labels.is_empty() { "" } else { "," };
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(
                 out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                "{name}_bucket{{{before_le}le=\"{bound}\"}} {}",
                 count.load(Ordering::Relaxed)
             );
         }
         let total = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "{name}_bucket{{{before_le}le=\"+Inf\"}} {total}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(
             out,
-            "{name}_sum{open}{labels}{close} {sum}\n{name}_count{open}{labels}{close} {total}"
+            "{name}_sum{braced} {sum}\n{name}_count{braced} {total}"
         );
     }
 }
@@ -198,9 +198,8 @@ pub struct Metrics {
     pub refused: AtomicU64,
     /// Recipients delivered.
     pub delivered: AtomicU64,
-    /// Recipient delivery attempts deferred.
-    pub deferred: AtomicU64,
-    /// The same, by [`DEFERRAL_REASONS`].
+    /// Recipient delivery attempts deferred, by [`DEFERRAL_REASONS`]
+    /// (the total is [`Metrics::deferred`]).
     deferred_by_reason: [AtomicU64; DEFERRAL_REASONS.len()],
     /// Spools this relay took over from a member that left (in a cluster).
     pub takeovers: AtomicU64,
@@ -239,7 +238,6 @@ impl Default for Metrics {
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
-            deferred: AtomicU64::new(0),
             deferred_by_reason: std::array::from_fn(|_| AtomicU64::new(0)),
             takeovers: AtomicU64::new(0),
             bounced: AtomicU64::new(0),
@@ -268,8 +266,15 @@ impl Metrics {
 
     /// Counts a recipient deferred with `reply`.
     pub fn count_deferral(&self, reply: &Reply) {
-        Metrics::count(&self.deferred);
         Metrics::count(&self.deferred_by_reason[deferral_reason(reply)]);
+    }
+
+    /// Recipient delivery attempts deferred, whatever the reason.
+    pub fn deferred(&self) -> u64 {
+        self.deferred_by_reason
+            .iter()
+            .map(|counter| counter.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Updates the queue gauges.
@@ -454,7 +459,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
-        assert_eq!(metrics.deferred.load(Ordering::Relaxed), 5);
+        assert_eq!(metrics.deferred(), 5);
     }
 
     #[test]

@@ -37,17 +37,6 @@ fn backlog(cluster: &Cluster, acked: &[Sent], relay: usize, t: f64) -> Vec<Sent>
         .collect()
 }
 
-/// The value of the unlabelled series `name` on relay `relay`'s /metrics.
-fn metric(cluster: &Cluster, relay: usize, name: &str) -> u64 {
-    let (status, body) =
-        common::http_request(cluster.relays[relay].http, "GET", "/metrics", &[], b"").unwrap();
-    assert_eq!(status, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-}
-
 fn markers(sent: &[Sent]) -> HashSet<String> {
     sent.iter().map(|s| s.marker.clone()).collect()
 }
@@ -203,7 +192,7 @@ fn kill9_under_load_loses_nothing_and_duplicates_at_most_what_was_not_committed(
     // The survivors count the takeover on /metrics.
     let takeovers: u64 = [A, C]
         .iter()
-        .map(|&i| metric(&cluster, i, "postern_takeovers_total"))
+        .map(|&i| common::counter_of(cluster.relays[i].http, "postern_takeovers_total"))
         .sum();
     assert!(takeovers >= 1, "no takeover counted by relay-a or relay-c");
 

@@ -263,7 +263,7 @@ fn counters(metrics: &crate::metrics::Metrics) -> proto::Counters {
         accepted: metrics.accepted.load(Relaxed),
         refused: metrics.refused.load(Relaxed),
         delivered: metrics.delivered.load(Relaxed),
-        deferred: metrics.deferred.load(Relaxed),
+        deferred: metrics.deferred(),
         bounced: metrics.bounced.load(Relaxed),
     }
 }

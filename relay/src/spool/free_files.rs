@@ -143,18 +143,22 @@ impl FreeFiles {
     }
 
     /// Blocking: puts the finished message file at `path` into the pool.
-    /// `false` when the pool has no room for it (or it is not there): the
-    /// caller unlinks it then.
-    pub fn keep(&self, path: &Path) -> io::Result<bool> {
+    /// `false` when the pool has no room for it, it is not there, or it
+    /// could not be moved (logged): the caller unlinks it then.
+    pub fn keep(&self, path: &Path) -> bool {
         let len = match std::fs::metadata(path) {
             Ok(meta) => meta.len(),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(err) => return Err(err),
+            Err(err) => {
+                if err.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(file = %path.display(), "cannot keep a finished message file: {err}");
+                }
+                return false;
+            }
         };
         let number = {
             let mut pool = self.lock();
             if !pool.has_room_for(len) {
-                return Ok(false);
+                return false;
             }
             // Counted now, so concurrent keeps cannot overfill the pool.
             pool.bytes += len;
@@ -164,15 +168,14 @@ impl FreeFiles {
         match std::fs::rename(path, self.path_of(number)) {
             Ok(()) => {
                 self.lock().files.push((number, len));
-                Ok(true)
+                true
             }
             Err(err) => {
                 self.lock().bytes -= len;
-                if err.kind() == io::ErrorKind::NotFound {
-                    Ok(false)
-                } else {
-                    Err(err)
+                if err.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(file = %path.display(), "cannot keep a finished message file: {err}");
                 }
+                false
             }
         }
     }
@@ -190,7 +193,7 @@ mod tests {
         let free = FreeFiles::open(root.path().join("free"), MAX_FILES).unwrap();
         let done = root.path().join("A.msg");
         std::fs::write(&done, b"an earlier message").unwrap();
-        assert!(free.keep(&done).unwrap());
+        assert!(free.keep(&done));
         assert!(!done.exists());
         assert_eq!(free.size(), (1, 18));
 
@@ -214,13 +217,13 @@ mod tests {
             .unwrap()
             .set_len(MAX_FILE_BYTES + 1)
             .unwrap();
-        assert!(!free.keep(&big).unwrap(), "too large to keep");
+        assert!(!free.keep(&big), "too large to keep");
         assert!(big.exists());
-        assert!(!free.keep(&root.path().join("gone.msg")).unwrap());
+        assert!(!free.keep(&root.path().join("gone.msg")));
         for n in 0..MAX_FILES + 3 {
             let path = root.path().join(format!("{n}.msg"));
             std::fs::write(&path, b"x").unwrap();
-            assert_eq!(free.keep(&path).unwrap(), n < MAX_FILES, "file {n}");
+            assert_eq!(free.keep(&path), n < MAX_FILES, "file {n}");
         }
         assert_eq!(free.size(), (MAX_FILES, MAX_FILES as u64));
         // A name that exists is never replaced.
@@ -243,7 +246,7 @@ mod tests {
         assert_eq!(names(&dir), vec!["7".to_owned()]);
         let done = root.path().join("A.msg");
         std::fs::write(&done, b"a").unwrap();
-        assert!(free.keep(&done).unwrap());
+        assert!(free.keep(&done));
         assert_eq!(names(&dir), vec!["7".to_owned(), "8".to_owned()]);
         drop(free);
         // Turned off (spool.free_files = 0): what was kept goes.

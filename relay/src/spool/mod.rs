@@ -690,19 +690,16 @@ fn read_envelopes(entries: std::fs::ReadDir) -> Result<Vec<Envelope>, SpoolError
         let Some(stem) = name.to_str().and_then(message_file::id_of) else {
             continue;
         };
-        let json = match message_file::read_seal_at(&entry.path()) {
-            Ok(message_file::Seal::Sealed { envelope_json, .. }) => envelope_json,
-            // Being received, or damaged (recovery quarantines it).
-            Ok(_) => continue,
-            // Removed between listing and reading: no longer committed.
+        match Envelope::read(&entry.path()) {
+            Ok(envelope) => found.push(envelope),
+            // Removed, or finished and reused, since it was listed: no
+            // longer committed.
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            // Being received, or damaged (recovery quarantines it).
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::debug!(id = %stem, error = %err, "skipping an uncommitted message file");
+            }
             Err(err) => return Err(err.into()),
-        };
-        match serde_json::from_slice::<Envelope>(&json) {
-            Ok(envelope) if envelope.id == stem => found.push(envelope),
-            // Finished and reused for another message since it was listed.
-            Ok(_) => continue,
-            Err(err) => tracing::warn!(id = %stem, error = %err, "unreadable envelope"),
         }
     }
     Ok(found)

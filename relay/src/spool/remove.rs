@@ -22,7 +22,7 @@ impl Spool {
         let free = self.inner.free.clone();
         tokio::task::spawn_blocking(move || {
             // Kept for a new message to overwrite when the pool has room.
-            if !free.is_some_and(|free| free.keep(&path).unwrap_or(false)) {
+            if !free.is_some_and(|free| free.keep(&path)) {
                 remove_if_present(&path)?;
             }
             Ok::<_, std::io::Error>(())

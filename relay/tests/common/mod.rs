@@ -467,18 +467,12 @@ impl Relay {
 
     /// The `/metrics` text.
     pub fn metrics(&self) -> String {
-        let (status, body) = http_request(self.http, "GET", "/metrics", &[], b"").unwrap();
-        assert_eq!(status, 200);
-        String::from_utf8(body).unwrap()
+        scrape_metrics(self.http)
     }
 
     /// The value of counter `name` in `/metrics`.
     pub fn counter(&self, name: &str) -> u64 {
-        let metrics = self.metrics();
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no counter {name} in:\n{metrics}"))
+        counter_of(self.http, name)
     }
 
     pub fn connect(&self) -> Smtp {
@@ -739,6 +733,22 @@ pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
 }
 
 // ---------------------------------------------------------------- HTTP
+
+/// The `/metrics` text of the relay whose HTTP endpoint is `http`.
+pub fn scrape_metrics(http: SocketAddr) -> String {
+    let (status, body) = http_request(http, "GET", "/metrics", &[], b"").unwrap();
+    assert_eq!(status, 200);
+    String::from_utf8(body).unwrap()
+}
+
+/// The value of the unlabelled series `name` on `http`'s `/metrics`.
+pub fn counter_of(http: SocketAddr, name: &str) -> u64 {
+    let metrics = scrape_metrics(http);
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in:\n{metrics}"))
+}
 
 /// A tiny HTTP/1.1 client (one request per connection); returns status and body.
 pub fn http_request(
